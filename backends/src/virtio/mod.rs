@@ -1,0 +1,138 @@
+//! virtio 1.x devices and their modern PCI transport.
+//!
+//! A device model implements [`VirtioDevice`]: it declares its type, queues,
+//! features and configuration space, and processes its queues when asked.
+//! [`VirtioPciDevice`] wraps it into a
+//! [`vfio_user_server::pci::PciDevice`]: it owns the virtqueues, negotiates
+//! features, keeps the device status, raises interrupts (MSI-X or INTx) and
+//! saves and restores the transport state for migration.
+
+mod pci;
+
+use std::os::fd::RawFd;
+
+use thiserror::Error;
+use virtio_queue::Queue;
+use vfio_user_server::migration::{MigratableError, Snapshot};
+
+pub use pci::{
+    VirtioPciDevice, VirtioPciError, COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET, ISR_CFG_OFFSET,
+    MAX_QUEUES, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, NOTIFY_CFG_OFFSET, NOTIFY_OFF_MULTIPLIER,
+    VIRTIO_BAR_INDEX, VIRTIO_BAR_SIZE, VIRTIO_PCI_DEVICE_ID_BASE, VIRTIO_PCI_SUBSYSTEM_ID,
+    VIRTIO_PCI_VENDOR_ID,
+};
+
+/// Guest memory as device models see it.
+pub type GuestMemory = vfio_user_server::dma::GuestMemory;
+
+/// `VIRTIO_MSI_NO_VECTOR`: no MSI-X vector assigned.
+pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
+
+/// Device status bits (`VIRTIO_CONFIG_S_*`).
+pub mod status {
+    use virtio_bindings::virtio_config as c;
+
+    /// The guest found the device.
+    pub const ACKNOWLEDGE: u8 = c::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
+    /// The guest has a driver for it.
+    pub const DRIVER: u8 = c::VIRTIO_CONFIG_S_DRIVER as u8;
+    /// The driver is ready to drive the device.
+    pub const DRIVER_OK: u8 = c::VIRTIO_CONFIG_S_DRIVER_OK as u8;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u8 = c::VIRTIO_CONFIG_S_FEATURES_OK as u8;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const NEEDS_RESET: u8 = c::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+    /// The driver gave up on the device.
+    pub const FAILED: u8 = c::VIRTIO_CONFIG_S_FAILED as u8;
+}
+
+/// Errors of device models.
+#[derive(Debug, Error)]
+pub enum VirtioError {
+    /// The device cannot start with the negotiated features.
+    #[error("activation failed: {0}")]
+    Activate(String),
+    /// A virtqueue could not be accessed (rings outside guest memory).
+    #[error("virtqueue error: {0}")]
+    Queue(#[from] virtio_queue::Error),
+}
+
+/// A virtio device model, driven by a transport such as
+/// [`VirtioPciDevice`].
+///
+/// All methods are called from the event loop thread. The transport owns
+/// the virtqueues and hands them in; it handles notification suppression
+/// and interrupts.
+pub trait VirtioDevice: Send {
+    /// The virtio device id (`VIRTIO_ID_*`, e.g. 2 for block).
+    fn device_type(&self) -> u32;
+
+    /// The maximum size of each virtqueue (each a power of two, at most
+    /// 32768); the length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+
+    /// The feature bits offered. The transport always adds
+    /// `VIRTIO_F_VERSION_1`.
+    fn features(&self) -> u64;
+
+    /// Reads `data.len()` bytes at `offset` of the device configuration
+    /// space; bytes beyond it read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes the device configuration space; ignored by default.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    /// The driver set `DRIVER_OK` with `features` negotiated.
+    fn activate(&mut self, features: u64) -> Result<(), VirtioError>;
+
+    /// The device was reset; forget everything negotiated.
+    fn reset(&mut self);
+
+    /// Processes every available chain of queue `index`, writing used
+    /// entries with `queue.add_used`. Returns whether any used entry was
+    /// added. The transport decides whether to interrupt.
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+    ) -> Result<bool, VirtioError>;
+
+    /// PCI class code, subclass and programming interface.
+    fn pci_class(&self) -> (u8, u8, u8) {
+        match self.device_type() {
+            virtio_bindings::virtio_ids::VIRTIO_ID_NET => (0x02, 0x00, 0x00),
+            virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK => (0x01, 0x00, 0x00),
+            _ => (0xff, 0x00, 0x00),
+        }
+    }
+
+    /// An id for logs and snapshots.
+    fn id(&self) -> Option<String> {
+        None
+    }
+
+    /// fds the device wants watched (back-end completions, tap devices).
+    fn event_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+
+    /// `fd` from [`VirtioDevice::event_fds`] is readable. Returns the
+    /// indices of the queues that got used entries. Only called while the
+    /// device is active and not paused.
+    fn handle_event(&mut self, _fd: RawFd, _queues: &mut [Queue], _mem: &GuestMemory) -> Vec<usize> {
+        Vec::new()
+    }
+
+    /// Device-specific state for migration, if any (the transport saves
+    /// queues, features and status itself).
+    fn snapshot(&mut self) -> Result<Option<Snapshot>, MigratableError> {
+        Ok(None)
+    }
+
+    /// Restores what [`VirtioDevice::snapshot`] returned; called after
+    /// [`VirtioDevice::reset`] and before [`VirtioDevice::activate`].
+    fn restore(&mut self, _snapshot: Option<&Snapshot>) -> Result<(), MigratableError> {
+        Ok(())
+    }
+}

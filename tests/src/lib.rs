@@ -1,0 +1,1 @@
+//! A small raw-socket vfio-user client for tests.

@@ -1,0 +1,398 @@
+//! Guest memory shared by the client with DMA_MAP.
+//!
+//! fd-backed maps become regions of a `vm-memory` [`GuestMemoryMmap`] with a
+//! dirty bitmap; devices see it through a [`GuestMemoryHandle`] and every
+//! access is bounds-checked by `vm-memory`. fd-less maps are recorded (the
+//! client may unmap them) but are not reachable by devices.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::num::NonZeroUsize;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use thiserror::Error;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryRegion, GuestRegionMmap,
+};
+
+use crate::wire::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
+
+/// Guest memory as devices see it.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// A shared, swappable handle on the guest memory; clone it into devices.
+pub type GuestMemoryHandle = GuestMemoryAtomic<GuestMemory>;
+/// Page size of the dirty bitmap.
+pub const DIRTY_PAGE_SIZE: usize = 4096;
+
+/// Errors of DMA map and unmap requests.
+#[derive(Debug, Error)]
+pub enum DmaError {
+    /// Unknown flag bits, zero size, overflow or misalignment.
+    #[error("invalid DMA map request")]
+    Invalid,
+    /// The range overlaps an existing map.
+    #[error("range {0:#x}+{1:#x} overlaps an existing map")]
+    Overlap(u64, u64),
+    /// Too many maps or too much memory.
+    #[error("DMA map limit reached")]
+    Limit,
+    /// No map matches the range.
+    #[error("no map at {0:#x}+{1:#x}")]
+    NotFound(u64, u64),
+    /// The fd cannot back the range.
+    #[error("the fd cannot back {0:#x} bytes at offset {1:#x}")]
+    BadFile(u64, u64),
+    /// mmap failed.
+    #[error("mmap failed: {0}")]
+    Mmap(String),
+}
+
+impl DmaError {
+    /// The errno to send in the reply.
+    pub fn errno(&self) -> i32 {
+        match self {
+            DmaError::Invalid | DmaError::BadFile(..) | DmaError::Mmap(_) => libc::EINVAL,
+            DmaError::Overlap(..) => libc::EEXIST,
+            DmaError::Limit => libc::ENOSPC,
+            DmaError::NotFound(..) => libc::ENOENT,
+        }
+    }
+}
+
+/// Limits on what a client can make us map.
+#[derive(Clone, Copy, Debug)]
+pub struct DmaLimits {
+    /// Simultaneous maps (advertised as `max_dma_maps`).
+    pub max_maps: usize,
+    /// Total bytes mapped with fds.
+    pub max_total_bytes: u64,
+}
+
+impl Default for DmaLimits {
+    fn default() -> Self {
+        DmaLimits {
+            max_maps: 65535,
+            max_total_bytes: 1 << 40,
+        }
+    }
+}
+
+/// One DMA map as the client described it.
+#[derive(Clone, Debug)]
+pub struct DmaRange {
+    /// Guest address.
+    pub address: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// `DMA_MAP_FLAG_*`.
+    pub flags: u32,
+    /// Whether it is backed by an fd (reachable by devices).
+    pub mapped: bool,
+}
+
+/// The table of DMA maps of the attached client.
+pub struct DmaTable {
+    maps: BTreeMap<u64, DmaRange>,
+    memory: GuestMemoryHandle,
+    limits: DmaLimits,
+    mapped_bytes: u64,
+}
+
+impl DmaTable {
+    /// Creates an empty table publishing into `memory`.
+    pub fn new(memory: GuestMemoryHandle, limits: DmaLimits) -> Self {
+        DmaTable {
+            maps: BTreeMap::new(),
+            memory,
+            limits,
+            mapped_bytes: 0,
+        }
+    }
+
+    /// The guest memory handle the table publishes into.
+    pub fn memory(&self) -> GuestMemoryHandle {
+        self.memory.clone()
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> DmaLimits {
+        self.limits
+    }
+
+    /// The maps, in address order.
+    pub fn ranges(&self) -> impl Iterator<Item = &DmaRange> {
+        self.maps.values()
+    }
+
+    /// Finds the map containing `[address, address + len)`.
+    pub fn find(&self, address: u64, len: u64) -> Option<&DmaRange> {
+        let (_, r) = self.maps.range(..=address).next_back()?;
+        let end = address.checked_add(len)?;
+        (end <= r.address + r.size).then_some(r)
+    }
+
+    fn overlaps(&self, address: u64, end: u64) -> bool {
+        if let Some((_, r)) = self.maps.range(..end).next_back() {
+            return r.address + r.size > address;
+        }
+        false
+    }
+
+    /// Handles DMA_MAP.
+    pub fn map(
+        &mut self,
+        flags: u32,
+        offset: u64,
+        address: u64,
+        size: u64,
+        file: Option<File>,
+    ) -> Result<(), DmaError> {
+        if flags & !(DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE) != 0 || size == 0 {
+            return Err(DmaError::Invalid);
+        }
+        let end = address.checked_add(size).ok_or(DmaError::Invalid)?;
+        if let Some(existing) = self.maps.get(&address) {
+            // An exact duplicate is accepted, as libvfio-user does.
+            if existing.size == size && existing.flags == flags && existing.mapped == file.is_some()
+            {
+                return Ok(());
+            }
+        }
+        if self.overlaps(address, end) {
+            return Err(DmaError::Overlap(address, size));
+        }
+        if self.maps.len() >= self.limits.max_maps {
+            return Err(DmaError::Limit);
+        }
+        let mapped = file.is_some();
+        if let Some(file) = file {
+            if self.mapped_bytes.saturating_add(size) > self.limits.max_total_bytes {
+                return Err(DmaError::Limit);
+            }
+            let region = map_file(file, offset, address, size, flags)?;
+            let new = self
+                .memory
+                .memory()
+                .insert_region(Arc::new(region))
+                .map_err(|e| DmaError::Mmap(e.to_string()))?;
+            self.memory
+                .lock()
+                .map_err(|_| DmaError::Invalid)?
+                .replace(new);
+            self.mapped_bytes += size;
+        }
+        self.maps.insert(
+            address,
+            DmaRange {
+                address,
+                size,
+                flags,
+                mapped,
+            },
+        );
+        Ok(())
+    }
+
+    /// Handles DMA_UNMAP of one exact range.
+    pub fn unmap(&mut self, address: u64, size: u64) -> Result<DmaRange, DmaError> {
+        match self.maps.get(&address) {
+            Some(r) if r.size == size => {}
+            _ => return Err(DmaError::NotFound(address, size)),
+        }
+        let r = self
+            .maps
+            .remove(&address)
+            .ok_or(DmaError::NotFound(address, size))?;
+        if r.mapped {
+            self.remove_region(address, size);
+            self.mapped_bytes -= size;
+        }
+        Ok(r)
+    }
+
+    /// Removes every map (UNMAP_ALL and disconnect).
+    pub fn unmap_all(&mut self) {
+        self.maps.clear();
+        self.mapped_bytes = 0;
+        if let Ok(guard) = self.memory.lock() {
+            guard.replace(GuestMemory::new());
+        }
+    }
+
+    fn remove_region(&mut self, address: u64, size: u64) {
+        let current = self.memory.memory();
+        if let Ok((new, _old)) = current.remove_region(GuestAddress(address), size) {
+            if let Ok(guard) = self.memory.lock() {
+                guard.replace(new);
+            }
+        }
+    }
+}
+
+fn map_file(
+    file: File,
+    offset: u64,
+    address: u64,
+    size: u64,
+    flags: u32,
+) -> Result<GuestRegionMmap<AtomicBitmap>, DmaError> {
+    let len = usize::try_from(size).map_err(|_| DmaError::Invalid)?;
+    let end = offset.checked_add(size).ok_or(DmaError::Invalid)?;
+    // Mapping past the end of the file would turn a guest access into SIGBUS.
+    let meta = file
+        .metadata()
+        .map_err(|_| DmaError::BadFile(size, offset))?;
+    if !meta.file_type().is_file() || meta.len() < end {
+        return Err(DmaError::BadFile(size, offset));
+    }
+    let mut prot = 0;
+    if flags & DMA_MAP_FLAG_READ != 0 {
+        prot |= libc::PROT_READ;
+    }
+    if flags & DMA_MAP_FLAG_WRITE != 0 {
+        prot |= libc::PROT_WRITE;
+    }
+    // vm-memory reads guest memory for every access; map readable always.
+    prot |= libc::PROT_READ;
+    log::debug!(
+        "DMA map {:#x}+{:#x} fd {} offset {:#x}",
+        address,
+        size,
+        file.as_raw_fd(),
+        offset
+    );
+    let page = NonZeroUsize::new(DIRTY_PAGE_SIZE).ok_or(DmaError::Invalid)?;
+    let region = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::new(len, page))
+        .with_file_offset(FileOffset::new(file, offset))
+        .with_mmap_prot(prot)
+        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| DmaError::Mmap(e.to_string()))?;
+    GuestRegionMmap::new(region, GuestAddress(address)).ok_or(DmaError::Invalid)
+}
+
+/// Returns and clears the dirty bits of `[iova, iova + length)` as a bitmap
+/// with one bit per `page_size` bytes (`page_size` a multiple of 4 KiB).
+pub fn take_dirty_bitmap(
+    memory: &GuestMemory,
+    iova: u64,
+    length: u64,
+    page_size: u64,
+) -> Option<Vec<u8>> {
+    if page_size == 0 || !page_size.is_multiple_of(DIRTY_PAGE_SIZE as u64) || length == 0 {
+        return None;
+    }
+    let pages = length.div_ceil(page_size);
+    let mut bitmap = vec![0u8; (pages.div_ceil(64) * 8) as usize];
+    for region in memory.iter() {
+        let start = region.start_addr().0;
+        let end = start + region.len();
+        let from = iova.max(start);
+        let to = iova.saturating_add(length).min(end);
+        if from >= to {
+            continue;
+        }
+        let mmap = region.get_mmap();
+        let bits = mmap.bitmap();
+        let mut addr = from - (from - iova) % DIRTY_PAGE_SIZE as u64;
+        addr = addr.max(start);
+        while addr < to {
+            let off = (addr - start) as usize;
+            if bits.is_addr_set(off) {
+                bits.reset_addr_range(off, 1);
+                let k = ((addr - iova) / page_size) as usize;
+                bitmap[k / 8] |= 1 << (k % 8);
+            }
+            addr += DIRTY_PAGE_SIZE as u64;
+        }
+    }
+    Some(bitmap)
+}
+
+/// Clears every dirty bit.
+pub fn clear_dirty(memory: &GuestMemory) {
+    for region in memory.iter() {
+        region.get_mmap().bitmap().reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+    use vmm_sys_util::tempfile::TempFile;
+
+    fn file(size: u64) -> File {
+        let f = TempFile::new().unwrap().into_file();
+        f.set_len(size).unwrap();
+        f
+    }
+
+    fn table() -> DmaTable {
+        DmaTable::new(
+            GuestMemoryAtomic::new(GuestMemory::new()),
+            DmaLimits::default(),
+        )
+    }
+
+    #[test]
+    fn map_access_unmap() {
+        let mut t = table();
+        t.map(3, 0, 0x10000, 0x4000, Some(file(0x4000))).unwrap();
+        let mem = t.memory.memory();
+        mem.write_obj(0xdeadu32, GuestAddress(0x10010)).unwrap();
+        assert!(mem.write_obj(0u32, GuestAddress(0x14000)).is_err());
+        assert!(mem.read_obj::<u32>(GuestAddress(0xfffe)).is_err());
+        assert_eq!(t.unmap(0x10000, 0x1000).unwrap_err().errno(), libc::ENOENT);
+        t.unmap(0x10000, 0x4000).unwrap();
+        assert!(t
+            .memory
+            .memory()
+            .read_obj::<u32>(GuestAddress(0x10010))
+            .is_err());
+        // The old snapshot keeps its mapping alive, so no stray access.
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x10010)).unwrap(), 0xdead);
+    }
+
+    #[test]
+    fn overlap_and_limits() {
+        let mut t = table();
+        t.map(3, 0, 0x1000, 0x2000, None).unwrap();
+        let e = t.map(3, 0, 0x2000, 0x2000, None).unwrap_err();
+        assert_eq!(e.errno(), libc::EEXIST);
+        let e = t.map(3, 0, u64::MAX - 10, 0x2000, None).unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        let e = t.map(0x100, 0, 0x8000, 0x1000, None).unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        // Beyond the end of the file.
+        let e = t
+            .map(3, 0x1000, 0x8000, 0x1000, Some(file(0x1000)))
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        t.limits.max_maps = 1;
+        assert_eq!(
+            t.map(3, 0, 0x9000, 0x1000, None).unwrap_err().errno(),
+            libc::ENOSPC
+        );
+    }
+
+    #[test]
+    fn dirty_bitmap_reports_written_pages() {
+        let mut t = table();
+        t.map(3, 0, 0x100000, 0x10000, Some(file(0x10000))).unwrap();
+        let mem = t.memory.memory();
+        clear_dirty(&mem);
+        mem.write_obj(1u8, GuestAddress(0x100000 + 0x3000)).unwrap();
+        mem.write_obj(1u8, GuestAddress(0x100000 + 0x9fff)).unwrap();
+        let bm = take_dirty_bitmap(&mem, 0x100000, 0x10000, 4096).unwrap();
+        assert_eq!(bm.len(), 8);
+        assert_eq!(bm[0], 1 << 3);
+        assert_eq!(bm[1], 1 << 1);
+        let bm = take_dirty_bitmap(&mem, 0x100000, 0x10000, 4096).unwrap();
+        assert!(bm.iter().all(|b| *b == 0));
+    }
+}

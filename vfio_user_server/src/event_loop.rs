@@ -1,0 +1,274 @@
+//! An epoll loop serving several devices, each on its own socket, plus
+//! any extra fds (device kicks, timers, a control socket).
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use log::{error, warn};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::server::{Interest, Server};
+
+/// Something else the loop watches: a readable fd and what to do then.
+pub trait EventHandler: Send {
+    /// The fd to watch for readability.
+    fn fd(&self) -> RawFd;
+    /// `fd` is readable; the handler may act on the loop's servers.
+    fn handle(&mut self, servers: &mut [Server]);
+}
+
+/// Stops a running [`EventLoop`] from another thread or a signal handler.
+#[derive(Clone)]
+pub struct StopHandle(Arc<EventFd>);
+
+impl StopHandle {
+    /// Asks the loop to return from [`EventLoop::run`].
+    pub fn stop(&self) {
+        let _ = self.0.write(1);
+    }
+
+    /// The raw eventfd (async-signal-safe to `write` to).
+    pub fn raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Token {
+    Stop,
+    Listener(usize),
+    Connection(usize),
+    DeviceFd(usize, RawFd),
+    Handler(usize),
+}
+
+impl Token {
+    fn encode(self) -> u64 {
+        let (kind, idx, fd) = match self {
+            Token::Stop => (0u64, 0usize, 0),
+            Token::Listener(i) => (1, i, 0),
+            Token::Connection(i) => (2, i, 0),
+            Token::DeviceFd(i, fd) => (3, i, fd),
+            Token::Handler(i) => (4, i, 0),
+        };
+        (kind << 56) | ((idx as u64 & 0xff_ffff) << 32) | (fd as u32 as u64)
+    }
+
+    fn decode(v: u64) -> Token {
+        let idx = ((v >> 32) & 0xff_ffff) as usize;
+        match v >> 56 {
+            1 => Token::Listener(idx),
+            2 => Token::Connection(idx),
+            3 => Token::DeviceFd(idx, v as u32 as RawFd),
+            4 => Token::Handler(idx),
+            _ => Token::Stop,
+        }
+    }
+}
+
+struct Registered {
+    conn_fd: Option<RawFd>,
+    interest: Interest,
+}
+
+/// The event loop.
+pub struct EventLoop {
+    epoll: RawFd,
+    servers: Vec<Server>,
+    registered: Vec<Registered>,
+    handlers: Vec<Box<dyn EventHandler>>,
+    stop: StopHandle,
+}
+
+fn ctl(
+    epoll: RawFd,
+    op: epoll::ControlOptions,
+    fd: RawFd,
+    events: u32,
+    token: Token,
+) -> io::Result<()> {
+    epoll::ctl(
+        epoll,
+        op,
+        fd,
+        epoll::Event::new(epoll::Events::from_bits_truncate(events), token.encode()),
+    )
+}
+
+impl EventLoop {
+    /// Creates an empty loop.
+    pub fn new() -> io::Result<EventLoop> {
+        let epoll = epoll::create(true)?;
+        let stop = StopHandle(Arc::new(EventFd::new(EFD_NONBLOCK)?));
+        ctl(
+            epoll,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            stop.raw_fd(),
+            epoll::Events::EPOLLIN.bits(),
+            Token::Stop,
+        )?;
+        Ok(EventLoop {
+            epoll,
+            servers: Vec::new(),
+            registered: Vec::new(),
+            handlers: Vec::new(),
+            stop,
+        })
+    }
+
+    /// A handle that stops [`EventLoop::run`].
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Adds a server; returns its index.
+    pub fn add_server(&mut self, server: Server) -> io::Result<usize> {
+        let idx = self.servers.len();
+        let add = || epoll::ControlOptions::EPOLL_CTL_ADD;
+        let inn = epoll::Events::EPOLLIN.bits();
+        ctl(
+            self.epoll,
+            add(),
+            server.listener_fd(),
+            inn,
+            Token::Listener(idx),
+        )?;
+        for fd in server.device_event_fds() {
+            ctl(self.epoll, add(), fd, inn, Token::DeviceFd(idx, fd))?;
+        }
+        self.servers.push(server);
+        self.registered.push(Registered {
+            conn_fd: None,
+            interest: Interest {
+                read: false,
+                write: false,
+            },
+        });
+        Ok(idx)
+    }
+
+    /// Adds another fd to watch.
+    pub fn add_handler(&mut self, handler: Box<dyn EventHandler>) -> io::Result<()> {
+        let idx = self.handlers.len();
+        ctl(
+            self.epoll,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            handler.fd(),
+            epoll::Events::EPOLLIN.bits(),
+            Token::Handler(idx),
+        )?;
+        self.handlers.push(handler);
+        Ok(())
+    }
+
+    /// The servers.
+    pub fn servers(&mut self) -> &mut [Server] {
+        &mut self.servers
+    }
+
+    /// Runs until [`StopHandle::stop`].
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 64];
+        loop {
+            let n = match epoll::wait(self.epoll, -1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            for ev in &events[..n] {
+                let bits = epoll::Events::from_bits_truncate(ev.events);
+                match Token::decode(ev.data) {
+                    Token::Stop => {
+                        let _ = self.stop.0.read();
+                        return Ok(());
+                    }
+                    Token::Listener(i) => {
+                        if let Some(s) = self.servers.get_mut(i) {
+                            if let Err(e) = s.accept() {
+                                warn!("accept failed: {e}");
+                            }
+                        }
+                    }
+                    Token::Connection(i) => {
+                        let Some(s) = self.servers.get_mut(i) else {
+                            continue;
+                        };
+                        let hup =
+                            bits.intersects(epoll::Events::EPOLLHUP | epoll::Events::EPOLLERR);
+                        let readable = bits.contains(epoll::Events::EPOLLIN) || hup;
+                        let writable = bits.contains(epoll::Events::EPOLLOUT);
+                        s.handle_connection_event(readable, writable);
+                    }
+                    Token::DeviceFd(i, fd) => {
+                        if let Some(s) = self.servers.get_mut(i) {
+                            s.handle_device_event(fd);
+                        }
+                    }
+                    Token::Handler(i) => {
+                        if let Some(h) = self.handlers.get_mut(i) {
+                            h.handle(&mut self.servers);
+                        }
+                    }
+                }
+            }
+            self.update_registrations();
+        }
+    }
+
+    /// Brings the epoll set in line with each server's connection state.
+    fn update_registrations(&mut self) {
+        for (i, (s, reg)) in self
+            .servers
+            .iter()
+            .zip(self.registered.iter_mut())
+            .enumerate()
+        {
+            let fd = s.connection_fd();
+            let interest = s.interest();
+            if fd == reg.conn_fd && interest == reg.interest {
+                continue;
+            }
+            let mut bits = epoll::Events::EPOLLRDHUP.bits();
+            if interest.read {
+                bits |= epoll::Events::EPOLLIN.bits();
+            }
+            if interest.write {
+                bits |= epoll::Events::EPOLLOUT.bits();
+            }
+            let res = match (reg.conn_fd, fd) {
+                (Some(_), None) => {
+                    // The fd is already closed, which removed it from epoll.
+                    Ok(())
+                }
+                (old, Some(new)) if old == Some(new) => ctl(
+                    self.epoll,
+                    epoll::ControlOptions::EPOLL_CTL_MOD,
+                    new,
+                    bits,
+                    Token::Connection(i),
+                ),
+                (_, Some(new)) => ctl(
+                    self.epoll,
+                    epoll::ControlOptions::EPOLL_CTL_ADD,
+                    new,
+                    bits,
+                    Token::Connection(i),
+                ),
+                (None, None) => Ok(()),
+            };
+            if let Err(e) = res {
+                error!("epoll_ctl for connection {i}: {e}");
+            }
+            reg.conn_fd = fd;
+            reg.interest = interest;
+        }
+    }
+}
+
+impl Drop for EventLoop {
+    fn drop(&mut self) {
+        // SAFETY: `epoll` is an fd this loop created and owns.
+        unsafe { libc::close(self.epoll) };
+    }
+}

@@ -1,0 +1,478 @@
+//! Interrupts: the eventfds the client installs with SET_IRQS, per index
+//! and vector, with mask and pending state, behind a cloneable [`Irqs`]
+//! handle that devices use to raise vector N.
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::wire::*;
+
+/// Errors of SET_IRQS and triggers.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum IrqError {
+    /// Index out of range.
+    #[error("IRQ index {0} out of range")]
+    BadIndex(u32),
+    /// Vector range out of range.
+    #[error("vectors {start}+{count} out of range for index {index}")]
+    BadRange {
+        /// IRQ index.
+        index: u32,
+        /// First vector.
+        start: u32,
+        /// Vector count.
+        count: u32,
+    },
+    /// Flag combination not allowed.
+    #[error("invalid SET_IRQS flags {0:#x}")]
+    BadFlags(u32),
+    /// Wrong number of fds or data bytes.
+    #[error("SET_IRQS carries {got} fds/bytes, expected {want}")]
+    BadData {
+        /// What came.
+        got: usize,
+        /// What was expected.
+        want: usize,
+    },
+}
+
+impl IrqError {
+    /// The errno to reply with.
+    pub fn errno(&self) -> i32 {
+        libc::EINVAL
+    }
+}
+
+/// What a device declares for one IRQ index.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IrqIndexInfo {
+    /// `IRQ_INFO_*` flags.
+    pub flags: u32,
+    /// Number of vectors (0: unsupported).
+    pub count: u32,
+}
+
+impl IrqIndexInfo {
+    /// The usual PCI layout: INTx (1, automasked), MSI (`msi` vectors),
+    /// MSI-X (`msix` vectors), ERR and REQ (1 each).
+    pub fn pci_layout(intx: bool, msi: u32, msix: u32) -> Vec<IrqIndexInfo> {
+        let ev = IRQ_INFO_EVENTFD;
+        vec![
+            IrqIndexInfo {
+                flags: ev | IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED,
+                count: intx as u32,
+            },
+            IrqIndexInfo {
+                flags: ev | IRQ_INFO_MASKABLE | IRQ_INFO_NORESIZE,
+                count: msi,
+            },
+            IrqIndexInfo {
+                flags: ev | IRQ_INFO_MASKABLE | IRQ_INFO_NORESIZE,
+                count: msix,
+            },
+            IrqIndexInfo {
+                flags: ev,
+                count: 1,
+            },
+            IrqIndexInfo {
+                flags: ev,
+                count: 1,
+            },
+        ]
+    }
+}
+
+#[derive(Default)]
+struct Vector {
+    fd: Option<EventFd>,
+    masked: bool,
+    pending: bool,
+}
+
+#[derive(Default)]
+struct Index {
+    info: IrqIndexInfo,
+    vectors: Vec<Vector>,
+}
+
+#[derive(Default)]
+struct State {
+    indexes: Vec<Index>,
+}
+
+/// Shared interrupt state; cheap to clone.
+#[derive(Clone, Default)]
+pub struct Irqs {
+    state: Arc<Mutex<State>>,
+}
+
+/// Outcome of a trigger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TriggerOutcome {
+    /// The eventfd was signalled.
+    Delivered,
+    /// The vector is masked or has no eventfd; it is now pending.
+    Pending,
+}
+
+impl Irqs {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means a panic elsewhere; the data is plain.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the layout; drops every installed fd.
+    pub fn configure(&self, layout: &[IrqIndexInfo]) {
+        let mut s = self.lock();
+        s.indexes = layout
+            .iter()
+            .map(|info| Index {
+                info: *info,
+                vectors: (0..info.count).map(|_| Vector::default()).collect(),
+            })
+            .collect();
+    }
+
+    /// Number of IRQ indices.
+    pub fn num_irqs(&self) -> u32 {
+        self.lock().indexes.len() as u32
+    }
+
+    /// What index `index` declares.
+    pub fn info(&self, index: u32) -> Option<IrqIndexInfo> {
+        self.lock().indexes.get(index as usize).map(|i| i.info)
+    }
+
+    /// Whether any vector of `index` has an eventfd installed.
+    pub fn enabled(&self, index: u32) -> bool {
+        self.lock()
+            .indexes
+            .get(index as usize)
+            .is_some_and(|i| i.vectors.iter().any(|v| v.fd.is_some()))
+    }
+
+    /// Whether `vector` of `index` is pending (for the MSI-X PBA).
+    pub fn pending(&self, index: u32, vector: u32) -> bool {
+        self.lock()
+            .indexes
+            .get(index as usize)
+            .and_then(|i| i.vectors.get(vector as usize))
+            .is_some_and(|v| v.pending)
+    }
+
+    /// Raises `vector` of `index`.
+    pub fn trigger(&self, index: u32, vector: u32) -> Result<TriggerOutcome, IrqError> {
+        let mut s = self.lock();
+        let idx = s
+            .indexes
+            .get_mut(index as usize)
+            .ok_or(IrqError::BadIndex(index))?;
+        let automask = idx.info.flags & IRQ_INFO_AUTOMASKED != 0;
+        let v = idx
+            .vectors
+            .get_mut(vector as usize)
+            .ok_or(IrqError::BadRange {
+                index,
+                start: vector,
+                count: 1,
+            })?;
+        Ok(fire(v, automask))
+    }
+
+    /// Drops every installed eventfd and clears mask/pending state
+    /// (disconnect).
+    pub fn clear(&self) {
+        let mut s = self.lock();
+        for idx in s.indexes.iter_mut() {
+            for v in idx.vectors.iter_mut() {
+                *v = Vector::default();
+            }
+        }
+    }
+
+    /// Handles DEVICE_SET_IRQS. `data` is the payload after the 20-byte
+    /// head; `fds` are the received descriptors (all consumed or dropped).
+    /// Returns the vectors whose mask state changed as `(start, count, masked)`.
+    pub fn set_irqs(
+        &self,
+        set: &IrqSet,
+        data: &[u8],
+        fds: Vec<File>,
+    ) -> Result<Option<(u32, u32, bool)>, IrqError> {
+        let data_type = set.flags & IRQ_SET_DATA_TYPE_MASK;
+        let action = set.flags & IRQ_SET_ACTION_TYPE_MASK;
+        if set.flags & !(IRQ_SET_DATA_TYPE_MASK | IRQ_SET_ACTION_TYPE_MASK) != 0
+            || data_type.count_ones() != 1
+            || action.count_ones() != 1
+        {
+            return Err(IrqError::BadFlags(set.flags));
+        }
+        if data_type != IRQ_SET_DATA_EVENTFD && !fds.is_empty() {
+            return Err(IrqError::BadData {
+                got: fds.len(),
+                want: 0,
+            });
+        }
+        let mut s = self.lock();
+        let idx = s
+            .indexes
+            .get_mut(set.index as usize)
+            .ok_or(IrqError::BadIndex(set.index))?;
+        let automask = idx.info.flags & IRQ_INFO_AUTOMASKED != 0;
+        let bad_range = IrqError::BadRange {
+            index: set.index,
+            start: set.start,
+            count: set.count,
+        };
+        if set.count == 0 {
+            // Only TRIGGER|NONE with count 0 (disable the index) is allowed.
+            if action != IRQ_SET_ACTION_TRIGGER || data_type != IRQ_SET_DATA_NONE || set.start != 0
+            {
+                return Err(bad_range);
+            }
+            for v in idx.vectors.iter_mut() {
+                v.fd = None;
+                v.pending = false;
+                v.masked = false;
+            }
+            return Ok(None);
+        }
+        let end = set.start.checked_add(set.count).ok_or(bad_range.clone())?;
+        if end as usize > idx.vectors.len() {
+            return Err(bad_range);
+        }
+        let range = set.start as usize..end as usize;
+        let n = set.count as usize;
+        let bools: Option<&[u8]> = match data_type {
+            IRQ_SET_DATA_BOOL => {
+                if data.len() < n {
+                    return Err(IrqError::BadData {
+                        got: data.len(),
+                        want: n,
+                    });
+                }
+                Some(&data[..n])
+            }
+            _ => None,
+        };
+        let selected = |i: usize| bools.is_none_or(|b| b[i - range.start] != 0);
+        match action {
+            IRQ_SET_ACTION_TRIGGER => match data_type {
+                IRQ_SET_DATA_EVENTFD => {
+                    if !fds.is_empty() && fds.len() != n {
+                        return Err(IrqError::BadData {
+                            got: fds.len(),
+                            want: n,
+                        });
+                    }
+                    if fds.is_empty() {
+                        // Eventfd with no fds de-assigns the vectors.
+                        for v in &mut idx.vectors[range] {
+                            v.fd = None;
+                        }
+                    } else {
+                        for (v, f) in idx.vectors[range].iter_mut().zip(fds) {
+                            // SAFETY: `f` is an owned fd received from the
+                            // client; ownership moves into the EventFd.
+                            v.fd = Some(unsafe { EventFd::from_raw_fd(f.into_raw_fd()) });
+                            if v.pending && !v.masked {
+                                v.pending = false;
+                                fire(v, automask);
+                            }
+                        }
+                    }
+                    Ok(None)
+                }
+                _ => {
+                    for i in range.clone() {
+                        if selected(i) {
+                            fire(&mut idx.vectors[i], automask);
+                        }
+                    }
+                    Ok(None)
+                }
+            },
+            IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK => {
+                if data_type == IRQ_SET_DATA_EVENTFD {
+                    // Resample/unmask eventfds (KVM INTx) are not offered:
+                    // QEMU then falls back to UNMASK|NONE on EOI.
+                    return Err(IrqError::BadFlags(set.flags));
+                }
+                if idx.info.flags & IRQ_INFO_MASKABLE == 0 {
+                    return Err(IrqError::BadFlags(set.flags));
+                }
+                let masked = action == IRQ_SET_ACTION_MASK;
+                for i in range.clone() {
+                    if !selected(i) {
+                        continue;
+                    }
+                    let v = &mut idx.vectors[i];
+                    v.masked = masked;
+                    if !masked && v.pending {
+                        v.pending = false;
+                        fire(v, automask);
+                    }
+                }
+                Ok(Some((set.start, set.count, masked)))
+            }
+            _ => Err(IrqError::BadFlags(set.flags)),
+        }
+    }
+}
+
+fn fire(v: &mut Vector, automask: bool) -> TriggerOutcome {
+    match (&v.fd, v.masked) {
+        (Some(fd), false) => {
+            // A full eventfd counter (EAGAIN) still means "signalled".
+            let _ = fd.write(1);
+            if automask {
+                v.masked = true;
+            }
+            TriggerOutcome::Delivered
+        }
+        _ => {
+            v.pending = true;
+            TriggerOutcome::Pending
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    fn irqs() -> Irqs {
+        let i = Irqs::default();
+        i.configure(&IrqIndexInfo::pci_layout(true, 0, 4));
+        i
+    }
+
+    fn set(flags: u32, index: u32, start: u32, count: u32) -> IrqSet {
+        IrqSet {
+            argsz: 20,
+            flags,
+            index,
+            start,
+            count,
+        }
+    }
+
+    fn efd() -> (EventFd, File) {
+        let e = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: dup returns a new owned fd.
+        let f = unsafe { File::from_raw_fd(libc::dup(e.as_raw_fd())) };
+        (e, f)
+    }
+
+    #[test]
+    fn msix_trigger_mask_unmask() {
+        let i = irqs();
+        let (e, f) = efd();
+        i.set_irqs(
+            &set(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, 2, 1, 1),
+            &[],
+            vec![f],
+        )
+        .unwrap();
+        assert_eq!(i.trigger(2, 1).unwrap(), TriggerOutcome::Delivered);
+        assert_eq!(e.read().unwrap(), 1);
+        i.set_irqs(
+            &set(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_MASK, 2, 1, 1),
+            &[],
+            vec![],
+        )
+        .unwrap();
+        assert_eq!(i.trigger(2, 1).unwrap(), TriggerOutcome::Pending);
+        assert!(i.pending(2, 1));
+        assert!(e.read().is_err());
+        i.set_irqs(
+            &set(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK, 2, 1, 1),
+            &[],
+            vec![],
+        )
+        .unwrap();
+        assert_eq!(e.read().unwrap(), 1);
+        assert!(!i.pending(2, 1));
+        // Vector 0 has no fd: pending.
+        assert_eq!(i.trigger(2, 0).unwrap(), TriggerOutcome::Pending);
+        assert!(i.trigger(2, 4).is_err());
+        assert!(i.trigger(7, 0).is_err());
+    }
+
+    #[test]
+    fn intx_automasks_until_unmask() {
+        let i = irqs();
+        let (e, f) = efd();
+        i.set_irqs(
+            &set(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, 0, 0, 1),
+            &[],
+            vec![f],
+        )
+        .unwrap();
+        assert_eq!(i.trigger(0, 0).unwrap(), TriggerOutcome::Delivered);
+        assert_eq!(i.trigger(0, 0).unwrap(), TriggerOutcome::Pending);
+        assert_eq!(e.read().unwrap(), 1);
+        i.set_irqs(
+            &set(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK, 0, 0, 1),
+            &[],
+            vec![],
+        )
+        .unwrap();
+        assert_eq!(e.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn validation_matrix() {
+        let i = irqs();
+        let t = IRQ_SET_ACTION_TRIGGER;
+        // Two data types, two actions, unknown bits.
+        for flags in [
+            IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | t,
+            IRQ_SET_DATA_NONE | t | IRQ_SET_ACTION_MASK,
+            IRQ_SET_DATA_NONE | t | 0x100,
+            t,
+            IRQ_SET_DATA_NONE,
+        ] {
+            assert!(i.set_irqs(&set(flags, 2, 0, 1), &[], vec![]).is_err());
+        }
+        // Disable with count 0 works, even on an index with no vectors.
+        i.set_irqs(&set(IRQ_SET_DATA_NONE | t, 1, 0, 0), &[], vec![])
+            .unwrap();
+        assert!(i
+            .set_irqs(&set(IRQ_SET_DATA_NONE | t, 1, 1, 0), &[], vec![])
+            .is_err());
+        assert!(i
+            .set_irqs(&set(IRQ_SET_DATA_NONE | t, 2, 3, 2), &[], vec![])
+            .is_err());
+        assert!(i
+            .set_irqs(&set(IRQ_SET_DATA_NONE | t, 2, u32::MAX, 2), &[], vec![])
+            .is_err());
+        assert!(i
+            .set_irqs(&set(IRQ_SET_DATA_NONE | t, 9, 0, 1), &[], vec![])
+            .is_err());
+        // Wrong fd count, fds without EVENTFD.
+        let (_e, f) = efd();
+        let (_e2, f2) = efd();
+        assert!(i
+            .set_irqs(&set(IRQ_SET_DATA_EVENTFD | t, 2, 0, 1), &[], vec![f, f2])
+            .is_err());
+        let (_e3, f3) = efd();
+        assert!(i
+            .set_irqs(&set(IRQ_SET_DATA_NONE | t, 2, 0, 1), &[], vec![f3])
+            .is_err());
+        // BOOL needs count bytes.
+        assert!(i
+            .set_irqs(&set(IRQ_SET_DATA_BOOL | t, 2, 0, 2), &[1], vec![])
+            .is_err());
+        i.set_irqs(&set(IRQ_SET_DATA_BOOL | t, 2, 0, 2), &[0, 1], vec![])
+            .unwrap();
+        assert!(!i.pending(2, 0));
+        assert!(i.pending(2, 1));
+    }
+}

@@ -1,0 +1,28 @@
+//! A vfio-user device server.
+//!
+//! The crate speaks the whole vfio-user protocol on behalf of a device
+//! model: [`wire`] encodes and decodes every message, [`server`] runs the
+//! per-client protocol state machine, [`event_loop`] serves any number of
+//! devices, each on its own socket, from one epoll loop. Guest memory
+//! ([`dma`]) and interrupts ([`irq`]) are kept by the server and handed to
+//! devices as bounds-checked handles. [`pci`] exports any device written
+//! against a Cloud-Hypervisor-shaped `PciDevice` trait, and [`compat`] runs
+//! a device written for the published `vfio_user::ServerBackend` trait.
+#![deny(missing_docs)]
+
+pub mod compat;
+pub mod device;
+pub mod dma;
+pub mod event_loop;
+pub mod irq;
+mod mig;
+pub mod migration;
+pub mod pci;
+pub mod server;
+pub mod socket;
+pub mod wire;
+
+pub use device::{Device, DeviceContext, DeviceError, RegionDescription, RegionMmap, ResetReason};
+pub use event_loop::{EventLoop, StopHandle};
+pub use mig::MigState;
+pub use server::{Server, ServerConfig, ServerError};

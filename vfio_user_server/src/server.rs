@@ -1,0 +1,1014 @@
+//! One device served on one listening socket: framing, validation and
+//! dispatch of every client command.
+//!
+//! The server is driven by [`crate::event_loop::EventLoop`]: it never
+//! blocks. Bytes are received into a buffer, complete messages are handled
+//! in arrival order, and replies are queued and flushed; a client that does
+//! not read its replies stops being read (bounded memory).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use log::{debug, info, warn};
+use thiserror::Error;
+use vm_memory::GuestAddressSpace;
+
+use crate::device::{Device, DeviceContext, ResetReason};
+use crate::dma::{DmaLimits, DmaTable, DIRTY_PAGE_SIZE};
+use crate::irq::Irqs;
+use crate::mig::MigrationState;
+use crate::socket::{recv_with_fds, send_with_fds};
+use crate::wire::*;
+
+/// The minor protocol version we speak.
+pub const OUR_MINOR: u16 = 2;
+/// fds we advertise in `max_msg_fds` (and accept per message; Cloud
+/// Hypervisor sends up to 16 whatever we say).
+pub const ADVERTISED_MAX_MSG_FDS: u32 = 16;
+
+/// Errors setting up a server.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// The socket path is taken.
+    #[error("socket path {0} already exists")]
+    PathExists(PathBuf),
+    /// bind/listen failed.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(PathBuf, #[source] io::Error),
+    /// Setting permissions failed.
+    #[error("cannot set permissions of {0}: {1}")]
+    Permissions(PathBuf, #[source] io::Error),
+    /// Socket I/O failed.
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Largest REGION_READ/WRITE, MIG_DATA size we receive.
+    pub max_data_xfer_size: u32,
+    /// DMA limits.
+    pub dma_limits: DmaLimits,
+    /// Advertise and accept REGION_WRITE_MULTI.
+    pub write_multiple: bool,
+    /// Mode of the socket file.
+    pub socket_mode: u32,
+    /// Largest migration stream accepted in RESUMING.
+    pub max_migration_bytes: usize,
+    /// Replies queued for a client that does not read before we stop
+    /// reading it.
+    pub max_queued_reply_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_data_xfer_size: DEFAULT_MAX_DATA_XFER_SIZE,
+            dma_limits: DmaLimits::default(),
+            write_multiple: true,
+            socket_mode: 0o600,
+            max_migration_bytes: 256 << 20,
+            max_queued_reply_bytes: 4 << 20,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Largest message we accept: a region write of the maximum size.
+    pub fn max_msg_size(&self) -> usize {
+        HEADER_SIZE + RegionAccess::SIZE + self.max_data_xfer_size as usize
+    }
+}
+
+/// What a handler answers.
+pub(crate) enum Reply {
+    /// Success with this payload and fds.
+    Ok(Vec<u8>, Vec<RawFd>),
+    /// Error with this errno.
+    Err(i32),
+}
+
+impl Reply {
+    pub(crate) fn empty() -> Reply {
+        Reply::Ok(Vec::new(), Vec::new())
+    }
+    pub(crate) fn data(v: Vec<u8>) -> Reply {
+        Reply::Ok(v, Vec::new())
+    }
+}
+
+struct Outgoing {
+    bytes: Vec<u8>,
+    sent: usize,
+    /// Borrowed fds (owned by the device), sent with the first byte.
+    fds: Vec<RawFd>,
+}
+
+/// Where the reader is in the byte stream.
+enum ReadState {
+    /// Collecting a message into `rx`.
+    Message,
+    /// Skipping the body of an oversized message.
+    Discard(usize),
+}
+
+/// The attached client.
+struct Connection {
+    stream: UnixStream,
+    rx: Vec<u8>,
+    rx_len: usize,
+    /// fds received with the first byte of the message starting at
+    /// `rx[0]` (fds can only arrive at a message start).
+    rx_fds: Vec<File>,
+    fds_truncated: bool,
+    read_state: ReadState,
+    tx: VecDeque<Outgoing>,
+    tx_bytes: usize,
+    negotiated: bool,
+    /// Client's `max_data_xfer_size` (bounds what we send it).
+    client_max_xfer: u32,
+}
+
+/// Events the loop should watch for a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interest {
+    /// Wants readable events.
+    pub read: bool,
+    /// Wants writable events.
+    pub write: bool,
+}
+
+/// One device on one listening socket.
+pub struct Server {
+    path: Option<PathBuf>,
+    listener: UnixListener,
+    conn: Option<Connection>,
+    device: Box<dyn Device>,
+    irqs: Irqs,
+    dma: DmaTable,
+    config: ServerConfig,
+    mig: MigrationState,
+    num_regions: u32,
+}
+
+impl Server {
+    /// Binds `path` (which must not exist) and serves `device` there.
+    /// `ctx` must be the context the device was built with.
+    pub fn new(
+        path: &Path,
+        device: Box<dyn Device>,
+        ctx: DeviceContext,
+        config: ServerConfig,
+    ) -> Result<Server, ServerError> {
+        if path.symlink_metadata().is_ok() {
+            return Err(ServerError::PathExists(path.to_path_buf()));
+        }
+        let listener =
+            UnixListener::bind(path).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.socket_mode))
+            .map_err(|e| ServerError::Permissions(path.to_path_buf(), e))?;
+        let mut s = Self::from_listener(listener, device, ctx, config)?;
+        s.path = Some(path.to_path_buf());
+        Ok(s)
+    }
+
+    /// Serves `device` on an already listening socket.
+    pub fn from_listener(
+        listener: UnixListener,
+        device: Box<dyn Device>,
+        ctx: DeviceContext,
+        config: ServerConfig,
+    ) -> Result<Server, ServerError> {
+        listener.set_nonblocking(true)?;
+        ctx.irqs.configure(&device.irq_layout());
+        let num_regions = device.num_regions();
+        Ok(Server {
+            path: None,
+            listener,
+            conn: None,
+            irqs: ctx.irqs,
+            dma: DmaTable::new(ctx.memory, config.dma_limits),
+            config,
+            device,
+            mig: MigrationState::default(),
+            num_regions,
+        })
+    }
+
+    /// The migration state of the device.
+    pub fn migration_state(&self) -> crate::mig::MigState {
+        self.mig.state()
+    }
+
+    /// The socket path, if bound by [`Server::new`].
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The listening socket's fd.
+    pub fn listener_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    /// The attached client's fd.
+    pub fn connection_fd(&self) -> Option<RawFd> {
+        self.conn.as_ref().map(|c| c.stream.as_raw_fd())
+    }
+
+    /// Whether a client is attached.
+    pub fn connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// The device.
+    pub fn device(&mut self) -> &mut dyn Device {
+        self.device.as_mut()
+    }
+
+    /// fds the device wants watched.
+    pub fn device_event_fds(&self) -> Vec<RawFd> {
+        self.device.event_fds()
+    }
+
+    /// A device fd is readable.
+    pub fn handle_device_event(&mut self, fd: RawFd) {
+        self.device.handle_event(fd);
+    }
+
+    /// What to watch on the connection.
+    pub fn interest(&self) -> Interest {
+        match &self.conn {
+            None => Interest {
+                read: false,
+                write: false,
+            },
+            Some(c) => Interest {
+                read: c.tx_bytes < self.config.max_queued_reply_bytes,
+                write: !c.tx.is_empty(),
+            },
+        }
+    }
+
+    /// Accepts pending connections: the first becomes the client, any
+    /// other is closed at once (one client per device).
+    pub fn accept(&mut self) -> io::Result<bool> {
+        let mut attached = false;
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.conn.is_some() {
+                        warn!("refusing a second client on {:?}", self.path);
+                        drop(stream);
+                        continue;
+                    }
+                    stream.set_nonblocking(true)?;
+                    info!("client attached on {:?}", self.path);
+                    self.conn = Some(Connection {
+                        stream,
+                        rx: vec![0; 64 * 1024],
+                        rx_len: 0,
+                        rx_fds: Vec::new(),
+                        fds_truncated: false,
+                        read_state: ReadState::Message,
+                        tx: VecDeque::new(),
+                        tx_bytes: 0,
+                        negotiated: false,
+                        client_max_xfer: DEFAULT_MAX_DATA_XFER_SIZE,
+                    });
+                    attached = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(attached),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Drops the client: DMA maps and interrupt fds go, the device is
+    /// reset, and the next client can attach.
+    pub fn disconnect(&mut self) {
+        if self.conn.take().is_none() {
+            return;
+        }
+        info!("client detached from {:?}", self.path);
+        let ranges: Vec<(u64, u64)> = self.dma.ranges().map(|r| (r.address, r.size)).collect();
+        for (a, s) in ranges {
+            self.device.dma_unmapping(a, s);
+        }
+        self.dma.unmap_all();
+        self.irqs.clear();
+        self.mig.reset(self.device.as_mut());
+        self.device.reset(ResetReason::LostConnection);
+    }
+
+    /// Handles readable/writable/hang-up events on the connection.
+    /// Returns false once the client is gone.
+    pub fn handle_connection_event(&mut self, readable: bool, writable: bool) -> bool {
+        if self.conn.is_none() {
+            return false;
+        }
+        let ok = (!writable || self.flush().is_ok()) && (!readable || self.read_and_handle());
+        if !ok {
+            self.disconnect();
+        }
+        ok
+    }
+
+    /// Reads what is available and handles every complete message.
+    fn read_and_handle(&mut self) -> bool {
+        // Bounded work per wake-up keeps other devices on the loop served.
+        for _ in 0..64 {
+            let Some(c) = self.conn.as_mut() else {
+                return false;
+            };
+            if c.tx_bytes >= self.config.max_queued_reply_bytes {
+                return true;
+            }
+            if c.rx_len == c.rx.len() {
+                // Only reached when a message is bigger than the buffer.
+                let want = (c.rx.len() * 2).min(self.config.max_msg_size());
+                c.rx.resize(want.max(c.rx.len()), 0);
+            }
+            let fd = c.stream.as_raw_fd();
+            let start = c.rx_len;
+            let r = match recv_with_fds(fd, &mut c.rx[start..]) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!("recv: {e}");
+                    return false;
+                }
+            };
+            if r.bytes == 0 {
+                return false;
+            }
+            if !r.fds.is_empty() || r.truncated {
+                if start != 0 || !c.rx_fds.is_empty() {
+                    // fds not at a message start: protocol violation.
+                    warn!("fds received mid-message; dropping the client");
+                    return false;
+                }
+                c.rx_fds = r.fds;
+                c.fds_truncated = r.truncated;
+            }
+            c.rx_len += r.bytes;
+            if !self.process_buffer() {
+                return false;
+            }
+            let Some(c) = self.conn.as_ref() else {
+                return false;
+            };
+            if c.rx_len < c.rx.len() && r.bytes < c.rx.len() - start {
+                // Short read: the socket is most likely drained.
+                break;
+            }
+        }
+        self.flush().is_ok()
+    }
+
+    /// Handles every complete message in the receive buffer.
+    fn process_buffer(&mut self) -> bool {
+        let max_msg = self.config.max_msg_size();
+        let mut consumed = 0;
+        loop {
+            let Some(c) = self.conn.as_mut() else {
+                return false;
+            };
+            let avail = c.rx_len - consumed;
+            if let ReadState::Discard(left) = c.read_state {
+                let n = left.min(avail);
+                consumed += n;
+                c.read_state = if left == n {
+                    ReadState::Message
+                } else {
+                    ReadState::Discard(left - n)
+                };
+                if avail == n {
+                    break;
+                }
+                continue;
+            }
+            if avail < HEADER_SIZE {
+                break;
+            }
+            let hdr = match Header::decode(&c.rx[consumed..consumed + HEADER_SIZE]) {
+                Ok(h) => h,
+                Err(_) => break,
+            };
+            let size = hdr.msg_size as usize;
+            if size < HEADER_SIZE || size > max_msg {
+                // Answer, then skip whatever body the size claims.
+                warn!("bad msg_size {size} for command {}", hdr.cmd);
+                let body = size.saturating_sub(HEADER_SIZE);
+                consumed += HEADER_SIZE;
+                c.rx_fds.clear();
+                c.read_state = ReadState::Discard(body);
+                let errno = if size > max_msg {
+                    libc::E2BIG
+                } else {
+                    libc::EINVAL
+                };
+                self.queue_reply(&hdr, Reply::Err(errno));
+                continue;
+            }
+            if avail < size {
+                break;
+            }
+            let fds = std::mem::take(&mut c.rx_fds);
+            let truncated = std::mem::replace(&mut c.fds_truncated, false);
+            // Copy out the payload so handlers can borrow `self` mutably.
+            let payload = c.rx[consumed + HEADER_SIZE..consumed + size].to_vec();
+            consumed += size;
+            self.dispatch(&hdr, &payload, fds, truncated);
+        }
+        if let Some(c) = self.conn.as_mut() {
+            c.rx.copy_within(consumed..c.rx_len, 0);
+            c.rx_len -= consumed;
+            // Give back memory a large message made us take.
+            if c.rx_len == 0 && c.rx.len() > 64 * 1024 {
+                c.rx.truncate(64 * 1024);
+                c.rx.shrink_to_fit();
+            }
+            true
+        } else {
+            false
+        }
+    }
+
+    fn dispatch(&mut self, hdr: &Header, payload: &[u8], fds: Vec<File>, truncated: bool) {
+        let reply = if hdr.msg_type() != flags::TYPE_COMMAND {
+            // No server-to-client request is outstanding, so any reply is
+            // unsolicited; other types are invalid.
+            warn!("unexpected message type {:#x}", hdr.flags);
+            Reply::Err(libc::EINVAL)
+        } else if truncated {
+            Reply::Err(libc::EINVAL)
+        } else {
+            self.handle_command(hdr, payload, fds)
+        };
+        if hdr.no_reply() && hdr.msg_type() == flags::TYPE_COMMAND {
+            if let Reply::Err(e) = reply {
+                debug!("command {} (no reply) failed: errno {e}", hdr.cmd);
+            }
+            return;
+        }
+        self.queue_reply(hdr, reply);
+    }
+
+    fn queue_reply(&mut self, hdr: &Header, reply: Reply) {
+        let Some(c) = self.conn.as_mut() else {
+            return;
+        };
+        let (h, payload, fds) = match reply {
+            Reply::Ok(p, fds) => (hdr.reply(p.len()), p, fds),
+            Reply::Err(e) => {
+                debug!("command {} failed: errno {e}", hdr.cmd);
+                (hdr.error_reply(e), Vec::new(), Vec::new())
+            }
+        };
+        let mut bytes = Vec::with_capacity(HEADER_SIZE + payload.len());
+        bytes.extend_from_slice(&h.encode());
+        bytes.extend_from_slice(&payload);
+        c.tx_bytes += bytes.len();
+        c.tx.push_back(Outgoing {
+            bytes,
+            sent: 0,
+            fds,
+        });
+    }
+
+    /// Sends queued replies until done or the socket is full.
+    fn flush(&mut self) -> io::Result<()> {
+        let Some(c) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        while let Some(out) = c.tx.front_mut() {
+            let fds: &[RawFd] = if out.sent == 0 { &out.fds } else { &[] };
+            match send_with_fds(c.stream.as_raw_fd(), &[&out.bytes[out.sent..]], fds) {
+                Ok(n) => {
+                    out.sent += n;
+                    c.tx_bytes -= n;
+                    if out.sent == out.bytes.len() {
+                        c.tx.pop_front();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn negotiated(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.negotiated)
+    }
+
+    fn handle_command(&mut self, hdr: &Header, payload: &[u8], fds: Vec<File>) -> Reply {
+        if hdr.cmd == cmd::VERSION {
+            return self.handle_version(payload, fds);
+        }
+        if !self.negotiated() {
+            return Reply::Err(libc::EINVAL);
+        }
+        let takes_fds = matches!(hdr.cmd, cmd::DMA_MAP | cmd::DEVICE_SET_IRQS);
+        if !takes_fds && !fds.is_empty() {
+            return Reply::Err(libc::EINVAL);
+        }
+        if !self.mig.command_allowed(hdr.cmd) {
+            return Reply::Err(libc::EBUSY);
+        }
+        match hdr.cmd {
+            cmd::DMA_MAP => self.handle_dma_map(payload, fds),
+            cmd::DMA_UNMAP => self.handle_dma_unmap(payload),
+            cmd::DEVICE_GET_INFO => self.handle_get_info(payload),
+            cmd::DEVICE_GET_REGION_INFO => self.handle_region_info(payload),
+            cmd::DEVICE_GET_REGION_IO_FDS => self.handle_region_io_fds(payload),
+            cmd::DEVICE_GET_IRQ_INFO => self.handle_irq_info(payload),
+            cmd::DEVICE_SET_IRQS => self.handle_set_irqs(payload, fds),
+            cmd::REGION_READ => self.handle_region_read(payload),
+            cmd::REGION_WRITE => self.handle_region_write(payload),
+            cmd::REGION_WRITE_MULTI => self.handle_write_multi(payload),
+            cmd::DEVICE_RESET => self.handle_reset(payload),
+            cmd::DEVICE_FEATURE => self.handle_device_feature(payload),
+            cmd::MIG_DATA_READ => self.mig.data_read(payload, self.client_max_xfer()),
+            cmd::MIG_DATA_WRITE => self
+                .mig
+                .data_write(payload, self.config.max_migration_bytes),
+            // Server-to-client commands sent to us.
+            cmd::DMA_READ | cmd::DMA_WRITE => Reply::Err(libc::EINVAL),
+            // The removed DIRTY_PAGES (14) and anything unknown.
+            _ => Reply::Err(libc::ENOSYS),
+        }
+    }
+
+    fn client_max_xfer(&self) -> u32 {
+        self.conn
+            .as_ref()
+            .map_or(DEFAULT_MAX_DATA_XFER_SIZE, |c| c.client_max_xfer)
+    }
+
+    fn handle_version(&mut self, payload: &[u8], fds: Vec<File>) -> Reply {
+        if self.negotiated() || !fds.is_empty() {
+            return Reply::Err(libc::EINVAL);
+        }
+        let Ok(v) = Version::decode(payload) else {
+            return Reply::Err(libc::EINVAL);
+        };
+        if v.major != 0 {
+            return Reply::Err(libc::ENOTSUP);
+        }
+        let Ok(caps) = ClientCaps::parse(&v.json) else {
+            return Reply::Err(libc::EINVAL);
+        };
+        let mut json = serde_json::json!({
+            "capabilities": {
+                "max_msg_fds": ADVERTISED_MAX_MSG_FDS,
+                "max_data_xfer_size": self.config.max_data_xfer_size,
+                "pgsizes": DIRTY_PAGE_SIZE,
+                "max_dma_maps": self.config.dma_limits.max_maps,
+                "write_multiple": self.config.write_multiple,
+            }
+        });
+        if self.device.migratable() {
+            json["capabilities"]["migration"] = serde_json::json!({
+                "pgsize": DIRTY_PAGE_SIZE,
+                "max_bitmap_size": 256u64 << 20,
+            });
+        }
+        let reply = Version {
+            major: 0,
+            minor: v.minor.min(OUR_MINOR),
+            json: json.to_string().into_bytes(),
+        };
+        if let Some(c) = self.conn.as_mut() {
+            c.negotiated = true;
+            c.client_max_xfer = caps.max_data_xfer_size;
+        }
+        Reply::data(reply.encode())
+    }
+
+    fn handle_dma_map(&mut self, payload: &[u8], mut fds: Vec<File>) -> Reply {
+        let Ok(m) = DmaMap::decode(payload) else {
+            return Reply::Err(libc::EINVAL);
+        };
+        if (m.argsz as usize) < DmaMap::SIZE || fds.len() > 1 {
+            return Reply::Err(libc::EINVAL);
+        }
+        let file = fds.pop();
+        let dup = if self.device.observes_raw_requests() {
+            file.as_ref().and_then(|f| f.try_clone().ok())
+        } else {
+            None
+        };
+        match self.dma.map(m.flags, m.offset, m.address, m.size, file) {
+            Ok(()) => {
+                if self.device.observes_raw_requests() {
+                    self.device
+                        .dma_mapped(m.flags, m.offset, m.address, m.size, dup);
+                }
+                Reply::empty()
+            }
+            Err(e) => {
+                debug!("DMA_MAP {:#x}+{:#x}: {e}", m.address, m.size);
+                Reply::Err(e.errno())
+            }
+        }
+    }
+
+    fn handle_dma_unmap(&mut self, payload: &[u8]) -> Reply {
+        let Ok(u) = DmaUnmap::decode(payload) else {
+            return Reply::Err(libc::EINVAL);
+        };
+        if (u.argsz as usize) < DmaUnmap::SIZE
+            || u.flags & !DMA_UNMAP_FLAG_ALL != 0
+            || payload.len() != DmaUnmap::SIZE
+        {
+            // The legacy dirty-bitmap variant is not supported.
+            return Reply::Err(libc::EINVAL);
+        }
+        if u.flags & DMA_UNMAP_FLAG_ALL != 0 {
+            if u.address != 0 || u.size != 0 {
+                return Reply::Err(libc::EINVAL);
+            }
+            let ranges: Vec<(u64, u64)> = self.dma.ranges().map(|r| (r.address, r.size)).collect();
+            for (a, s) in ranges {
+                self.device.dma_unmapping(a, s);
+            }
+            self.dma.unmap_all();
+        } else {
+            if self.dma.find(u.address, u.size).is_none() {
+                return Reply::Err(libc::ENOENT);
+            }
+            self.device.dma_unmapping(u.address, u.size);
+            if let Err(e) = self.dma.unmap(u.address, u.size) {
+                return Reply::Err(e.errno());
+            }
+        }
+        let echo = DmaUnmap {
+            argsz: DmaUnmap::SIZE as u32,
+            ..u
+        };
+        Reply::data(echo.encode())
+    }
+
+    fn handle_get_info(&mut self, payload: &[u8]) -> Reply {
+        let Ok(req) = DeviceInfo::decode(payload) else {
+            return Reply::Err(libc::EINVAL);
+        };
+        // Cloud Hypervisor's client sends 32 (it counts the header).
+        if (req.argsz as usize) < DeviceInfo::SIZE {
+            return Reply::Err(libc::EINVAL);
+        }
+        let mut dflags = DEVICE_FLAGS_PCI;
+        if self.device.resettable() {
+            dflags |= DEVICE_FLAGS_RESET;
+        }
+        Reply::data(
+            DeviceInfo {
+                argsz: DeviceInfo::SIZE as u32,
+                flags: dflags,
+                num_regions: self.num_regions,
+                num_irqs: self.irqs.num_irqs(),
+            }
+            .encode(),
+        )
+    }
+
+    fn handle_region_info(&mut self, payload: &[u8]) -> Reply {
+        let Ok(req) = RegionInfo::decode(payload) else {
+            return Reply::Err(libc::EINVAL);
+        };
+        if (req.argsz as usize) < RegionInfo::SIZE || req.index >= self.num_regions {
+            return Reply::Err(libc::EINVAL);
+        }
+        let desc = self.device.region(req.index);
+        let mut info = RegionInfo {
+            argsz: RegionInfo::SIZE as u32,
+            flags: 0,
+            index: req.index,
+            cap_offset: 0,
+            size: desc.size,
+            offset: 0,
+        };
+        if desc.read {
+            info.flags |= REGION_INFO_FLAG_READ;
+        }
+        if desc.write {
+            info.flags |= REGION_INFO_FLAG_WRITE;
+        }
+        let Some(mmap) = desc.mmap.filter(|_| desc.size > 0) else {
+            return Reply::data(info.encode());
+        };
+        let areas = if mmap.areas.is_empty() {
+            vec![(0, desc.size)]
+        } else {
+            mmap.areas.clone()
+        };
+        let cap = encode_sparse_mmap_cap(&areas);
+        let need = RegionInfo::SIZE + cap.len();
+        info.argsz = need as u32;
+        info.offset = mmap.offset;
+        if (req.argsz as usize) < need {
+            // Too small for the caps: report the size needed, no MMAP and
+            // no fd until the client asks again with room.
+            return Reply::data(info.encode());
+        }
+        info.flags |= REGION_INFO_FLAG_MMAP | REGION_INFO_FLAG_CAPS;
+        info.cap_offset = RegionInfo::SIZE as u32;
+        let mut out = info.encode();
+        out.extend_from_slice(&cap);
+        Reply::Ok(out, vec![mmap.fd])
+    }
+
+    fn handle_region_io_fds(&mut self, payload: &[u8]) -> Reply {
+        let Ok(req) = RegionIoFds::decode(payload) else {
+            return Reply::Err(libc::EINVAL);
+        };
+        if (req.argsz as usize) < RegionIoFds::SIZE
+            || req.flags != 0
+            || req.count != 0
+            || req.index >= self.num_regions
+        {
+            return Reply::Err(libc::EINVAL);
+        }
+        // No device offers ioeventfds: an empty list.
+        Reply::data(
+            RegionIoFds {
+                argsz: RegionIoFds::SIZE as u32,
+                flags: 0,
+                index: req.index,
+                count: 0,
+            }
+            .encode(),
+        )
+    }
+
+    fn handle_irq_info(&mut self, payload: &[u8]) -> Reply {
+        let Ok(req) = IrqInfo::decode(payload) else {
+            return Reply::Err(libc::EINVAL);
+        };
+        if (req.argsz as usize) < IrqInfo::SIZE {
+            return Reply::Err(libc::EINVAL);
+        }
+        let Some(info) = self.irqs.info(req.index) else {
+            return Reply::Err(libc::EINVAL);
+        };
+        Reply::data(
+            IrqInfo {
+                argsz: IrqInfo::SIZE as u32,
+                flags: info.flags,
+                index: req.index,
+                count: info.count,
+            }
+            .encode(),
+        )
+    }
+
+    fn handle_set_irqs(&mut self, payload: &[u8], fds: Vec<File>) -> Reply {
+        let Ok(set) = IrqSet::decode(payload) else {
+            return Reply::Err(libc::EINVAL);
+        };
+        if (set.argsz as usize) < IrqSet::SIZE {
+            return Reply::Err(libc::EINVAL);
+        }
+        let dups: Vec<File> = if self.device.observes_raw_requests() {
+            fds.iter().filter_map(|f| f.try_clone().ok()).collect()
+        } else {
+            Vec::new()
+        };
+        match self.irqs.set_irqs(&set, &payload[IrqSet::SIZE..], fds) {
+            Ok(changed) => {
+                if let Some((start, count, masked)) = changed {
+                    self.device
+                        .irq_mask_changed(set.index, start, count, masked);
+                }
+                if self.device.observes_raw_requests() {
+                    self.device.irqs_set(&set, dups);
+                }
+                Reply::empty()
+            }
+            Err(e) => {
+                debug!("SET_IRQS {set:?}: {e}");
+                Reply::Err(e.errno())
+            }
+        }
+    }
+
+    /// Checks a region access; returns the region size.
+    fn check_access(&self, index: u32, offset: u64, count: u32, write: bool) -> Result<(), i32> {
+        if index >= self.num_regions || count > self.config.max_data_xfer_size {
+            return Err(libc::EINVAL);
+        }
+        let desc = self.device.region(index);
+        let allowed = if write { desc.write } else { desc.read };
+        match offset.checked_add(count as u64) {
+            Some(end) if end <= desc.size && allowed => Ok(()),
+            _ => Err(libc::EINVAL),
+        }
+    }
+
+    fn handle_region_read(&mut self, payload: &[u8]) -> Reply {
+        let Ok(req) = RegionAccess::decode(payload) else {
+            return Reply::Err(libc::EINVAL);
+        };
+        if payload.len() != RegionAccess::SIZE {
+            return Reply::Err(libc::EINVAL);
+        }
+        if let Err(e) = self.check_access(req.region, req.offset, req.count, false) {
+            return Reply::Err(e);
+        }
+        let mut out = req.encode();
+        out.resize(RegionAccess::SIZE + req.count as usize, 0);
+        if req.count > 0 {
+            if let Err(e) =
+                self.device
+                    .region_read(req.region, req.offset, &mut out[RegionAccess::SIZE..])
+            {
+                return Reply::Err(e.errno());
+            }
+        }
+        Reply::data(out)
+    }
+
+    fn handle_region_write(&mut self, payload: &[u8]) -> Reply {
+        let Ok(req) = RegionAccess::decode(payload) else {
+            return Reply::Err(libc::EINVAL);
+        };
+        let data = &payload[RegionAccess::SIZE..];
+        if data.len() != req.count as usize {
+            return Reply::Err(libc::EINVAL);
+        }
+        if let Err(e) = self.check_access(req.region, req.offset, req.count, true) {
+            return Reply::Err(e);
+        }
+        if req.count > 0 {
+            if let Err(e) = self.device.region_write(req.region, req.offset, data) {
+                return Reply::Err(e.errno());
+            }
+        }
+        Reply::data(req.encode())
+    }
+
+    fn handle_write_multi(&mut self, payload: &[u8]) -> Reply {
+        if !self.config.write_multiple {
+            return Reply::Err(libc::ENOSYS);
+        }
+        let Ok(n) = read_u64(payload, 0) else {
+            return Reply::Err(libc::EINVAL);
+        };
+        let records = &payload[8..];
+        if n == 0 || (n as usize).checked_mul(WriteMultiRecord::SIZE) != Some(records.len()) {
+            return Reply::Err(libc::EINVAL);
+        }
+        // Validate every record first so a bad one applies none.
+        let mut writes = Vec::with_capacity(n as usize);
+        for chunk in records.chunks_exact(WriteMultiRecord::SIZE) {
+            let Ok(rec) = WriteMultiRecord::decode(chunk) else {
+                return Reply::Err(libc::EINVAL);
+            };
+            if rec.count == 0 || rec.count > WriteMultiRecord::MAX_DATA {
+                return Reply::Err(libc::EINVAL);
+            }
+            if let Err(e) = self.check_access(rec.region, rec.offset, rec.count, true) {
+                return Reply::Err(e);
+            }
+            writes.push(rec);
+        }
+        for rec in &writes {
+            let data = &rec.data[..rec.count as usize];
+            if let Err(e) = self.device.region_write(rec.region, rec.offset, data) {
+                return Reply::Err(e.errno());
+            }
+        }
+        Reply::data(n.to_le_bytes().to_vec())
+    }
+
+    fn handle_reset(&mut self, payload: &[u8]) -> Reply {
+        if !payload.is_empty() {
+            return Reply::Err(libc::EINVAL);
+        }
+        self.device.reset(ResetReason::Command);
+        self.mig.device_reset();
+        Reply::empty()
+    }
+
+    fn handle_device_feature(&mut self, payload: &[u8]) -> Reply {
+        let memory = self.dma.memory();
+        let mem = memory.memory();
+        self.mig.device_feature(
+            payload,
+            self.device.as_mut(),
+            &mem,
+            self.dma.ranges(),
+            self.config.max_data_xfer_size,
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// What we keep of the client's VERSION capabilities.
+struct ClientCaps {
+    max_data_xfer_size: u32,
+}
+
+impl ClientCaps {
+    /// Parses and type-checks the client's JSON (absent JSON or absent
+    /// keys take the defaults).
+    fn parse(json: &[u8]) -> Result<ClientCaps, ()> {
+        let mut caps = ClientCaps {
+            max_data_xfer_size: DEFAULT_MAX_DATA_XFER_SIZE,
+        };
+        if json.is_empty() {
+            return Ok(caps);
+        }
+        let v: serde_json::Value = serde_json::from_slice(json).map_err(|_| ())?;
+        let top = v.as_object().ok_or(())?;
+        let Some(c) = top.get("capabilities") else {
+            return Ok(caps);
+        };
+        let c = c.as_object().ok_or(())?;
+        let num = |k: &str| -> Result<Option<u64>, ()> {
+            match c.get(k) {
+                None => Ok(None),
+                Some(x) => x.as_u64().map(Some).ok_or(()),
+            }
+        };
+        if let Some(fds) = num("max_msg_fds")? {
+            if fds == 0 || fds > 1024 {
+                return Err(());
+            }
+        }
+        if let Some(x) = num("max_data_xfer_size")? {
+            if x < 4096 {
+                return Err(());
+            }
+            caps.max_data_xfer_size = u32::try_from(x).unwrap_or(u32::MAX);
+        }
+        if let Some(p) = num("pgsizes")? {
+            if p & DIRTY_PAGE_SIZE as u64 == 0 {
+                return Err(());
+            }
+        }
+        num("max_dma_maps")?;
+        if let Some(m) = c.get("migration") {
+            let m = m.as_object().ok_or(())?;
+            if let Some(p) = m.get("pgsize") {
+                // Dirty pages are tracked at 4 KiB.
+                if p.as_u64() != Some(DIRTY_PAGE_SIZE as u64) {
+                    return Err(());
+                }
+            }
+        }
+        if let Some(w) = c.get("write_multiple") {
+            w.as_bool().ok_or(())?;
+        }
+        Ok(caps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_caps_parsing() {
+        assert!(ClientCaps::parse(b"").is_ok());
+        assert!(ClientCaps::parse(b"{}").is_ok());
+        let qemu = br#"{"capabilities":{"migration":{"pgsize":4096,"max_bitmap_size":268435456},"max_msg_fds":16,"max_data_xfer_size":1048576,"pgsizes":4096,"max_dma_maps":65535,"write_multiple":true}}"#;
+        assert_eq!(ClientCaps::parse(qemu).unwrap().max_data_xfer_size, 1 << 20);
+        let ch = br#"{"capabilities":{"max_msg_fds":1,"max_data_xfer_size":1048576,"migration":{"pgsize":4096}}}"#;
+        assert!(ClientCaps::parse(ch).is_ok());
+        for bad in [
+            &b"{"[..],
+            b"[]",
+            br#"{"capabilities":3}"#,
+            br#"{"capabilities":{"max_msg_fds":"x"}}"#,
+            br#"{"capabilities":{"max_msg_fds":0}}"#,
+            br#"{"capabilities":{"max_data_xfer_size":-1}}"#,
+            br#"{"capabilities":{"migration":{"pgsize":65536}}}"#,
+            br#"{"capabilities":{"pgsizes":8192}}"#,
+            br#"{"capabilities":{"write_multiple":1}}"#,
+        ] {
+            assert!(
+                ClientCaps::parse(bad).is_err(),
+                "{:?}",
+                std::str::from_utf8(bad)
+            );
+        }
+    }
+}
