@@ -10,7 +10,7 @@
 #                    on expiry prints "VMTEST-DONE rc=124" and powers off.
 #   vt.action=reboot end with "reboot -f" instead of "poweroff -f" (with QEMU's
 #                    -no-reboot both simply make QEMU exit).
-#   vt.printk=N      console log level while the test runs (default 4).
+#   vt.printk=N      console log level while the test runs (default 4: errors and worse).
 #
 # Console markers (one per line, always at the start of the line; the serial
 # console ends lines with \r\n):
@@ -91,7 +91,7 @@ if [ -f /modules.order ]; then
         fi
     done < /modules.order
 fi
-# From here on only warnings and errors from the kernel reach the console, so
+# From here on only kernel messages of level KERN_ERR or more severe reach the console, so
 # that they interleave less with the test output (vt.printk=N to change).
 echo "${VT_PRINTK:-4}" > /proc/sys/kernel/printk
 

@@ -13,6 +13,9 @@
 #                      in the extra args (file=/x, socket=/x, path=/x, unix:/x, /x); 0: don't
 #   VMTEST_MEM_MB      guest RAM in MiB (default 512), a shared memfd backend
 #                      (share=on, as vfio-user needs)
+#   VMTEST_NO_REBOOT   1 (default): pass -no-reboot, so a guest reboot makes QEMU exit;
+#                      0: leave it out, so the guest really reboots (QEMU resets the machine
+#                      and its devices, vfio-user ones included)
 #   VMTEST_DRY_RUN=1   print the QEMU command line and exit
 #
 # QEMU runs in a private mount namespace (unshare --mount --propagation private) on a
@@ -81,6 +84,11 @@ shift
 
 mem=${VMTEST_MEM_MB:-512}
 [[ $mem =~ ^[0-9]+$ ]] || die "VMTEST_MEM_MB must be a number of MiB"
+case ${VMTEST_NO_REBOOT:-1} in
+    1) no_reboot=(-no-reboot) ;;
+    0) no_reboot=() ;;
+    *) die "VMTEST_NO_REBOOT must be 0 or 1" ;;
+esac
 append="console=ttyS0 panic=-1${VMTEST_APPEND:+ $VMTEST_APPEND}"
 
 args=(
@@ -88,7 +96,7 @@ args=(
     -m "$mem"
     -object "memory-backend-memfd,id=mem,size=${mem}M,share=on"
     -numa node,memdev=mem
-    -nographic -no-reboot -nodefaults
+    -nographic "${no_reboot[@]}" -nodefaults
     -serial stdio
     -kernel /vmm-env/vmlinuz
     -initrd /vmm-env/initramfs.cpio.gz
@@ -118,7 +126,12 @@ if [[ -n ${VMTEST_SHARE_DIR:-} ]]; then
 fi
 if [[ ${VMTEST_AUTO_SHARE:-1} == 1 ]]; then
     for a in "$@"; do
-        IFS=, read -r -a toks <<<"$a"
+        if [[ $a == '{'* ]]; then
+            # JSON syntax, e.g. -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/x/s.sock"}}'
+            mapfile -t toks < <(grep -o '"/[^"]*"' <<<"$a" | tr -d '"')
+        else
+            IFS=, read -r -a toks <<<"$a"
+        fi
         for t in "${toks[@]}"; do
             p=
             case $t in

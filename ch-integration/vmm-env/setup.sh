@@ -365,9 +365,10 @@ main() {
             unshare --mount --propagation private --fork --kill-child \
                 bash "$SELF" --inner-build "$B" 2>&1 | tee "$B/build.log" >&2 || rc=$?
         else
+            # full log to build.log, progress lines live to stderr
             unshare --mount --propagation private --fork --kill-child \
-                bash "$SELF" --inner-build "$B" >"$B/build.log" 2>&1 || rc=$?
-            grep '^vmm-env: ' "$B/build.log" >&2 || true
+                bash "$SELF" --inner-build "$B" 2>&1 | tee "$B/build.log" |
+                { grep --line-buffered '^vmm-env: ' >&2 || true; } || rc=$?
         fi
         if ((rc != 0)); then
             archive_reachable "$MIRROR" || unreachable

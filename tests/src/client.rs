@@ -107,7 +107,12 @@ pub mod payload {
 
     /// DMA_UNMAP (24 bytes).
     pub fn dma_unmap(argsz: u32, flags: u32, address: u64, size: u64) -> Vec<u8> {
-        Enc::new().u32(argsz).u32(flags).u64(address).u64(size).done()
+        Enc::new()
+            .u32(argsz)
+            .u32(flags)
+            .u64(address)
+            .u64(size)
+            .done()
     }
 
     /// DEVICE_GET_INFO (16 bytes).
@@ -129,7 +134,12 @@ pub mod payload {
 
     /// DEVICE_GET_REGION_IO_FDS (16 bytes).
     pub fn region_io_fds(argsz: u32, flags: u32, index: u32, count: u32) -> Vec<u8> {
-        Enc::new().u32(argsz).u32(flags).u32(index).u32(count).done()
+        Enc::new()
+            .u32(argsz)
+            .u32(flags)
+            .u32(index)
+            .u32(count)
+            .done()
     }
 
     /// DEVICE_GET_IRQ_INFO (16 bytes).
@@ -329,7 +339,11 @@ pub fn recvmsg_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Res
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    assert_eq!(msg.msg_flags & libc::MSG_CTRUNC, 0, "received fds truncated");
+    assert_eq!(
+        msg.msg_flags & libc::MSG_CTRUNC,
+        0,
+        "received fds truncated"
+    );
     Ok(n)
 }
 
@@ -356,7 +370,10 @@ impl RawClient {
         let stream = UnixStream::connect(path)?;
         stream.set_read_timeout(Some(RECV_TIMEOUT))?;
         stream.set_write_timeout(Some(RECV_TIMEOUT))?;
-        Ok(RawClient { stream, next_id: 0x100 })
+        Ok(RawClient {
+            stream,
+            next_id: 0x100,
+        })
     }
 
     /// Connects and negotiates the version.
@@ -443,7 +460,11 @@ impl RawClient {
         assert_eq!(r.msg_id, id, "reply id");
         assert_eq!(r.cmd, command, "reply command");
         assert_eq!(r.flags & hflags::TYPE_MASK, hflags::REPLY, "reply type");
-        assert_eq!(r.flags & !(hflags::TYPE_MASK | hflags::ERROR), 0, "reply flags");
+        assert_eq!(
+            r.flags & !(hflags::TYPE_MASK | hflags::ERROR),
+            0,
+            "reply flags"
+        );
         r
     }
 
@@ -494,7 +515,8 @@ impl RawClient {
     #[track_caller]
     pub fn negotiate(&mut self) -> Reply {
         let json = r#"{"capabilities":{"max_msg_fds":16,"max_data_xfer_size":1048576,"pgsizes":4096,"max_dma_maps":65535,"write_multiple":true}}"#;
-        self.version_raw(&payload::version(0, 2, Some(json), true)).ok()
+        self.version_raw(&payload::version(0, 2, Some(json), true))
+            .ok()
     }
 
     /// DEVICE_GET_INFO with argsz 16.
@@ -589,7 +611,13 @@ impl RawClient {
         let fds: Vec<RawFd> = fd.into_iter().collect();
         self.call_fds(
             cmd::DMA_MAP,
-            &payload::dma_map(32, crate::proto::DMA_READ | crate::proto::DMA_WRITE, offset, address, size),
+            &payload::dma_map(
+                32,
+                crate::proto::DMA_READ | crate::proto::DMA_WRITE,
+                offset,
+                address,
+                size,
+            ),
             &fds,
         )
     }
@@ -597,7 +625,10 @@ impl RawClient {
     /// DMA_UNMAP.
     #[track_caller]
     pub fn dma_unmap(&mut self, flags: u32, address: u64, size: u64) -> Reply {
-        self.call(cmd::DMA_UNMAP, &payload::dma_unmap(24, flags, address, size))
+        self.call(
+            cmd::DMA_UNMAP,
+            &payload::dma_unmap(24, flags, address, size),
+        )
     }
 
     /// DEVICE_RESET.

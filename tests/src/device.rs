@@ -32,6 +32,9 @@ pub const BAR1_MARKER: u8 = 0x5a;
 /// BAR0 doorbell: a 4-byte write of N here makes the device DMA
 /// [`dma_pattern`]`(N)` to [`DMA_TARGET`] and raise MSI-X vector 0.
 pub const DMA_DOORBELL: u64 = 0xff0;
+/// BAR0 stall register: a 4-byte write of N makes the device block the
+/// event loop for N milliseconds (to queue up input deterministically).
+pub const STALL_REGISTER: u64 = 0xff8;
 /// Where tests map guest RAM.
 pub const GUEST_RAM_BASE: u64 = 0x10_0000;
 /// Size of the guest RAM tests map.
@@ -188,6 +191,10 @@ impl Device for TestDevice {
                 if offset == DMA_DOORBELL && data.len() == 4 {
                     let n = u32::from_le_bytes(data.try_into().unwrap());
                     return self.doorbell(n);
+                }
+                if offset == STALL_REGISTER && data.len() == 4 {
+                    let ms = u32::from_le_bytes(data.try_into().unwrap());
+                    std::thread::sleep(std::time::Duration::from_millis(ms.into()));
                 }
             }
             1 => self

@@ -198,7 +198,14 @@ impl EventLoop {
                             bits.intersects(epoll::Events::EPOLLHUP | epoll::Events::EPOLLERR);
                         let readable = bits.contains(epoll::Events::EPOLLIN) || hup;
                         let writable = bits.contains(epoll::Events::EPOLLOUT);
-                        s.handle_connection_event(readable, writable);
+                        if !s.handle_connection_event(readable, writable) {
+                            // The closed fd left the epoll set by itself;
+                            // forget it now, as a connection accepted later
+                            // in this batch may get the same number.
+                            if let Some(reg) = self.registered.get_mut(i) {
+                                reg.conn_fd = None;
+                            }
+                        }
                     }
                     Token::DeviceFd(i, fd) => {
                         if let Some(s) = self.servers.get_mut(i) {

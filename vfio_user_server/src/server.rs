@@ -169,10 +169,22 @@ impl Server {
         if path.symlink_metadata().is_ok() {
             return Err(ServerError::PathExists(path.to_path_buf()));
         }
+        // Bind and listen under a temporary name, then move the socket into
+        // place: a client that sees the path can connect at once.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
         let listener =
-            UnixListener::bind(path).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.socket_mode))
-            .map_err(|e| ServerError::Permissions(path.to_path_buf(), e))?;
+            UnixListener::bind(&tmp).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
+        let placed =
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(config.socket_mode))
+                .map_err(|e| ServerError::Permissions(path.to_path_buf(), e))
+                .and_then(|()| rename_noreplace(&tmp, path));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         let mut s = Self::from_listener(listener, device, ctx, config)?;
         s.path = Some(path.to_path_buf());
         Ok(s)
@@ -258,6 +270,19 @@ impl Server {
     /// Accepts pending connections: the first becomes the client, any
     /// other is closed at once (one client per device).
     pub fn accept(&mut self) -> io::Result<bool> {
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| peer_hung_up(c.stream.as_raw_fd()))
+        {
+            // The client hung up but its input is not worked through yet
+            // (more than one wake-up's worth). Finish it instead of refusing
+            // a client that reconnects at once (Cloud Hypervisor on guest
+            // reboot); the new connection waits in the backlog until the
+            // next wake-up, when the loop has forgotten the old fd.
+            self.handle_connection_event(true, true);
+            return Ok(false);
+        }
         let mut attached = false;
         loop {
             match self.listener.accept() {
@@ -267,20 +292,7 @@ impl Server {
                         drop(stream);
                         continue;
                     }
-                    stream.set_nonblocking(true)?;
-                    info!("client attached on {:?}", self.path);
-                    self.conn = Some(Connection {
-                        stream,
-                        rx: vec![0; 64 * 1024],
-                        rx_len: 0,
-                        rx_fds: Vec::new(),
-                        fds_truncated: false,
-                        read_state: ReadState::Message,
-                        tx: VecDeque::new(),
-                        tx_bytes: 0,
-                        negotiated: false,
-                        client_max_xfer: DEFAULT_MAX_DATA_XFER_SIZE,
-                    });
+                    self.attach(stream)?;
                     attached = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(attached),
@@ -288,6 +300,26 @@ impl Server {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Makes `stream` the client connection (what `accept` does with the
+    /// first connection; also used to serve a socketpair directly).
+    pub fn attach(&mut self, stream: UnixStream) -> io::Result<()> {
+        stream.set_nonblocking(true)?;
+        info!("client attached on {:?}", self.path);
+        self.conn = Some(Connection {
+            stream,
+            rx: vec![0; 64 * 1024],
+            rx_len: 0,
+            rx_fds: Vec::new(),
+            fds_truncated: false,
+            read_state: ReadState::Message,
+            tx: VecDeque::new(),
+            tx_bytes: 0,
+            negotiated: false,
+            client_max_xfer: DEFAULT_MAX_DATA_XFER_SIZE,
+        });
+        Ok(())
     }
 
     /// Drops the client: DMA maps and interrupt fds go, the device is
@@ -335,9 +367,20 @@ impl Server {
                 let want = (c.rx.len() * 2).min(self.config.max_msg_size());
                 c.rx.resize(want.max(c.rx.len()), 0);
             }
+            // Never read past the end of the current message: Linux hands
+            // the fds of a later message to a recvmsg that also returns the
+            // bytes before it, so a read crossing a message boundary cannot
+            // tell which message its fds belong to.
+            let want = match c.read_state {
+                ReadState::Discard(left) => left,
+                ReadState::Message if c.rx_len < HEADER_SIZE => HEADER_SIZE - c.rx_len,
+                ReadState::Message => Header::decode(&c.rx[..HEADER_SIZE])
+                    .map_or(1, |h| (h.msg_size as usize).saturating_sub(c.rx_len).max(1)),
+            };
             let fd = c.stream.as_raw_fd();
             let start = c.rx_len;
-            let r = match recv_with_fds(fd, &mut c.rx[start..]) {
+            let end = c.rx.len().min(start.saturating_add(want));
+            let r = match recv_with_fds(fd, &mut c.rx[start..end]) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -349,7 +392,10 @@ impl Server {
             if r.bytes == 0 {
                 return false;
             }
-            if !r.fds.is_empty() || r.truncated {
+            if (!r.fds.is_empty() || r.truncated) && matches!(c.read_state, ReadState::Discard(_)) {
+                // fds riding on a body being skipped are closed with it.
+                drop(r.fds);
+            } else if !r.fds.is_empty() || r.truncated {
                 if start != 0 || !c.rx_fds.is_empty() {
                     // fds not at a message start: protocol violation.
                     warn!("fds received mid-message; dropping the client");
@@ -362,10 +408,10 @@ impl Server {
             if !self.process_buffer() {
                 return false;
             }
-            let Some(c) = self.conn.as_ref() else {
+            if self.conn.is_none() {
                 return false;
-            };
-            if c.rx_len < c.rx.len() && r.bytes < c.rx.len() - start {
+            }
+            if r.bytes < end - start {
                 // Short read: the socket is most likely drained.
                 break;
             }
@@ -644,7 +690,13 @@ impl Server {
             }
             self.dma.unmap_all();
         } else {
-            if self.dma.find(u.address, u.size).is_none() {
+            // Only an exact match is unmapped: don't tell the device to
+            // stop using a range that stays mapped.
+            let exact = self
+                .dma
+                .find(u.address, u.size)
+                .is_some_and(|r| r.address == u.address && r.size == u.size);
+            if !exact {
                 return Reply::Err(libc::ENOENT);
             }
             self.device.dma_unmapping(u.address, u.size);
@@ -913,11 +965,54 @@ impl Server {
     }
 }
 
+/// Whether the peer of a connected socket has closed or shut down its end.
+fn peer_hung_up(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(p) = &self.path {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+/// Renames `from` to `to`, failing if `to` exists.
+fn rename_noreplace(from: &Path, to: &Path) -> Result<(), ServerError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+    let (Ok(f), Ok(t)) = (c(from), c(to)) else {
+        return Err(ServerError::Bind(
+            to.to_path_buf(),
+            io::ErrorKind::InvalidInput.into(),
+        ));
+    };
+    // SAFETY: two valid NUL-terminated paths; no memory is retained.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EEXIST) {
+        Err(ServerError::PathExists(to.to_path_buf()))
+    } else {
+        Err(ServerError::Bind(to.to_path_buf(), e))
     }
 }
 

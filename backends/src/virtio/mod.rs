@@ -12,8 +12,8 @@ mod pci;
 use std::os::fd::RawFd;
 
 use thiserror::Error;
-use virtio_queue::Queue;
 use vfio_user_server::migration::{MigratableError, Snapshot};
+use virtio_queue::Queue;
 
 pub use pci::{
     VirtioPciDevice, VirtioPciError, COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET, ISR_CFG_OFFSET,
@@ -120,7 +120,12 @@ pub trait VirtioDevice: Send {
     /// `fd` from [`VirtioDevice::event_fds`] is readable. Returns the
     /// indices of the queues that got used entries. Only called while the
     /// device is active and not paused.
-    fn handle_event(&mut self, _fd: RawFd, _queues: &mut [Queue], _mem: &GuestMemory) -> Vec<usize> {
+    fn handle_event(
+        &mut self,
+        _fd: RawFd,
+        _queues: &mut [Queue],
+        _mem: &GuestMemory,
+    ) -> Vec<usize> {
         Vec::new()
     }
 

@@ -140,19 +140,27 @@ impl GuestRam {
         GUEST_BASE + off
     }
 
-    fn slice(&self, gpa: u64, len: usize) -> &mut [u8] {
+    fn offset(&self, gpa: u64, len: usize) -> usize {
         let off = gpa.checked_sub(GUEST_BASE).expect("address below RAM") as usize;
         assert!(off + len <= GUEST_SIZE as usize);
-        // SAFETY: in bounds of the live mapping (checked above).
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) }
+        off
     }
 
+    /// Volatile copies: the server writes the same memory concurrently.
     pub fn write(&self, gpa: u64, data: &[u8]) {
-        self.slice(gpa, data.len()).copy_from_slice(data);
+        let off = self.offset(gpa, data.len());
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: in bounds of the live mapping (checked by offset()).
+            unsafe { self.ptr.add(off + i).write_volatile(*b) };
+        }
     }
 
     pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
-        self.slice(gpa, len).to_vec()
+        let off = self.offset(gpa, len);
+        // SAFETY: in bounds of the live mapping (checked by offset()).
+        (0..len)
+            .map(|i| unsafe { self.ptr.add(off + i).read_volatile() })
+            .collect()
     }
 
     pub fn write_u16(&self, gpa: u64, v: u16) {
@@ -200,6 +208,9 @@ pub struct Vq {
     pub eventfd: EventFd,
 }
 
+/// A submitted request: (queue, head, status address, data-in buffer).
+type PendingRequest = (usize, u16, u64, Option<(u64, u32, bool)>);
+
 /// A virtio-pci driver over `vfio_user::Client`.
 pub struct VirtioDriver {
     pub client: Client,
@@ -213,6 +224,10 @@ pub struct VirtioDriver {
     pub config_eventfd: EventFd,
     pub features: u64,
     pub bar_sizes: [u64; 6],
+    /// Submitted requests.
+    pending: Vec<PendingRequest>,
+    /// Completed heads not yet collected.
+    done: std::collections::HashSet<(usize, u16)>,
 }
 
 pub fn cfg_read(client: &mut Client, off: u64, len: usize) -> Vec<u8> {
@@ -285,6 +300,8 @@ impl VirtioDriver {
             config_eventfd: EventFd::new(EFD_NONBLOCK).unwrap(),
             features: 0,
             bar_sizes,
+            pending: Vec::new(),
+            done: std::collections::HashSet::new(),
         };
         d.find_caps();
         d
@@ -359,7 +376,9 @@ impl VirtioDriver {
     /// Enables MSI-X with one eventfd per vector (config + queues) the way
     /// Cloud Hypervisor does: SET_IRQS first, then the enable bit.
     pub fn enable_msix(&mut self, nvec: u32) -> Vec<EventFd> {
-        let fds: Vec<EventFd> = (0..nvec).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+        let fds: Vec<EventFd> = (0..nvec)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
         let raw: Vec<i32> = fds.iter().map(|e| e.as_raw_fd()).collect();
         self.client
             .set_irqs(
@@ -445,6 +464,13 @@ impl VirtioDriver {
     /// Puts a chain of `(addr, len, device_writes)` buffers on queue `q`
     /// and returns its head; does not notify.
     pub fn push(&mut self, q: usize, bufs: &[(u64, u32, bool)]) -> u16 {
+        let in_flight = self.queues[q]
+            .next_avail
+            .wrapping_sub(self.queues[q].last_used);
+        assert!(
+            (in_flight as usize + 1) * bufs.len() <= self.queues[q].size as usize,
+            "test bug: descriptor table of queue {q} would overflow"
+        );
         let vq = &mut self.queues[q];
         let head = vq.free_head;
         let mut idx = head;
@@ -486,22 +512,33 @@ impl VirtioDriver {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut out = Vec::new();
         loop {
-            let vq = &mut self.queues[q];
-            let used_idx = self.ram.read_u16(vq.used + 2);
-            while vq.last_used != used_idx {
+            let used_idx = self.ram.read_u16(self.queues[q].used + 2);
+            while self.queues[q].last_used != used_idx {
+                let vq = &mut self.queues[q];
                 let e = vq.used + 4 + 8 * (vq.last_used % vq.size) as u64;
+                vq.last_used = vq.last_used.wrapping_add(1);
                 let id = self.ram.read_u32(e) as u16;
                 let len = self.ram.read_u32(e + 4);
                 out.push((id, len));
-                vq.last_used = vq.last_used.wrapping_add(1);
-                // Return the chain to the free list (only its head matters
-                // for this simple allocator: chains are re-linked below).
                 self.free_chain(q, id);
             }
             if out.len() >= n {
                 return out;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for used entries");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for used entries"
+            );
+            if self.features & (1 << 29) != 0 {
+                // VIRTIO_F_EVENT_IDX: ask for an interrupt at the next entry.
+                let vq = &self.queues[q];
+                let used_event = vq.avail + 4 + 2 * vq.size as u64;
+                self.ram.write_u16(used_event, vq.last_used);
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                if self.ram.read_u16(vq.used + 2) != vq.last_used {
+                    continue;
+                }
+            }
             let mut pfd = libc::pollfd {
                 fd: self.queues[q].eventfd.as_raw_fd(),
                 events: libc::POLLIN,
@@ -569,28 +606,25 @@ impl VirtioDriver {
         }
         bufs.push((status, 1, true));
         let head = self.push(q, &bufs);
-        self.pending_meta(head, status, bufs.get(1).copied().filter(|b| b.2));
+        let read_buf = bufs.get(1).copied().filter(|b| b.2);
+        self.pending.push((q, head, status, read_buf));
         head
-    }
-
-    fn pending_meta(&mut self, head: u16, status: u64, read_buf: Option<(u64, u32, bool)>) {
-        PENDING.with(|p| p.borrow_mut().push((head, status, read_buf)));
     }
 
     /// Waits for request `head` on queue `q`; returns (status, data in).
     pub fn blk_complete(&mut self, q: usize, head: u16) -> (u8, Vec<u8>) {
-        let mut done = DONE.with(|d| d.borrow_mut().remove(&(q, head)));
-        while done.is_none() {
+        while !self.done.remove(&(q, head)) {
             for (id, _len) in self.wait_used(q, 1) {
-                DONE.with(|d| d.borrow_mut().insert((q, id), ()));
+                self.done.insert((q, id));
             }
-            done = DONE.with(|d| d.borrow_mut().remove(&(q, head)));
         }
-        let meta = PENDING.with(|p| {
-            let mut p = p.borrow_mut();
-            let i = p.iter().position(|m| m.0 == head).expect("unknown request");
-            p.remove(i)
-        });
+        let i = self
+            .pending
+            .iter()
+            .position(|m| m.0 == q && m.1 == head)
+            .expect("unknown request");
+        let meta = self.pending.remove(i);
+        let meta = (meta.1, meta.2, meta.3);
         let status = self.ram.read(meta.1, 1)[0];
         let data = meta
             .2
@@ -598,11 +632,4 @@ impl VirtioDriver {
             .unwrap_or_default();
         (status, data)
     }
-}
-
-thread_local! {
-    static PENDING: std::cell::RefCell<Vec<(u16, u64, Option<(u64, u32, bool)>)>> =
-        const { std::cell::RefCell::new(Vec::new()) };
-    static DONE: std::cell::RefCell<std::collections::HashMap<(usize, u16), ()>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
 }

@@ -216,6 +216,10 @@ impl<D: PciDevice> Device for PciAdapter<D> {
     fn migratable(&self) -> bool {
         self.device.migratable()
     }
+
+    fn snapshot_kind(&self) -> String {
+        self.device.snapshot_kind()
+    }
 }
 
 #[cfg(test)]

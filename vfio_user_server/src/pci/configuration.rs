@@ -287,7 +287,7 @@ impl PciConfiguration {
         }
         let Some(start) = reg_idx
             .checked_mul(4)
-            .filter(|o| o + 4 <= self.registers.len())
+            .filter(|o| o.checked_add(4).is_some_and(|e| e <= self.registers.len()))
             .map(|o| o + offset)
         else {
             return;
@@ -637,6 +637,9 @@ mod tests {
         c.write_config_register(15, 0, &[]);
         c.write_config_register(64, 0, &[1, 2, 3, 4]);
         c.write_config_register(usize::MAX, 0, &[1]);
+        // The last register index whose byte offset still fits a usize:
+        // offset + 4 overflows (see fuzz/regressions/pci_config).
+        c.write_config_register(usize::MAX / 4, 0, &[1]);
         assert_eq!(c.state(), before);
         // Three bytes within a register are fine.
         c.write_config_register(15, 0, &[0x0b, 0xff, 0xff]);

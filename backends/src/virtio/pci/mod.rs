@@ -285,12 +285,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 notify_len,
                 NOTIFY_OFF_MULTIPLIER,
             ),
-            VirtioPciCap::new(
-                CAP_DEVICE_CFG,
-                bar,
-                DEVICE_CFG_OFFSET as u32,
-                WINDOW as u32,
-            ),
+            VirtioPciCap::new(CAP_DEVICE_CFG, bar, DEVICE_CFG_OFFSET as u32, WINDOW as u32),
         ];
         for cap in &virtio_caps {
             config.add_capability(cap as &dyn PciCapability)?;
@@ -561,7 +556,10 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         if let Some(i) = self.selected_queue() {
             let q = &self.queues[i];
             put(common::QUEUE_SIZE, &q.size().to_le_bytes());
-            put(common::QUEUE_MSIX_VECTOR, &self.queue_vectors[i].to_le_bytes());
+            put(
+                common::QUEUE_MSIX_VECTOR,
+                &self.queue_vectors[i].to_le_bytes(),
+            );
             put(common::QUEUE_ENABLE, &u16::from(q.ready()).to_le_bytes());
             put(common::QUEUE_NOTIFY_OFF, &(i as u16).to_le_bytes());
             put(common::QUEUE_DESC, &q.desc_table().to_le_bytes());
@@ -787,7 +785,11 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         self.config = config;
         self.msix = msix;
         self.queues = queues;
-        self.queue_vectors = s.queues.iter().map(|q| self.valid_vector(q.vector)).collect();
+        self.queue_vectors = s
+            .queues
+            .iter()
+            .map(|q| self.valid_vector(q.vector))
+            .collect();
         self.device_feature_select = s.device_feature_select;
         self.driver_feature_select = s.driver_feature_select;
         self.driver_features = s.driver_features & self.device_features;
@@ -880,6 +882,14 @@ impl<D: VirtioDevice + 'static> PciDevice for VirtioPciDevice<D> {
         self.device.id()
     }
 
+    fn snapshot_kind(&self) -> String {
+        match self.device.device_type() {
+            virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK => "virtio-blk".into(),
+            virtio_bindings::virtio_ids::VIRTIO_ID_NET => "virtio-net".into(),
+            t => format!("virtio-{t}"),
+        }
+    }
+
     fn config_space_size(&self) -> u64 {
         self.config.size()
     }
@@ -951,11 +961,196 @@ impl<D: VirtioDevice + 'static> PciDevice for VirtioPciDevice<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::VirtioError;
+    use vfio_user_server::irq::IrqIndexInfo;
+
+    /// A device that refuses to activate and counts events.
+    struct Dummy {
+        fail: bool,
+        resets: usize,
+        events: usize,
+    }
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![8, 4]
+        }
+        fn features(&self) -> u64 {
+            1 << 3
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn activate(&mut self, _features: u64) -> Result<(), VirtioError> {
+            if self.fail {
+                Err(VirtioError::Activate("no".into()))
+            } else {
+                Ok(())
+            }
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+        }
+        fn process_queue(
+            &mut self,
+            _index: usize,
+            _queue: &mut Queue,
+            _mem: &GuestMemory,
+        ) -> Result<bool, VirtioError> {
+            Ok(false)
+        }
+        fn event_fds(&self) -> Vec<RawFd> {
+            vec![99]
+        }
+        fn handle_event(
+            &mut self,
+            fd: RawFd,
+            queues: &mut [Queue],
+            _mem: &GuestMemory,
+        ) -> Vec<usize> {
+            assert_eq!(fd, 99);
+            assert_eq!(queues.len(), 2);
+            self.events += 1;
+            vec![1, 7]
+        }
+    }
+
+    fn dummy(fail: bool) -> VirtioPciDevice<Dummy> {
+        let ctx = DeviceContext::default();
+        ctx.irqs.configure(&IrqIndexInfo::pci_layout(true, 0, 3));
+        let d = Dummy {
+            fail,
+            resets: 0,
+            events: 0,
+        };
+        VirtioPciDevice::with_device(ctx, d, false).unwrap()
+    }
+
+    fn bring_up(d: &mut VirtioPciDevice<Dummy>) {
+        d.common_write(common::DRIVER_FEATURE_SELECT, &1u32.to_le_bytes());
+        d.common_write(common::DRIVER_FEATURE, &1u32.to_le_bytes());
+        d.common_write(common::DEVICE_STATUS, &[status::FEATURES_OK]);
+        d.common_write(
+            common::DEVICE_STATUS,
+            &[status::FEATURES_OK | status::DRIVER_OK],
+        );
+    }
+
+    #[test]
+    fn identity() {
+        let mut d = dummy(false);
+        assert_eq!(d.read_config_register(0), 0x106a_1af4);
+        assert_eq!(d.read_config_register(2) >> 24, 0xff);
+        assert_eq!(d.config_space_size(), 256);
+        assert_eq!(d.msix_vectors(), 3);
+        assert_eq!(d.event_fds(), vec![99]);
+        let mut b = [0u8; 2];
+        d.bar_read(DEVICE_CFG_OFFSET + 5, &mut b);
+        assert_eq!(b, [5, 5]);
+        assert_eq!(d.device_features, (1 << 3) | (1 << VIRTIO_F_VERSION_1));
+    }
+
+    #[test]
+    fn activation_failure_needs_reset() {
+        let mut d = dummy(true);
+        bring_up(&mut d);
+        assert!(!d.is_active());
+        assert_ne!(d.status() & status::NEEDS_RESET, 0);
+        // INTx (MSI-X is off): config change in ISR.
+        let mut isr = [0u8];
+        d.bar_read(ISR_CFG_OFFSET, &mut isr);
+        assert_eq!(isr[0], ISR_CONFIG);
+        // Events are not delivered to an inactive device.
+        d.handle_event(99);
+        assert_eq!(d.device().events, 0);
+        d.common_write(common::DEVICE_STATUS, &[0]);
+        assert_eq!(d.status(), 0);
+        assert_eq!(d.device().resets, 1);
+    }
+
+    #[test]
+    fn events_and_config_changes() {
+        let mut d = dummy(false);
+        bring_up(&mut d);
+        assert!(d.is_active());
+        assert_eq!(d.driver_features(), 1 << VIRTIO_F_VERSION_1);
+        d.handle_event(99);
+        assert_eq!(d.device().events, 1);
+        // Queue 1 got used entries: INTx queue interrupt (queue 7 ignored).
+        let mut isr = [0u8];
+        d.bar_read(ISR_CFG_OFFSET, &mut isr);
+        assert_eq!(isr[0], ISR_QUEUE);
+        let mut gen = [0u8];
+        d.common_read(common::CONFIG_GENERATION, &mut gen);
+        assert_eq!(gen[0], 0);
+        d.notify_config_change();
+        d.common_read(common::CONFIG_GENERATION, &mut gen);
+        assert_eq!(gen[0], 1);
+        d.bar_read(ISR_CFG_OFFSET, &mut isr);
+        assert_eq!(isr[0], ISR_CONFIG);
+        // Paused: no events.
+        d.pause().unwrap();
+        d.handle_event(99);
+        assert_eq!(d.device().events, 1);
+        d.resume().unwrap();
+        // Byte-wise write of the high byte of queue_select.
+        d.common_write(common::QUEUE_SELECT + 1, &[1]);
+        assert_eq!(d.queue_select, 0x100);
+        d.common_write(common::QUEUE_SELECT, &[1]);
+        assert_eq!(d.queue_select, 0x101);
+        // Full reset also resets the device model.
+        d.reset(ResetReason::LostConnection);
+        assert_eq!(d.device().resets, 1);
+        assert!(!d.is_active());
+    }
+
+    #[test]
+    fn bad_queue_sizes() {
+        struct Bad(Vec<u16>);
+        impl VirtioDevice for Bad {
+            fn device_type(&self) -> u32 {
+                1
+            }
+            fn queue_max_sizes(&self) -> Vec<u16> {
+                self.0.clone()
+            }
+            fn features(&self) -> u64 {
+                0
+            }
+            fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+            fn activate(&mut self, _features: u64) -> Result<(), VirtioError> {
+                Ok(())
+            }
+            fn reset(&mut self) {}
+            fn process_queue(
+                &mut self,
+                _index: usize,
+                _queue: &mut Queue,
+                _mem: &GuestMemory,
+            ) -> Result<bool, VirtioError> {
+                Ok(false)
+            }
+        }
+        for sizes in [vec![], vec![3], vec![0], vec![8; MAX_QUEUES + 1]] {
+            let r = VirtioPciDevice::with_device(DeviceContext::default(), Bad(sizes), true);
+            assert!(r.is_err());
+        }
+        let d =
+            VirtioPciDevice::with_device(DeviceContext::default(), Bad(vec![8; MAX_QUEUES]), true)
+                .unwrap();
+        assert_eq!(d.msix_vectors(), MAX_QUEUES as u32 + 1);
+    }
 
     #[test]
     fn windows() {
         assert!(matches!(bar_window(0, 4), Some(BarWindow::Common(0))));
-        assert!(matches!(bar_window(0xffc, 4), Some(BarWindow::Common(0xffc))));
+        assert!(matches!(
+            bar_window(0xffc, 4),
+            Some(BarWindow::Common(0xffc))
+        ));
         assert!(bar_window(0xffe, 4).is_none());
         assert!(matches!(bar_window(0x1000, 1), Some(BarWindow::Isr)));
         assert!(bar_window(0x1001, 1).is_none());

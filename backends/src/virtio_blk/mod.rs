@@ -1,0 +1,508 @@
+//! virtio-blk (virtio spec 5.2) over a [`BlockBackend`].
+//!
+//! Requests are executed synchronously when the queue is notified:
+//! `IN`, `OUT`, `FLUSH` (`fdatasync`), `GET_ID`, `DISCARD` and
+//! `WRITE_ZEROES`; anything else completes with `VIRTIO_BLK_S_UNSUPP`.
+//! When the driver does not negotiate `VIRTIO_BLK_F_FLUSH` every write is
+//! followed by a flush (write-through).
+
+mod request;
+
+use std::sync::Arc;
+
+use log::{debug, warn};
+use thiserror::Error;
+use vfio_user_server::device::DeviceContext;
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+
+use self::request::*;
+use crate::storage::{BlockBackend, BLOCK_ID_BYTES};
+use crate::virtio::{
+    GuestMemory, VirtioDevice, VirtioError, VirtioPciDevice, VirtioPciError, MAX_QUEUES,
+};
+
+/// Largest data segment advertised (`size_max`).
+pub const BLK_SIZE_MAX: u32 = 1 << 20;
+/// Most data segments per request advertised (`seg_max`), also bounded by
+/// the queue size.
+pub const BLK_SEG_MAX: u32 = 1022;
+/// Longest descriptor chain accepted; longer chains fail with IOERR.
+pub const BLK_MAX_CHAIN_DESCRIPTORS: usize = 2048;
+/// `max_discard_sectors` and `max_write_zeroes_sectors` (2 GiB).
+pub const BLK_MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// `max_discard_seg` and `max_write_zeroes_seg`.
+pub const BLK_MAX_DISCARD_SEG: u32 = 32;
+/// `discard_sector_alignment` (4 KiB).
+pub const BLK_DISCARD_SECTOR_ALIGNMENT: u32 = 8;
+
+/// Size of the bounce buffer between guest memory and the back end.
+const BOUNCE_SIZE: usize = 256 << 10;
+/// Size of the configuration space we expose (up to `unused1`).
+const CONFIG_SIZE: usize = 0x3c;
+
+/// Errors creating a virtio-blk device.
+#[derive(Debug, Error)]
+pub enum VirtioBlkError {
+    /// `num_queues` is 0 or above [`MAX_QUEUES`].
+    #[error("invalid number of queues {0}")]
+    InvalidQueueCount(u16),
+    /// `queue_size` is not a power of two in 2..=32768.
+    #[error("invalid queue size {0}")]
+    InvalidQueueSize(u16),
+    /// The PCI transport could not be built.
+    #[error("virtio-pci transport: {0}")]
+    Transport(#[from] VirtioPciError),
+}
+
+/// Options of a virtio-blk device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VirtioBlkConfig {
+    /// Number of request queues (`VIRTIO_BLK_F_MQ` when more than 1).
+    pub num_queues: u16,
+    /// Maximum size of each queue; a power of two in 2..=32768.
+    pub queue_size: u16,
+    /// Expose the disk read-only even if the back end is writable.
+    pub read_only: bool,
+    /// Serial returned by `GET_ID` (at most 20 bytes are used); the back
+    /// end's id by default.
+    pub serial: Option<String>,
+    /// Present a PCI Express endpoint with a 4 KiB configuration space.
+    pub pcie: bool,
+}
+
+impl Default for VirtioBlkConfig {
+    fn default() -> Self {
+        VirtioBlkConfig {
+            num_queues: 1,
+            queue_size: 256,
+            read_only: false,
+            serial: None,
+            pcie: true,
+        }
+    }
+}
+
+/// A virtio block device model.
+pub struct VirtioBlk {
+    backend: Arc<dyn BlockBackend>,
+    num_queues: u16,
+    queue_size: u16,
+    read_only: bool,
+    serial: [u8; BLOCK_ID_BYTES],
+    capacity: u64,
+    config_space: [u8; CONFIG_SIZE],
+    avail_features: u64,
+    acked_features: u64,
+    bounce: Vec<u8>,
+}
+
+fn bit(b: u32) -> u64 {
+    1 << b
+}
+
+impl VirtioBlk {
+    /// A device serving `backend` with `config`.
+    pub fn new(
+        backend: Arc<dyn BlockBackend>,
+        config: &VirtioBlkConfig,
+    ) -> Result<Self, VirtioBlkError> {
+        if config.num_queues == 0 || usize::from(config.num_queues) > MAX_QUEUES {
+            return Err(VirtioBlkError::InvalidQueueCount(config.num_queues));
+        }
+        let qs = config.queue_size;
+        if qs < 2 || !qs.is_power_of_two() || qs > 32768 {
+            return Err(VirtioBlkError::InvalidQueueSize(qs));
+        }
+        let read_only = config.read_only || backend.read_only();
+        let capacity = backend.size() >> SECTOR_SHIFT;
+        let id = config.serial.clone().unwrap_or_else(|| backend.id());
+        let mut serial = [0u8; BLOCK_ID_BYTES];
+        let n = id.len().min(BLOCK_ID_BYTES);
+        serial[..n].copy_from_slice(&id.as_bytes()[..n]);
+
+        let mut features = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_BLK_F_SIZE_MAX)
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_FLUSH);
+        if config.num_queues > 1 {
+            features |= bit(VIRTIO_BLK_F_MQ);
+        }
+        if read_only {
+            features |= bit(VIRTIO_BLK_F_RO);
+        } else {
+            features |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+
+        let seg_max = u32::from(qs).saturating_sub(2).clamp(1, BLK_SEG_MAX);
+        let mut c = [0u8; CONFIG_SIZE];
+        let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
+        put(0x00, &capacity.to_le_bytes());
+        put(0x08, &BLK_SIZE_MAX.to_le_bytes());
+        put(0x0c, &seg_max.to_le_bytes());
+        put(0x14, &(SECTOR_SIZE as u32).to_le_bytes());
+        put(0x22, &config.num_queues.to_le_bytes());
+        put(0x24, &BLK_MAX_DISCARD_SECTORS.to_le_bytes());
+        put(0x28, &BLK_MAX_DISCARD_SEG.to_le_bytes());
+        put(0x2c, &BLK_DISCARD_SECTOR_ALIGNMENT.to_le_bytes());
+        put(0x30, &BLK_MAX_DISCARD_SECTORS.to_le_bytes());
+        put(0x34, &BLK_MAX_DISCARD_SEG.to_le_bytes());
+
+        Ok(VirtioBlk {
+            backend,
+            num_queues: config.num_queues,
+            queue_size: qs,
+            read_only,
+            serial,
+            capacity,
+            config_space: c,
+            avail_features: features,
+            acked_features: 0,
+            bounce: Vec::new(),
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Whether the disk is exposed read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn acked(&self, feature: u32) -> bool {
+        self.acked_features & bit(feature) != 0
+    }
+
+    /// Executes one chain; returns the number of bytes written to its
+    /// device-writable buffers, status included (0 if the status byte
+    /// could not be written).
+    fn execute(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
+        let head = chain.head_index();
+        let Some(buffers) = split_chain(chain, BLK_MAX_CHAIN_DESCRIPTORS) else {
+            warn!("virtio-blk: chain {head} too long");
+            return 0;
+        };
+        let Some(status_at) = buffers.writable.len().checked_sub(1) else {
+            warn!("virtio-blk: chain {head} has no status byte");
+            return 0;
+        };
+        let (status, written) = self.handle(&buffers, status_at, mem);
+        match buffers.writable.write_at(mem, status_at, &[status]) {
+            // `written` is below `status_at`, itself bounded by the chain
+            // length, which is a u32 sum checked by virtio-queue.
+            Ok(()) => u32::try_from(written + 1).unwrap_or(u32::MAX),
+            Err(e) => {
+                warn!("virtio-blk: chain {head}: cannot write status: {e}");
+                0
+            }
+        }
+    }
+
+    /// Returns the status and the number of data bytes written to the
+    /// guest.
+    fn handle(&mut self, b: &Buffers, status_at: u64, mem: &GuestMemory) -> (u8, u64) {
+        if b.misordered || !b.readable.in_memory(mem) || !b.writable.in_memory(mem) {
+            return (S_IOERR, 0);
+        }
+        let mut hdr = [0u8; OUTHDR_SIZE as usize];
+        if b.readable.len() < OUTHDR_SIZE || b.readable.read_at(mem, 0, &mut hdr).is_err() {
+            return (S_IOERR, 0);
+        }
+        let hdr = OutHeader::parse(&hdr);
+        match hdr.request_type {
+            VIRTIO_BLK_T_IN => self.read(b, hdr.sector, status_at, mem),
+            VIRTIO_BLK_T_OUT => (self.write(b, hdr.sector, mem), 0),
+            VIRTIO_BLK_T_FLUSH => (self.flush(), 0),
+            VIRTIO_BLK_T_GET_ID => {
+                let n = status_at.min(BLOCK_ID_BYTES as u64);
+                match b.writable.write_at(mem, 0, &self.serial[..n as usize]) {
+                    Ok(()) => (S_OK, n),
+                    Err(_) => (S_IOERR, 0),
+                }
+            }
+            VIRTIO_BLK_T_DISCARD if self.acked(VIRTIO_BLK_F_DISCARD) => {
+                (self.discard_or_zero(b, mem, false), 0)
+            }
+            VIRTIO_BLK_T_WRITE_ZEROES if self.acked(VIRTIO_BLK_F_WRITE_ZEROES) => {
+                (self.discard_or_zero(b, mem, true), 0)
+            }
+            t => {
+                debug!("virtio-blk: unsupported request type {t}");
+                (S_UNSUPP, 0)
+            }
+        }
+    }
+
+    fn bounce(&mut self) -> &mut [u8] {
+        if self.bounce.is_empty() {
+            self.bounce = vec![0u8; BOUNCE_SIZE];
+        }
+        &mut self.bounce
+    }
+
+    fn read(&mut self, b: &Buffers, sector: u64, len: u64, mem: &GuestMemory) -> (u8, u64) {
+        if len & (SECTOR_SIZE - 1) != 0 {
+            return (S_IOERR, 0);
+        }
+        let Some((offset, _)) = sector_range(sector, len, self.capacity) else {
+            return (S_IOERR, 0);
+        };
+        let backend = self.backend.clone();
+        let bounce = self.bounce();
+        let mut pos = 0u64;
+        while pos < len {
+            let n = (len - pos).min(bounce.len() as u64) as usize;
+            let chunk = &mut bounce[..n];
+            if let Err(e) = backend.read_at(chunk, offset + pos) {
+                warn!("virtio-blk: read at {:#x}: {e}", offset + pos);
+                return (S_IOERR, pos);
+            }
+            if b.writable.write_at(mem, pos, chunk).is_err() {
+                return (S_IOERR, pos);
+            }
+            pos += n as u64;
+        }
+        (S_OK, len)
+    }
+
+    fn write(&mut self, b: &Buffers, sector: u64, mem: &GuestMemory) -> u8 {
+        if self.read_only {
+            return S_IOERR;
+        }
+        let len = b.readable.len() - OUTHDR_SIZE;
+        if len & (SECTOR_SIZE - 1) != 0 {
+            return S_IOERR;
+        }
+        let Some((offset, _)) = sector_range(sector, len, self.capacity) else {
+            return S_IOERR;
+        };
+        let backend = self.backend.clone();
+        let bounce = self.bounce();
+        let mut pos = 0u64;
+        while pos < len {
+            let n = (len - pos).min(bounce.len() as u64) as usize;
+            let chunk = &mut bounce[..n];
+            if b.readable.read_at(mem, OUTHDR_SIZE + pos, chunk).is_err() {
+                return S_IOERR;
+            }
+            if let Err(e) = backend.write_at(chunk, offset + pos) {
+                warn!("virtio-blk: write at {:#x}: {e}", offset + pos);
+                return S_IOERR;
+            }
+            pos += n as u64;
+        }
+        if !self.acked(VIRTIO_BLK_F_FLUSH) {
+            return self.flush();
+        }
+        S_OK
+    }
+
+    fn flush(&self) -> u8 {
+        match self.backend.flush() {
+            Ok(()) => S_OK,
+            Err(e) => {
+                warn!("virtio-blk: flush: {e}");
+                S_IOERR
+            }
+        }
+    }
+
+    fn discard_or_zero(&self, b: &Buffers, mem: &GuestMemory, zero: bool) -> u8 {
+        if self.read_only {
+            return S_IOERR;
+        }
+        let segments = match read_dwz_segments(mem, &b.readable, BLK_MAX_DISCARD_SEG) {
+            Ok(s) => s,
+            Err(status) => return status,
+        };
+        let allowed_flags = if zero {
+            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+        } else {
+            0
+        };
+        let mut ranges = Vec::with_capacity(segments.len());
+        for s in &segments {
+            if s.flags & !allowed_flags != 0 {
+                return S_UNSUPP;
+            }
+            if s.num_sectors > BLK_MAX_DISCARD_SECTORS {
+                return S_IOERR;
+            }
+            let len = u64::from(s.num_sectors) << SECTOR_SHIFT;
+            match sector_range(s.sector, len, self.capacity) {
+                Some(r) => ranges.push(r),
+                None => return S_IOERR,
+            }
+        }
+        for (offset, len) in ranges {
+            let r = if zero {
+                self.backend.write_zeroes(offset, len)
+            } else {
+                self.backend.discard(offset, len)
+            };
+            if let Err(e) = r {
+                warn!("virtio-blk: discard/write-zeroes at {offset:#x}: {e}");
+                return S_IOERR;
+            }
+        }
+        if zero && !self.acked(VIRTIO_BLK_F_FLUSH) {
+            return self.flush();
+        }
+        S_OK
+    }
+}
+
+impl VirtioDevice for VirtioBlk {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![self.queue_size; usize::from(self.num_queues)]
+    }
+
+    fn features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if start >= CONFIG_SIZE {
+            return;
+        }
+        let n = data.len().min(CONFIG_SIZE - start);
+        data[..n].copy_from_slice(&self.config_space[start..start + n]);
+    }
+
+    fn activate(&mut self, features: u64) -> Result<(), VirtioError> {
+        self.acked_features = features & self.avail_features;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.acked_features = 0;
+    }
+
+    fn process_queue(
+        &mut self,
+        _index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+    ) -> Result<bool, VirtioError> {
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = self.execute(chain, mem);
+            match queue.add_used(mem, head, len) {
+                Ok(()) => used = true,
+                Err(e) => warn!("virtio-blk: cannot complete chain {head}: {e}"),
+            }
+        }
+        Ok(used)
+    }
+
+    fn id(&self) -> Option<String> {
+        Some("virtio-blk".to_string())
+    }
+}
+
+/// virtio-blk behind the virtio PCI transport, ready for
+/// [`vfio_user_server::pci::PciAdapter::new`].
+pub type VirtioBlkPci = VirtioPciDevice<VirtioBlk>;
+
+impl VirtioPciDevice<VirtioBlk> {
+    /// A virtio-blk PCI function serving `backend`, with the guest memory
+    /// and interrupts of `ctx`.
+    pub fn new(
+        ctx: DeviceContext,
+        backend: Arc<dyn BlockBackend>,
+        config: VirtioBlkConfig,
+    ) -> Result<Self, VirtioBlkError> {
+        let pcie = config.pcie;
+        let blk = VirtioBlk::new(backend, &config)?;
+        Ok(VirtioPciDevice::with_device(ctx, blk, pcie)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryDisk;
+
+    fn blk(config: VirtioBlkConfig, ro: bool) -> VirtioBlk {
+        let disk = MemoryDisk::from_vec(vec![0; 1 << 20], ro).with_id("disk-serial");
+        VirtioBlk::new(Arc::new(disk), &config).unwrap()
+    }
+
+    fn cfg_u32(b: &VirtioBlk, off: u64) -> u32 {
+        let mut d = [0u8; 4];
+        b.read_config(off, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn features_and_config() {
+        let b = blk(VirtioBlkConfig::default(), false);
+        let f = b.features();
+        assert_ne!(f & bit(VIRTIO_BLK_F_FLUSH), 0);
+        assert_ne!(f & bit(VIRTIO_BLK_F_DISCARD), 0);
+        assert_eq!(f & bit(VIRTIO_BLK_F_MQ), 0);
+        assert_eq!(f & bit(VIRTIO_BLK_F_RO), 0);
+        let mut cap = [0u8; 8];
+        b.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 2048);
+        assert_eq!(cfg_u32(&b, 0x0c), 254);
+        assert_eq!(cfg_u32(&b, 0x14), 512);
+        assert_eq!(cfg_u32(&b, 0x22) & 0xffff, 1);
+        assert_eq!(cfg_u32(&b, 0x3c), 0);
+        assert_eq!(cfg_u32(&b, u64::MAX), 0);
+        let mut tail = [0xffu8; 8];
+        b.read_config(0x38, &mut tail);
+        assert_eq!(tail, [0; 8]);
+
+        let b = blk(
+            VirtioBlkConfig {
+                num_queues: 4,
+                ..Default::default()
+            },
+            true,
+        );
+        assert!(b.read_only());
+        let f = b.features();
+        assert_ne!(f & bit(VIRTIO_BLK_F_MQ), 0);
+        assert_ne!(f & bit(VIRTIO_BLK_F_RO), 0);
+        assert_eq!(f & bit(VIRTIO_BLK_F_DISCARD), 0);
+        assert_eq!(b.queue_max_sizes(), vec![256; 4]);
+    }
+
+    #[test]
+    fn bad_configs() {
+        let disk: Arc<dyn BlockBackend> = Arc::new(MemoryDisk::new(4096).unwrap());
+        for (q, s) in [
+            (0, 256),
+            (MAX_QUEUES as u16 + 1, 256),
+            (1, 0),
+            (1, 1),
+            (1, 100),
+        ] {
+            let c = VirtioBlkConfig {
+                num_queues: q,
+                queue_size: s,
+                ..Default::default()
+            };
+            assert!(VirtioBlk::new(disk.clone(), &c).is_err());
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The daemon driven exactly as Cloud Hypervisor drives it, through the
+//! published `vfio_user::Client`, with a test-side virtio driver.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
+
+use common::*;
+use vmm_sys_util::tempdir::TempDir;
+
+const VERSION_1: u64 = 1 << 32;
+const EVENT_IDX: u64 = 1 << 29;
+const INDIRECT: u64 = 1 << 28;
+const BLK_RO: u64 = 1 << 5;
+const BLK_FLUSH: u64 = 1 << 9;
+const BLK_MQ: u64 = 1 << 12;
+const BLK_DISCARD: u64 = 1 << 13;
+const BLK_WRITE_ZEROES: u64 = 1 << 14;
+const BLK_WANT: u64 = VERSION_1
+    | INDIRECT
+    | BLK_RO
+    | BLK_FLUSH
+    | BLK_MQ
+    | BLK_DISCARD
+    | BLK_WRITE_ZEROES
+    | (1 << 1)
+    | (1 << 2)
+    | (1 << 6);
+
+const IMAGE_SIZE: u64 = 8 << 20;
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// A raw image with a known pattern, in the daemon's temp dir.
+fn image(dir: &TempDir) -> std::path::PathBuf {
+    let path = dir.as_path().join("disk.img");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&pattern(7, IMAGE_SIZE as usize)).unwrap();
+    path
+}
+
+fn read_image(path: &std::path::Path, off: u64, len: usize) -> Vec<u8> {
+    let mut f = std::fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(off)).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact(&mut b).unwrap();
+    b
+}
+
+fn daemon_with_image(extra: &[&str]) -> (Daemon, std::path::PathBuf) {
+    let dir = TempDir::new().unwrap();
+    let img = image(&dir);
+    let mut args = vec!["--disk", img.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let d = Daemon::start_in(dir, &args);
+    (d, img)
+}
+
+#[test]
+fn io_requests_reach_the_image() {
+    let (daemon, img) = daemon_with_image(&[]);
+    let mut drv = VirtioDriver::connect(&daemon.socket);
+    assert!(
+        drv.bar_sizes.iter().any(|s| *s >= 0x1000),
+        "no BAR sized: {:?}",
+        drv.bar_sizes
+    );
+    let f = drv.init(BLK_WANT, 128);
+    assert!(f & VERSION_1 != 0);
+    assert!(f & BLK_RO == 0);
+    let capacity = u64::from_le_bytes(drv.device_config(0, 8).try_into().unwrap());
+    assert_eq!(capacity, IMAGE_SIZE / 512);
+
+    // Read what the host wrote.
+    let (st, data) = drv.blk_request(0, VIRTIO_BLK_T_IN, 16, &[], 4096);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert_eq!(data, read_image(&img, 16 * 512, 4096));
+
+    // Write, and find the bytes in the image file.
+    let w = pattern(99, 8192);
+    let (st, _) = drv.blk_request(0, VIRTIO_BLK_T_OUT, 64, &w, 0);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert_eq!(read_image(&img, 64 * 512, 8192), w);
+    let (st, _) = drv.blk_request(0, VIRTIO_BLK_T_FLUSH, 0, &[], 0);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+
+    // GET_ID answers 20 bytes.
+    let (st, id) = drv.blk_request(0, VIRTIO_BLK_T_GET_ID, 0, &[], 20);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert_eq!(id.len(), 20);
+
+    // Discard and write-zeroes: the range reads back as zeroes.
+    if f & BLK_WRITE_ZEROES != 0 {
+        let mut seg = Vec::new();
+        seg.extend_from_slice(&128u64.to_le_bytes());
+        seg.extend_from_slice(&8u32.to_le_bytes());
+        seg.extend_from_slice(&0u32.to_le_bytes());
+        let (st, _) = drv.blk_request(0, VIRTIO_BLK_T_WRITE_ZEROES, 0, &seg, 0);
+        assert_eq!(st, VIRTIO_BLK_S_OK);
+        assert_eq!(read_image(&img, 128 * 512, 4096), vec![0u8; 4096]);
+    }
+    if f & BLK_DISCARD != 0 {
+        let mut seg = Vec::new();
+        seg.extend_from_slice(&256u64.to_le_bytes());
+        seg.extend_from_slice(&8u32.to_le_bytes());
+        seg.extend_from_slice(&0u32.to_le_bytes());
+        let (st, _) = drv.blk_request(0, VIRTIO_BLK_T_DISCARD, 0, &seg, 0);
+        assert_eq!(st, VIRTIO_BLK_S_OK);
+    }
+
+    // Bad requests: unknown type, out of range, buffer outside guest RAM.
+    let (st, _) = drv.blk_request(0, 0x77, 0, &[], 0);
+    assert_eq!(st, VIRTIO_BLK_S_UNSUPP);
+    let (st, _) = drv.blk_request(0, VIRTIO_BLK_T_IN, IMAGE_SIZE / 512, &[], 512);
+    assert_eq!(st, VIRTIO_BLK_S_IOERR);
+    let (st, _) = drv.blk_request(0, VIRTIO_BLK_T_IN, u64::MAX / 512, &[], 512);
+    assert_eq!(st, VIRTIO_BLK_S_IOERR);
+    let hdr = drv.ram.alloc(16, 16);
+    drv.ram.write_u32(hdr, VIRTIO_BLK_T_IN);
+    drv.ram.write_u64(hdr + 8, 0);
+    let status = drv.ram.alloc(1, 1);
+    drv.ram.write(status, &[0xff]);
+    drv.push(0, &[(hdr, 16, false), (0x10, 512, true), (status, 1, true)]);
+    drv.kick(0);
+    drv.wait_used(0, 1);
+    assert_eq!(drv.ram.read(status, 1)[0], VIRTIO_BLK_S_IOERR);
+
+    // The device still works.
+    let (st, data) = drv.blk_request(0, VIRTIO_BLK_T_IN, 64, &[], 8192);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert_eq!(data, w);
+}
+
+#[test]
+fn several_queues_and_event_idx() {
+    let (daemon, img) = daemon_with_image(&["--num-queues", "2", "--queue-size", "64"]);
+    let mut drv = VirtioDriver::connect(&daemon.socket);
+    let f = drv.init(BLK_WANT | EVENT_IDX, 64);
+    assert!(f & BLK_MQ != 0 && f & EVENT_IDX != 0);
+    assert_eq!(drv.queues.len(), 2);
+    for round in 0..20u64 {
+        for q in 0..2 {
+            let w = pattern((round * 2 + q as u64) as u8, 4096);
+            let sector = 8 * (round * 2 + q as u64);
+            let (st, _) = drv.blk_request(q, VIRTIO_BLK_T_OUT, sector, &w, 0);
+            assert_eq!(st, VIRTIO_BLK_S_OK);
+            assert_eq!(read_image(&img, sector * 512, 4096), w);
+        }
+    }
+    // A batch of 16 requests in flight on one queue, one kick.
+    let heads: Vec<u16> = (0..16)
+        .map(|i| drv.blk_submit(1, VIRTIO_BLK_T_IN, 8 * i, &[], 4096))
+        .collect();
+    drv.kick(1);
+    for h in heads {
+        assert_eq!(drv.blk_complete(1, h).0, VIRTIO_BLK_S_OK);
+    }
+}
+
+#[test]
+fn readonly_disk_refuses_writes() {
+    let (daemon, img) = daemon_with_image(&["--readonly"]);
+    let before = read_image(&img, 0, IMAGE_SIZE as usize);
+    let mut drv = VirtioDriver::connect(&daemon.socket);
+    let f = drv.init(BLK_WANT, 64);
+    assert!(f & BLK_RO != 0);
+    let (st, _) = drv.blk_request(0, VIRTIO_BLK_T_OUT, 0, &[0u8; 512], 0);
+    assert_eq!(st, VIRTIO_BLK_S_IOERR);
+    let (st, data) = drv.blk_request(0, VIRTIO_BLK_T_IN, 0, &[], 512);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert_eq!(data, before[..512]);
+    assert_eq!(read_image(&img, 0, IMAGE_SIZE as usize), before);
+}
+
+#[test]
+fn reset_and_reinitialise() {
+    let (daemon, _img) = daemon_with_image(&[]);
+    let mut drv = VirtioDriver::connect(&daemon.socket);
+    drv.init(BLK_WANT, 32);
+    assert_eq!(
+        drv.blk_request(0, VIRTIO_BLK_T_IN, 0, &[], 512).0,
+        VIRTIO_BLK_S_OK
+    );
+    // Through the status register...
+    drv.init(BLK_WANT, 32);
+    assert_eq!(
+        drv.blk_request(0, VIRTIO_BLK_T_IN, 8, &[], 512).0,
+        VIRTIO_BLK_S_OK
+    );
+    // ...and through DEVICE_RESET.
+    drv.client.reset().unwrap();
+    assert_eq!(drv.status(), 0);
+    drv.init(BLK_WANT, 32);
+    assert_eq!(
+        drv.blk_request(0, VIRTIO_BLK_T_IN, 16, &[], 512).0,
+        VIRTIO_BLK_S_OK
+    );
+}
+
+#[test]
+fn disconnect_in_flight_then_reconnect_is_consistent() {
+    let (daemon, img) = daemon_with_image(&[]);
+    {
+        let mut drv = VirtioDriver::connect(&daemon.socket);
+        drv.init(BLK_WANT, 128);
+        // 3 descriptors each: 40 requests fit in the 128-entry table.
+        for i in 0..40u64 {
+            drv.blk_submit(0, VIRTIO_BLK_T_OUT, 8 * i, &[0xab; 4096], 0);
+        }
+        drv.kick(0);
+        drv.client.shutdown().unwrap();
+    }
+    // A new client (a rebooted guest) finds a fresh device and a
+    // consistent disk: every 4 KiB block is either all old or all new.
+    let mut drv = VirtioDriver::connect(&daemon.socket);
+    drv.init(BLK_WANT, 128);
+    let original = pattern(7, IMAGE_SIZE as usize);
+    for i in 0..40u64 {
+        let (st, data) = drv.blk_request(0, VIRTIO_BLK_T_IN, 8 * i, &[], 4096);
+        assert_eq!(st, VIRTIO_BLK_S_OK);
+        let off = (i * 4096) as usize;
+        assert!(
+            data == vec![0xab; 4096] || data == original[off..off + 4096],
+            "block {i} is torn: {:?}",
+            &data[..16]
+        );
+        assert_eq!(data, read_image(&img, i * 4096, 4096));
+    }
+}
+
+#[test]
+fn in_memory_default_disk() {
+    let daemon = Daemon::start(&[]);
+    let mut drv = VirtioDriver::connect(&daemon.socket);
+    drv.init(BLK_WANT, 64);
+    let capacity = u64::from_le_bytes(drv.device_config(0, 8).try_into().unwrap());
+    assert_eq!(capacity, (64 << 20) / 512);
+    let w = pattern(3, 4096);
+    assert_eq!(
+        drv.blk_request(0, VIRTIO_BLK_T_OUT, 1000, &w, 0).0,
+        VIRTIO_BLK_S_OK
+    );
+    let (st, data) = drv.blk_request(0, VIRTIO_BLK_T_IN, 1000, &[], 4096);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert_eq!(data, w);
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}

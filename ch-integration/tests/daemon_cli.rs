@@ -1,0 +1,89 @@
+//! What an operator sees: start-up text, errors, signals.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::tempdir::TempDir;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vfio-user-device"))
+}
+
+/// Runs the daemon expecting failure; returns its stderr.
+fn fails(args: &[&str]) -> String {
+    let out = bin().args(args).output().unwrap();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+    err
+}
+
+#[test]
+fn bad_options_give_one_clear_line() {
+    let dir = TempDir::new().unwrap();
+    let sock = dir.as_path().join("s.sock");
+    let s = sock.to_str().unwrap();
+    assert!(fails(&[]).contains("device kind"));
+    assert!(fails(&["virtio-blk"]).contains("--socket"));
+    assert!(fails(&["virtio-blk", "--socket", s, "--bogus"]).contains("--bogus"));
+    assert!(fails(&["virtio-blk", "--socket", s, "--queue-size", "3"]).contains("power of two"));
+    let missing = fails(&[
+        "virtio-blk",
+        "--socket",
+        s,
+        "--disk",
+        "/nonexistent/disk.img",
+    ]);
+    assert!(missing.contains("/nonexistent/disk.img"), "{missing}");
+    std::fs::write(&sock, b"taken").unwrap();
+    assert!(fails(&["virtio-blk", "--socket", s]).contains("already exists"));
+}
+
+#[test]
+fn prints_attach_commands_and_stops_on_sigterm() {
+    let dir = TempDir::new().unwrap();
+    let sock = dir.as_path().join("blk.sock");
+    let mut child = bin()
+        .args(["virtio-blk", "--socket", sock.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut text = String::new();
+    while !text.contains("SIGTERM") {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        text.push_str(&line);
+    }
+    let s = sock.to_str().unwrap();
+    assert!(
+        text.contains(&format!("--user-device socket={s}")),
+        "{text}"
+    );
+    assert!(text.contains("shared=on"), "{text}");
+    assert!(text.contains("vfio-user-pci") && text.contains(s), "{text}");
+    assert!(text.contains("64 MiB"), "{text}");
+    assert!(sock.exists());
+    // SAFETY: sending SIGTERM to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    assert!(!sock.exists(), "socket left behind");
+}

@@ -1,0 +1,361 @@
+//! A small PCI device for the server fuzzer, served through
+//! `vfio_user_server::pci::PciAdapter`.
+//!
+//! - BAR0 (4 KiB, 32-bit memory): registers, a scratch area, and the MSI-X
+//!   table (0x800) and PBA (0x900). Writing the doorbell makes the device
+//!   DMA into guest memory through `ctx.memory` and raise an interrupt, so
+//!   the fuzzer reaches the DMA path with client-chosen addresses.
+//! - BAR1 (16 KiB, 32-bit memory): backed by a memfd, offered to the client
+//!   as two sparse mmap areas; trapped accesses go to the same memfd.
+//! - BAR2 (64 GiB, 64-bit memory): reads a pattern, ignores writes (large
+//!   offsets).
+//! - BAR4 (256 bytes, I/O).
+//! - Config space: PCIe with PCIe, PM, MSI (1 vector) and MSI-X (4 vectors)
+//!   capabilities; interrupts are `IrqIndexInfo::pci_layout(true, 1, 4)`.
+//! - Migration: pause, resume, snapshot and restore of config space, MSI-X
+//!   table and BAR0.
+
+use std::any::Any;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Barrier};
+
+use vfio_user_server::device::{DeviceContext, RegionMmap, ResetReason};
+use vfio_user_server::migration::{MigratableError, Snapshot};
+use vfio_user_server::pci::{
+    BarAllocator, MsiCap, MsixCap, MsixTable, MsixTableState, PciBarConfiguration,
+    PciBarPrefetchable, PciBarRegionType, PciConfiguration, PciConfigurationParams,
+    PciConfigurationState, PciDevice, PciDeviceError, PciExpressCap, PmCap,
+};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+
+/// BAR0 size.
+pub const BAR0_SIZE: u64 = 0x1000;
+/// BAR1 (memfd-backed) size.
+pub const BAR1_SIZE: u64 = 0x4000;
+/// Sparse mmap areas of BAR1.
+pub const BAR1_AREAS: [(u64, u64); 2] = [(0, 0x1000), (0x2000, 0x2000)];
+/// BAR2 size.
+pub const BAR2_SIZE: u64 = 1 << 36;
+/// BAR4 size.
+pub const BAR4_SIZE: u64 = 0x100;
+
+/// BAR0 register: guest address of the DMA (u64).
+pub const REG_DMA_ADDR: u64 = 0x00;
+/// BAR0 register: DMA length (u32, clamped to [`MAX_DMA_LEN`]).
+pub const REG_DMA_LEN: u64 = 0x08;
+/// BAR0 register: IRQ index (byte 0) and vector (byte 1) raised after the
+/// DMA.
+pub const REG_IRQ: u64 = 0x0c;
+/// BAR0 doorbell: byte 0 is the operation ([`OP_WRITE`], [`OP_READ`],
+/// [`OP_INCREMENT`], [`OP_OBJ`]).
+pub const REG_DOORBELL: u64 = 0x10;
+/// BAR0 register: result of the last doorbell (0 ok, 1 DMA failed, 2 IRQ
+/// failed), read only.
+pub const REG_STATUS: u64 = 0x14;
+/// Start of the scratch area DMA reads into and writes from.
+pub const SCRATCH: u64 = 0x100;
+/// Largest DMA one doorbell does.
+pub const MAX_DMA_LEN: u32 = 0x700;
+/// MSI-X table offset in BAR0.
+pub const MSIX_TABLE: u64 = 0x800;
+/// MSI-X PBA offset in BAR0.
+pub const MSIX_PBA: u64 = 0x900;
+/// MSI-X vectors.
+pub const MSIX_VECTORS: u16 = 4;
+
+/// Doorbell: write the scratch area to guest memory.
+pub const OP_WRITE: u8 = 0;
+/// Doorbell: read guest memory into the scratch area.
+pub const OP_READ: u8 = 1;
+/// Doorbell: increment every byte of the guest buffer in place.
+pub const OP_INCREMENT: u8 = 2;
+/// Doorbell: read a u64 at the address and write it back plus one
+/// (`read_obj`/`write_obj`, the accessors device models use for rings).
+pub const OP_OBJ: u8 = 3;
+
+/// The device.
+pub struct TestDevice {
+    ctx: DeviceContext,
+    config: PciConfiguration,
+    msix: MsixTable,
+    bars: Vec<PciBarConfiguration>,
+    bar0: Vec<u8>,
+    bar1: File,
+    paused: bool,
+}
+
+impl TestDevice {
+    /// A device using the guest memory and interrupts of `ctx`.
+    pub fn new(ctx: DeviceContext) -> Self {
+        let mut config = PciConfiguration::new(PciConfigurationParams {
+            vendor_id: 0x1234,
+            device_id: 0x11e8,
+            revision_id: 1,
+            class_code: 0xff,
+            subclass: 0,
+            prog_if: 0,
+            subsystem_vendor_id: 0x1234,
+            subsystem_id: 1,
+            pcie: true,
+            interrupt_pin: 1,
+        });
+        config.add_capability(&PciExpressCap::endpoint()).unwrap();
+        config.add_capability(&PmCap::new()).unwrap();
+        config.add_capability(&MsiCap::new(1, true)).unwrap();
+        config
+            .add_capability(&MsixCap::new(
+                MSIX_VECTORS,
+                0,
+                MSIX_TABLE as u32,
+                0,
+                MSIX_PBA as u32,
+            ))
+            .unwrap();
+        TestDevice {
+            ctx,
+            config,
+            msix: MsixTable::new(MSIX_VECTORS),
+            bars: Vec::new(),
+            bar0: vec![0; BAR0_SIZE as usize],
+            bar1: crate::memfd(c"fuzz-bar1", BAR1_SIZE),
+            paused: false,
+        }
+    }
+
+    fn bar_index(&self, base: u64) -> Option<usize> {
+        self.bars.iter().find(|b| b.addr == base).map(|b| b.idx)
+    }
+
+    fn reg_u64(&self, off: u64) -> u64 {
+        let o = off as usize;
+        u64::from_le_bytes(self.bar0[o..o + 8].try_into().unwrap())
+    }
+
+    fn reg_u32(&self, off: u64) -> u32 {
+        let o = off as usize;
+        u32::from_le_bytes(self.bar0[o..o + 4].try_into().unwrap())
+    }
+
+    /// Runs the doorbell operation `op`: a DMA, then an interrupt.
+    fn doorbell(&mut self, op: u8) {
+        if self.paused {
+            return;
+        }
+        let addr = GuestAddress(self.reg_u64(REG_DMA_ADDR));
+        let len = self.reg_u32(REG_DMA_LEN).min(MAX_DMA_LEN) as usize;
+        let memory = self.ctx.memory.memory();
+        let scratch = SCRATCH as usize..SCRATCH as usize + len;
+        let dma_ok = match op % 4 {
+            OP_WRITE => memory.write_slice(&self.bar0[scratch], addr).is_ok(),
+            OP_READ => memory.read_slice(&mut self.bar0[scratch], addr).is_ok(),
+            OP_INCREMENT => {
+                let mut buf = vec![0u8; len];
+                memory.read_slice(&mut buf, addr).is_ok() && {
+                    buf.iter_mut().for_each(|b| *b = b.wrapping_add(1));
+                    memory.write_slice(&buf, addr).is_ok()
+                }
+            }
+            _ => match memory.read_obj::<u64>(addr) {
+                Ok(v) => memory.write_obj(v.wrapping_add(1), addr).is_ok(),
+                Err(_) => false,
+            },
+        };
+        let irq = self.reg_u32(REG_IRQ);
+        let irq_ok = self
+            .ctx
+            .irqs
+            .trigger(irq & 0xff, (irq >> 8) & 0xff)
+            .is_ok();
+        let status: u32 = if !dma_ok {
+            1
+        } else if !irq_ok {
+            2
+        } else {
+            0
+        };
+        let o = REG_STATUS as usize;
+        self.bar0[o..o + 4].copy_from_slice(&status.to_le_bytes());
+    }
+
+    fn bar0_read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= MSIX_PBA {
+            self.msix.read_pba(offset - MSIX_PBA, data, &self.ctx.irqs);
+        } else if offset >= MSIX_TABLE {
+            self.msix.read_table(offset - MSIX_TABLE, data);
+        } else {
+            let o = offset as usize;
+            data.copy_from_slice(&self.bar0[o..o + data.len()]);
+        }
+    }
+
+    fn bar0_write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= MSIX_PBA {
+            // The PBA is read only.
+        } else if offset >= MSIX_TABLE {
+            self.msix.write_table(offset - MSIX_TABLE, data);
+        } else if offset == REG_DOORBELL {
+            self.doorbell(data[0]);
+        } else {
+            let o = offset as usize;
+            let end = o + data.len();
+            // The status register is read only.
+            let status = REG_STATUS as usize..REG_STATUS as usize + 4;
+            for (i, b) in data.iter().enumerate() {
+                if !status.contains(&(o + i)) {
+                    self.bar0[o + i] = *b;
+                }
+            }
+            debug_assert!(end <= self.bar0.len());
+        }
+    }
+
+    fn snapshot_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "config": serde_json::to_value(self.config.state()).unwrap(),
+            "msix": serde_json::to_value(self.msix.state()).unwrap(),
+            "bar0": self.bar0,
+        })
+    }
+}
+
+impl PciDevice for TestDevice {
+    fn allocate_bars(
+        &mut self,
+        allocator: &mut BarAllocator,
+    ) -> Result<Vec<PciBarConfiguration>, PciDeviceError> {
+        use PciBarRegionType::*;
+        let np = PciBarPrefetchable::NotPrefetchable;
+        for (idx, size, t) in [
+            (0, BAR0_SIZE, Memory32BitRegion),
+            (1, BAR1_SIZE, Memory32BitRegion),
+            (2, BAR2_SIZE, Memory64BitRegion),
+            (4, BAR4_SIZE, IoRegion),
+        ] {
+            let addr = allocator
+                .allocate(size)
+                .ok_or(PciDeviceError::InvalidBar(idx))?;
+            let bar = PciBarConfiguration::new(idx, size, t, np).set_address(addr);
+            self.config.add_pci_bar(&bar)?;
+            self.bars.push(bar);
+        }
+        Ok(self.bars.clone())
+    }
+
+    fn write_config_register(
+        &mut self,
+        reg_idx: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<Arc<Barrier>> {
+        self.config.write_config_register(reg_idx, offset, data);
+        None
+    }
+
+    fn read_config_register(&mut self, reg_idx: usize) -> u32 {
+        self.config.read_reg(reg_idx)
+    }
+
+    // The server has checked offset + len against the BAR size.
+    fn read_bar(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        match self.bar_index(base) {
+            Some(0) => self.bar0_read(offset, data),
+            Some(1) => {
+                data.fill(0);
+                let _ = self.bar1.read_at(data, offset);
+            }
+            Some(2) => data
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = (offset.wrapping_add(i as u64) >> 3) as u8),
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write_bar(&mut self, base: u64, offset: u64, data: &[u8]) -> Option<Arc<Barrier>> {
+        match self.bar_index(base) {
+            Some(0) => self.bar0_write(offset, data),
+            Some(1) => {
+                let _ = self.bar1.write_at(data, offset);
+            }
+            _ => {}
+        }
+        None
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn config_space_size(&self) -> u64 {
+        self.config.size()
+    }
+
+    fn reset(&mut self, _reason: ResetReason) {
+        self.config.reset();
+        self.msix.reset();
+        self.bar0.fill(0);
+        self.paused = false;
+    }
+
+    fn bar_mmap(&self, idx: usize) -> Option<RegionMmap> {
+        (idx == 1).then(|| RegionMmap {
+            fd: self.bar1.as_raw_fd(),
+            offset: 0,
+            areas: BAR1_AREAS.to_vec(),
+        })
+    }
+
+    fn msix_vectors(&self) -> u32 {
+        MSIX_VECTORS.into()
+    }
+
+    fn msi_vectors(&self) -> u32 {
+        1
+    }
+
+    fn snapshot_kind(&self) -> String {
+        "fuzz-test-device".into()
+    }
+
+    fn migratable(&self) -> bool {
+        true
+    }
+
+    fn pause(&mut self) -> Result<(), MigratableError> {
+        self.paused = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), MigratableError> {
+        self.paused = false;
+        Ok(())
+    }
+
+    fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
+        Snapshot::new_from_state(&self.snapshot_json())
+    }
+
+    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigratableError> {
+        let bad = |e: String| MigratableError::Restore(e);
+        let v: serde_json::Value = snapshot.to_state()?;
+        let config: PciConfigurationState =
+            serde_json::from_value(v["config"].clone()).map_err(|e| bad(e.to_string()))?;
+        let msix: MsixTableState =
+            serde_json::from_value(v["msix"].clone()).map_err(|e| bad(e.to_string()))?;
+        let bar0: Vec<u8> =
+            serde_json::from_value(v["bar0"].clone()).map_err(|e| bad(e.to_string()))?;
+        if bar0.len() != self.bar0.len() {
+            return Err(bad("bar0 size".into()));
+        }
+        let mut c = self.config.clone();
+        c.set_state(&config).map_err(|e| bad(e.to_string()))?;
+        let mut m = self.msix.clone();
+        m.set_state(&msix).map_err(|e| bad(e.to_string()))?;
+        self.config = c;
+        self.msix = m;
+        self.bar0 = bar0;
+        Ok(())
+    }
+}
