@@ -7,6 +7,7 @@ use thiserror::Error;
 /// Usage text.
 pub const USAGE: &str = "\
 usage: vfio-user-device virtio-blk --socket PATH [options]
+       vfio-user-device api --api-socket PATH pause|resume|status|snapshot FILE
 
 Serves a virtio-blk PCI device over vfio-user on the UNIX socket PATH, for
 Cloud Hypervisor (--user-device socket=PATH) or QEMU 10.1+ (-device
@@ -20,6 +21,8 @@ options:
   --num-queues N       request queues (default 1, at most 16)
   --queue-size N       descriptors per queue, a power of two (default 256, at most 1024)
   --socket-mode MODE   octal permissions of the socket (default 600)
+  --api-socket PATH    control socket for pause, resume, snapshot, status
+  --restore FILE       start from a snapshot taken with `api ... snapshot`
   -h, --help           this text
 
 Logging: RUST_LOG=debug|info|warn (default info).";
@@ -67,6 +70,58 @@ pub struct Options {
     pub queue_size: u16,
     /// Socket file mode.
     pub socket_mode: u32,
+    /// Control socket.
+    pub api_socket: Option<PathBuf>,
+    /// Snapshot to start from.
+    pub restore: Option<PathBuf>,
+}
+
+/// An `api` client invocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiCall {
+    /// The daemon's control socket.
+    pub socket: PathBuf,
+    /// Command name.
+    pub command: String,
+    /// Snapshot file for `snapshot`.
+    pub path: Option<String>,
+}
+
+/// Parses `api --api-socket PATH COMMAND [FILE]`.
+pub fn parse_api(args: &[String]) -> Result<ApiCall, CliError> {
+    let mut socket = None;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-h" | "--help" => return Err(CliError::Help),
+            "--api-socket" => {
+                socket = Some(PathBuf::from(
+                    it.next().ok_or_else(|| CliError::MissingValue(a.clone()))?,
+                ))
+            }
+            _ => rest.push(a.clone()),
+        }
+    }
+    let socket = socket.ok_or_else(|| CliError::MissingValue("--api-socket".into()))?;
+    match rest.as_slice() {
+        [c] if c == "pause" || c == "resume" || c == "status" => Ok(ApiCall {
+            socket,
+            command: c.clone(),
+            path: None,
+        }),
+        [c, f] if c == "snapshot" => Ok(ApiCall {
+            socket,
+            command: c.clone(),
+            path: Some(f.clone()),
+        }),
+        [c, ..] => Err(CliError::UnknownOption(c.clone())),
+        [] => Err(CliError::BadValue(
+            "api".into(),
+            String::new(),
+            "pause, resume, status or snapshot FILE".into(),
+        )),
+    }
 }
 
 fn number<T: std::str::FromStr>(
@@ -100,6 +155,8 @@ pub fn parse(args: &[String]) -> Result<Options, CliError> {
         num_queues: 1,
         queue_size: 256,
         socket_mode: 0o600,
+        api_socket: None,
+        restore: None,
     };
     let mut socket = None;
     while let Some(a) = it.next() {
@@ -125,6 +182,8 @@ pub fn parse(args: &[String]) -> Result<Options, CliError> {
                     "a power of two from 2 to 1024",
                 )?
             }
+            "--api-socket" => o.api_socket = Some(PathBuf::from(value()?)),
+            "--restore" => o.restore = Some(PathBuf::from(value()?)),
             "--socket-mode" => {
                 let v = value()?;
                 o.socket_mode = u32::from_str_radix(&v, 8)
@@ -186,5 +245,10 @@ mod tests {
             0o660
         );
         assert_eq!(parse(&args("--help")), Err(CliError::Help));
+        let a = parse_api(&args("--api-socket /a snapshot /f")).unwrap();
+        assert_eq!(a.command, "snapshot");
+        assert_eq!(a.path.as_deref(), Some("/f"));
+        assert!(parse_api(&args("--api-socket /a frobnicate")).is_err());
+        assert!(parse_api(&args("pause")).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! `vfio-user-device`: the daemon users run beside their VMM. It serves a
 //! device over vfio-user on a UNIX socket until SIGINT/SIGTERM.
 
+mod api;
 mod cli;
 mod device;
 
@@ -33,7 +34,55 @@ fn install_signal_handlers(stop_fd: i32) {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
 }
 
+/// Largest snapshot file read by `--restore`.
+const MAX_SNAPSHOT_BYTES: u64 = 256 << 20;
+
+fn run_api(args: &[String]) -> Result<(), String> {
+    let call = match cli::parse_api(args) {
+        Ok(c) => c,
+        Err(cli::CliError::Help) => {
+            println!("{}", cli::USAGE);
+            return Ok(());
+        }
+        Err(e) => return Err(format!("{e} (see --help)")),
+    };
+    let mut req = serde_json::json!({ "command": call.command });
+    if let Some(p) = call.path {
+        // The daemon may run in another directory.
+        let abs = std::path::absolute(&p).map_err(|e| format!("bad path {p}: {e}"))?;
+        req["path"] = serde_json::Value::String(abs.display().to_string());
+    }
+    let reply = api::call(&call.socket, &req)?;
+    println!("{reply}");
+    if reply.get("ok").and_then(serde_json::Value::as_bool) == Some(true) {
+        Ok(())
+    } else {
+        Err(reply
+            .get("error")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("request failed")
+            .to_string())
+    }
+}
+
+fn read_snapshot(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)
+        .map_err(|e| format!("cannot open snapshot {}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    f.take(MAX_SNAPSHOT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read snapshot {}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_SNAPSHOT_BYTES {
+        return Err(format!("snapshot {} is too large", path.display()));
+    }
+    Ok(bytes)
+}
+
 fn run(args: &[String]) -> Result<(), String> {
+    if args.first().map(String::as_str) == Some("api") {
+        return run_api(&args[1..]);
+    }
     let opts = match cli::parse(args) {
         Ok(o) => o,
         Err(cli::CliError::Help) => {
@@ -42,17 +91,32 @@ fn run(args: &[String]) -> Result<(), String> {
         }
         Err(e) => return Err(format!("{e} (see --help)")),
     };
+    let snapshot = opts.restore.as_deref().map(read_snapshot).transpose()?;
     let built = device::build(&opts)?;
     let config = ServerConfig {
         socket_mode: opts.socket_mode,
         ..ServerConfig::default()
     };
-    let server =
+    let mut server =
         Server::new(&opts.socket, built.device, built.ctx, config).map_err(|e| e.to_string())?;
+    if let (Some(bytes), Some(path)) = (snapshot, &opts.restore) {
+        // Refused as a whole before any client can attach; dropping the
+        // server on error removes its socket.
+        server
+            .restore(&bytes)
+            .map_err(|e| format!("cannot restore from {}: {e}", path.display()))?;
+        info!("restored device state from {}", path.display());
+    }
     let mut event_loop = EventLoop::new().map_err(|e| format!("cannot create event loop: {e}"))?;
     event_loop
         .add_server(server)
         .map_err(|e| format!("cannot watch the socket: {e}"))?;
+    if let Some(path) = &opts.api_socket {
+        let api = api::ApiServer::bind(path)?;
+        event_loop
+            .add_handler(Box::new(api))
+            .map_err(|e| format!("cannot watch the api socket: {e}"))?;
+    }
     install_signal_handlers(event_loop.stop_handle().raw_fd());
     print_attach_help(&opts.socket, &built.description);
     event_loop
@@ -65,7 +129,8 @@ fn run(args: &[String]) -> Result<(), String> {
 }
 
 fn print_attach_help(socket: &std::path::Path, description: &str) {
-    let s = socket.display();
+    let abs = std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
+    let s = abs.display();
     println!("vfio-user-device: serving {description} on {s}");
     println!("Attach Cloud Hypervisor (guest memory must be shared):");
     println!(

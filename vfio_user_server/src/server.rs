@@ -22,6 +22,7 @@ use crate::device::{Device, DeviceContext, ResetReason};
 use crate::dma::{DmaLimits, DmaTable, DIRTY_PAGE_SIZE};
 use crate::irq::Irqs;
 use crate::mig::MigrationState;
+use crate::migration::{decode_stream, encode_stream, MigratableError};
 use crate::socket::{recv_with_fds, send_with_fds};
 use crate::wire::*;
 
@@ -155,6 +156,7 @@ pub struct Server {
     config: ServerConfig,
     mig: MigrationState,
     num_regions: u32,
+    paused: bool,
 }
 
 impl Server {
@@ -210,7 +212,57 @@ impl Server {
             device,
             mig: MigrationState::default(),
             num_regions,
+            paused: false,
         })
+    }
+
+    /// Pauses the device (no DMA, no interrupts) for a snapshot.
+    pub fn pause(&mut self) -> Result<(), MigratableError> {
+        if !self.paused {
+            self.device.pause()?;
+            self.paused = true;
+        }
+        Ok(())
+    }
+
+    /// Resumes after [`Server::pause`].
+    pub fn resume(&mut self) -> Result<(), MigratableError> {
+        if self.paused {
+            self.device.resume()?;
+            self.paused = false;
+        }
+        Ok(())
+    }
+
+    /// Whether [`Server::pause`] is in force.
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+
+    /// The device state as a self-describing stream (see
+    /// [`crate::migration::encode_stream`]); the device must be paused.
+    pub fn snapshot(&mut self) -> Result<Vec<u8>, MigratableError> {
+        if !self.paused {
+            return Err(MigratableError::Snapshot("pause the device first".into()));
+        }
+        let kind = self.device.snapshot_kind();
+        let snap = self.device.snapshot()?;
+        encode_stream(&kind, &snap)
+    }
+
+    /// Replaces the device state with a stream made by
+    /// [`Server::snapshot`], checking it completely before applying it,
+    /// then lets the device run. Only allowed with no client attached.
+    pub fn restore(&mut self, stream: &[u8]) -> Result<(), MigratableError> {
+        if self.conn.is_some() {
+            return Err(MigratableError::Restore("a client is attached".into()));
+        }
+        let kind = self.device.snapshot_kind();
+        let snap = decode_stream(stream, &kind)?;
+        self.device.pause()?;
+        self.device.restore(&snap)?;
+        self.paused = false;
+        self.device.resume()
     }
 
     /// The migration state of the device.
@@ -336,6 +388,12 @@ impl Server {
         self.dma.unmap_all();
         self.irqs.clear();
         self.mig.reset(self.device.as_mut());
+        if self.paused {
+            // A snapshot may still be taken of a paused device whose
+            // client left; its state is kept until resume.
+            info!("client left while paused: device state kept");
+            return;
+        }
         self.device.reset(ResetReason::LostConnection);
     }
 
@@ -411,8 +469,14 @@ impl Server {
             if self.conn.is_none() {
                 return false;
             }
-            if r.bytes < end - start {
-                // Short read: the socket is most likely drained.
+            let at_boundary = self
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.rx_len == 0 && matches!(c.read_state, ReadState::Message));
+            if r.bytes < end - start || at_boundary {
+                // Short read (the socket is most likely drained) or a whole
+                // message handled: level-triggered epoll says if more came,
+                // which saves a read that would fail with EAGAIN.
                 break;
             }
         }

@@ -1,0 +1,151 @@
+//! The control socket (`--api-socket`): one JSON request per connection,
+//! one JSON reply line. Commands: `pause`, `resume`, `snapshot` (with a
+//! `path`), `status`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use log::{info, warn};
+use serde_json::{json, Value};
+use vfio_user_server::event_loop::EventHandler;
+use vfio_user_server::Server;
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// The listening control socket.
+pub struct ApiServer {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ApiServer {
+    /// Listens on `path` (which must not exist), owner-only.
+    pub fn bind(path: &Path) -> Result<ApiServer, String> {
+        if path.symlink_metadata().is_ok() {
+            return Err(format!("api socket path {} already exists", path.display()));
+        }
+        let listener = UnixListener::bind(path)
+            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("cannot set permissions of {}: {e}", path.display()))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("api socket: {e}"))?;
+        Ok(ApiServer {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn serve(&self, stream: UnixStream, server: &mut Server) -> std::io::Result<()> {
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+        let mut line = String::new();
+        BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
+        let reply = match serde_json::from_str::<Value>(&line) {
+            Ok(req) => execute(&req, server),
+            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        };
+        let mut out = reply.to_string();
+        out.push('\n');
+        (&stream).write_all(out.as_bytes())
+    }
+}
+
+fn execute(req: &Value, server: &mut Server) -> Value {
+    let fail = |e: String| json!({"ok": false, "error": e});
+    match req.get("command").and_then(Value::as_str) {
+        Some("pause") => match server.pause() {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => fail(e.to_string()),
+        },
+        Some("resume") => match server.resume() {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => fail(e.to_string()),
+        },
+        Some("status") => json!({
+            "ok": true,
+            "paused": server.paused(),
+            "connected": server.connected(),
+            "migration_state": format!("{:?}", server.migration_state()),
+            "socket": server.path().map(|p| p.display().to_string()),
+        }),
+        Some("snapshot") => {
+            let Some(path) = req.get("path").and_then(Value::as_str) else {
+                return fail("snapshot needs a \"path\"".into());
+            };
+            match server.snapshot() {
+                Ok(bytes) => match write_atomically(Path::new(path), &bytes) {
+                    Ok(()) => {
+                        info!("snapshot of {} bytes written to {path}", bytes.len());
+                        json!({"ok": true, "bytes": bytes.len()})
+                    }
+                    Err(e) => fail(format!("cannot write {path}: {e}")),
+                },
+                Err(e) => fail(e.to_string()),
+            }
+        }
+        Some(other) => fail(format!("unknown command '{other}'")),
+        None => fail("missing \"command\"".into()),
+    }
+}
+
+/// Writes `bytes` to `path` via a synced temporary file and a rename, so a
+/// crash never leaves a half-written snapshot under the final name.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+impl EventHandler for ApiServer {
+    fn fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    fn handle(&mut self, servers: &mut [Server]) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            let Some(server) = servers.first_mut() else {
+                return;
+            };
+            if let Err(e) = self.serve(stream, server) {
+                warn!("api request failed: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Client side: sends `request` to the API socket and returns the reply.
+pub fn call(path: &Path, request: &Value) -> Result<Value, String> {
+    let stream = UnixStream::connect(path)
+        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let mut line = request.to_string();
+    line.push('\n');
+    (&stream)
+        .write_all(line.as_bytes())
+        .map_err(|e| format!("cannot send request: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new((&stream).take(MAX_REQUEST))
+        .read_line(&mut reply)
+        .map_err(|e| format!("no reply: {e}"))?;
+    serde_json::from_str(&reply).map_err(|e| format!("bad reply: {e}"))
+}
