@@ -13,6 +13,7 @@ use thiserror::Error;
 use crate::dma::GuestMemoryHandle;
 use crate::irq::{IrqIndexInfo, Irqs};
 use crate::migration::{MigratableError, Snapshot};
+use crate::msgdma::MessageDma;
 
 /// Errors a device returns for one access.
 #[derive(Debug, Error)]
@@ -78,6 +79,8 @@ pub struct DeviceContext {
     pub memory: GuestMemoryHandle,
     /// Interrupts, configured from [`Device::irq_layout`].
     pub irqs: Irqs,
+    /// DMA by message for guest memory mapped without an fd.
+    pub message_dma: MessageDma,
 }
 
 impl Default for DeviceContext {
@@ -85,6 +88,7 @@ impl Default for DeviceContext {
         DeviceContext {
             memory: GuestMemoryHandle::new(crate::dma::GuestMemory::new()),
             irqs: Irqs::default(),
+            message_dma: MessageDma::default(),
         }
     }
 }
@@ -146,6 +150,10 @@ pub trait Device: Send {
 
     /// Called after a SET_IRQS mask or unmask of `[start, start+count)`.
     fn irq_mask_changed(&mut self, _index: u32, _start: u32, _count: u32, _masked: bool) {}
+
+    /// A request queued on [`DeviceContext::message_dma`] finished: the
+    /// data of a read (empty for a write), or an errno.
+    fn message_dma_done(&mut self, _id: u64, _result: Result<Vec<u8>, i32>) {}
 
     /// fds the device wants the event loop to watch (queue kicks, timers,
     /// back-end completions); readiness calls [`Device::handle_event`].

@@ -17,6 +17,7 @@ pub mod event_loop;
 pub mod irq;
 mod mig;
 pub mod migration;
+pub mod msgdma;
 pub mod pci;
 pub mod server;
 pub mod socket;

@@ -6,7 +6,7 @@
 //! in arrival order, and replies are queued and flushed; a client that does
 //! not read its replies stops being read (bounded memory).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -23,6 +23,9 @@ use crate::dma::{DmaLimits, DmaTable, DIRTY_PAGE_SIZE};
 use crate::irq::Irqs;
 use crate::mig::MigrationState;
 use crate::migration::{decode_stream, encode_stream, MigratableError};
+use crate::msgdma::{
+    decode_reply, encode_request, MessageDma, MessageDmaLayout, MessageDmaOp, MAX_PENDING_REQUESTS,
+};
 use crate::socket::{recv_with_fds, send_with_fds};
 use crate::wire::*;
 
@@ -134,6 +137,12 @@ struct Connection {
     negotiated: bool,
     /// Client's `max_data_xfer_size` (bounds what we send it).
     client_max_xfer: u32,
+    /// Layout of our DMA_READ/DMA_WRITE for this client.
+    dma_layout: MessageDmaLayout,
+    /// Id of our next server-to-client command.
+    next_msg_id: u16,
+    /// Our commands awaiting a reply, by message id.
+    pending: HashMap<u16, (u64, MessageDmaOp)>,
 }
 
 /// Events the loop should watch for a connection.
@@ -157,6 +166,7 @@ pub struct Server {
     mig: MigrationState,
     num_regions: u32,
     paused: bool,
+    message_dma: MessageDma,
 }
 
 impl Server {
@@ -213,6 +223,7 @@ impl Server {
             mig: MigrationState::default(),
             num_regions,
             paused: false,
+            message_dma: ctx.message_dma,
         })
     }
 
@@ -303,6 +314,99 @@ impl Server {
     /// A device fd is readable.
     pub fn handle_device_event(&mut self, fd: RawFd) {
         self.device.handle_event(fd);
+        self.pump_message_dma();
+        if self.flush().is_err() {
+            self.disconnect();
+        }
+    }
+
+    /// Sends queued message-DMA requests, up to [`MAX_PENDING_REQUESTS`]
+    /// outstanding. Requests that cannot be sent fail at once.
+    fn pump_message_dma(&mut self) {
+        loop {
+            let Some(c) = self.conn.as_ref() else {
+                return;
+            };
+            if !c.negotiated || c.pending.len() >= MAX_PENDING_REQUESTS {
+                return;
+            }
+            let Some(req) = self.message_dma.pop() else {
+                return;
+            };
+            let (address, len) = match &req.op {
+                MessageDmaOp::Read { address, len } => (*address, *len as u64),
+                MessageDmaOp::Write { address, data } => (*address, data.len() as u64),
+            };
+            let errno = if len == 0 || len > c.client_max_xfer as u64 {
+                Some(libc::E2BIG)
+            } else if self.dma.find(address, len).is_none() {
+                Some(libc::EFAULT)
+            } else {
+                None
+            };
+            if let Some(e) = errno {
+                self.device.message_dma_done(req.id, Err(e));
+                continue;
+            }
+            let Some(c) = self.conn.as_mut() else {
+                return;
+            };
+            let cmd = match req.op {
+                MessageDmaOp::Read { .. } => cmd::DMA_READ,
+                MessageDmaOp::Write { .. } => cmd::DMA_WRITE,
+            };
+            let payload = encode_request(&req.op, c.dma_layout);
+            let msg_id = c.next_msg_id;
+            c.next_msg_id = c.next_msg_id.wrapping_add(1);
+            let hdr = Header {
+                msg_id,
+                cmd,
+                msg_size: (HEADER_SIZE + payload.len()) as u32,
+                flags: flags::TYPE_COMMAND,
+                error_no: 0,
+            };
+            let mut bytes = hdr.encode().to_vec();
+            bytes.extend_from_slice(&payload);
+            c.tx_bytes += bytes.len();
+            c.tx.push_back(Outgoing {
+                bytes,
+                sent: 0,
+                fds: Vec::new(),
+            });
+            c.pending.insert(msg_id, (req.id, req.op));
+        }
+    }
+
+    /// Matches a reply to one of our commands; false if it is unsolicited.
+    fn complete_message_dma(&mut self, hdr: &Header, payload: &[u8]) -> bool {
+        let Some(c) = self.conn.as_mut() else {
+            return false;
+        };
+        let matches = c.pending.get(&hdr.msg_id).is_some_and(|(_, op)| {
+            hdr.cmd
+                == match op {
+                    MessageDmaOp::Read { .. } => cmd::DMA_READ,
+                    MessageDmaOp::Write { .. } => cmd::DMA_WRITE,
+                }
+        });
+        if !matches {
+            return false;
+        }
+        let layout = c.dma_layout;
+        let Some((id, op)) = c.pending.remove(&hdr.msg_id) else {
+            return false;
+        };
+        let result = if hdr.flags & flags::ERROR != 0 {
+            Err(if hdr.error_no == 0 || hdr.error_no > 4096 {
+                libc::EIO
+            } else {
+                hdr.error_no as i32
+            })
+        } else {
+            decode_reply(&op, layout, payload)
+        };
+        self.device.message_dma_done(id, result);
+        true
     }
 
     /// What to watch on the connection.
@@ -370,6 +474,9 @@ impl Server {
             tx_bytes: 0,
             negotiated: false,
             client_max_xfer: DEFAULT_MAX_DATA_XFER_SIZE,
+            dma_layout: MessageDmaLayout::Spec,
+            next_msg_id: 1,
+            pending: HashMap::new(),
         });
         Ok(())
     }
@@ -377,8 +484,14 @@ impl Server {
     /// Drops the client: DMA maps and interrupt fds go, the device is
     /// reset, and the next client can attach.
     pub fn disconnect(&mut self) {
-        if self.conn.take().is_none() {
+        let Some(conn) = self.conn.take() else {
             return;
+        };
+        for (id, _) in conn.pending.into_values() {
+            self.device.message_dma_done(id, Err(libc::ECONNRESET));
+        }
+        for id in self.message_dma.drain() {
+            self.device.message_dma_done(id, Err(libc::ECONNRESET));
         }
         info!("client detached from {:?}", self.path);
         let ranges: Vec<(u64, u64)> = self.dma.ranges().map(|r| (r.address, r.size)).collect();
@@ -480,6 +593,8 @@ impl Server {
                 break;
             }
         }
+        // Requests the handlers queued go out only now, after their replies.
+        self.pump_message_dma();
         self.flush().is_ok()
     }
 
@@ -553,6 +668,12 @@ impl Server {
     }
 
     fn dispatch(&mut self, hdr: &Header, payload: &[u8], fds: Vec<File>, truncated: bool) {
+        if hdr.msg_type() == flags::TYPE_REPLY
+            && fds.is_empty()
+            && self.complete_message_dma(hdr, payload)
+        {
+            return;
+        }
         let reply = if hdr.msg_type() != flags::TYPE_COMMAND {
             // No server-to-client request is outstanding, so any reply is
             // unsolicited; other types are invalid.
@@ -701,6 +822,13 @@ impl Server {
         if let Some(c) = self.conn.as_mut() {
             c.negotiated = true;
             c.client_max_xfer = caps.max_data_xfer_size;
+            // QEMU proposes 0.0 and uses its own DMA_READ/WRITE layout;
+            // libvfio-user-style clients propose a later minor.
+            c.dma_layout = if v.minor == 0 {
+                MessageDmaLayout::Qemu
+            } else {
+                MessageDmaLayout::Spec
+            };
         }
         Reply::data(reply.encode())
     }
