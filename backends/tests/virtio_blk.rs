@@ -862,6 +862,7 @@ fn snapshot_restore() {
     let ctx = DeviceContext {
         memory: GuestMemoryAtomic::new(d.mem.clone()),
         irqs: Default::default(),
+        ..Default::default()
     };
     let dev = VirtioBlkPci::new(ctx.clone(), disk.clone(), VirtioBlkConfig::default()).unwrap();
     let mut t = Driver::with_device(ctx, d.mem.clone(), dev);

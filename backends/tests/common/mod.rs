@@ -216,6 +216,7 @@ impl Driver {
         let ctx = DeviceContext {
             memory: GuestMemoryAtomic::new(mem.clone()),
             irqs: Irqs::default(),
+            ..Default::default()
         };
         let dev = VirtioBlkPci::new(ctx.clone(), backend, config).unwrap();
         Self::with_device(ctx, mem, dev)
