@@ -3,7 +3,7 @@
 //! handle that devices use to raise vector N.
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use thiserror::Error;
@@ -276,6 +276,7 @@ impl Irqs {
                         }
                     } else {
                         for (v, f) in idx.vectors[range].iter_mut().zip(fds) {
+                            set_nonblocking(&f);
                             // SAFETY: `f` is an owned fd received from the
                             // client; ownership moves into the EventFd.
                             v.fd = Some(unsafe { EventFd::from_raw_fd(f.into_raw_fd()) });
@@ -320,6 +321,22 @@ impl Irqs {
                 Ok(Some((set.start, set.count, masked)))
             }
             _ => Err(IrqError::BadFlags(set.flags)),
+        }
+    }
+}
+
+/// Makes a client's interrupt fd non-blocking. `fire` writes to it on the
+/// event loop thread: a blocking eventfd whose counter the client filled
+/// (or a full pipe passed as one) would otherwise block the loop forever.
+/// The flag lives in the file description shared with the client, so a
+/// client that clears it again can still stall the loop (docs/security.md).
+fn set_nonblocking(f: &File) {
+    let fd = f.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl >= 0 && fl & libc::O_NONBLOCK == 0 {
+            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
         }
     }
 }
@@ -403,6 +420,29 @@ mod tests {
         assert_eq!(i.trigger(2, 0).unwrap(), TriggerOutcome::Pending);
         assert!(i.trigger(2, 4).is_err());
         assert!(i.trigger(7, 0).is_err());
+    }
+
+    #[test]
+    fn blocking_full_eventfd_does_not_block_triggers() {
+        let i = irqs();
+        // A blocking eventfd whose counter is full: a write would block.
+        let e = EventFd::new(0).unwrap();
+        e.write(u64::MAX - 1).unwrap();
+        // SAFETY: dup returns a new owned fd.
+        let f = unsafe { File::from_raw_fd(libc::dup(e.as_raw_fd())) };
+        i.set_irqs(
+            &set(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, 2, 0, 1),
+            &[],
+            vec![f],
+        )
+        .unwrap();
+        assert_eq!(i.trigger(2, 0).unwrap(), TriggerOutcome::Delivered);
+        i.set_irqs(
+            &set(IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 2, 0, 1),
+            &[],
+            vec![],
+        )
+        .unwrap();
     }
 
     #[test]

@@ -116,6 +116,14 @@ impl MigrationState {
         *self = MigrationState::default();
     }
 
+    /// Whether the state holds the device stopped (no DMA, no interrupts).
+    pub(crate) fn device_stopped(&self) -> bool {
+        matches!(
+            self.state,
+            MigState::Stop | MigState::StopCopy | MigState::Resuming
+        )
+    }
+
     /// DEVICE_RESET: leaves ERROR (the device itself was reset).
     pub(crate) fn device_reset(&mut self) {
         if self.state == MigState::Error {
@@ -149,9 +157,11 @@ impl MigrationState {
         let get = ops & DEVICE_FEATURE_GET != 0;
         let set = ops & DEVICE_FEATURE_SET != 0;
         let probe = ops & DEVICE_FEATURE_PROBE != 0;
+        // PROBE alone asks whether the feature exists at all (the kernel
+        // and libvfio-user answer success); otherwise GET or SET is needed.
         if ops & !(DEVICE_FEATURE_GET | DEVICE_FEATURE_SET | DEVICE_FEATURE_PROBE) != 0
             || (get && set && !probe)
-            || (!get && !set)
+            || (!get && !set && !probe)
             || (f.argsz as usize) < DeviceFeature::SIZE
         {
             return Reply::Err(libc::EINVAL);
@@ -232,9 +242,13 @@ impl MigrationState {
                 else {
                     return Reply::Err(libc::EINVAL);
                 };
+                // An iova off the 4 KiB grid would make a reported bit
+                // straddle two tracked pages, of which take_dirty_bitmap
+                // only looks at one: refuse it rather than under-report.
                 if self.logging.is_none()
                     || !page.is_power_of_two()
                     || page < DIRTY_PAGE_SIZE as u64
+                    || !iova.is_multiple_of(DIRTY_PAGE_SIZE as u64)
                     || length == 0
                     || iova.checked_add(length).is_none()
                 {

@@ -1141,6 +1141,13 @@ impl Server {
         }
         self.device.reset(ResetReason::Command);
         self.mig.device_reset();
+        // A reset device runs again; one that the migration state or the
+        // control socket holds stopped must stay stopped.
+        if self.paused || self.mig.device_stopped() {
+            if let Err(e) = self.device.pause() {
+                warn!("cannot keep the reset device paused: {e}");
+            }
+        }
         Reply::empty()
     }
 

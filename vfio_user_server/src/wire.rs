@@ -208,6 +208,65 @@ fn need(b: &[u8], n: usize) -> Result<(), WireError> {
     }
 }
 
+/// A little-endian integer field of a wire structure.
+trait LeField: Sized {
+    fn get(b: &[u8], off: usize) -> Self;
+    fn put(self, b: &mut [u8], off: usize);
+}
+
+impl LeField for u32 {
+    fn get(b: &[u8], off: usize) -> Self {
+        u32_at(b, off)
+    }
+    fn put(self, b: &mut [u8], off: usize) {
+        b[off..off + 4].copy_from_slice(&self.to_le_bytes());
+    }
+}
+
+impl LeField for u64 {
+    fn get(b: &[u8], off: usize) -> Self {
+        u64_at(b, off)
+    }
+    fn put(self, b: &mut [u8], off: usize) {
+        b[off..off + 8].copy_from_slice(&self.to_le_bytes());
+    }
+}
+
+/// Defines a fixed-size wire structure of little-endian integer fields at
+/// explicit offsets, with a size-checked `decode` and an `encode`.
+macro_rules! wire_struct {
+    (
+        $(#[$meta:meta])*
+        $name:ident, $size:literal {
+            $( $(#[$fmeta:meta])* $field:ident : $ty:ident @ $off:expr, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: $ty, )*
+        }
+
+        impl $name {
+            /// Encoded size.
+            pub const SIZE: usize = $size;
+
+            /// Decodes from the start of `b`.
+            pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+                need(b, Self::SIZE)?;
+                Ok($name { $( $field: <$ty as LeField>::get(b, $off), )* })
+            }
+
+            /// Encodes the structure.
+            pub fn encode(&self) -> Vec<u8> {
+                let mut out = vec![0u8; Self::SIZE];
+                $( LeField::put(self.$field, &mut out, $off); )*
+                out
+            }
+        }
+    };
+}
+
 /// Little-endian writer over a growing buffer.
 #[derive(Default)]
 pub struct Encoder(pub Vec<u8>);
@@ -367,171 +426,65 @@ impl Version {
     }
 }
 
-/// DMA_MAP payload (32 bytes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DmaMap {
-    /// Argument size (32).
-    pub argsz: u32,
-    /// READ/WRITE flags.
-    pub flags: u32,
-    /// Offset into the passed fd.
-    pub offset: u64,
-    /// Guest (IOVA) address.
-    pub address: u64,
-    /// Size in bytes.
-    pub size: u64,
-}
-
-impl DmaMap {
-    /// Encoded size.
-    pub const SIZE: usize = 32;
-
-    /// Decodes the payload.
-    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
-        need(b, Self::SIZE)?;
-        Ok(DmaMap {
-            argsz: u32_at(b, 0),
-            flags: u32_at(b, 4),
-            offset: u64_at(b, 8),
-            address: u64_at(b, 16),
-            size: u64_at(b, 24),
-        })
-    }
-
-    /// Encodes the payload.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut e = Encoder::default();
-        e.u32(self.argsz)
-            .u32(self.flags)
-            .u64(self.offset)
-            .u64(self.address)
-            .u64(self.size);
-        e.0
+wire_struct! {
+    /// DMA_MAP payload (32 bytes).
+    DmaMap, 32 {
+        /// Argument size (32).
+        argsz: u32 @ 0,
+        /// READ/WRITE flags.
+        flags: u32 @ 4,
+        /// Offset into the passed fd.
+        offset: u64 @ 8,
+        /// Guest (IOVA) address.
+        address: u64 @ 16,
+        /// Size in bytes.
+        size: u64 @ 24,
     }
 }
 
-/// DMA_UNMAP payload (24 bytes), also the reply.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DmaUnmap {
-    /// Argument size.
-    pub argsz: u32,
-    /// Flags (`DMA_UNMAP_FLAG_*`).
-    pub flags: u32,
-    /// Guest address.
-    pub address: u64,
-    /// Size in bytes.
-    pub size: u64,
-}
-
-impl DmaUnmap {
-    /// Encoded size.
-    pub const SIZE: usize = 24;
-
-    /// Decodes the payload.
-    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
-        need(b, Self::SIZE)?;
-        Ok(DmaUnmap {
-            argsz: u32_at(b, 0),
-            flags: u32_at(b, 4),
-            address: u64_at(b, 8),
-            size: u64_at(b, 16),
-        })
-    }
-
-    /// Encodes the payload.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut e = Encoder::default();
-        e.u32(self.argsz)
-            .u32(self.flags)
-            .u64(self.address)
-            .u64(self.size);
-        e.0
+wire_struct! {
+    /// DMA_UNMAP payload (24 bytes), also the reply.
+    DmaUnmap, 24 {
+        /// Argument size.
+        argsz: u32 @ 0,
+        /// Flags (`DMA_UNMAP_FLAG_*`).
+        flags: u32 @ 4,
+        /// Guest address.
+        address: u64 @ 8,
+        /// Size in bytes.
+        size: u64 @ 16,
     }
 }
 
-/// DEVICE_GET_INFO payload (16 bytes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DeviceInfo {
-    /// Argument size.
-    pub argsz: u32,
-    /// `DEVICE_FLAGS_*`.
-    pub flags: u32,
-    /// Number of regions.
-    pub num_regions: u32,
-    /// Number of IRQ indices.
-    pub num_irqs: u32,
-}
-
-impl DeviceInfo {
-    /// Encoded size.
-    pub const SIZE: usize = 16;
-
-    /// Decodes the payload.
-    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
-        need(b, Self::SIZE)?;
-        Ok(DeviceInfo {
-            argsz: u32_at(b, 0),
-            flags: u32_at(b, 4),
-            num_regions: u32_at(b, 8),
-            num_irqs: u32_at(b, 12),
-        })
-    }
-
-    /// Encodes the payload.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut e = Encoder::default();
-        e.u32(self.argsz)
-            .u32(self.flags)
-            .u32(self.num_regions)
-            .u32(self.num_irqs);
-        e.0
+wire_struct! {
+    /// DEVICE_GET_INFO payload (16 bytes).
+    DeviceInfo, 16 {
+        /// Argument size.
+        argsz: u32 @ 0,
+        /// `DEVICE_FLAGS_*`.
+        flags: u32 @ 4,
+        /// Number of regions.
+        num_regions: u32 @ 8,
+        /// Number of IRQ indices.
+        num_irqs: u32 @ 12,
     }
 }
 
-/// DEVICE_GET_REGION_INFO fixed part (32 bytes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RegionInfo {
-    /// Argument size.
-    pub argsz: u32,
-    /// `REGION_INFO_FLAG_*`.
-    pub flags: u32,
-    /// Region index.
-    pub index: u32,
-    /// Offset of the first capability.
-    pub cap_offset: u32,
-    /// Region size.
-    pub size: u64,
-    /// mmap offset into the fd.
-    pub offset: u64,
-}
-
-impl RegionInfo {
-    /// Encoded size.
-    pub const SIZE: usize = 32;
-
-    /// Decodes the payload.
-    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
-        need(b, Self::SIZE)?;
-        Ok(RegionInfo {
-            argsz: u32_at(b, 0),
-            flags: u32_at(b, 4),
-            index: u32_at(b, 8),
-            cap_offset: u32_at(b, 12),
-            size: u64_at(b, 16),
-            offset: u64_at(b, 24),
-        })
-    }
-
-    /// Encodes the payload.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut e = Encoder::default();
-        e.u32(self.argsz)
-            .u32(self.flags)
-            .u32(self.index)
-            .u32(self.cap_offset)
-            .u64(self.size)
-            .u64(self.offset);
-        e.0
+wire_struct! {
+    /// DEVICE_GET_REGION_INFO fixed part (32 bytes).
+    RegionInfo, 32 {
+        /// Argument size.
+        argsz: u32 @ 0,
+        /// `REGION_INFO_FLAG_*`.
+        flags: u32 @ 4,
+        /// Region index.
+        index: u32 @ 8,
+        /// Offset of the first capability.
+        cap_offset: u32 @ 12,
+        /// Region size.
+        size: u64 @ 16,
+        /// mmap offset into the fd.
+        offset: u64 @ 24,
     }
 }
 
@@ -549,157 +502,59 @@ pub fn encode_sparse_mmap_cap(areas: &[(u64, u64)]) -> Vec<u8> {
     e.0
 }
 
-/// DEVICE_GET_REGION_IO_FDS request head (16 bytes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RegionIoFds {
-    /// Argument size.
-    pub argsz: u32,
-    /// Flags (must be 0).
-    pub flags: u32,
-    /// Region index.
-    pub index: u32,
-    /// Count (0 in the request).
-    pub count: u32,
-}
-
-impl RegionIoFds {
-    /// Encoded size.
-    pub const SIZE: usize = 16;
-
-    /// Decodes the payload.
-    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
-        need(b, Self::SIZE)?;
-        Ok(RegionIoFds {
-            argsz: u32_at(b, 0),
-            flags: u32_at(b, 4),
-            index: u32_at(b, 8),
-            count: u32_at(b, 12),
-        })
-    }
-
-    /// Encodes the payload.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut e = Encoder::default();
-        e.u32(self.argsz)
-            .u32(self.flags)
-            .u32(self.index)
-            .u32(self.count);
-        e.0
+wire_struct! {
+    /// DEVICE_GET_REGION_IO_FDS request head (16 bytes).
+    RegionIoFds, 16 {
+        /// Argument size.
+        argsz: u32 @ 0,
+        /// Flags (must be 0).
+        flags: u32 @ 4,
+        /// Region index.
+        index: u32 @ 8,
+        /// Count (0 in the request).
+        count: u32 @ 12,
     }
 }
 
-/// DEVICE_GET_IRQ_INFO payload (16 bytes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IrqInfo {
-    /// Argument size.
-    pub argsz: u32,
-    /// `IRQ_INFO_*`.
-    pub flags: u32,
-    /// IRQ index.
-    pub index: u32,
-    /// Number of vectors.
-    pub count: u32,
-}
-
-impl IrqInfo {
-    /// Encoded size.
-    pub const SIZE: usize = 16;
-
-    /// Decodes the payload.
-    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
-        need(b, Self::SIZE)?;
-        Ok(IrqInfo {
-            argsz: u32_at(b, 0),
-            flags: u32_at(b, 4),
-            index: u32_at(b, 8),
-            count: u32_at(b, 12),
-        })
-    }
-
-    /// Encodes the payload.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut e = Encoder::default();
-        e.u32(self.argsz)
-            .u32(self.flags)
-            .u32(self.index)
-            .u32(self.count);
-        e.0
+wire_struct! {
+    /// DEVICE_GET_IRQ_INFO payload (16 bytes).
+    IrqInfo, 16 {
+        /// Argument size.
+        argsz: u32 @ 0,
+        /// `IRQ_INFO_*`.
+        flags: u32 @ 4,
+        /// IRQ index.
+        index: u32 @ 8,
+        /// Number of vectors.
+        count: u32 @ 12,
     }
 }
 
-/// DEVICE_SET_IRQS fixed part (20 bytes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IrqSet {
-    /// Argument size.
-    pub argsz: u32,
-    /// Data type and action bits.
-    pub flags: u32,
-    /// IRQ index.
-    pub index: u32,
-    /// First vector.
-    pub start: u32,
-    /// Number of vectors.
-    pub count: u32,
-}
-
-impl IrqSet {
-    /// Encoded size of the fixed part.
-    pub const SIZE: usize = 20;
-
-    /// Decodes the fixed part.
-    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
-        need(b, Self::SIZE)?;
-        Ok(IrqSet {
-            argsz: u32_at(b, 0),
-            flags: u32_at(b, 4),
-            index: u32_at(b, 8),
-            start: u32_at(b, 12),
-            count: u32_at(b, 16),
-        })
-    }
-
-    /// Encodes the fixed part.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut e = Encoder::default();
-        e.u32(self.argsz)
-            .u32(self.flags)
-            .u32(self.index)
-            .u32(self.start)
-            .u32(self.count);
-        e.0
+wire_struct! {
+    /// DEVICE_SET_IRQS fixed part (20 bytes).
+    IrqSet, 20 {
+        /// Argument size.
+        argsz: u32 @ 0,
+        /// Data type and action bits.
+        flags: u32 @ 4,
+        /// IRQ index.
+        index: u32 @ 8,
+        /// First vector.
+        start: u32 @ 12,
+        /// Number of vectors.
+        count: u32 @ 16,
     }
 }
 
-/// REGION_READ / REGION_WRITE head (16 bytes); data follows.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RegionAccess {
-    /// Offset in the region.
-    pub offset: u64,
-    /// Region index.
-    pub region: u32,
-    /// Byte count.
-    pub count: u32,
-}
-
-impl RegionAccess {
-    /// Encoded size of the head.
-    pub const SIZE: usize = 16;
-
-    /// Decodes the head.
-    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
-        need(b, Self::SIZE)?;
-        Ok(RegionAccess {
-            offset: u64_at(b, 0),
-            region: u32_at(b, 8),
-            count: u32_at(b, 12),
-        })
-    }
-
-    /// Encodes the head.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut e = Encoder::default();
-        e.u64(self.offset).u32(self.region).u32(self.count);
-        e.0
+wire_struct! {
+    /// REGION_READ / REGION_WRITE head (16 bytes); data follows.
+    RegionAccess, 16 {
+        /// Offset in the region.
+        offset: u64 @ 0,
+        /// Region index.
+        region: u32 @ 8,
+        /// Byte count.
+        count: u32 @ 12,
     }
 }
 
@@ -746,93 +601,33 @@ impl WriteMultiRecord {
     }
 }
 
-/// Server-to-client DMA_READ/DMA_WRITE head, spec layout (16 bytes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DmaAccess {
-    /// Guest address.
-    pub address: u64,
-    /// Byte count.
-    pub count: u64,
-}
-
-impl DmaAccess {
-    /// Encoded size of the head.
-    pub const SIZE: usize = 16;
-
-    /// Decodes the head.
-    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
-        need(b, Self::SIZE)?;
-        Ok(DmaAccess {
-            address: u64_at(b, 0),
-            count: u64_at(b, 8),
-        })
-    }
-
-    /// Encodes the head.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut e = Encoder::default();
-        e.u64(self.address).u64(self.count);
-        e.0
+wire_struct! {
+    /// Server-to-client DMA_READ/DMA_WRITE head, spec layout (16 bytes).
+    DmaAccess, 16 {
+        /// Guest address.
+        address: u64 @ 0,
+        /// Byte count.
+        count: u64 @ 8,
     }
 }
 
-/// DEVICE_FEATURE head (8 bytes); feature data follows.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DeviceFeature {
-    /// Argument size.
-    pub argsz: u32,
-    /// Feature index and GET/SET/PROBE bits.
-    pub flags: u32,
-}
-
-impl DeviceFeature {
-    /// Encoded size of the head.
-    pub const SIZE: usize = 8;
-
-    /// Decodes the head.
-    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
-        need(b, Self::SIZE)?;
-        Ok(DeviceFeature {
-            argsz: u32_at(b, 0),
-            flags: u32_at(b, 4),
-        })
-    }
-
-    /// Encodes the head.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut e = Encoder::default();
-        e.u32(self.argsz).u32(self.flags);
-        e.0
+wire_struct! {
+    /// DEVICE_FEATURE head (8 bytes); feature data follows.
+    DeviceFeature, 8 {
+        /// Argument size.
+        argsz: u32 @ 0,
+        /// Feature index and GET/SET/PROBE bits.
+        flags: u32 @ 4,
     }
 }
 
-/// MIG_DATA_READ / MIG_DATA_WRITE head (8 bytes); data follows.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MigData {
-    /// Argument size.
-    pub argsz: u32,
-    /// Data size.
-    pub size: u32,
-}
-
-impl MigData {
-    /// Encoded size of the head.
-    pub const SIZE: usize = 8;
-
-    /// Decodes the head.
-    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
-        need(b, Self::SIZE)?;
-        Ok(MigData {
-            argsz: u32_at(b, 0),
-            size: u32_at(b, 4),
-        })
-    }
-
-    /// Encodes the head.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut e = Encoder::default();
-        e.u32(self.argsz).u32(self.size);
-        e.0
+wire_struct! {
+    /// MIG_DATA_READ / MIG_DATA_WRITE head (8 bytes); data follows.
+    MigData, 8 {
+        /// Argument size.
+        argsz: u32 @ 0,
+        /// Data size.
+        size: u32 @ 4,
     }
 }
 
