@@ -471,6 +471,8 @@ struct Stats {
     p99: Duration,
     /// CPU time (user and system) of the server thread per round trip.
     server_cpu: Duration,
+    /// CPU time of the client thread per round trip.
+    client_cpu: Duration,
 }
 
 impl Stats {
@@ -492,6 +494,8 @@ struct Samples {
     total: Duration,
     /// CPU time of the server thread during the timed round trips.
     server_cpu: Duration,
+    /// CPU time of the client (this) thread during the timed round trips.
+    client_cpu: Duration,
 }
 
 impl Samples {
@@ -513,7 +517,10 @@ impl Samples {
         for _ in 0..warmup {
             client.region_read(&mut buf)?;
         }
+        // SAFETY: gettid has no preconditions.
+        let client_tid = unsafe { libc::gettid() };
         let cpu_before = thread_cpu(server_tid);
+        let client_before = thread_cpu(client_tid);
         let start = Instant::now();
         let mut prev = start;
         for _ in 0..iters {
@@ -524,6 +531,7 @@ impl Samples {
             prev = now;
         }
         self.total += prev - start;
+        self.client_cpu += thread_cpu(client_tid).saturating_sub(client_before);
         self.server_cpu += thread_cpu(server_tid).saturating_sub(cpu_before);
         Ok(())
     }
@@ -541,6 +549,7 @@ impl Samples {
             p50: pct(50),
             p99: pct(99),
             server_cpu: self.server_cpu / n as u32,
+            client_cpu: self.client_cpu / n as u32,
         }
     }
 }
@@ -722,6 +731,7 @@ fn main() -> BenchResult<()> {
                 nanos: Vec::with_capacity(iters),
                 total: Duration::ZERO,
                 server_cpu: Duration::ZERO,
+                client_cpu: Duration::ZERO,
             })
         })
         .collect();
@@ -771,16 +781,16 @@ fn main() -> BenchResult<()> {
     );
     println!(
         "| server | bytes | iterations | mean µs | p50 µs | p99 µs | ops/s | mean / ping-pong \
-         | server CPU µs/op |"
+         | server CPU µs/op | client CPU µs/op |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let find = |t: Target, size: usize| results.iter().find(|s| s.target == t && s.size == size);
     for s in &results {
         let vs_limit = find(Target::PingPong, s.size).map_or("-".into(), |b| {
             format!("{:.2}x", s.mean.as_secs_f64() / b.mean.as_secs_f64())
         });
         println!(
-            "| {} | {} | {} | {} | {} | {} | {:.0} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
             s.target.name(),
             s.size,
             s.iters,
@@ -789,7 +799,8 @@ fn main() -> BenchResult<()> {
             us(s.p99),
             s.ops_per_sec(),
             vs_limit,
-            us(s.server_cpu)
+            us(s.server_cpu),
+            us(s.client_cpu)
         );
     }
     println!();

@@ -5,8 +5,9 @@
 //! cargo run --manifest-path fuzz/Cargo.toml --example gen_corpus [OUT_DIR]
 //! ```
 //!
-//! OUT_DIR defaults to `fuzz/corpus`; one directory per target is
-//! (re)created in it. The server seeds are replayed against the server
+//! OUT_DIR defaults to `fuzz/corpus`; the named seeds of each target are
+//! written to `OUT_DIR/<target>/` (inputs merged there from fuzzing runs
+//! are left alone). The server seeds are replayed against the server
 //! before they are written, and the generator fails if a seed does not do
 //! what it is meant to (e.g. the virtio-blk requests must complete with
 //! status OK), so the corpus keeps reaching the deep paths as the library
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use vfio_user_fuzz::blk_queue::Setup;
 use vfio_user_fuzz::pci_config;
-use vfio_user_fuzz::server_stream::{self, Input, Msg, Size, DEV_BLK, DEV_TEST, FD_NONE};
+use vfio_user_fuzz::server_stream::{self, Input, Msg, Size, DEV_BLK, DEV_PCIE, DEV_TEST, FD_NONE};
 use vfio_user_fuzz::test_device as td;
 use vfio_user_fuzz::Writer;
 use vfio_user_server::device::{Device, DeviceContext};
@@ -25,8 +26,7 @@ use vfio_user_server::migration::encode_stream;
 use vfio_user_server::wire::*;
 
 const QEMU_JSON: &str = r#"{"capabilities":{"migration":{"pgsize":4096,"max_bitmap_size":268435456},"max_msg_fds":16,"max_data_xfer_size":1048576,"pgsizes":4096,"max_dma_maps":65535,"write_multiple":true}}"#;
-const CH_JSON: &str =
-    r#"{"capabilities":{"max_msg_fds":1,"max_data_xfer_size":1048576,"migration":{"pgsize":4096}}}"#;
+const CH_JSON: &str = r#"{"capabilities":{"max_msg_fds":1,"max_data_xfer_size":1048576,"migration":{"pgsize":4096}}}"#;
 
 /// IOVA of the client's guest RAM memfd (GUEST_RAM_SIZE bytes).
 const G: u64 = 0x10_0000;
@@ -221,11 +221,7 @@ impl Client {
     fn set_state(&mut self, state: u32) -> Msg {
         let mut d = state.to_le_bytes().to_vec();
         d.extend_from_slice(&u32::MAX.to_le_bytes());
-        self.feature(
-            16,
-            DEVICE_FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_SET,
-            &d,
-        )
+        self.feature(16, DEVICE_FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_SET, &d)
     }
 
     fn mig_read(&mut self, size: u32) -> Msg {
@@ -494,7 +490,8 @@ fn blk_requests(ring: &mut Ring, discard: bool) {
 /// A virtio-blk driver: handshake, MSI-X, feature negotiation, queue 0 set
 /// up in guest RAM, requests made available and notified.
 fn blk_driver(event_idx: bool, use_msix: bool) -> (Seed, Ring) {
-    let mut s = Seed::new(DEV_BLK);
+    let kind = DEV_BLK | DEV_PCIE;
+    let mut s = Seed::new(kind);
     s.qemu_start();
     s.with(|c| c.get_info(16));
     for i in 0..PCI_NUM_REGIONS {
@@ -505,7 +502,7 @@ fn blk_driver(event_idx: bool, use_msix: bool) -> (Seed, Ring) {
     }
     // Memory space + bus master.
     s.cfg_write(4, &[0x06, 0x00]);
-    let mut dev = device(DEV_BLK);
+    let mut dev = device(kind);
     if use_msix {
         let msix = find_cap(dev.as_mut(), 0x11, 0).expect("MSI-X cap");
         s.with(|c| {
@@ -589,7 +586,10 @@ fn server_seeds() -> BTreeMap<String, Vec<u8>> {
     };
 
     // Handshakes as QEMU and Cloud Hypervisor do them, on both devices.
-    for (dev, dname) in [(DEV_TEST, "test"), (DEV_BLK, "blk")] {
+    // PCIe functions, except for migration (conventional PCI keeps the
+    // saved config space, hence the seed, 16 times smaller).
+    for (dev, dname) in [(DEV_TEST | DEV_PCIE, "test"), (DEV_BLK | DEV_PCIE, "blk")] {
+        let conventional = dev & !DEV_PCIE;
         let mut s = Seed::new(dev);
         s.with(|c| c.version(0, QEMU_JSON)).with(|c| c.get_info(16));
         for i in 0..PCI_NUM_REGIONS {
@@ -694,7 +694,10 @@ fn server_seeds() -> BTreeMap<String, Vec<u8>> {
             ),
             (
                 "region_write",
-                Box::new(|c| c.write(PCI_CONFIG_REGION_INDEX, 0x04, &[0x06, 0x04]).no_reply()),
+                Box::new(|c| {
+                    c.write(PCI_CONFIG_REGION_INDEX, 0x04, &[0x06, 0x04])
+                        .no_reply()
+                }),
             ),
             (
                 "write_multi",
@@ -730,7 +733,10 @@ fn server_seeds() -> BTreeMap<String, Vec<u8>> {
                 "dirty_pages_legacy",
                 Box::new(|c| c.cmd(cmd::DIRTY_PAGES, vec![8, 0, 0, 0, 1, 0, 0, 0])),
             ),
-            ("dma_read_to_server", Box::new(|c| c.cmd(cmd::DMA_READ, vec![0; 16]))),
+            (
+                "dma_read_to_server",
+                Box::new(|c| c.cmd(cmd::DMA_READ, vec![0; 16])),
+            ),
         ];
         for (name, f) in per_cmd {
             let mut s = Seed::new(dev);
@@ -744,9 +750,15 @@ fn server_seeds() -> BTreeMap<String, Vec<u8>> {
         }
 
         // Migration source: state machine, dirty logging, stream read.
-        let mut s = Seed::new(dev);
+        let mut s = Seed::new(conventional);
         s.qemu_start();
-        s.with(|c| c.feature(16, DEVICE_FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_GET, &[]));
+        s.with(|c| {
+            c.feature(
+                16,
+                DEVICE_FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_GET,
+                &[],
+            )
+        });
         let mut start = Writer::default();
         start.u64(4096).u32(1).u32(0).u64(G).u64(0x8000);
         s.with(|c| {
@@ -778,15 +790,21 @@ fn server_seeds() -> BTreeMap<String, Vec<u8>> {
         add(&format!("{dname}_migration_source"), &s);
 
         // Migration destination: a real stream written in chunks.
-        let stream = stream_of(dev);
-        let mut s = Seed::new(dev);
+        let stream = stream_of(conventional);
+        let mut s = Seed::new(conventional);
         s.qemu_start();
         s.with(|c| c.set_state(4)); // RESUMING via STOP
         for chunk in stream.chunks(0x4000) {
             s.with(|c| c.mig_write(chunk));
         }
         s.with(|c| c.set_state(2)); // RESUMING -> STOP -> RUNNING: restore
-        s.with(|c| c.feature(16, DEVICE_FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_GET, &[]));
+        s.with(|c| {
+            c.feature(
+                16,
+                DEVICE_FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_GET,
+                &[],
+            )
+        });
         add(&format!("{dname}_migration_destination"), &s);
 
         // Framing and protocol errors.
@@ -872,6 +890,58 @@ fn server_seeds() -> BTreeMap<String, Vec<u8>> {
     s.input.reconnect();
     add("test_dma_doorbell", &s);
 
+    // Message DMA: fd-less maps reached through server DMA_READ/DMA_WRITE
+    // requests, in QEMU's layout (minor 0) and the spec's (minor 1).
+    for (minor, json, name) in [(0, QEMU_JSON, "qemu"), (1, CH_JSON, "spec")] {
+        let mut s = Seed::new(DEV_TEST);
+        s.with(|c| c.version(minor, json));
+        let mut m = s.c.dma_map(
+            DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
+            0,
+            0x4000_0000,
+            0x1_0000,
+        );
+        m.fd_mode = FD_NONE;
+        s.send(m);
+        s.bar0(td::REG_DMA_ADDR, &0x4000_0100u64.to_le_bytes());
+        s.bar0(td::REG_DMA_LEN, &64u32.to_le_bytes());
+        s.bar0(td::REG_IRQ, &[PCI_MSIX_IRQ_INDEX as u8, 0, 0, 0]);
+        s.bar0(td::REG_DOORBELL, &[td::OP_MSG_READ, 0, 0, 0]);
+        s.bar0(td::REG_DOORBELL, &[td::OP_MSG_WRITE, 0, 0, 0]);
+        s.input.answer();
+        s.bar0(td::REG_DOORBELL, &[td::OP_MSG_READ, 0, 0, 0]);
+        s.input.answer_error(5);
+        s.bar0(td::REG_DOORBELL, &[td::OP_MSG_WRITE, 0, 0, 0]);
+        s.with(|c| c.read(0, td::REG_STATUS, 4));
+        s.input.reconnect();
+        add(&format!("test_message_dma_{name}"), &s);
+    }
+
+    // A blocking eventfd with a full counter as an MSI-X vector, then
+    // triggered: the server must not block on it.
+    let mut s = Seed::new(DEV_TEST);
+    s.with(|c| c.version(0, QEMU_JSON));
+    let mut m = s.c.set_irqs(
+        IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+        PCI_MSIX_IRQ_INDEX,
+        0,
+        1,
+        &[],
+    );
+    m.fd_mode = server_stream::FD_BLOCKING_FULL;
+    s.send(m);
+    s.with(|c| {
+        c.set_irqs(
+            IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER,
+            PCI_MSIX_IRQ_INDEX,
+            0,
+            1,
+            &[],
+        )
+    });
+    s.with(|c| c.get_info(16));
+    add("test_blocking_eventfd", &s);
+
     // The virtio-blk driver, with and without EVENT_IDX / MSI-X.
     for (event_idx, msix, name) in [
         (false, true, "blk_driver_msix"),
@@ -880,7 +950,7 @@ fn server_seeds() -> BTreeMap<String, Vec<u8>> {
     ] {
         let (mut s, ring) = blk_driver(event_idx, msix);
         let ram_check = s.input.bytes().to_vec();
-        let (_, ram) = server_stream::run_collect(&ram_check);
+        let (_, ram, _) = server_stream::run_collect(&ram_check);
         check_statuses(name, &ram, &ring);
         s.with(|c| c.set_state(3));
         s.with(|c| c.mig_read(0x10000));
@@ -890,16 +960,17 @@ fn server_seeds() -> BTreeMap<String, Vec<u8>> {
     }
 
     // virtio-pci config access capability: BAR writes through config space.
-    let mut s = Seed::new(DEV_BLK);
+    let mut s = Seed::new(DEV_BLK | DEV_PCIE);
     s.qemu_start();
-    let mut dev = device(DEV_BLK);
+    let mut dev = device(DEV_BLK | DEV_PCIE);
     let mut cfg = None;
     for n in 0..8 {
         let Some(p) = find_cap(dev.as_mut(), 0x09, n) else {
             break;
         };
         let mut t = [0u8; 1];
-        dev.region_read(PCI_CONFIG_REGION_INDEX, p + 3, &mut t).unwrap();
+        dev.region_read(PCI_CONFIG_REGION_INDEX, p + 3, &mut t)
+            .unwrap();
         if t[0] == 5 {
             cfg = Some(p);
         }
@@ -974,7 +1045,9 @@ fn pci_seeds() -> BTreeMap<String, Vec<u8>> {
     w.u8(2);
     w.u8(3);
     w.u8(0).u16(3).u8(0).u32(0x4000).u8(0).u32(0x6000);
-    w.u8(4).blob(&[3, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).blob(&[0; 14]);
+    w.u8(4)
+        .blob(&[3, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        .blob(&[0; 14]);
     w.u16(0).u8(0);
     ops(&mut w);
     out.insert("pci_virtio_like".into(), w.0);
@@ -1039,7 +1112,12 @@ fn ops(w: &mut Writer) {
         .u64(0xffc)
         .u16(4)
         .bytes(&[1; 4]);
-    w.u8(OP_MSIX).u8(1).u64(16).u8(4).u16(1).bytes(&[0, 0, 0xe0, 0xfe]);
+    w.u8(OP_MSIX)
+        .u8(1)
+        .u64(16)
+        .u8(4)
+        .u16(1)
+        .bytes(&[0, 0, 0xe0, 0xfe]);
     w.u8(OP_MSIX).u8(5).u64(0).u8(0).u16(2);
     w.u8(OP_MSIX).u8(2).u64(0).u8(8).u16(0);
     w.u8(OP_MSIX).u8(7).u64(0).u8(0).u16(0);
@@ -1065,7 +1143,10 @@ fn wire_seeds() -> BTreeMap<String, Vec<u8>> {
         ),
         ("region_read", c.read(7, 0, 4)),
         ("region_write", c.write(0, 0x10, &[1, 2, 3, 4])),
-        ("write_multi", c.write_multi(&[(0, 0, &[1; 8]), (7, 4, &[6])])),
+        (
+            "write_multi",
+            c.write_multi(&[(0, 0, &[1; 8]), (7, 4, &[6])]),
+        ),
         ("reset", c.reset()),
         (
             "device_feature",
@@ -1092,10 +1173,9 @@ fn wire_seeds() -> BTreeMap<String, Vec<u8>> {
 }
 
 fn write_dir(root: &Path, target: &str, seeds: &BTreeMap<String, Vec<u8>>) {
+    // Named seeds are (over)written; inputs merged in from fuzzing runs
+    // (hash-named) are kept.
     let dir = root.join(target);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
     std::fs::create_dir_all(&dir).unwrap();
     let mut total = 0;
     for (name, bytes) in seeds {
@@ -1118,12 +1198,18 @@ fn main() {
     let server = server_seeds();
     // Every seed must run cleanly and get replies; most must succeed.
     for (name, bytes) in &server {
-        let (replies, _) = server_stream::run_collect(bytes);
-        let errors = replies.iter().filter(|h| h.flags & flags::ERROR != 0).count();
+        let (replies, _, requests) = server_stream::run_collect(bytes);
+        let errors = replies
+            .iter()
+            .filter(|h| h.flags & flags::ERROR != 0)
+            .count();
         println!(
-            "  {name}: {} replies, {errors} errors",
+            "  {name}: {} replies, {errors} errors, {requests} server requests",
             replies.len()
         );
+        if name.contains("message_dma") {
+            assert_eq!(requests, 4, "{name}: message DMA requests");
+        }
         assert!(!replies.is_empty(), "{name}: no replies");
         if !name.ends_with("_errors") {
             // Refusals the seeds make on purpose.

@@ -20,9 +20,10 @@
 //! hole between them; the rest of the input is written contiguously over
 //! them (the hole is skipped).
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
-use backends::storage::MemoryDisk;
+use backends::storage::{BlockBackend, MemoryDisk};
 use backends::virtio::{GuestMemory, VirtioDevice};
 use backends::virtio_blk::{VirtioBlk, VirtioBlkConfig};
 use virtio_queue::{Queue, QueueT};
@@ -84,21 +85,67 @@ impl Setup {
     }
 }
 
-fn guest_memory(image: &[u8]) -> GuestMemory {
+fn guest_memory() -> GuestMemory {
     let ranges: Vec<(GuestAddress, usize)> =
         REGIONS.iter().map(|&(a, s)| (GuestAddress(a), s)).collect();
-    let mem = GuestMemory::from_ranges(&ranges).expect("guest memory");
+    GuestMemory::from_ranges(&ranges).expect("guest memory")
+}
+
+/// Overwrites guest memory with `image`, zeroes after it.
+fn fill(mem: &GuestMemory, image: &[u8]) {
     let mut rest = image;
     for (start, size) in REGIONS {
+        static ZEROS: [u8; 0x8000] = [0; 0x8000];
         let n = rest.len().min(size);
         mem.write_slice(&rest[..n], GuestAddress(start)).unwrap();
+        if n < size {
+            mem.write_slice(&ZEROS[..size - n], GuestAddress(start + n as u64))
+                .unwrap();
+        }
         rest = &rest[n..];
     }
-    mem
+}
+
+/// What one run needs, kept between runs: building a device, its 256 KiB
+/// bounce buffer, the disk and guest memory every run would make the
+/// target spend most of its time in page faults. Each run starts from the
+/// same state: the disk is zeroed, the device reset, memory rewritten.
+struct Cached {
+    mem: GuestMemory,
+    /// (disk, device) writable and read-only.
+    devices: [(Arc<MemoryDisk>, VirtioBlk); 2],
+}
+
+fn device(read_only: bool) -> (Arc<MemoryDisk>, VirtioBlk) {
+    let disk = Arc::new(MemoryDisk::from_vec(vec![0; DISK_SIZE as usize], read_only));
+    let config = VirtioBlkConfig {
+        num_queues: 1,
+        queue_size: QUEUE_MAX,
+        read_only: false,
+        serial: Some("fuzz-serial".into()),
+        pcie: false,
+    };
+    let blk = VirtioBlk::new(disk.clone(), &config).unwrap();
+    (disk, blk)
+}
+
+thread_local! {
+    static CACHED: RefCell<Option<Cached>> = const { RefCell::new(None) };
 }
 
 /// Runs one input.
 pub fn run(data: &[u8]) {
+    CACHED.with(|c| {
+        let mut c = c.borrow_mut();
+        let c = c.get_or_insert_with(|| Cached {
+            mem: guest_memory(),
+            devices: [device(false), device(true)],
+        });
+        run_with(data, c);
+    });
+}
+
+fn run_with(data: &[u8], cached: &mut Cached) {
     let mut r = Reader::new(data);
     let flags = r.u8();
     let features = r.u64();
@@ -107,17 +154,14 @@ pub fn run(data: &[u8]) {
     let (next_avail, next_used) = (r.u16(), r.u16());
     let rounds = 1 + r.u8() % 4;
     let (config_offset, config_len) = (r.u16(), r.u8());
-    let mem = guest_memory(r.rest());
+    let mem = &cached.mem;
+    fill(mem, r.rest());
+    let (disk, blk) = &mut cached.devices[usize::from(flags & 1)];
+    if !disk.read_only() {
+        disk.write_zeroes(0, DISK_SIZE).unwrap();
+    }
+    blk.reset();
 
-    let disk = MemoryDisk::from_vec(vec![0; DISK_SIZE as usize], flags & 1 != 0);
-    let config = VirtioBlkConfig {
-        num_queues: 1,
-        queue_size: QUEUE_MAX,
-        read_only: false,
-        serial: Some("fuzz-serial".into()),
-        pcie: false,
-    };
-    let mut blk = VirtioBlk::new(Arc::new(disk), &config).unwrap();
     let mut cfg = vec![0u8; config_len as usize];
     blk.read_config(u64::from(config_offset), &mut cfg);
     blk.activate(features).unwrap();
@@ -135,18 +179,17 @@ pub fn run(data: &[u8]) {
     for _ in 0..rounds {
         // What VirtioPciDevice::process_queue does on a notification.
         for _ in 0..64 {
-            if q.disable_notification(&mem).is_err() {
+            if q.disable_notification(mem).is_err() {
                 break;
             }
-            if blk.process_queue(0, &mut q, &mem).is_err() {
+            if blk.process_queue(0, &mut q, mem).is_err() {
                 break;
             }
-            match q.enable_notification(&mem) {
+            match q.enable_notification(mem) {
                 Ok(true) => continue,
                 _ => break,
             }
         }
-        let _ = q.needs_notification(&mem);
+        let _ = q.needs_notification(mem);
     }
-    blk.reset();
 }

@@ -37,9 +37,9 @@ use std::sync::{Arc, Barrier};
 use vfio_user_server::device::Device;
 use vfio_user_server::irq::{IrqIndexInfo, Irqs};
 use vfio_user_server::pci::{
-    BarAllocator, MsiCap, MsixCap, MsixTable, PciAdapter, PciBarConfiguration,
-    PciBarPrefetchable, PciBarRegionType, PciCapability, PciCapabilityId, PciConfiguration,
-    PciConfigurationParams, PciDevice, PciDeviceError, PciExpressCap, PmCap,
+    BarAllocator, MsiCap, MsixCap, MsixTable, PciAdapter, PciBarConfiguration, PciBarPrefetchable,
+    PciBarRegionType, PciCapability, PciCapabilityId, PciConfiguration, PciConfigurationParams,
+    PciDevice, PciDeviceError, PciExpressCap, PmCap,
 };
 use vfio_user_server::wire::{PCI_CONFIG_REGION_INDEX, PCI_MSIX_IRQ_INDEX};
 
@@ -192,13 +192,7 @@ fn build(r: &mut Reader) -> (Holder, MsixTable, Irqs) {
             0 => {
                 let size = r.u16();
                 msix_size = size;
-                let cap = MsixCap::new(
-                    size,
-                    r.u8().into(),
-                    r.u32(),
-                    r.u8().into(),
-                    r.u32(),
-                );
+                let cap = MsixCap::new(size, r.u8().into(), r.u32(), r.u8().into(), r.u32());
                 config.add_capability(&cap)
             }
             1 => config.add_capability(&MsiCap::new(r.u8().into(), r.u8() & 1 != 0)),
@@ -211,7 +205,10 @@ fn build(r: &mut Reader) -> (Holder, MsixTable, Irqs) {
             }
         };
         if let Ok(off) = res {
-            assert!((0x40..0x100).contains(&off) && off % 4 == 0, "cap at {off:#x}");
+            assert!(
+                (0x40..0x100).contains(&off) && off % 4 == 0,
+                "cap at {off:#x}"
+            );
         }
     }
     let table_size = match r.u16() {
@@ -292,7 +289,10 @@ pub fn run(data: &[u8]) {
                 let reg_idx = reg(&mut r, mode);
                 let c = &holder.dev().config;
                 let v = c.read_reg(reg_idx);
-                if reg_idx.checked_mul(4).is_none_or(|o| o >= c.size() as usize) {
+                if reg_idx
+                    .checked_mul(4)
+                    .is_none_or(|o| o >= c.size() as usize)
+                {
                     assert_eq!(v, 0);
                 }
             }

@@ -5,18 +5,24 @@
 //!
 //! ```text
 //! input   := device:u8 op*
-//! device  := bit 0: 0 = the fuzz test device, 1 = virtio-blk (backends)
-//! op      := tag:u8 (mod 5) body
+//! device  := bit 0: 0 = the fuzz test device, 1 = virtio-blk (backends);
+//!            bit 1: PCI Express (4 KiB config space) instead of PCI
+//! op      := tag:u8 (mod 6) body
 //!   0 MSG       msg_id:u16 cmd:u16 flags:u32 error_no:u32
 //!               size_mode:u8 [delta:i16 | raw:u32] fd_mode:u8 len:u16 payload
 //!   1 RAW       fd_mode:u8 len:u16 bytes          (sent as they are)
 //!   2 GUEST     offset:u16 len:u16 bytes          (written to guest RAM)
 //!   3 RECONNECT                                   (Server::disconnect + attach)
 //!   4 HANGUP                                      (client shuts down writing)
+//!   5 ANSWER    how:u8 [errno:u32 | len:u16 bytes] (answer the server's
+//!               DMA_READ/DMA_WRITE requests: how % 3 = 0 all of them
+//!               correctly, 1 the oldest with an error, 2 the oldest with
+//!               these payload bytes)
 //! size_mode := mod 3: 0 exact (16 + len), 1 exact + delta, 2 raw
 //! fd_mode   := 0 what the message asks for (DMA_MAP: the guest RAM memfd;
 //!              SET_IRQS TRIGGER|EVENTFD: `count` eventfds), 1 none,
-//!              2 the memfd, n >= 3: n - 3 eventfds (at most 80)
+//!              2 the memfd, 3 <= n < 255: n - 3 eventfds (at most 80),
+//!              255: one blocking eventfd with a full counter
 //! ```
 //!
 //! After every op the server handles whatever is readable
@@ -26,6 +32,7 @@
 //! command requires (VERSION JSON NUL-terminated and parseable, REGION_READ
 //! carrying `count` bytes, ...).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -49,6 +56,8 @@ use crate::{Reader, Writer};
 pub const DEV_TEST: u8 = 0;
 /// Device selector: virtio-blk over a memory disk.
 pub const DEV_BLK: u8 = 1;
+/// Device selector bit: a PCI Express function (4 KiB config space).
+pub const DEV_PCIE: u8 = 2;
 
 /// Op tags.
 pub const OP_MSG: u8 = 0;
@@ -60,7 +69,9 @@ pub const OP_GUEST: u8 = 2;
 pub const OP_RECONNECT: u8 = 3;
 /// The client shuts its sending side.
 pub const OP_HANGUP: u8 = 4;
-const NUM_OPS: u8 = 5;
+/// Answer the server's DMA_READ/DMA_WRITE requests.
+pub const OP_ANSWER: u8 = 5;
+const NUM_OPS: u8 = 6;
 
 /// fd modes.
 pub const FD_AUTO: u8 = 0;
@@ -70,6 +81,9 @@ pub const FD_NONE: u8 = 1;
 pub const FD_MEMFD: u8 = 2;
 /// `n - FD_EVENTFDS` eventfds.
 pub const FD_EVENTFDS: u8 = 3;
+/// One *blocking* eventfd whose counter is full, so that a write to it
+/// would block: what a hostile client can pass as an interrupt eventfd.
+pub const FD_BLOCKING_FULL: u8 = 255;
 /// Most fds sent with one message (more than the server's 64 so that the
 /// truncation path is reached).
 pub const MAX_SEND_FDS: usize = 80;
@@ -193,29 +207,40 @@ impl Input {
         self
     }
 
+    /// Appends "answer every server request correctly".
+    pub fn answer(&mut self) -> &mut Self {
+        self.0.u8(OP_ANSWER).u8(0);
+        self
+    }
+
+    /// Appends "answer the oldest server request with `errno`".
+    pub fn answer_error(&mut self, errno: u32) -> &mut Self {
+        self.0.u8(OP_ANSWER).u8(1).u32(errno);
+        self
+    }
+
     /// The bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.0 .0
     }
 }
 
-/// Builds the device `kind` (bit 0 of the selector) on `ctx`.
+/// Builds the device `kind` (the selector byte) on `ctx`.
 pub fn build_device(kind: u8, ctx: &DeviceContext) -> Box<dyn Device> {
+    let pcie = kind & DEV_PCIE != 0;
     if kind & 1 == DEV_BLK {
-        let disk = MemoryDisk::new(BLK_DISK_SIZE)
-            .unwrap()
-            .with_id("fuzz-disk");
+        let disk = MemoryDisk::new(BLK_DISK_SIZE).unwrap().with_id("fuzz-disk");
         let config = VirtioBlkConfig {
             num_queues: BLK_NUM_QUEUES,
             queue_size: BLK_QUEUE_SIZE,
             read_only: false,
             serial: None,
-            pcie: true,
+            pcie,
         };
         let blk = VirtioBlkPci::new(ctx.clone(), Arc::new(disk), config).unwrap();
         Box::new(PciAdapter::new(blk).unwrap())
     } else {
-        Box::new(PciAdapter::new(TestDevice::new(ctx.clone())).unwrap())
+        Box::new(PciAdapter::new(TestDevice::new(ctx.clone(), pcie)).unwrap())
     }
 }
 
@@ -252,9 +277,16 @@ pub struct Harness {
     client: UnixStream,
     ram: File,
     eventfds: Vec<EventFd>,
+    blocking: Option<EventFd>,
     rx: Vec<u8>,
     buf: Vec<u8>,
     max_reply: usize,
+    /// The server's DMA_READ/DMA_WRITE requests not answered yet.
+    requests: VecDeque<Request>,
+    /// The server answered VERSION with minor 0: QEMU's message DMA layout.
+    qemu_layout: bool,
+    /// Server requests seen (for the seed generator's self-check).
+    pub requests_seen: usize,
     /// Replies seen (for the seed generator's self-check).
     pub replies: Vec<Header>,
     keep_replies: bool,
@@ -278,9 +310,13 @@ impl Harness {
             client,
             ram: crate::memfd(c"fuzz-guest-ram", GUEST_RAM_SIZE),
             eventfds: Vec::new(),
+            blocking: None,
             rx: Vec::new(),
             buf: vec![0; 64 * 1024],
             max_reply,
+            requests: VecDeque::new(),
+            qemu_layout: false,
+            requests_seen: 0,
             replies: Vec::new(),
             keep_replies: false,
         }
@@ -297,6 +333,8 @@ impl Harness {
         self.server.attach(server_end).unwrap();
         self.client = client;
         self.rx.clear();
+        self.requests.clear();
+        self.qemu_layout = false;
     }
 
     fn eventfd_fds(&mut self, n: usize) -> Vec<RawFd> {
@@ -304,9 +342,7 @@ impl Harness {
         while self.eventfds.len() < n.min(4) {
             self.eventfds.push(EventFd::new(EFD_NONBLOCK).unwrap());
         }
-        (0..n)
-            .map(|i| self.eventfds[i % 4].as_raw_fd())
-            .collect()
+        (0..n).map(|i| self.eventfds[i % 4].as_raw_fd()).collect()
     }
 
     fn fds_for(&mut self, fd_mode: u8, cmd: u16, payload: &[u8]) -> Vec<RawFd> {
@@ -326,6 +362,14 @@ impl Harness {
             },
             FD_NONE => Vec::new(),
             FD_MEMFD => vec![self.ram.as_raw_fd()],
+            FD_BLOCKING_FULL => {
+                if self.blocking.is_none() {
+                    let e = EventFd::new(0).unwrap();
+                    e.write(u64::MAX - 1).unwrap();
+                    self.blocking = Some(e);
+                }
+                vec![self.blocking.as_ref().unwrap().as_raw_fd()]
+            }
             n => self.eventfd_fds(((n - FD_EVENTFDS) as usize).min(MAX_SEND_FDS)),
         }
     }
@@ -407,6 +451,26 @@ impl Harness {
         while self.rx.len() - pos >= HEADER_SIZE {
             let h = Header::decode(&self.rx[pos..]).unwrap();
             let size = h.msg_size as usize;
+            if h.msg_type() == flags::TYPE_COMMAND {
+                // A server-to-client request (message DMA).
+                assert!(
+                    h.cmd == cmd::DMA_READ || h.cmd == cmd::DMA_WRITE,
+                    "server sent command {h:?}"
+                );
+                assert_eq!(h.flags, flags::TYPE_COMMAND, "{h:?}");
+                assert_eq!(h.error_no, 0, "{h:?}");
+                assert!(size >= HEADER_SIZE + 16, "short DMA request {h:?}");
+                assert!(size <= self.max_reply, "oversized request: {h:?}");
+                if self.rx.len() - pos < size {
+                    break;
+                }
+                let p = &self.rx[pos + HEADER_SIZE..pos + size];
+                self.requests
+                    .push_back(parse_request(&h, p, self.qemu_layout));
+                self.requests_seen += 1;
+                pos += size;
+                continue;
+            }
             assert_eq!(h.msg_type(), flags::TYPE_REPLY, "not a reply: {h:?}");
             assert!(size >= HEADER_SIZE, "msg_size below the header: {h:?}");
             assert!(size <= self.max_reply, "oversized reply: {h:?}");
@@ -422,7 +486,11 @@ impl Harness {
                 break;
             }
             if h.flags & flags::ERROR == 0 {
-                check_success(&h, &self.rx[pos + HEADER_SIZE..pos + size]);
+                let p = &self.rx[pos + HEADER_SIZE..pos + size];
+                check_success(&h, p);
+                if h.cmd == cmd::VERSION {
+                    self.qemu_layout = read_u32(p, 0).is_ok_and(|v| v >> 16 == 0);
+                }
             }
             if self.keep_replies {
                 self.replies.push(h);
@@ -436,6 +504,50 @@ impl Harness {
         let off = u64::from(offset) % GUEST_RAM_SIZE;
         let n = bytes.len().min((GUEST_RAM_SIZE - off) as usize);
         self.ram.write_all_at(&bytes[..n], off).unwrap();
+    }
+
+    /// Answers the server's requests (OP_ANSWER).
+    fn answer(&mut self, r: &mut Reader) {
+        let how = r.u8() % 3;
+        let mut out = Vec::new();
+        match how {
+            0 => {
+                while let Some(q) = self.requests.pop_front() {
+                    out.extend(q.reply(self.qemu_layout));
+                }
+            }
+            1 => {
+                let errno = r.u32();
+                if let Some(q) = self.requests.pop_front() {
+                    let h = Header {
+                        msg_id: q.msg_id,
+                        cmd: q.cmd,
+                        msg_size: HEADER_SIZE as u32,
+                        flags: flags::TYPE_REPLY | flags::ERROR,
+                        error_no: errno,
+                    };
+                    out.extend(h.encode());
+                }
+            }
+            _ => {
+                let payload = r.blob();
+                if let Some(q) = self.requests.pop_front() {
+                    let h = Header {
+                        msg_id: q.msg_id,
+                        cmd: q.cmd,
+                        msg_size: (HEADER_SIZE + payload.len()) as u32,
+                        flags: flags::TYPE_REPLY,
+                        error_no: 0,
+                    };
+                    out.extend(h.encode());
+                    out.extend(payload);
+                }
+            }
+        }
+        if !out.is_empty() {
+            self.send(&out, &[]);
+            self.pump();
+        }
     }
 
     fn hangup(&mut self) {
@@ -499,7 +611,8 @@ impl Harness {
                 self.server.disconnect();
                 self.attach_new();
             }
-            _ => self.hangup(),
+            OP_HANGUP => self.hangup(),
+            _ => self.answer(r),
         }
     }
 
@@ -508,6 +621,72 @@ impl Harness {
         self.pump();
         self.server.disconnect();
         assert!(!self.server.connected());
+    }
+}
+
+/// A DMA_READ/DMA_WRITE the server sent us.
+#[derive(Debug)]
+struct Request {
+    msg_id: u16,
+    cmd: u16,
+    address: u64,
+    count: usize,
+}
+
+/// Checks and records a server request. Both layouts have a 16-byte read
+/// request and 16 + count bytes of write request (QEMU's: address u64,
+/// count u32, data, 4 pad bytes; the spec's: address u64, count u64, data).
+fn parse_request(h: &Header, p: &[u8], qemu: bool) -> Request {
+    let address = read_u64(p, 0).unwrap();
+    let field = if qemu {
+        u64::from(read_u32(p, 8).unwrap())
+    } else {
+        read_u64(p, 8).unwrap()
+    };
+    let count = if h.cmd == cmd::DMA_READ {
+        assert_eq!(p.len(), 16, "DMA_READ request {h:?}");
+        read_u64(p, 8).unwrap() as usize
+    } else {
+        p.len() - 16
+    };
+    assert_eq!(field, count as u64, "DMA request count {h:?} {p:?}");
+    assert!(count > 0, "empty DMA request {h:?}");
+    Request {
+        msg_id: h.msg_id,
+        cmd: h.cmd,
+        address,
+        count,
+    }
+}
+
+impl Request {
+    /// A correct reply in the negotiated layout; reads return a pattern.
+    fn reply(&self, qemu: bool) -> Vec<u8> {
+        let mut w = Writer::default();
+        match (self.cmd == cmd::DMA_READ, qemu) {
+            (true, false) => {
+                w.u64(self.address).u64(self.count as u64);
+                w.0.extend((0..self.count).map(|i| i as u8));
+            }
+            (true, true) => {
+                w.u64(self.address).u32(self.count as u32);
+                w.0.extend((0..self.count).map(|i| i as u8));
+            }
+            (false, false) => {
+                w.u64(self.address).u64(self.count as u64);
+            }
+            (false, true) => {}
+        }
+        let h = Header {
+            msg_id: self.msg_id,
+            cmd: self.cmd,
+            msg_size: (HEADER_SIZE + w.0.len()) as u32,
+            flags: flags::TYPE_REPLY,
+            error_no: 0,
+        };
+        let mut out = h.encode().to_vec();
+        out.extend(w.0);
+        out
     }
 }
 
@@ -526,10 +705,9 @@ fn check_success(h: &Header, p: &[u8]) {
                 serde_json::from_slice(&v.json).expect("VERSION reply JSON");
             assert!(json["capabilities"].is_object(), "{json}");
         }
-        cmd::DMA_MAP
-        | cmd::DEVICE_SET_IRQS
-        | cmd::DEVICE_RESET
-        | cmd::MIG_DATA_WRITE => assert!(p.is_empty(), "cmd {} reply {p:?}", h.cmd),
+        cmd::DMA_MAP | cmd::DEVICE_SET_IRQS | cmd::DEVICE_RESET | cmd::MIG_DATA_WRITE => {
+            assert!(p.is_empty(), "cmd {} reply {p:?}", h.cmd)
+        }
         cmd::DMA_UNMAP => assert_eq!(p.len(), DmaUnmap::SIZE),
         cmd::DEVICE_GET_INFO => {
             assert_eq!(p.len(), DeviceInfo::SIZE);
@@ -582,9 +760,9 @@ pub fn run(data: &[u8]) {
     h.finish();
 }
 
-/// Runs one input and returns the reply headers and the final guest RAM
-/// (the seed generator checks its seeds with it).
-pub fn run_collect(data: &[u8]) -> (Vec<Header>, Vec<u8>) {
+/// Runs one input and returns the reply headers, the final guest RAM and
+/// the number of server requests (the seed generator checks its seeds).
+pub fn run_collect(data: &[u8]) -> (Vec<Header>, Vec<u8>, usize) {
     let mut r = Reader::new(data);
     let mut h = Harness::new(r.u8());
     h.keep_replies();
@@ -594,5 +772,5 @@ pub fn run_collect(data: &[u8]) -> (Vec<Header>, Vec<u8>) {
     h.pump();
     let mut ram = vec![0u8; GUEST_RAM_SIZE as usize];
     h.ram.read_exact_at(&mut ram, 0).unwrap();
-    (std::mem::take(&mut h.replies), ram)
+    (std::mem::take(&mut h.replies), ram, h.requests_seen)
 }

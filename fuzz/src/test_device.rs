@@ -3,17 +3,18 @@
 //!
 //! - BAR0 (4 KiB, 32-bit memory): registers, a scratch area, and the MSI-X
 //!   table (0x800) and PBA (0x900). Writing the doorbell makes the device
-//!   DMA into guest memory through `ctx.memory` and raise an interrupt, so
-//!   the fuzzer reaches the DMA path with client-chosen addresses.
+//!   DMA into guest memory through `ctx.memory` (or queue a message DMA on
+//!   `ctx.message_dma`) and raise an interrupt, so the fuzzer reaches the
+//!   DMA paths with client-chosen addresses.
 //! - BAR1 (16 KiB, 32-bit memory): backed by a memfd, offered to the client
 //!   as two sparse mmap areas; trapped accesses go to the same memfd.
 //! - BAR2 (64 GiB, 64-bit memory): reads a pattern, ignores writes (large
 //!   offsets).
 //! - BAR4 (256 bytes, I/O).
-//! - Config space: PCIe with PCIe, PM, MSI (1 vector) and MSI-X (4 vectors)
-//!   capabilities; interrupts are `IrqIndexInfo::pci_layout(true, 1, 4)`.
+//! - Config space: PCI or PCIe (with the PCIe capability), PM, MSI (1
+//!   vector) and MSI-X (4 vectors) capabilities; interrupts are `IrqIndexInfo::pci_layout(true, 1, 4)`.
 //! - Migration: pause, resume, snapshot and restore of config space, MSI-X
-//!   table and BAR0.
+//!   table and the BAR0 registers.
 
 use std::any::Any;
 use std::fs::File;
@@ -49,7 +50,7 @@ pub const REG_DMA_LEN: u64 = 0x08;
 /// DMA.
 pub const REG_IRQ: u64 = 0x0c;
 /// BAR0 doorbell: byte 0 is the operation ([`OP_WRITE`], [`OP_READ`],
-/// [`OP_INCREMENT`], [`OP_OBJ`]).
+/// [`OP_INCREMENT`], [`OP_OBJ`], [`OP_MSG_READ`], [`OP_MSG_WRITE`]).
 pub const REG_DOORBELL: u64 = 0x10;
 /// BAR0 register: result of the last doorbell (0 ok, 1 DMA failed, 2 IRQ
 /// failed), read only.
@@ -74,6 +75,11 @@ pub const OP_INCREMENT: u8 = 2;
 /// Doorbell: read a u64 at the address and write it back plus one
 /// (`read_obj`/`write_obj`, the accessors device models use for rings).
 pub const OP_OBJ: u8 = 3;
+/// Doorbell: queue a message DMA read (server-to-client DMA_READ), for
+/// memory the client mapped without an fd.
+pub const OP_MSG_READ: u8 = 4;
+/// Doorbell: queue a message DMA write of the scratch area (DMA_WRITE).
+pub const OP_MSG_WRITE: u8 = 5;
 
 /// The device.
 pub struct TestDevice {
@@ -87,8 +93,9 @@ pub struct TestDevice {
 }
 
 impl TestDevice {
-    /// A device using the guest memory and interrupts of `ctx`.
-    pub fn new(ctx: DeviceContext) -> Self {
+    /// A device using the guest memory and interrupts of `ctx`; with
+    /// `pcie` a PCI Express function (4 KiB config space).
+    pub fn new(ctx: DeviceContext, pcie: bool) -> Self {
         let mut config = PciConfiguration::new(PciConfigurationParams {
             vendor_id: 0x1234,
             device_id: 0x11e8,
@@ -98,10 +105,12 @@ impl TestDevice {
             prog_if: 0,
             subsystem_vendor_id: 0x1234,
             subsystem_id: 1,
-            pcie: true,
+            pcie,
             interrupt_pin: 1,
         });
-        config.add_capability(&PciExpressCap::endpoint()).unwrap();
+        if pcie {
+            config.add_capability(&PciExpressCap::endpoint()).unwrap();
+        }
         config.add_capability(&PmCap::new()).unwrap();
         config.add_capability(&MsiCap::new(1, true)).unwrap();
         config
@@ -147,7 +156,7 @@ impl TestDevice {
         let len = self.reg_u32(REG_DMA_LEN).min(MAX_DMA_LEN) as usize;
         let memory = self.ctx.memory.memory();
         let scratch = SCRATCH as usize..SCRATCH as usize + len;
-        let dma_ok = match op % 4 {
+        let dma_ok = match op % 6 {
             OP_WRITE => memory.write_slice(&self.bar0[scratch], addr).is_ok(),
             OP_READ => memory.read_slice(&mut self.bar0[scratch], addr).is_ok(),
             OP_INCREMENT => {
@@ -157,17 +166,18 @@ impl TestDevice {
                     memory.write_slice(&buf, addr).is_ok()
                 }
             }
-            _ => match memory.read_obj::<u64>(addr) {
+            OP_OBJ => match memory.read_obj::<u64>(addr) {
                 Ok(v) => memory.write_obj(v.wrapping_add(1), addr).is_ok(),
                 Err(_) => false,
             },
+            OP_MSG_READ => self.ctx.message_dma.read(addr.0, len as u32).is_some(),
+            _ => {
+                let data = self.bar0[scratch].to_vec();
+                self.ctx.message_dma.write(addr.0, data).is_some()
+            }
         };
         let irq = self.reg_u32(REG_IRQ);
-        let irq_ok = self
-            .ctx
-            .irqs
-            .trigger(irq & 0xff, (irq >> 8) & 0xff)
-            .is_ok();
+        let irq_ok = self.ctx.irqs.trigger(irq & 0xff, (irq >> 8) & 0xff).is_ok();
         let status: u32 = if !dma_ok {
             1
         } else if !irq_ok {
@@ -215,7 +225,8 @@ impl TestDevice {
         serde_json::json!({
             "config": serde_json::to_value(self.config.state()).unwrap(),
             "msix": serde_json::to_value(self.msix.state()).unwrap(),
-            "bar0": self.bar0,
+            // The registers; the scratch area is not device state.
+            "regs": self.bar0[..SCRATCH as usize],
         })
     }
 }
@@ -344,10 +355,10 @@ impl PciDevice for TestDevice {
             serde_json::from_value(v["config"].clone()).map_err(|e| bad(e.to_string()))?;
         let msix: MsixTableState =
             serde_json::from_value(v["msix"].clone()).map_err(|e| bad(e.to_string()))?;
-        let bar0: Vec<u8> =
-            serde_json::from_value(v["bar0"].clone()).map_err(|e| bad(e.to_string()))?;
-        if bar0.len() != self.bar0.len() {
-            return Err(bad("bar0 size".into()));
+        let regs: Vec<u8> =
+            serde_json::from_value(v["regs"].clone()).map_err(|e| bad(e.to_string()))?;
+        if regs.len() != SCRATCH as usize {
+            return Err(bad("register block size".into()));
         }
         let mut c = self.config.clone();
         c.set_state(&config).map_err(|e| bad(e.to_string()))?;
@@ -355,7 +366,8 @@ impl PciDevice for TestDevice {
         m.set_state(&msix).map_err(|e| bad(e.to_string()))?;
         self.config = c;
         self.msix = m;
-        self.bar0 = bar0;
+        self.bar0.fill(0);
+        self.bar0[..SCRATCH as usize].copy_from_slice(&regs);
         Ok(())
     }
 }

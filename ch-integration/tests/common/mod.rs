@@ -1,14 +1,24 @@
 //! A test-side VMM: drives the daemon exactly as Cloud Hypervisor does,
 //! through the published `vfio_user::Client`, plus a small virtio-pci
 //! driver with split virtqueues living in a memfd that plays guest RAM.
+//!
+//! The driver is generic over a [`Transport`]: the published
+//! `vfio_user::Client` (what Cloud Hypervisor uses) or the raw-socket
+//! client of the `integration-tests` crate, which can also send the
+//! migration commands (DEVICE_FEATURE, MIG_DATA_READ/WRITE) the published
+//! client cannot. The same driver (same guest memory, queues and indices)
+//! can move from one connection to another ([`VirtioDriver::attach_to`],
+//! [`VirtioDriver::replace_client`]), as a VMM does across a migration or a
+//! restore.
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use integration_tests::{payload, proto, RawClient, Reply};
 use vfio_user::Client;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::tempdir::TempDir;
@@ -93,6 +103,77 @@ pub fn wait_for_socket(socket: &Path) {
         assert!(Instant::now() < deadline, "daemon socket never appeared");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The daemon binary.
+pub fn daemon_bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vfio-user-device"))
+}
+
+impl Daemon {
+    /// SIGKILL and reap (no clean-up by the daemon: its sockets stay).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `vfio-user-device api --api-socket API ARGS...`: returns whether it
+/// exited successfully and the JSON reply line it printed.
+pub fn api(api_socket: &Path, args: &[&str]) -> (bool, serde_json::Value) {
+    let out = daemon_bin()
+        .arg("api")
+        .arg("--api-socket")
+        .arg(api_socket)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run vfio-user-device api");
+    let text = String::from_utf8(out.stdout).expect("utf-8 reply");
+    let line = text.lines().next().unwrap_or_default();
+    let v = serde_json::from_str(line).unwrap_or_else(|e| panic!("bad api reply {text:?}: {e}"));
+    (out.status.success(), v)
+}
+
+/// `api` that must succeed with `"ok": true`.
+#[track_caller]
+pub fn api_ok(api_socket: &Path, args: &[&str]) -> serde_json::Value {
+    let (ok, v) = api(api_socket, args);
+    assert!(ok && v["ok"] == true, "api {args:?} failed: {v}");
+    v
+}
+
+/// Runs the daemon with `args` expecting it to fail on its own within
+/// 10 s (it is killed and the test fails otherwise); returns its stderr.
+pub fn daemon_fails(args: &[&str]) -> String {
+    use std::io::Read;
+    let mut child = daemon_bin()
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vfio-user-device");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("daemon {args:?} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "daemon {args:?} exited successfully");
+    err
 }
 
 /// Guest RAM: a memfd mapped here and shared with the server by DMA_MAP.
@@ -195,6 +276,86 @@ pub struct CapLoc {
     pub length: u32,
 }
 
+/// What the virtio driver needs from a vfio-user connection. Failures
+/// panic: these are tests.
+pub trait Transport {
+    /// REGION_READ.
+    fn read_region(&mut self, index: u32, offset: u64, data: &mut [u8]);
+    /// REGION_WRITE.
+    fn write_region(&mut self, index: u32, offset: u64, data: &[u8]);
+    /// DMA_MAP of `size` bytes of `fd` at `offset` to guest address `address`.
+    fn map_dma(&mut self, offset: u64, address: u64, size: u64, fd: RawFd);
+    /// SET_IRQS TRIGGER|EVENTFD of `fds` on vectors `start..` of `index`.
+    fn set_irq_eventfds(&mut self, index: u32, start: u32, fds: &[RawFd]);
+    /// DEVICE_RESET.
+    fn reset_device(&mut self);
+    /// The raw client, for the commands the published client cannot send
+    /// (migration).
+    fn raw(&mut self) -> Option<&mut RawClient> {
+        None
+    }
+}
+
+impl Transport for Client {
+    fn read_region(&mut self, index: u32, offset: u64, data: &mut [u8]) {
+        self.region_read(index, offset, data).unwrap();
+    }
+    fn write_region(&mut self, index: u32, offset: u64, data: &[u8]) {
+        self.region_write(index, offset, data).unwrap();
+    }
+    fn map_dma(&mut self, offset: u64, address: u64, size: u64, fd: RawFd) {
+        self.dma_map(offset, address, size, fd).unwrap();
+    }
+    fn set_irq_eventfds(&mut self, index: u32, start: u32, fds: &[RawFd]) {
+        self.set_irqs(
+            index,
+            IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+            start,
+            fds.len() as u32,
+            fds,
+        )
+        .unwrap();
+    }
+    fn reset_device(&mut self) {
+        self.reset().unwrap();
+    }
+}
+
+impl Transport for RawClient {
+    #[track_caller]
+    fn read_region(&mut self, index: u32, offset: u64, data: &mut [u8]) {
+        let got = self.read_ok(index, offset, data.len() as u32);
+        data.copy_from_slice(&got);
+    }
+    #[track_caller]
+    fn write_region(&mut self, index: u32, offset: u64, data: &[u8]) {
+        self.write_ok(index, offset, data);
+    }
+    #[track_caller]
+    fn map_dma(&mut self, offset: u64, address: u64, size: u64, fd: RawFd) {
+        self.dma_map(offset, address, size, Some(fd)).ok();
+    }
+    #[track_caller]
+    fn set_irq_eventfds(&mut self, index: u32, start: u32, fds: &[RawFd]) {
+        self.set_irqs(
+            IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+            index,
+            start,
+            fds.len() as u32,
+            &[],
+            fds,
+        )
+        .ok();
+    }
+    #[track_caller]
+    fn reset_device(&mut self) {
+        self.reset().ok();
+    }
+    fn raw(&mut self) -> Option<&mut RawClient> {
+        Some(self)
+    }
+}
+
 /// One split virtqueue in guest RAM.
 pub struct Vq {
     pub size: u16,
@@ -208,12 +369,25 @@ pub struct Vq {
     pub eventfd: EventFd,
 }
 
-/// A submitted request: (queue, head, status address, data-in buffer).
-type PendingRequest = (usize, u16, u64, Option<(u64, u32, bool)>);
+/// A submitted virtio-blk request and the guest addresses it uses.
+#[derive(Clone, Debug)]
+pub struct BlkReq {
+    pub queue: usize,
+    pub head: u16,
+    /// The 16-byte request header (device-readable).
+    pub header: u64,
+    /// The status byte (device-writable).
+    pub status: u64,
+    /// Data the device reads (`OUT` and friends).
+    pub data_out: Option<(u64, u32)>,
+    /// Data the device writes (`IN`, `GET_ID`).
+    pub data_in: Option<(u64, u32)>,
+}
 
-/// A virtio-pci driver over `vfio_user::Client`.
-pub struct VirtioDriver {
-    pub client: Client,
+/// A virtio-pci driver over a [`Transport`] (by default the published
+/// `vfio_user::Client`, as Cloud Hypervisor).
+pub struct VirtioDriver<T: Transport = Client> {
+    pub client: T,
     pub ram: GuestRam,
     pub common: CapLoc,
     pub notify: CapLoc,
@@ -224,28 +398,28 @@ pub struct VirtioDriver {
     pub config_eventfd: EventFd,
     pub features: u64,
     pub bar_sizes: [u64; 6],
-    /// Submitted requests.
-    pending: Vec<PendingRequest>,
+    /// Submitted requests not yet collected.
+    pending: Vec<BlkReq>,
     /// Completed heads not yet collected.
     done: std::collections::HashSet<(usize, u16)>,
 }
 
-pub fn cfg_read(client: &mut Client, off: u64, len: usize) -> Vec<u8> {
+pub fn cfg_read(client: &mut impl Transport, off: u64, len: usize) -> Vec<u8> {
     let mut b = vec![0u8; len];
-    client.region_read(CONFIG_REGION, off, &mut b).unwrap();
+    client.read_region(CONFIG_REGION, off, &mut b);
     b
 }
 
-pub fn cfg_read32(client: &mut Client, off: u64) -> u32 {
+pub fn cfg_read32(client: &mut impl Transport, off: u64) -> u32 {
     u32::from_le_bytes(cfg_read(client, off, 4).try_into().unwrap())
 }
 
-pub fn cfg_write(client: &mut Client, off: u64, data: &[u8]) {
-    client.region_write(CONFIG_REGION, off, data).unwrap();
+pub fn cfg_write(client: &mut impl Transport, off: u64, data: &[u8]) {
+    client.write_region(CONFIG_REGION, off, data);
 }
 
 /// Sizes the BARs through config space, as Cloud Hypervisor does.
-pub fn size_bars(client: &mut Client) -> [u64; 6] {
+pub fn size_bars(client: &mut impl Transport) -> [u64; 6] {
     let mut sizes = [0u64; 6];
     let mut i = 0;
     while i < 6 {
@@ -278,15 +452,34 @@ pub fn size_bars(client: &mut Client) -> [u64; 6] {
     sizes
 }
 
-impl VirtioDriver {
+impl VirtioDriver<Client> {
     /// Connects like Cloud Hypervisor: VERSION + regions (in Client::new),
     /// DMA_MAP of guest RAM, BAR sizing, capability walk.
-    pub fn connect(socket: &Path) -> VirtioDriver {
-        let mut client = Client::new(socket).expect("vfio_user::Client::new");
+    pub fn connect(socket: &Path) -> VirtioDriver<Client> {
+        let client = Client::new(socket).expect("vfio_user::Client::new");
+        VirtioDriver::connect_with(client)
+    }
+}
+
+impl VirtioDriver<RawClient> {
+    /// The same over the raw client (VERSION with QEMU-like capabilities,
+    /// no region queries).
+    pub fn connect_raw(socket: &Path) -> VirtioDriver<RawClient> {
+        VirtioDriver::connect_with(RawClient::connect_negotiated(socket))
+    }
+
+    /// The raw client (migration commands).
+    pub fn raw(&mut self) -> &mut RawClient {
+        &mut self.client
+    }
+}
+
+impl<T: Transport> VirtioDriver<T> {
+    /// Fresh guest RAM mapped into the device, BARs sized, capabilities
+    /// found; the device is not initialised.
+    pub fn connect_with(mut client: T) -> VirtioDriver<T> {
         let ram = GuestRam::new();
-        client
-            .dma_map(0, GUEST_BASE, GUEST_SIZE, ram.file.as_raw_fd())
-            .unwrap();
+        client.map_dma(0, GUEST_BASE, GUEST_SIZE, ram.file.as_raw_fd());
         let bar_sizes = size_bars(&mut client);
         let mut d = VirtioDriver {
             client,
@@ -305,6 +498,35 @@ impl VirtioDriver {
         };
         d.find_caps();
         d
+    }
+
+    /// The MSI-X eventfds by vector: 0 = configuration, i + 1 = queue i.
+    pub fn msix_fds(&self) -> Vec<RawFd> {
+        std::iter::once(self.config_eventfd.as_raw_fd())
+            .chain(self.queues.iter().map(|q| q.eventfd.as_raw_fd()))
+            .collect()
+    }
+
+    /// Gives another connection what the VMM gives every device: DMA_MAP
+    /// of the SAME guest memory and SET_IRQS with the SAME MSI-X eventfds
+    /// (the VMM's irqfds). Nothing is written to the device itself.
+    pub fn attach_to(&self, other: &mut impl Transport) {
+        other.map_dma(0, GUEST_BASE, GUEST_SIZE, self.ram.file.as_raw_fd());
+        let fds = self.msix_fds();
+        other.set_irq_eventfds(MSIX_INDEX, 0, &fds);
+    }
+
+    /// Continues on `client` (already attached with
+    /// [`VirtioDriver::attach_to`]); returns the old connection.
+    pub fn replace_client(&mut self, client: T) -> T {
+        std::mem::replace(&mut self.client, client)
+    }
+
+    /// [`VirtioDriver::attach_to`] then [`VirtioDriver::replace_client`]:
+    /// the driver carries on with a device restored from a snapshot.
+    pub fn reconnect(&mut self, mut client: T) -> T {
+        self.attach_to(&mut client);
+        self.replace_client(client)
     }
 
     fn find_caps(&mut self) {
@@ -340,14 +562,18 @@ impl VirtioDriver {
 
     pub fn common_write(&mut self, off: u64, data: &[u8]) {
         let (bar, base) = (self.common.bar, self.common.offset);
-        self.client.region_write(bar, base + off, data).unwrap();
+        self.client.write_region(bar, base + off, data);
     }
 
     pub fn common_read(&mut self, off: u64, len: usize) -> Vec<u8> {
         let mut b = vec![0u8; len];
         let (bar, base) = (self.common.bar, self.common.offset);
-        self.client.region_read(bar, base + off, &mut b).unwrap();
+        self.client.read_region(bar, base + off, &mut b);
         b
+    }
+
+    pub fn common_read_u64(&mut self, off: u64) -> u64 {
+        u64::from_le_bytes(self.common_read(off, 8).try_into().unwrap())
     }
 
     pub fn status(&mut self) -> u8 {
@@ -369,7 +595,7 @@ impl VirtioDriver {
     pub fn device_config(&mut self, off: u64, len: usize) -> Vec<u8> {
         let mut b = vec![0u8; len];
         let (bar, base) = (self.device.bar, self.device.offset);
-        self.client.region_read(bar, base + off, &mut b).unwrap();
+        self.client.read_region(bar, base + off, &mut b);
         b
     }
 
@@ -380,15 +606,7 @@ impl VirtioDriver {
             .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
             .collect();
         let raw: Vec<i32> = fds.iter().map(|e| e.as_raw_fd()).collect();
-        self.client
-            .set_irqs(
-                MSIX_INDEX,
-                IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-                0,
-                nvec,
-                &raw,
-            )
-            .unwrap();
+        self.client.set_irq_eventfds(MSIX_INDEX, 0, &raw);
         // Find the MSI-X capability and set the enable bit.
         let mut ptr = cfg_read(&mut self.client, 0x34, 1)[0] as u64;
         while ptr != 0 {
@@ -405,7 +623,7 @@ impl VirtioDriver {
 
     /// Full initialisation: reset, features (`want` & offered), every queue
     /// with `size` descriptors and vector i+1, DRIVER_OK. Returns the
-    /// queue eventfds' owner vector (index 0 = config).
+    /// negotiated features.
     pub fn init(&mut self, want: u64, size: u16) -> u64 {
         self.set_status(0);
         assert_eq!(self.status(), 0);
@@ -424,6 +642,8 @@ impl VirtioDriver {
         let mut fds = self.enable_msix(nq as u32 + 1);
         self.config_eventfd = fds.remove(0);
         self.queues.clear();
+        self.pending.clear();
+        self.done.clear();
         for (q, eventfd) in (0..nq).zip(fds) {
             self.common_write(0x16, &q.to_le_bytes());
             let max = u16::from_le_bytes(self.common_read(0x18, 2).try_into().unwrap());
@@ -501,9 +721,32 @@ impl VirtioDriver {
     /// Notifies queue `q` (a BAR write, as the guest's doorbell).
     pub fn kick(&mut self, q: usize) {
         let off = self.notify.offset + self.queues[q].notify_off as u64 * self.notify_mult as u64;
+        let bar = self.notify.bar;
         self.client
-            .region_write(self.notify.bar, off, &(q as u16).to_le_bytes())
-            .unwrap();
+            .write_region(bar, off, &(q as u16).to_le_bytes());
+    }
+
+    /// The device's `used.idx` of queue `q`, read from guest RAM.
+    pub fn used_idx(&self, q: usize) -> u16 {
+        self.ram.read_u16(self.queues[q].used + 2)
+    }
+
+    /// Collects the used entries `(head, len)` of queue `q` that are there
+    /// now (no waiting), returning their chains to the free list.
+    pub fn poll_used(&mut self, q: usize) -> Vec<(u16, u32)> {
+        let mut out = Vec::new();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let used_idx = self.used_idx(q);
+        while self.queues[q].last_used != used_idx {
+            let vq = &mut self.queues[q];
+            let e = vq.used + 4 + 8 * (vq.last_used % vq.size) as u64;
+            vq.last_used = vq.last_used.wrapping_add(1);
+            let id = self.ram.read_u32(e) as u16;
+            let len = self.ram.read_u32(e + 4);
+            out.push((id, len));
+            self.free_chain(q, id);
+        }
+        out
     }
 
     /// Collects used entries `(head, len)` of queue `q` until `n` arrived,
@@ -512,16 +755,7 @@ impl VirtioDriver {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut out = Vec::new();
         loop {
-            let used_idx = self.ram.read_u16(self.queues[q].used + 2);
-            while self.queues[q].last_used != used_idx {
-                let vq = &mut self.queues[q];
-                let e = vq.used + 4 + 8 * (vq.last_used % vq.size) as u64;
-                vq.last_used = vq.last_used.wrapping_add(1);
-                let id = self.ram.read_u32(e) as u16;
-                let len = self.ram.read_u32(e + 4);
-                out.push((id, len));
-                self.free_chain(q, id);
-            }
+            out.extend(self.poll_used(q));
             if out.len() >= n {
                 return out;
             }
@@ -548,6 +782,35 @@ impl VirtioDriver {
             unsafe { libc::poll(&mut pfd, 1, 100) };
             let _ = self.queues[q].eventfd.read();
         }
+    }
+
+    /// Waits up to 5 s for the interrupt eventfd of queue `q`; returns the
+    /// count read (panics on timeout).
+    #[track_caller]
+    pub fn expect_interrupt(&self, q: usize) -> u64 {
+        let fd = &self.queues[q].eventfd;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(n) = fd.read() {
+                return n;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no interrupt on queue {q}'s vector"
+            );
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polling one valid fd.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+        }
+    }
+
+    /// Drops any interrupt already signalled on queue `q`'s eventfd.
+    pub fn drain_interrupt(&self, q: usize) {
+        let _ = self.queues[q].eventfd.read();
     }
 
     fn free_chain(&mut self, q: usize, head: u16) {
@@ -588,6 +851,19 @@ impl VirtioDriver {
         data: &[u8],
         data_in_len: u32,
     ) -> u16 {
+        self.blk_submit_req(q, req_type, sector, data, data_in_len)
+            .head
+    }
+
+    /// Queues a request without kicking; returns where everything is.
+    pub fn blk_submit_req(
+        &mut self,
+        q: usize,
+        req_type: u32,
+        sector: u64,
+        data: &[u8],
+        data_in_len: u32,
+    ) -> BlkReq {
         let hdr = self.ram.alloc(16, 16);
         self.ram.write_u32(hdr, req_type);
         self.ram.write_u32(hdr + 4, 0);
@@ -595,41 +871,352 @@ impl VirtioDriver {
         let status = self.ram.alloc(1, 1);
         self.ram.write(status, &[0xff]);
         let mut bufs = vec![(hdr, 16, false)];
+        let mut data_out = None;
+        let mut data_in = None;
         if !data.is_empty() {
             let b = self.ram.alloc(data.len() as u64, 512);
             self.ram.write(b, data);
             bufs.push((b, data.len() as u32, false));
+            data_out = Some((b, data.len() as u32));
         }
         if data_in_len > 0 {
             let b = self.ram.alloc(data_in_len as u64, 512);
             bufs.push((b, data_in_len, true));
+            data_in = Some((b, data_in_len));
         }
         bufs.push((status, 1, true));
         let head = self.push(q, &bufs);
-        let read_buf = bufs.get(1).copied().filter(|b| b.2);
-        self.pending.push((q, head, status, read_buf));
-        head
+        let req = BlkReq {
+            queue: q,
+            head,
+            header: hdr,
+            status,
+            data_out,
+            data_in,
+        };
+        self.pending.push(req.clone());
+        req
+    }
+
+    /// Status and data-in of a submitted request whose used entry was
+    /// collected (by [`VirtioDriver::poll_used`] or
+    /// [`VirtioDriver::wait_used`]); forgets the request.
+    pub fn take_result(&mut self, q: usize, head: u16) -> (u8, Vec<u8>) {
+        self.done.remove(&(q, head));
+        let i = self
+            .pending
+            .iter()
+            .position(|m| m.queue == q && m.head == head)
+            .expect("unknown request");
+        let req = self.pending.remove(i);
+        let status = self.ram.read(req.status, 1)[0];
+        let data = req
+            .data_in
+            .map(|(a, l)| self.ram.read(a, l as usize))
+            .unwrap_or_default();
+        (status, data)
     }
 
     /// Waits for request `head` on queue `q`; returns (status, data in).
     pub fn blk_complete(&mut self, q: usize, head: u16) -> (u8, Vec<u8>) {
-        while !self.done.remove(&(q, head)) {
+        while !self.done.contains(&(q, head)) {
             for (id, _len) in self.wait_used(q, 1) {
                 self.done.insert((q, id));
             }
         }
-        let i = self
-            .pending
-            .iter()
-            .position(|m| m.0 == q && m.1 == head)
-            .expect("unknown request");
-        let meta = self.pending.remove(i);
-        let meta = (meta.1, meta.2, meta.3);
-        let status = self.ram.read(meta.1, 1)[0];
-        let data = meta
-            .2
-            .map(|(a, l, _)| self.ram.read(a, l as usize))
-            .unwrap_or_default();
-        (status, data)
+        self.take_result(q, head)
     }
+}
+
+/// Migration v2 over the raw client (protocol.md 4.12-4.13).
+pub mod mig {
+    use std::collections::BTreeSet;
+
+    use super::{payload, proto::cmd, RawClient, Reply};
+    use integration_tests::{le32, le64};
+
+    pub const FEATURE_GET: u32 = 1 << 16;
+    pub const FEATURE_SET: u32 = 1 << 17;
+    pub const FEATURE_PROBE: u32 = 1 << 18;
+    pub const MIGRATION: u32 = 1;
+    pub const MIG_DEVICE_STATE: u32 = 2;
+    pub const DMA_LOGGING_START: u32 = 6;
+    pub const DMA_LOGGING_STOP: u32 = 7;
+    pub const DMA_LOGGING_REPORT: u32 = 8;
+    pub const MIGRATION_STOP_COPY: u64 = 1;
+    pub const MIGRATION_P2P: u64 = 2;
+    pub const MIGRATION_PRE_COPY: u64 = 4;
+
+    pub const ERROR: u32 = 0;
+    pub const STOP: u32 = 1;
+    pub const RUNNING: u32 = 2;
+    pub const STOP_COPY: u32 = 3;
+    pub const RESUMING: u32 = 4;
+    pub const RUNNING_P2P: u32 = 5;
+    pub const PRE_COPY: u32 = 6;
+    pub const PRE_COPY_P2P: u32 = 7;
+
+    /// DEVICE_FEATURE with an explicit argsz.
+    #[track_caller]
+    pub fn feature(c: &mut RawClient, argsz: u32, flags: u32, data: &[u8]) -> Reply {
+        c.call(
+            cmd::DEVICE_FEATURE,
+            &payload::device_feature(argsz, flags, data),
+        )
+    }
+
+    /// SET of MIG_DEVICE_STATE (data_fd -1, as the kernel's users send).
+    #[track_caller]
+    pub fn set_state(c: &mut RawClient, state: u32) -> Reply {
+        let data = [state.to_le_bytes(), u32::MAX.to_le_bytes()].concat();
+        feature(c, 16, FEATURE_SET | MIG_DEVICE_STATE, &data)
+    }
+
+    /// SET of MIG_DEVICE_STATE that must succeed; checks the echo and that
+    /// GET reports the new state.
+    #[track_caller]
+    pub fn set_state_ok(c: &mut RawClient, state: u32) {
+        let r = set_state(c, state).ok();
+        assert_eq!(le32(&r.payload, 8), state, "SET echo");
+        assert_eq!(get_state(c), state);
+    }
+
+    /// GET of MIG_DEVICE_STATE.
+    #[track_caller]
+    pub fn get_state(c: &mut RawClient) -> u32 {
+        let r = feature(c, 16, FEATURE_GET | MIG_DEVICE_STATE, &[0; 8]).ok();
+        assert_eq!(r.payload.len(), 16);
+        assert_eq!(le32(&r.payload, 0), 16, "argsz");
+        le32(&r.payload, 8)
+    }
+
+    /// MIG_DATA_READ of up to `size` bytes (request argsz 8 + size).
+    #[track_caller]
+    pub fn read_raw(c: &mut RawClient, size: u32) -> Reply {
+        c.call(cmd::MIG_DATA_READ, &payload::mig_data(8 + size, size, &[]))
+    }
+
+    /// One MIG_DATA_READ that must succeed; returns the data.
+    #[track_caller]
+    pub fn read_chunk(c: &mut RawClient, size: u32) -> Vec<u8> {
+        let r = read_raw(c, size).ok();
+        let n = le32(&r.payload, 4) as usize;
+        assert!(n <= size as usize, "more data than asked for");
+        assert_eq!(le32(&r.payload, 0) as usize, 8 + n, "reply argsz");
+        assert_eq!(r.payload.len(), 8 + n, "reply length");
+        r.payload[8..].to_vec()
+    }
+
+    /// Reads the stream in `chunk`-byte pieces until a short read.
+    #[track_caller]
+    pub fn read_stream(c: &mut RawClient, chunk: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let d = read_chunk(c, chunk);
+            let short = d.len() < chunk as usize;
+            out.extend_from_slice(&d);
+            if short {
+                return out;
+            }
+        }
+    }
+
+    /// MIG_DATA_WRITE of `data` (argsz = 8 + size, size = data length).
+    #[track_caller]
+    pub fn write_raw(c: &mut RawClient, data: &[u8]) -> Reply {
+        c.call(
+            cmd::MIG_DATA_WRITE,
+            &payload::mig_data(8 + data.len() as u32, data.len() as u32, data),
+        )
+    }
+
+    /// Writes `bytes` in `chunk`-byte MIG_DATA_WRITEs that must succeed.
+    #[track_caller]
+    pub fn write_stream(c: &mut RawClient, bytes: &[u8], chunk: usize) {
+        for piece in bytes.chunks(chunk) {
+            let r = write_raw(c, piece).ok();
+            assert_eq!(r.msg_size, 16, "MIG_DATA_WRITE replies header-only");
+        }
+    }
+
+    /// DMA_LOGGING_START with `page_size` and `ranges` `(iova, length)`.
+    #[track_caller]
+    pub fn logging_start(c: &mut RawClient, page_size: u64, ranges: &[(u64, u64)]) -> Reply {
+        let mut data = Vec::new();
+        data.extend_from_slice(&page_size.to_le_bytes());
+        data.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
+        data.extend_from_slice(&0u32.to_le_bytes());
+        for (iova, len) in ranges {
+            data.extend_from_slice(&iova.to_le_bytes());
+            data.extend_from_slice(&len.to_le_bytes());
+        }
+        feature(
+            c,
+            8 + data.len() as u32,
+            FEATURE_SET | DMA_LOGGING_START,
+            &data,
+        )
+    }
+
+    /// DMA_LOGGING_STOP.
+    #[track_caller]
+    pub fn logging_stop(c: &mut RawClient) -> Reply {
+        feature(c, 8, FEATURE_SET | DMA_LOGGING_STOP, &[])
+    }
+
+    /// DMA_LOGGING_REPORT with room for the whole bitmap.
+    #[track_caller]
+    pub fn report_raw(c: &mut RawClient, iova: u64, length: u64, page_size: u64) -> Reply {
+        let bitmap = length.div_ceil(page_size).div_ceil(64) * 8;
+        let data = [
+            iova.to_le_bytes(),
+            length.to_le_bytes(),
+            page_size.to_le_bytes(),
+        ]
+        .concat();
+        feature(
+            c,
+            (8 + 24 + bitmap) as u32,
+            FEATURE_GET | DMA_LOGGING_REPORT,
+            &data,
+        )
+    }
+
+    /// DMA_LOGGING_REPORT that must succeed; returns the dirty page
+    /// addresses (page-aligned relative to `iova`).
+    #[track_caller]
+    pub fn report(c: &mut RawClient, iova: u64, length: u64, page_size: u64) -> BTreeSet<u64> {
+        let r = report_raw(c, iova, length, page_size).ok();
+        let pages = length.div_ceil(page_size);
+        let bitmap_len = (pages.div_ceil(64) * 8) as usize;
+        assert_eq!(r.payload.len(), 8 + 24 + bitmap_len, "report length");
+        assert_eq!(le32(&r.payload, 0) as usize, r.payload.len(), "argsz");
+        assert_eq!(le64(&r.payload, 8), iova);
+        assert_eq!(le64(&r.payload, 16), length);
+        assert_eq!(le64(&r.payload, 24), page_size);
+        let bitmap = &r.payload[32..];
+        let mut out = BTreeSet::new();
+        for k in 0..bitmap_len as u64 * 8 {
+            if bitmap[(k / 8) as usize] & (1 << (k % 8)) != 0 {
+                assert!(k < pages, "bit {k} beyond the range is set");
+                out.insert(iova + k * page_size);
+            }
+        }
+        out
+    }
+
+    /// The pages (of `page_size`, aligned to `base`) that `[addr, addr +
+    /// len)` touches.
+    pub fn pages_of(base: u64, page_size: u64, addr: u64, len: u64) -> BTreeSet<u64> {
+        let first = (addr - base) / page_size;
+        let last = (addr + len.max(1) - 1 - base) / page_size;
+        (first..=last).map(|k| base + k * page_size).collect()
+    }
+}
+
+/// The device state stream (snapshot file / MIG_DATA stream), decoded and
+/// encoded independently of the server: magic `VFUSNAP\0`, u32 format
+/// version, u32 kind length, kind, u64 body length, JSON body, CRC-32
+/// (IEEE) of everything before it; all little-endian.
+pub mod stream {
+    pub const MAGIC: &[u8; 8] = b"VFUSNAP\0";
+
+    /// A decoded stream.
+    #[derive(Debug)]
+    pub struct Stream {
+        pub version: u32,
+        pub kind: String,
+        pub body: serde_json::Value,
+    }
+
+    impl Stream {
+        /// The transport state (`snapshot_data.state`, itself JSON text).
+        pub fn state(&self) -> serde_json::Value {
+            let text = self.body["snapshot_data"]["state"]
+                .as_str()
+                .expect("snapshot_data.state");
+            serde_json::from_str(text).expect("state JSON")
+        }
+
+        /// Replaces the transport state.
+        pub fn set_state(&mut self, state: &serde_json::Value) {
+            self.body["snapshot_data"]["state"] = serde_json::Value::String(state.to_string());
+        }
+
+        /// Encodes it again (with a correct checksum).
+        pub fn encode(&self) -> Vec<u8> {
+            encode(
+                self.version,
+                &self.kind,
+                &serde_json::to_vec(&self.body).unwrap(),
+            )
+        }
+    }
+
+    pub fn crc32(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    /// Parses a stream, panicking unless it is well formed.
+    #[track_caller]
+    pub fn decode(b: &[u8]) -> Stream {
+        assert!(b.len() >= 28, "stream too short");
+        assert_eq!(&b[..8], MAGIC, "magic");
+        let (content, crc) = b.split_at(b.len() - 4);
+        assert_eq!(
+            crc32(content),
+            u32::from_le_bytes(crc.try_into().unwrap()),
+            "CRC-32"
+        );
+        let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
+        let kind_len = u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
+        let kind = String::from_utf8(b[16..16 + kind_len].to_vec()).unwrap();
+        let off = 16 + kind_len;
+        let body_len = u64::from_le_bytes(b[off..off + 8].try_into().unwrap()) as usize;
+        let body = &content[off + 8..];
+        assert_eq!(body.len(), body_len, "body length");
+        Stream {
+            version,
+            kind,
+            body: serde_json::from_slice(body).expect("JSON body"),
+        }
+    }
+
+    /// Encodes a stream from its parts.
+    pub fn encode(version: u32, kind: &str, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&version.to_le_bytes());
+        out.extend_from_slice(&(kind.len() as u32).to_le_bytes());
+        out.extend_from_slice(kind.as_bytes());
+        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(body);
+        let crc = crc32(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for "foreign" input.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }

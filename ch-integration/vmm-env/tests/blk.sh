@@ -14,6 +14,7 @@
 # Offsets/lengths must be multiples of the device's logical block size.
 # Results:
 #   dev=<name> size_sectors=<N, 512-byte units> ro=<0|1> logical_block_size=<N>
+#   nr_hw_queues=<N> queue_depth=<N>  (blk-mq hardware queues and tags per queue, from sysfs)
 #   read_sha256=<sha256 of the initial read>
 #   pattern_sha256=<sha256 of the data written>       (if vt.pattern)
 #   write_rc=<dd exit code>                             (if vt.pattern and ro=0)
@@ -49,6 +50,8 @@ result dev "$dev"
 result size_sectors "$size"
 result ro "$ro"
 result logical_block_size "$lbs"
+result nr_hw_queues "$(ls -d "/sys/block/$dev/mq/"* 2>/dev/null | wc -l)"
+result queue_depth "$(cat "/sys/block/$dev/mq/0/nr_tags" 2>/dev/null || echo unknown)"
 
 if [ -n "${VT_EXPECT_RO:-}" ] && [ "$VT_EXPECT_RO" != "$ro" ]; then
     fail "ro=$ro but vt.expect_ro=$VT_EXPECT_RO"

@@ -39,7 +39,7 @@ use vfio_user_server::wire::{PCI_INTX_IRQ_INDEX, PCI_MSIX_IRQ_INDEX};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use self::caps::*;
 use super::{status, GuestMemory, VirtioDevice, VIRTIO_MSI_NO_VECTOR};
@@ -432,7 +432,10 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         let Some(q) = self.queues.get_mut(index) else {
             return;
         };
-        if !q.ready() {
+        // No guest memory: restored before a client attached, or resumed
+        // after it left. The rings are unreachable (no warning); the next
+        // doorbell, once memory is mapped, picks everything up.
+        if !q.ready() || mem.num_regions() == 0 {
             return;
         }
         let mut used = false;
@@ -766,6 +769,14 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         }
         if s.queues.len() != self.queues.len() {
             return Err(format!("{} queues in snapshot", s.queues.len()));
+        }
+        // The driver keeps using what it negotiated: a device that no
+        // longer offers it (e.g. read-only now) cannot take over.
+        let missing = s.driver_features & !self.device_features;
+        if missing != 0 {
+            return Err(format!(
+                "features {missing:#x} negotiated in the snapshot are not offered by this device"
+            ));
         }
         let event_idx = s.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut queues = Vec::with_capacity(s.queues.len());
