@@ -298,16 +298,26 @@ pub fn take_dirty_bitmap(
         }
         let mmap = region.get_mmap();
         let bits = mmap.bitmap();
-        let mut addr = from - (from - iova) % DIRTY_PAGE_SIZE as u64;
-        addr = addr.max(start);
-        while addr < to {
-            let off = (addr - start) as usize;
-            if bits.is_addr_set(off) {
-                bits.reset_addr_range(off, 1);
-                let k = ((addr - iova) / page_size) as usize;
-                bitmap[k / 8] |= 1 << (k % 8);
+        let end_of_range = iova + length;
+        // Walk the tracked 4 KiB pages (aligned to the region start) that
+        // overlap the range; each sets every reported bit it touches.
+        let page = DIRTY_PAGE_SIZE as u64;
+        let mut off = (from - start) / page * page;
+        while start + off < to {
+            let page_start = start + off;
+            let page_end = page_start + page;
+            if bits.is_addr_set(off as usize) {
+                // Clear only pages wholly reported, so nothing is lost.
+                if page_start >= iova && page_end <= end_of_range {
+                    bits.reset_addr_range(off as usize, 1);
+                }
+                let first = (page_start.max(iova) - iova) / page_size;
+                let last = (page_end.min(end_of_range) - 1 - iova) / page_size;
+                for k in first..=last {
+                    bitmap[(k / 8) as usize] |= 1 << (k % 8);
+                }
             }
-            addr += DIRTY_PAGE_SIZE as u64;
+            off += page;
         }
     }
     Some(bitmap)
@@ -394,5 +404,17 @@ mod tests {
         assert_eq!(bm[1], 1 << 1);
         let bm = take_dirty_bitmap(&mem, 0x100000, 0x10000, 4096).unwrap();
         assert!(bm.iter().all(|b| *b == 0));
+        // A range off the 4 KiB grid: the dirty page at +0x3000 straddles
+        // its end, so it is reported but not cleared.
+        mem.write_obj(1u8, GuestAddress(0x100000 + 0x3000)).unwrap();
+        let bm = take_dirty_bitmap(&mem, 0x100000 + 0x2800, 0x1000, 4096).unwrap();
+        assert_eq!(bm[0], 1);
+        // Straddling pages are not cleared by a partial report.
+        let bm = take_dirty_bitmap(&mem, 0x100000, 0x10000, 4096).unwrap();
+        assert_eq!(bm[0], 1 << 3);
+        // 2 MiB report pages fold the 4 KiB ones.
+        mem.write_obj(1u8, GuestAddress(0x100000 + 0xf000)).unwrap();
+        let bm = take_dirty_bitmap(&mem, 0x100000, 0x10000, 2 << 20).unwrap();
+        assert_eq!(bm, vec![1, 0, 0, 0, 0, 0, 0, 0]);
     }
 }

@@ -104,13 +104,11 @@ impl MigrationState {
         self.state
     }
 
-    /// Client gone: back to RUNNING, streams dropped, logging off. A paused
-    /// device is resumed before the device reset that follows.
-    pub(crate) fn reset(&mut self, device: &mut dyn Device) {
-        if matches!(
-            self.state,
-            MigState::Stop | MigState::StopCopy | MigState::Resuming
-        ) {
+    /// Client gone: back to RUNNING, streams dropped, logging off. A device
+    /// the migration state stopped is resumed, unless the control socket
+    /// holds it paused (`held`).
+    pub(crate) fn reset(&mut self, device: &mut dyn Device, held: bool) {
+        if self.device_stopped() && !held {
             let _ = device.resume();
         }
         *self = MigrationState::default();
@@ -147,6 +145,7 @@ impl MigrationState {
         mem: &GuestMemory,
         ranges: impl Iterator<Item = impl std::ops::Deref<Target = DmaRange>>,
         max_xfer: u32,
+        held: bool,
     ) -> Reply {
         let Ok(f) = DeviceFeature::decode(payload) else {
             return Reply::Err(libc::EINVAL);
@@ -208,7 +207,7 @@ impl MigrationState {
                 let Some(target) = MigState::from_u32(want) else {
                     return Reply::Err(libc::EINVAL);
                 };
-                match self.transition(target, device) {
+                match self.transition(target, device, held) {
                     Ok(()) => Reply::data(payload.to_vec()),
                     Err(e) => Reply::Err(e),
                 }
@@ -242,9 +241,7 @@ impl MigrationState {
                 else {
                     return Reply::Err(libc::EINVAL);
                 };
-                // An iova off the 4 KiB grid would make a reported bit
-                // straddle two tracked pages, of which take_dirty_bitmap
-                // only looks at one: refuse it rather than under-report.
+                // As the kernel does, the iova must sit on the 4 KiB grid.
                 if self.logging.is_none()
                     || !page.is_power_of_two()
                     || page < DIRTY_PAGE_SIZE as u64
@@ -279,15 +276,20 @@ impl MigrationState {
     }
 
     /// Walks to `target` one direct arc at a time.
-    fn transition(&mut self, target: MigState, device: &mut dyn Device) -> Result<(), i32> {
+    fn transition(
+        &mut self,
+        target: MigState,
+        device: &mut dyn Device,
+        held: bool,
+    ) -> Result<(), i32> {
         while self.state != target {
             let next = self.state.next_hop(target).ok_or(libc::EINVAL)?;
-            self.arc(next, device)?;
+            self.arc(next, device, held)?;
         }
         Ok(())
     }
 
-    fn arc(&mut self, to: MigState, device: &mut dyn Device) -> Result<(), i32> {
+    fn arc(&mut self, to: MigState, device: &mut dyn Device, held: bool) -> Result<(), i32> {
         use MigState::*;
         let from = self.state;
         debug!("migration state {from:?} -> {to:?}");
@@ -303,8 +305,11 @@ impl MigrationState {
                 }
             }
             (Stop, Running) => {
-                if let Err(e) = device.resume() {
-                    return Err(fail(self, e.to_string()));
+                // A device the control socket paused stays paused.
+                if !held {
+                    if let Err(e) = device.resume() {
+                        return Err(fail(self, e.to_string()));
+                    }
                 }
             }
             (Running, PreCopy) => {

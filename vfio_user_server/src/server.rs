@@ -166,6 +166,10 @@ pub struct Server {
     mig: MigrationState,
     num_regions: u32,
     paused: bool,
+    /// Set by [`Server::restore`]: the restored queues may hold requests
+    /// made available before the snapshot; pick them up once the client
+    /// can receive interrupts.
+    resume_on_irqs: bool,
     message_dma: MessageDma,
 }
 
@@ -223,6 +227,7 @@ impl Server {
             mig: MigrationState::default(),
             num_regions,
             paused: false,
+            resume_on_irqs: false,
             message_dma: ctx.message_dma,
         })
     }
@@ -236,10 +241,13 @@ impl Server {
         Ok(())
     }
 
-    /// Resumes after [`Server::pause`].
+    /// Resumes after [`Server::pause`]; a device the migration state
+    /// holds stopped stays stopped until that state lets it run.
     pub fn resume(&mut self) -> Result<(), MigratableError> {
         if self.paused {
-            self.device.resume()?;
+            if !self.mig.device_stopped() {
+                self.device.resume()?;
+            }
             self.paused = false;
         }
         Ok(())
@@ -273,6 +281,7 @@ impl Server {
         self.device.pause()?;
         self.device.restore(&snap)?;
         self.paused = false;
+        self.resume_on_irqs = true;
         self.device.resume()
     }
 
@@ -500,7 +509,7 @@ impl Server {
         }
         self.dma.unmap_all();
         self.irqs.clear();
-        self.mig.reset(self.device.as_mut());
+        self.mig.reset(self.device.as_mut(), self.paused);
         if self.paused {
             // A snapshot may still be taken of a paused device whose
             // client left; its state is kept until resume.
@@ -1023,6 +1032,7 @@ impl Server {
         if (set.argsz as usize) < IrqSet::SIZE {
             return Reply::Err(libc::EINVAL);
         }
+        let had_fds = !fds.is_empty();
         let dups: Vec<File> = if self.device.observes_raw_requests() {
             fds.iter().filter_map(|f| f.try_clone().ok()).collect()
         } else {
@@ -1036,6 +1046,15 @@ impl Server {
                 }
                 if self.device.observes_raw_requests() {
                     self.device.irqs_set(&set, dups);
+                }
+                let installed = set.flags & IRQ_SET_DATA_EVENTFD != 0 && had_fds;
+                if installed && self.resume_on_irqs && !self.paused && !self.mig.device_stopped() {
+                    // Guest memory is mapped and interrupts can be
+                    // delivered: serve what was pending at the snapshot.
+                    self.resume_on_irqs = false;
+                    if let Err(e) = self.device.resume() {
+                        warn!("resume after restore failed: {e}");
+                    }
                 }
                 Reply::empty()
             }
@@ -1160,6 +1179,7 @@ impl Server {
             &mem,
             self.dma.ranges(),
             self.config.max_data_xfer_size,
+            self.paused,
         )
     }
 }

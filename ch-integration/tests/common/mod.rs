@@ -213,6 +213,17 @@ impl GuestRam {
         }
     }
 
+    /// A memfd of `len` bytes that is never touched (no memory used).
+    pub fn sparse_file(len: u64) -> File {
+        // SAFETY: memfd_create with a valid NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"sparse".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a new, owned descriptor.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len).unwrap();
+        file
+    }
+
     /// Allocates `len` bytes aligned to `align`; returns the guest address.
     pub fn alloc(&mut self, len: u64, align: u64) -> u64 {
         let off = self.next.next_multiple_of(align);
