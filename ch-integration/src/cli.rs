@@ -10,11 +10,13 @@ usage: vfio-user-device virtio-blk --socket PATH [options]
        vfio-user-device api --api-socket PATH pause|resume|status|snapshot FILE
 
 Serves a virtio-blk PCI device over vfio-user on the UNIX socket PATH, for
-Cloud Hypervisor (--user-device socket=PATH) or QEMU 10.1+ (-device
-vfio-user-pci,socket=PATH).
+Cloud Hypervisor (--user-device socket=PATH) or QEMU 10.1+
+(-device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"PATH"}}').
+Guest memory must be shared with this process (see the start-up text).
 
 options:
-  --socket PATH        socket to listen on (must not exist)
+  --socket PATH        socket to listen on (a stale socket left by a killed
+                       daemon is replaced; any other existing file is refused)
   --disk FILE          raw image to serve (default: a 64 MiB in-memory disk)
   --readonly           refuse guest writes
   --direct             open the image with O_DIRECT

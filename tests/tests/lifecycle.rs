@@ -482,3 +482,25 @@ fn reconnect_right_after_a_burst_of_posted_writes_is_served() {
         wait_resets(&s, 0, 2 * (i + 1));
     }
 }
+
+#[test]
+fn stale_socket_is_replaced_but_a_live_one_is_not() {
+    let _g = serial();
+    let dir = socket_dir();
+    // What a killed server leaves: a socket file nobody listens on.
+    let stale = dir.as_path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let ctx = DeviceContext::default();
+    let (dev, _state) = TestDevice::new(ctx.clone());
+    let server = Server::new(&stale, Box::new(dev), ctx, ServerConfig::default())
+        .expect("a stale socket is taken over");
+    drop(server);
+    // A socket somebody still listens on is refused.
+    let live = dir.as_path().join("live.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let ctx = DeviceContext::default();
+    let (dev, _state) = TestDevice::new(ctx.clone());
+    let r = Server::new(&live, Box::new(dev), ctx, ServerConfig::default());
+    assert!(matches!(r, Err(ServerError::PathExists(_))));
+}

@@ -7,8 +7,9 @@ use log::{debug, info};
 
 use crate::device::Device;
 use crate::dma::{clear_dirty, take_dirty_bitmap, DmaRange, GuestMemory, DIRTY_PAGE_SIZE};
-use crate::migration::{decode_stream, encode_stream};
+use crate::irq::Irqs;
 use crate::server::Reply;
+use crate::server::{load_device_state, save_device_state};
 use crate::wire::*;
 
 /// `vfio_user_device_mig_state` values.
@@ -63,6 +64,17 @@ impl MigState {
             _ => return None,
         })
     }
+}
+
+/// What the state machine acts on: the device, its interrupts, and whether
+/// the control socket holds it paused.
+pub(crate) struct DeviceSide<'a> {
+    /// The device.
+    pub device: &'a mut dyn Device,
+    /// Its interrupt state (saved with it).
+    pub irqs: &'a Irqs,
+    /// Paused through the control socket: never resumed by migration.
+    pub held: bool,
 }
 
 /// Migration state of one server.
@@ -141,11 +153,10 @@ impl MigrationState {
     pub(crate) fn device_feature(
         &mut self,
         payload: &[u8],
-        device: &mut dyn Device,
+        side: DeviceSide<'_>,
         mem: &GuestMemory,
         ranges: impl Iterator<Item = impl std::ops::Deref<Target = DmaRange>>,
         max_xfer: u32,
-        held: bool,
     ) -> Reply {
         let Ok(f) = DeviceFeature::decode(payload) else {
             return Reply::Err(libc::EINVAL);
@@ -165,7 +176,7 @@ impl MigrationState {
         {
             return Reply::Err(libc::EINVAL);
         }
-        if !device.migratable() {
+        if !side.device.migratable() {
             return Reply::Err(libc::ENOTSUP);
         }
         let (can_get, can_set) = match feature {
@@ -207,7 +218,7 @@ impl MigrationState {
                 let Some(target) = MigState::from_u32(want) else {
                     return Reply::Err(libc::EINVAL);
                 };
-                match self.transition(target, device, held) {
+                match self.transition(target, side) {
                     Ok(()) => Reply::data(payload.to_vec()),
                     Err(e) => Reply::Err(e),
                 }
@@ -276,20 +287,16 @@ impl MigrationState {
     }
 
     /// Walks to `target` one direct arc at a time.
-    fn transition(
-        &mut self,
-        target: MigState,
-        device: &mut dyn Device,
-        held: bool,
-    ) -> Result<(), i32> {
+    fn transition(&mut self, target: MigState, mut side: DeviceSide<'_>) -> Result<(), i32> {
         while self.state != target {
             let next = self.state.next_hop(target).ok_or(libc::EINVAL)?;
-            self.arc(next, device, held)?;
+            self.arc(next, &mut side)?;
         }
         Ok(())
     }
 
-    fn arc(&mut self, to: MigState, device: &mut dyn Device, held: bool) -> Result<(), i32> {
+    fn arc(&mut self, to: MigState, side: &mut DeviceSide<'_>) -> Result<(), i32> {
+        let (device, irqs, held) = (&mut *side.device, side.irqs, side.held);
         use MigState::*;
         let from = self.state;
         debug!("migration state {from:?} -> {to:?}");
@@ -328,24 +335,18 @@ impl MigrationState {
                         return Err(fail(self, e.to_string()));
                     }
                 }
-                let kind = device.snapshot_kind();
-                match device.snapshot() {
-                    Ok(s) => match encode_stream(&kind, &s) {
-                        Ok(b) => {
-                            self.out = b;
-                            self.out_pos = 0;
-                        }
-                        Err(e) => return Err(fail(self, e.to_string())),
-                    },
+                match save_device_state(device, irqs) {
+                    Ok(b) => {
+                        self.out = b;
+                        self.out_pos = 0;
+                    }
                     Err(e) => return Err(fail(self, e.to_string())),
                 }
             }
             (Stop, Resuming) => self.incoming.clear(),
             (Resuming, Stop) => {
                 let bytes = std::mem::take(&mut self.incoming);
-                let kind = device.snapshot_kind();
-                let restored = decode_stream(&bytes, &kind).and_then(|s| device.restore(&s));
-                if let Err(e) = restored {
+                if let Err(e) = load_device_state(device, irqs, &bytes) {
                     // The device keeps its previous state; a bad stream is
                     // refused, not half-applied.
                     log::warn!("refusing migration stream: {e}");

@@ -21,13 +21,17 @@ use vm_memory::GuestAddressSpace;
 use crate::device::{Device, DeviceContext, ResetReason};
 use crate::dma::{DmaLimits, DmaTable, DIRTY_PAGE_SIZE};
 use crate::irq::Irqs;
-use crate::mig::MigrationState;
-use crate::migration::{decode_stream, encode_stream, MigratableError};
+use crate::irq::IrqsState;
+use crate::mig::{DeviceSide, MigrationState};
+use crate::migration::{decode_stream, encode_stream, MigratableError, Snapshot};
 use crate::msgdma::{
     decode_reply, encode_request, MessageDma, MessageDmaLayout, MessageDmaOp, MAX_PENDING_REQUESTS,
 };
 use crate::socket::{recv_with_fds, send_with_fds};
 use crate::wire::*;
+
+/// Id of the interrupt state in a device snapshot.
+pub const IRQS_SNAPSHOT_ID: &str = "vfio-user-irqs";
 
 /// The minor protocol version we speak.
 pub const OUR_MINOR: u16 = 2;
@@ -182,8 +186,18 @@ impl Server {
         ctx: DeviceContext,
         config: ServerConfig,
     ) -> Result<Server, ServerError> {
-        if path.symlink_metadata().is_ok() {
-            return Err(ServerError::PathExists(path.to_path_buf()));
+        if let Ok(meta) = path.symlink_metadata() {
+            // A socket nobody listens on is what a killed server leaves
+            // behind: take it over. Anything else is somebody's file.
+            use std::os::unix::fs::FileTypeExt;
+            let stale = meta.file_type().is_socket()
+                && UnixStream::connect(path)
+                    .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused);
+            if !stale {
+                return Err(ServerError::PathExists(path.to_path_buf()));
+            }
+            warn!("removing stale socket {}", path.display());
+            std::fs::remove_file(path).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
         }
         // Bind and listen under a temporary name, then move the socket into
         // place: a client that sees the path can connect at once.
@@ -264,9 +278,7 @@ impl Server {
         if !self.paused {
             return Err(MigratableError::Snapshot("pause the device first".into()));
         }
-        let kind = self.device.snapshot_kind();
-        let snap = self.device.snapshot()?;
-        encode_stream(&kind, &snap)
+        save_device_state(self.device.as_mut(), &self.irqs)
     }
 
     /// Replaces the device state with a stream made by
@@ -276,10 +288,8 @@ impl Server {
         if self.conn.is_some() {
             return Err(MigratableError::Restore("a client is attached".into()));
         }
-        let kind = self.device.snapshot_kind();
-        let snap = decode_stream(stream, &kind)?;
         self.device.pause()?;
-        self.device.restore(&snap)?;
+        load_device_state(self.device.as_mut(), &self.irqs, stream)?;
         self.paused = false;
         self.resume_on_irqs = true;
         self.device.resume()
@@ -1158,6 +1168,7 @@ impl Server {
         if !payload.is_empty() {
             return Reply::Err(libc::EINVAL);
         }
+        debug!("DEVICE_RESET from the client");
         self.device.reset(ResetReason::Command);
         self.mig.device_reset();
         // A reset device runs again; one that the migration state or the
@@ -1173,13 +1184,17 @@ impl Server {
     fn handle_device_feature(&mut self, payload: &[u8]) -> Reply {
         let memory = self.dma.memory();
         let mem = memory.memory();
+        let side = DeviceSide {
+            device: self.device.as_mut(),
+            irqs: &self.irqs,
+            held: self.paused,
+        };
         self.mig.device_feature(
             payload,
-            self.device.as_mut(),
+            side,
             &mem,
             self.dma.ranges(),
             self.config.max_data_xfer_size,
-            self.paused,
         )
     }
 }
@@ -1202,6 +1217,46 @@ impl Drop for Server {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// The device state and its interrupt state as one stream (the device is
+/// paused).
+pub(crate) fn save_device_state(
+    device: &mut dyn Device,
+    irqs: &Irqs,
+) -> Result<Vec<u8>, MigratableError> {
+    let kind = device.snapshot_kind();
+    let mut snap = device.snapshot()?;
+    snap.add_snapshot(
+        IRQS_SNAPSHOT_ID.into(),
+        Snapshot::new_from_state(&irqs.state())?,
+    );
+    encode_stream(&kind, &snap)
+}
+
+/// Checks a stream made by [`save_device_state`] and applies it to a paused
+/// device: nothing is applied unless the stream is whole and of this kind.
+pub(crate) fn load_device_state(
+    device: &mut dyn Device,
+    irqs: &Irqs,
+    stream: &[u8],
+) -> Result<(), MigratableError> {
+    let kind = device.snapshot_kind();
+    let mut snap = decode_stream(stream, &kind)?;
+    let irq_state = match snap.snapshots.remove(IRQS_SNAPSHOT_ID) {
+        Some(s) => Some(s.to_state::<IrqsState>()?),
+        None => None,
+    };
+    let before = irqs.state();
+    if let Some(st) = &irq_state {
+        irqs.set_state(st)
+            .map_err(|e| MigratableError::Restore(format!("interrupt layout: {e}")))?;
+    }
+    if let Err(e) = device.restore(&snap) {
+        let _ = irqs.set_state(&before);
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// Renames `from` to `to`, failing if `to` exists.

@@ -11,7 +11,9 @@ use std::sync::{Arc, Barrier};
 use super::{BarAllocator, PciBarConfiguration, PciBarRegionType, PciDevice, PciDeviceError};
 use crate::device::{Device, DeviceError, RegionDescription, ResetReason};
 use crate::irq::IrqIndexInfo;
-use crate::migration::{MigratableError, Snapshot};
+use crate::migration::{
+    Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable,
+};
 use crate::wire::PCI_CONFIG_REGION_INDEX;
 
 const NUM_BARS: usize = 6;
@@ -129,6 +131,33 @@ fn config_chunks(
         Some(chunk)
     }))
 }
+
+/// Cloud Hypervisor's migration traits, over the device's own hooks.
+impl<D: PciDevice> Pausable for PciAdapter<D> {
+    fn pause(&mut self) -> Result<(), MigratableError> {
+        self.device.pause()
+    }
+
+    fn resume(&mut self) -> Result<(), MigratableError> {
+        self.device.resume()
+    }
+}
+
+impl<D: PciDevice> Snapshottable for PciAdapter<D> {
+    fn id(&self) -> String {
+        self.device
+            .id()
+            .unwrap_or_else(|| self.device.snapshot_kind())
+    }
+
+    fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
+        self.device.snapshot()
+    }
+}
+
+impl<D: PciDevice> Transportable for PciAdapter<D> {}
+
+impl<D: PciDevice> Migratable for PciAdapter<D> {}
 
 impl<D: PciDevice> Device for PciAdapter<D> {
     fn region(&self, index: u32) -> RegionDescription {

@@ -29,7 +29,9 @@ use thiserror::Error;
 use vfio_user_server::device::{DeviceContext, ResetReason};
 use vfio_user_server::dma::GuestMemoryHandle;
 use vfio_user_server::irq::Irqs;
-use vfio_user_server::migration::{MigratableError, Snapshot};
+use vfio_user_server::migration::{
+    Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable,
+};
 use vfio_user_server::pci::{
     BarAllocator, MsixCap, MsixTable, MsixTableState, PciBarConfiguration, PciBarPrefetchable,
     PciBarRegionType, PciCapability, PciConfiguration, PciConfigurationParams,
@@ -820,6 +822,31 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     }
 }
 
+/// Cloud Hypervisor's migration traits, over the `PciDevice` hooks.
+impl<D: VirtioDevice + 'static> Pausable for VirtioPciDevice<D> {
+    fn pause(&mut self) -> Result<(), MigratableError> {
+        PciDevice::pause(self)
+    }
+
+    fn resume(&mut self) -> Result<(), MigratableError> {
+        PciDevice::resume(self)
+    }
+}
+
+impl<D: VirtioDevice + 'static> Snapshottable for VirtioPciDevice<D> {
+    fn id(&self) -> String {
+        PciDevice::id(self).unwrap_or_else(|| self.snapshot_kind())
+    }
+
+    fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
+        PciDevice::snapshot(self)
+    }
+}
+
+impl<D: VirtioDevice + 'static> Transportable for VirtioPciDevice<D> {}
+
+impl<D: VirtioDevice + 'static> Migratable for VirtioPciDevice<D> {}
+
 impl<D: VirtioDevice + 'static> PciDevice for VirtioPciDevice<D> {
     fn allocate_bars(
         &mut self,
@@ -1103,10 +1130,10 @@ mod tests {
         d.bar_read(ISR_CFG_OFFSET, &mut isr);
         assert_eq!(isr[0], ISR_CONFIG);
         // Paused: no events.
-        d.pause().unwrap();
+        Pausable::pause(&mut d).unwrap();
         d.handle_event(99);
         assert_eq!(d.device().events, 1);
-        d.resume().unwrap();
+        Pausable::resume(&mut d).unwrap();
         // Byte-wise write of the high byte of queue_select.
         d.common_write(common::QUEUE_SELECT + 1, &[1]);
         assert_eq!(d.queue_select, 0x100);
