@@ -11,7 +11,7 @@ usage: vfio-user-device virtio-blk --socket PATH [options]
 
 Serves a virtio-blk PCI device over vfio-user on the UNIX socket PATH, for
 Cloud Hypervisor (--user-device socket=PATH) or QEMU 10.1+
-(-device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"PATH"}}').
+(-device '{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"PATH\"}}').
 Guest memory must be shared with this process (see the start-up text).
 
 options:
