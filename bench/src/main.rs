@@ -16,8 +16,17 @@
 //! request, one `read` of the 32-byte reply head, one `read` of the data),
 //! so every row differs only in the server.
 //!
+//! The servers all run, each in its own thread, for the whole run; the
+//! iterations are split into rounds and every round times every server in
+//! turn, so slow drifts of the machine affect all rows alike. Besides the
+//! wall-clock latency of each round trip, the table gives the CPU time per
+//! round trip of the server thread and of the client thread (from
+//! `/proc/self/task/*/schedstat`), and the header says how much CPU other
+//! processes used during the run (from `/proc/stat`): the numbers are
+//! only comparable between runs on an otherwise idle machine.
+//!
 //! Run with `cargo run --release -p bench --bin vfio-user-bench`; `--help`
-//! lists the options. Output is a markdown table.
+//! lists the options. Output is markdown.
 
 use std::error::Error;
 use std::io::{self, Read, Write};

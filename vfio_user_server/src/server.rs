@@ -94,6 +94,13 @@ impl ServerConfig {
     }
 }
 
+/// What every access to a region is checked against.
+struct RegionLimits {
+    size: u64,
+    read: bool,
+    write: bool,
+}
+
 /// What a handler answers.
 pub(crate) enum Reply {
     /// Success with this payload and fds.
@@ -111,11 +118,20 @@ impl Reply {
     }
 }
 
+/// A queued message: its header and payload go out as two iovecs, so the
+/// payload a handler built is never copied again.
 struct Outgoing {
-    bytes: Vec<u8>,
+    head: [u8; HEADER_SIZE],
+    payload: Vec<u8>,
     sent: usize,
     /// Borrowed fds (owned by the device), sent with the first byte.
     fds: Vec<RawFd>,
+}
+
+impl Outgoing {
+    fn len(&self) -> usize {
+        HEADER_SIZE + self.payload.len()
+    }
 }
 
 /// Where the reader is in the byte stream.
@@ -169,6 +185,9 @@ pub struct Server {
     config: ServerConfig,
     mig: MigrationState,
     num_regions: u32,
+    /// Size and access of every region, read once (region layouts are
+    /// fixed for a device's lifetime); checked on every access.
+    regions: Vec<RegionLimits>,
     paused: bool,
     /// Set by [`Server::restore`]: the restored queues may hold requests
     /// made available before the snapshot; pick them up once the client
@@ -230,6 +249,16 @@ impl Server {
         listener.set_nonblocking(true)?;
         ctx.irqs.configure(&device.irq_layout());
         let num_regions = device.num_regions();
+        let regions = (0..num_regions)
+            .map(|i| {
+                let d = device.region(i);
+                RegionLimits {
+                    size: d.size,
+                    read: d.read,
+                    write: d.write,
+                }
+            })
+            .collect();
         Ok(Server {
             path: None,
             listener,
@@ -240,6 +269,7 @@ impl Server {
             device,
             mig: MigrationState::default(),
             num_regions,
+            regions,
             paused: false,
             resume_on_irqs: false,
             message_dma: ctx.message_dma,
@@ -384,11 +414,10 @@ impl Server {
                 flags: flags::TYPE_COMMAND,
                 error_no: 0,
             };
-            let mut bytes = hdr.encode().to_vec();
-            bytes.extend_from_slice(&payload);
-            c.tx_bytes += bytes.len();
+            c.tx_bytes += HEADER_SIZE + payload.len();
             c.tx.push_back(Outgoing {
-                bytes,
+                head: hdr.encode(),
+                payload,
                 sent: 0,
                 fds: Vec::new(),
             });
@@ -667,10 +696,20 @@ impl Server {
             }
             let fds = std::mem::take(&mut c.rx_fds);
             let truncated = std::mem::replace(&mut c.fds_truncated, false);
-            // Copy out the payload so handlers can borrow `self` mutably.
-            let payload = c.rx[consumed + HEADER_SIZE..consumed + size].to_vec();
+            // Lend the buffer out so handlers can borrow `self` mutably
+            // without copying the payload.
+            let rx = std::mem::take(&mut c.rx);
+            self.dispatch(
+                &hdr,
+                &rx[consumed + HEADER_SIZE..consumed + size],
+                fds,
+                truncated,
+            );
             consumed += size;
-            self.dispatch(&hdr, &payload, fds, truncated);
+            match self.conn.as_mut() {
+                Some(c) => c.rx = rx,
+                None => return false,
+            }
         }
         if let Some(c) = self.conn.as_mut() {
             c.rx.copy_within(consumed..c.rx_len, 0);
@@ -723,12 +762,10 @@ impl Server {
                 (hdr.error_reply(e), Vec::new(), Vec::new())
             }
         };
-        let mut bytes = Vec::with_capacity(HEADER_SIZE + payload.len());
-        bytes.extend_from_slice(&h.encode());
-        bytes.extend_from_slice(&payload);
-        c.tx_bytes += bytes.len();
+        c.tx_bytes += HEADER_SIZE + payload.len();
         c.tx.push_back(Outgoing {
-            bytes,
+            head: h.encode(),
+            payload,
             sent: 0,
             fds,
         });
@@ -741,11 +778,24 @@ impl Server {
         };
         while let Some(out) = c.tx.front_mut() {
             let fds: &[RawFd] = if out.sent == 0 { &out.fds } else { &[] };
-            match send_with_fds(c.stream.as_raw_fd(), &[&out.bytes[out.sent..]], fds) {
+            let sent = if out.sent < HEADER_SIZE {
+                send_with_fds(
+                    c.stream.as_raw_fd(),
+                    &[&out.head[out.sent..], &out.payload],
+                    fds,
+                )
+            } else {
+                send_with_fds(
+                    c.stream.as_raw_fd(),
+                    &[&out.payload[out.sent - HEADER_SIZE..]],
+                    fds,
+                )
+            };
+            match sent {
                 Ok(n) => {
                     out.sent += n;
                     c.tx_bytes -= n;
-                    if out.sent == out.bytes.len() {
+                    if out.sent == out.len() {
                         c.tx.pop_front();
                     }
                 }
@@ -1077,13 +1127,15 @@ impl Server {
 
     /// Checks a region access; returns the region size.
     fn check_access(&self, index: u32, offset: u64, count: u32, write: bool) -> Result<(), i32> {
-        if index >= self.num_regions || count > self.config.max_data_xfer_size {
+        if count > self.config.max_data_xfer_size {
             return Err(libc::EINVAL);
         }
-        let desc = self.device.region(index);
-        let allowed = if write { desc.write } else { desc.read };
+        let Some(r) = self.regions.get(index as usize) else {
+            return Err(libc::EINVAL);
+        };
+        let allowed = if write { r.write } else { r.read };
         match offset.checked_add(count as u64) {
-            Some(end) if end <= desc.size && allowed => Ok(()),
+            Some(end) if end <= r.size && allowed => Ok(()),
             _ => Err(libc::EINVAL),
         }
     }
@@ -1098,8 +1150,8 @@ impl Server {
         if let Err(e) = self.check_access(req.region, req.offset, req.count, false) {
             return Reply::Err(e);
         }
-        let mut out = req.encode();
-        out.resize(RegionAccess::SIZE + req.count as usize, 0);
+        let mut out = vec![0u8; RegionAccess::SIZE + req.count as usize];
+        req.encode_into(&mut out);
         if req.count > 0 {
             if let Err(e) =
                 self.device

@@ -71,18 +71,24 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<Received> {
 /// Sends as much of `bufs` as the socket takes, with `fds` attached to the
 /// first byte. Returns the bytes sent; `Err(WouldBlock)` when none.
 pub fn send_with_fds(fd: RawFd, bufs: &[&[u8]], fds: &[RawFd]) -> io::Result<usize> {
-    let iovs: Vec<libc::iovec> = bufs
-        .iter()
-        .map(|b| libc::iovec {
-            iov_base: b.as_ptr() as *mut libc::c_void,
-            iov_len: b.len(),
-        })
-        .collect();
+    // A few buffers at most (header and payload): no allocation per send.
+    const MAX_BUFS: usize = 4;
+    if bufs.len() > MAX_BUFS {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut iovs = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_BUFS];
+    for (iov, b) in iovs.iter_mut().zip(bufs) {
+        iov.iov_base = b.as_ptr() as *mut libc::c_void;
+        iov.iov_len = b.len();
+    }
     let mut cmsg_buf = [0u64; SEND_CMSG_WORDS];
     // SAFETY: msghdr is plain data; all-zero is a valid initial value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = iovs.as_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = iovs.len();
+    msg.msg_iovlen = bufs.len();
     if !fds.is_empty() {
         let payload = std::mem::size_of_val(fds);
         // SAFETY: CMSG_SPACE is a pure size computation.

@@ -260,8 +260,14 @@ macro_rules! wire_struct {
             /// Encodes the structure.
             pub fn encode(&self) -> Vec<u8> {
                 let mut out = vec![0u8; Self::SIZE];
-                $( LeField::put(self.$field, &mut out, $off); )*
+                self.encode_into(&mut out);
                 out
+            }
+
+            /// Encodes into the first [`Self::SIZE`] bytes of `out`
+            /// (which must hold them).
+            pub fn encode_into(&self, out: &mut [u8]) {
+                $( LeField::put(self.$field, out, $off); )*
             }
         }
     };
