@@ -444,7 +444,13 @@ fn vm_daemon_killed() {
         daemon.socket.exists(),
         "socket file vanished with the daemon"
     );
+    // The new daemon takes over the socket file the killed one left.
     daemon.restart();
+    assert!(
+        daemon.log().contains("removing stale socket"),
+        "restart did not take over the stale socket; log:\n{}",
+        daemon.log()
+    );
     let run = Vm::start(&env, blk_spec(&daemon.socket)).finish();
     check_blk_run(&run, &original, &img);
     check_daemon_after(&mut daemon);

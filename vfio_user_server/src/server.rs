@@ -215,7 +215,7 @@ impl Server {
             if !stale {
                 return Err(ServerError::PathExists(path.to_path_buf()));
             }
-            warn!("removing stale socket {}", path.display());
+            info!("removing stale socket {}", path.display());
             std::fs::remove_file(path).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
         }
         // Bind and listen under a temporary name, then move the socket into

@@ -666,7 +666,13 @@ impl Daemon {
             .expect("spawn vfio-user-device");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if std::fs::symlink_metadata(&self.socket).is_ok_and(|m| m.file_type().is_socket()) {
+            // The start-up text is printed once the socket listens (a stale
+            // socket file from a killed daemon may exist before that).
+            let serving = std::fs::read_to_string(self.log_path.with_file_name("daemon.out"))
+                .is_ok_and(|o| o.contains("vfio-user-device: serving"));
+            if serving
+                && std::fs::symlink_metadata(&self.socket).is_ok_and(|m| m.file_type().is_socket())
+            {
                 break;
             }
             if let Ok(Some(s)) = child.try_wait() {
@@ -736,12 +742,10 @@ impl Daemon {
         }
     }
 
-    /// Starts it again on the same socket path with the same arguments,
-    /// after removing the socket file a killed daemon leaves behind (the
-    /// daemon refuses an existing path).
+    /// Starts the daemon again on the same socket path; the socket file a
+    /// killed daemon left behind is taken over by the new one.
     pub fn restart(&mut self) {
         assert!(!self.is_running(), "restart of a running daemon");
-        let _ = std::fs::remove_file(&self.socket);
         self.spawn();
     }
 
