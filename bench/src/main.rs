@@ -31,10 +31,11 @@
 use std::error::Error;
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use bench::{cpu_model, thread_cpu, us, CpuTimes, TempPath};
 use vfio_bindings::bindings::vfio::{
     vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_REGION_INFO_FLAG_READ,
     VFIO_REGION_INFO_FLAG_WRITE,
@@ -315,15 +316,6 @@ where
     })?;
     let tid = rx.recv()?;
     Ok(Running { thread, stop, tid })
-}
-
-/// CPU time thread `tid` of this process has run so far.
-fn thread_cpu(tid: i32) -> Duration {
-    // The first field of schedstat is the time on CPU in nanoseconds.
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .map_or(Duration::ZERO, Duration::from_nanos)
 }
 
 impl Running {
@@ -639,76 +631,10 @@ fn parse_args() -> BenchResult<Options> {
     Ok(o)
 }
 
-/// A scratch directory for the sockets, removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The CPU model from /proc/cpuinfo.
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
-/// CPU time counters, in clock ticks, to tell how busy the rest of the
-/// machine was during the run.
-struct CpuTimes {
-    /// Busy time of all CPUs (everything but idle and iowait).
-    busy: u64,
-    /// User plus system time of this process.
-    ours: u64,
-}
-
-impl CpuTimes {
-    /// Reads /proc/stat and /proc/self/stat.
-    fn now() -> Option<CpuTimes> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let cpu: Vec<u64> = stat
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .map(|v| v.parse().ok())
-            .collect::<Option<_>>()?;
-        // user nice system idle iowait irq softirq steal ...
-        let busy = cpu.iter().take(8).sum::<u64>() - cpu.get(3)? - cpu.get(4)?;
-        let own = std::fs::read_to_string("/proc/self/stat").ok()?;
-        // Fields after the parenthesised command name; utime and stime
-        // are fields 14 and 15 of the whole line.
-        let rest: Vec<&str> = own.rsplit_once(')')?.1.split_whitespace().collect();
-        let ours = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
-        Some(CpuTimes { busy, ours })
-    }
-
-    /// CPUs' worth of time other processes used since `before`.
-    fn others_since(&self, before: &CpuTimes, elapsed: Duration) -> f64 {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let busy = self.busy.saturating_sub(before.busy);
-        let ours = self.ours.saturating_sub(before.ours);
-        busy.saturating_sub(ours) as f64 / hz / elapsed.as_secs_f64()
-    }
-}
-
-/// Microseconds with two decimals.
-fn us(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1e6)
-}
-
 fn main() -> BenchResult<()> {
     let opts = parse_args()?;
-    let dir = TempDir(std::env::temp_dir().join(format!("vfio-user-bench-{}", std::process::id())));
+    let dir =
+        TempPath(std::env::temp_dir().join(format!("vfio-user-bench-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0)?;
 
     let targets: Vec<Target> = Target::ALL
