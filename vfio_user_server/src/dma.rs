@@ -249,15 +249,18 @@ fn map_file(
     if !meta.file_type().is_file() || meta.len() < end {
         return Err(DmaError::BadFile(size, offset));
     }
-    let mut prot = 0;
-    if flags & DMA_MAP_FLAG_READ != 0 {
-        prot |= libc::PROT_READ;
-    }
-    if flags & DMA_MAP_FLAG_WRITE != 0 {
-        prot |= libc::PROT_WRITE;
-    }
-    // vm-memory reads guest memory for every access; map readable always.
-    prot |= libc::PROT_READ;
+    // vm-memory has no per-region permissions: a device write into a
+    // read-only mapping (a guest pointing a DMA buffer at memory the client
+    // mapped without WRITE, e.g. a ROM) would kill the whole process with
+    // SIGSEGV. So every map is readable and writable, and one the client
+    // did not make writable is private: device writes land in copies the
+    // client never sees, and its memory is never modified.
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let share = if flags & DMA_MAP_FLAG_WRITE != 0 {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    };
     log::debug!(
         "DMA map {:#x}+{:#x} fd {} offset {:#x}",
         address,
@@ -269,7 +272,7 @@ fn map_file(
     let region = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::new(len, page))
         .with_file_offset(FileOffset::new(file, offset))
         .with_mmap_prot(prot)
-        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+        .with_mmap_flags(share | libc::MAP_NORESERVE)
         .build()
         .map_err(|e| DmaError::Mmap(e.to_string()))?;
     GuestRegionMmap::new(region, GuestAddress(address)).ok_or(DmaError::Invalid)
@@ -366,6 +369,29 @@ mod tests {
             .is_err());
         // The old snapshot keeps its mapping alive, so no stray access.
         assert_eq!(mem.read_obj::<u32>(GuestAddress(0x10010)).unwrap(), 0xdead);
+    }
+
+    #[test]
+    fn device_writes_to_a_read_only_map_do_not_fault() {
+        let mut t = table();
+        let f = file(0x2000);
+        let client = f.try_clone().unwrap();
+        for (flags, address) in [(DMA_MAP_FLAG_READ, 0x10000), (0, 0x20000)] {
+            t.map(flags, 0, address, 0x2000, Some(f.try_clone().unwrap()))
+                .unwrap();
+            let mem = t.memory.memory();
+            // Would be SIGSEGV with a PROT_READ mapping.
+            mem.write_obj(0xdeadu32, GuestAddress(address + 0x10))
+                .unwrap();
+            assert_eq!(
+                mem.read_obj::<u32>(GuestAddress(address + 0x10)).unwrap(),
+                0xdead
+            );
+        }
+        // The client's memory is untouched.
+        let mut b = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&client, &mut b, 0x10).unwrap();
+        assert_eq!(b, [0; 4]);
     }
 
     #[test]

@@ -402,7 +402,15 @@ impl VirtioDevice for VirtioBlk {
         mem: &GuestMemory,
     ) -> Result<bool, VirtioError> {
         let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        // At most one ring's worth of chains per call: a driver can keep
+        // the available index ahead of us forever (a used ring laid over
+        // the available ring makes every add_used advance it). The
+        // transport calls again, a bounded number of times, while more is
+        // available.
+        for _ in 0..queue.size() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let len = self.execute(chain, mem);
             match queue.add_used(mem, head, len) {
