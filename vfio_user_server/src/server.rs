@@ -134,6 +134,35 @@ impl Outgoing {
     }
 }
 
+/// fds that arrived with the message starting at `offset` of the receive
+/// buffer.
+struct ReceivedFds {
+    offset: usize,
+    fds: Vec<File>,
+    /// The control data was truncated: some fds were lost.
+    truncated: bool,
+}
+
+/// Offset of the last message that starts in `rx[from..filled]`, walking
+/// the messages from the start of the buffer (always a message start) the
+/// way `process_buffer` will consume them.
+fn last_message_start(rx: &[u8], filled: usize, from: usize) -> Option<usize> {
+    let mut at = 0;
+    let mut last = None;
+    while at < filled {
+        if at >= from {
+            last = Some(at);
+        }
+        let Ok(h) = Header::decode(rx.get(at..filled).unwrap_or(&[])) else {
+            break;
+        };
+        // A size below the header consumes the header only; an oversized
+        // one its whole claimed body (skipped).
+        at = at.saturating_add((h.msg_size as usize).max(HEADER_SIZE));
+    }
+    last
+}
+
 /// Where the reader is in the byte stream.
 enum ReadState {
     /// Collecting a message into `rx`.
@@ -147,10 +176,8 @@ struct Connection {
     stream: UnixStream,
     rx: Vec<u8>,
     rx_len: usize,
-    /// fds received with the first byte of the message starting at
-    /// `rx[0]` (fds can only arrive at a message start).
-    rx_fds: Vec<File>,
-    fds_truncated: bool,
+    /// fds received, by the offset in `rx` of the message they came with.
+    rx_fds: Vec<ReceivedFds>,
     read_state: ReadState,
     tx: VecDeque<Outgoing>,
     tx_bytes: usize,
@@ -516,7 +543,6 @@ impl Server {
             rx: vec![0; 64 * 1024],
             rx_len: 0,
             rx_fds: Vec::new(),
-            fds_truncated: false,
             read_state: ReadState::Message,
             tx: VecDeque::new(),
             tx_bytes: 0,
@@ -586,15 +612,15 @@ impl Server {
                 let want = (c.rx.len() * 2).min(self.config.max_msg_size());
                 c.rx.resize(want.max(c.rx.len()), 0);
             }
-            // Never read past the end of the current message: Linux hands
-            // the fds of a later message to a recvmsg that also returns the
-            // bytes before it, so a read crossing a message boundary cannot
-            // tell which message its fds belong to.
+            // Read as much as is there: header and body in one go, several
+            // pipelined messages at once. Linux hands the fds of a message
+            // to the recvmsg that reaches its first segment, together with
+            // the bytes before it, and stops right after that segment: so
+            // fds belong to the last message that starts in this read
+            // (clients send each message's fds with its first byte).
             let want = match c.read_state {
                 ReadState::Discard(left) => left,
-                ReadState::Message if c.rx_len < HEADER_SIZE => HEADER_SIZE - c.rx_len,
-                ReadState::Message => Header::decode(&c.rx[..HEADER_SIZE])
-                    .map_or(1, |h| (h.msg_size as usize).saturating_sub(c.rx_len).max(1)),
+                ReadState::Message => c.rx.len() - c.rx_len,
             };
             let fd = c.stream.as_raw_fd();
             let start = c.rx_len;
@@ -615,13 +641,20 @@ impl Server {
                 // fds riding on a body being skipped are closed with it.
                 drop(r.fds);
             } else if !r.fds.is_empty() || r.truncated {
-                if start != 0 || !c.rx_fds.is_empty() {
+                let Some(offset) = last_message_start(&c.rx, start + r.bytes, start) else {
                     // fds not at a message start: protocol violation.
                     warn!("fds received mid-message; dropping the client");
                     return false;
+                };
+                if c.rx_fds.iter().any(|f| f.offset == offset) {
+                    warn!("two sets of fds for one message; dropping the client");
+                    return false;
                 }
-                c.rx_fds = r.fds;
-                c.fds_truncated = r.truncated;
+                c.rx_fds.push(ReceivedFds {
+                    offset,
+                    fds: r.fds,
+                    truncated: r.truncated,
+                });
             }
             c.rx_len += r.bytes;
             if !self.process_buffer() {
@@ -680,8 +713,8 @@ impl Server {
                 // Answer, then skip whatever body the size claims.
                 warn!("bad msg_size {size} for command {}", hdr.cmd);
                 let body = size.saturating_sub(HEADER_SIZE);
+                c.rx_fds.retain(|f| f.offset != consumed);
                 consumed += HEADER_SIZE;
-                c.rx_fds.clear();
                 c.read_state = ReadState::Discard(body);
                 let errno = if size > max_msg {
                     libc::E2BIG
@@ -694,8 +727,13 @@ impl Server {
             if avail < size {
                 break;
             }
-            let fds = std::mem::take(&mut c.rx_fds);
-            let truncated = std::mem::replace(&mut c.fds_truncated, false);
+            let (fds, truncated) = match c.rx_fds.iter().position(|f| f.offset == consumed) {
+                Some(i) => {
+                    let r = c.rx_fds.swap_remove(i);
+                    (r.fds, r.truncated)
+                }
+                None => (Vec::new(), false),
+            };
             // Lend the buffer out so handlers can borrow `self` mutably
             // without copying the payload.
             let rx = std::mem::take(&mut c.rx);
@@ -714,6 +752,11 @@ impl Server {
         if let Some(c) = self.conn.as_mut() {
             c.rx.copy_within(consumed..c.rx_len, 0);
             c.rx_len -= consumed;
+            // fds of messages still incomplete move with their bytes.
+            c.rx_fds.retain(|f| f.offset >= consumed);
+            for f in c.rx_fds.iter_mut() {
+                f.offset -= consumed;
+            }
             // Give back memory a large message made us take.
             if c.rx_len == 0 && c.rx.len() > 64 * 1024 {
                 c.rx.truncate(64 * 1024);
@@ -1405,6 +1448,44 @@ impl ClientCaps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn msg(size: u32) -> Vec<u8> {
+        let mut m = Header {
+            msg_size: size,
+            ..Header::default()
+        }
+        .encode()
+        .to_vec();
+        m.resize(size.max(16) as usize, 0);
+        m
+    }
+
+    #[test]
+    fn fds_go_to_the_last_message_starting_in_a_read() {
+        let mut rx = msg(32);
+        rx.extend(msg(20));
+        rx.extend(msg(40));
+        // The read covered the 2nd and 3rd messages: the 3rd gets them.
+        assert_eq!(last_message_start(&rx, rx.len(), 32), Some(52));
+        // A read ending inside the 3rd message's header still starts it.
+        assert_eq!(last_message_start(&rx, 60, 32), Some(52));
+        // A read of the 1st message's body only: no message starts there.
+        assert_eq!(last_message_start(&rx, 30, 10), None);
+        assert_eq!(last_message_start(&rx, 32, 0), Some(0));
+        // A size below the header consumes 16 bytes.
+        let mut bad = msg(3);
+        bad.extend(msg(16));
+        assert_eq!(last_message_start(&bad, bad.len(), 1), Some(16));
+        // An oversized message's claimed body is skipped whole.
+        let mut huge = Header {
+            msg_size: 1 << 30,
+            ..Header::default()
+        }
+        .encode()
+        .to_vec();
+        huge.resize(64, 0);
+        assert_eq!(last_message_start(&huge, 64, 0), Some(0));
+    }
 
     #[test]
     fn client_caps_parsing() {
