@@ -161,6 +161,39 @@ mod tests {
     }
 
     #[test]
+    fn vectored_bounces() {
+        use crate::storage::IoBuf;
+        let d = MemoryDisk::new(8192).unwrap();
+        let mut src = [1u8, 2, 3, 4, 5];
+        let (a, b) = src.split_at_mut(2);
+        // SAFETY: `src` outlives the buffers and is not otherwise used.
+        let bufs = unsafe {
+            [
+                IoBuf::from_raw_parts(a.as_mut_ptr(), a.len()),
+                IoBuf::from_raw_parts(b.as_mut_ptr(), b.len()),
+            ]
+        };
+        d.write_vectored_at(&bufs, 4094).unwrap();
+        let mut back = [0u8; 5];
+        d.read_at(&mut back, 4094).unwrap();
+        assert_eq!(back, [1, 2, 3, 4, 5]);
+        let mut dst = [0u8; 5];
+        let (a, b) = dst.split_at_mut(3);
+        // SAFETY: as above, for `dst`.
+        let bufs = unsafe {
+            [
+                IoBuf::from_raw_parts(a.as_mut_ptr(), a.len()),
+                IoBuf::from_raw_parts(b.as_mut_ptr(), b.len()),
+            ]
+        };
+        d.read_vectored_at(&bufs, 4094).unwrap();
+        assert_eq!(dst, [1, 2, 3, 4, 5]);
+        assert!(d.read_vectored_at(&bufs, 8190).is_err());
+        let ro = MemoryDisk::from_vec(vec![0; 512], true);
+        assert!(ro.write_vectored_at(&bufs, 0).is_err());
+    }
+
+    #[test]
     fn too_large() {
         assert!(MemoryDisk::new(u64::MAX).is_err());
     }

@@ -9,14 +9,117 @@ mod memory;
 mod raw_file;
 
 use std::io;
+use std::marker::PhantomData;
 
 use thiserror::Error;
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::VolatileSlice;
 
 pub use memory::MemoryDisk;
 pub use raw_file::{RawFile, RawFileOptions, DIRECT_IO_ALIGNMENT};
 
 /// Maximum length of a back-end id, in bytes (`VIRTIO_BLK_ID_BYTES`).
 pub const BLOCK_ID_BYTES: usize = 20;
+
+/// One buffer of a vectored transfer ([`BlockBackend::read_vectored_at`],
+/// [`BlockBackend::write_vectored_at`]): `len` bytes of memory at `ptr`,
+/// laid out like `struct iovec` so a slice of them can be handed to
+/// `preadv`/`pwritev` as is.
+///
+/// The memory is typically guest memory, which the guest may modify at any
+/// time: it is only ever accessed as raw bytes (by the kernel, or with
+/// volatile copies), never through Rust references.
+#[derive(Clone, Copy, Debug)]
+#[repr(transparent)]
+pub struct IoBuf<'a> {
+    iov: libc::iovec,
+    _memory: PhantomData<&'a mut [u8]>,
+}
+
+impl<'a> IoBuf<'a> {
+    /// An empty buffer.
+    pub const fn empty() -> Self {
+        IoBuf {
+            iov: libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            },
+            _memory: PhantomData,
+        }
+    }
+
+    /// A buffer of `len` bytes at `ptr`.
+    ///
+    /// # Safety
+    ///
+    /// `[ptr, ptr + len)` must be mapped, readable and writable memory for
+    /// `'a`, and every other user of it must access it only as raw bytes
+    /// (volatile accesses or the kernel), never through Rust references.
+    pub unsafe fn from_raw_parts(ptr: *mut u8, len: usize) -> Self {
+        IoBuf {
+            iov: libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: len,
+            },
+            _memory: PhantomData,
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.iov.iov_len
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.iov.iov_len == 0
+    }
+
+    /// Start of the buffer.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.iov.iov_base.cast()
+    }
+
+    /// The buffer as a [`VolatileSlice`] without dirty tracking, for
+    /// volatile copies.
+    pub fn as_volatile_slice(&self) -> VolatileSlice<'_> {
+        // SAFETY: the constructors guarantee that `[ptr, ptr + len)` is
+        // valid memory, accessed only as raw bytes, for 'a, which outlives
+        // the borrow of `self`.
+        unsafe { VolatileSlice::new(self.as_ptr(), self.len()) }
+    }
+
+    /// The iovecs of `bufs`, for `preadv`/`pwritev`.
+    pub(crate) fn as_iovecs(bufs: &[IoBuf<'_>]) -> *const libc::iovec {
+        // `IoBuf` is a `repr(transparent)` wrapper of `libc::iovec`.
+        bufs.as_ptr().cast()
+    }
+}
+
+impl<'a, B: BitmapSlice> From<VolatileSlice<'a, B>> for IoBuf<'a> {
+    /// The memory of `slice`. Writes through the buffer are not recorded in
+    /// the slice's dirty bitmap: after writing, the caller marks them with
+    /// `slice.bitmap().mark_dirty(0, len)`.
+    fn from(slice: VolatileSlice<'a, B>) -> Self {
+        // `ptr_guard_mut` only maps memory on Xen, a vm-memory feature we do
+        // not enable; the address stays valid after the guard is dropped.
+        let ptr = slice.ptr_guard_mut().as_ptr();
+        // SAFETY: a `VolatileSlice<'a>` is `len` bytes of valid memory for
+        // 'a that all users access with volatile accesses (its constructor's
+        // contract), which is this type's requirement too.
+        unsafe { IoBuf::from_raw_parts(ptr, slice.len()) }
+    }
+}
+
+/// Total length of `bufs`; fails if it overflows.
+pub fn io_bufs_len(bufs: &[IoBuf<'_>]) -> io::Result<u64> {
+    bufs.iter()
+        .try_fold(0u64, |acc, b| acc.checked_add(b.len() as u64))
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Largest bounce buffer of the default vectored methods.
+const VECTORED_BOUNCE: usize = 256 << 10;
 
 /// Errors creating a storage back end.
 #[derive(Debug, Error)]
@@ -60,6 +163,24 @@ pub trait BlockBackend: Send + Sync {
     /// durable; see [`BlockBackend::flush`]).
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
 
+    /// Fills `bufs`, in order, from `offset`; the whole range must lie
+    /// within the image. On error the buffers' contents are unspecified.
+    ///
+    /// The default implementation bounces through a temporary buffer and
+    /// [`BlockBackend::read_at`].
+    fn read_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> io::Result<()> {
+        bounce_read_vectored(self, bufs, offset)
+    }
+
+    /// Writes `bufs`, in order, at `offset`; the whole range must lie
+    /// within the image. Same semantics as [`BlockBackend::write_at`].
+    ///
+    /// The default implementation bounces through a temporary buffer and
+    /// [`BlockBackend::write_at`].
+    fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> io::Result<()> {
+        bounce_write_vectored(self, bufs, offset)
+    }
+
     /// Makes every accepted write durable (`fdatasync`).
     fn flush(&self) -> io::Result<()>;
 
@@ -75,6 +196,59 @@ pub trait BlockBackend: Send + Sync {
 
     /// A serial number for the image, at most [`BLOCK_ID_BYTES`] bytes.
     fn id(&self) -> String;
+}
+
+/// Vectored read through a bounce buffer and [`BlockBackend::read_at`].
+pub(crate) fn bounce_read_vectored<D: BlockBackend + ?Sized>(
+    disk: &D,
+    bufs: &[IoBuf<'_>],
+    offset: u64,
+) -> io::Result<()> {
+    let total = io_bufs_len(bufs)?;
+    check_range(disk.size(), offset, total)?;
+    let mut bounce = vec![0u8; total.min(VECTORED_BOUNCE as u64) as usize];
+    let mut pos = offset;
+    for b in bufs {
+        let dst = b.as_volatile_slice();
+        let mut done = 0;
+        while done < b.len() {
+            let n = (b.len() - done).min(bounce.len());
+            disk.read_at(&mut bounce[..n], pos)?;
+            dst.offset(done)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
+                .copy_from(&bounce[..n]);
+            done += n;
+            pos += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Vectored write through a bounce buffer and [`BlockBackend::write_at`].
+pub(crate) fn bounce_write_vectored<D: BlockBackend + ?Sized>(
+    disk: &D,
+    bufs: &[IoBuf<'_>],
+    offset: u64,
+) -> io::Result<()> {
+    check_writable(disk.read_only())?;
+    let total = io_bufs_len(bufs)?;
+    check_range(disk.size(), offset, total)?;
+    let mut bounce = vec![0u8; total.min(VECTORED_BOUNCE as u64) as usize];
+    let mut pos = offset;
+    for b in bufs {
+        let src = b.as_volatile_slice();
+        let mut done = 0;
+        while done < b.len() {
+            let n = (b.len() - done).min(bounce.len());
+            src.offset(done)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
+                .copy_to(&mut bounce[..n]);
+            disk.write_at(&bounce[..n], pos)?;
+            done += n;
+            pos += n as u64;
+        }
+    }
+    Ok(())
 }
 
 /// Checks that `[offset, offset + len)` lies within an image of `size`

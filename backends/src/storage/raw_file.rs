@@ -7,7 +7,9 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use super::{check_range, check_writable, truncate_id, BlockBackend, StorageError};
+use super::{
+    check_range, check_writable, io_bufs_len, truncate_id, BlockBackend, IoBuf, StorageError,
+};
 
 /// Offset, length and memory alignment used for `O_DIRECT` accesses. 4 KiB
 /// satisfies every logical block size up to 4 KiB.
@@ -15,6 +17,9 @@ pub const DIRECT_IO_ALIGNMENT: u64 = 4096;
 
 /// Largest single `O_DIRECT` transfer (size of the bounce buffer).
 const DIRECT_CHUNK: u64 = 1 << 20;
+
+/// Most iovecs passed to one `preadv`/`pwritev` (`IOV_MAX` on Linux).
+const MAX_IOVECS: usize = 1024;
 
 /// Chunk size of the zero-writing fallback of `write_zeroes`.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -231,7 +236,102 @@ impl RawFile {
     }
 }
 
+/// One `preadv` (`write == false`) or `pwritev` of `bufs` (at most
+/// `IOV_MAX`) at `offset`, retried after `EINTR`. Returns the number of
+/// bytes transferred; a transfer of nothing while `bufs` is not empty fails
+/// with `UnexpectedEof` (a read at the end of the file) or `WriteZero`.
+fn transfer_once(file: &File, bufs: &[IoBuf<'_>], offset: u64, write: bool) -> io::Result<usize> {
+    let off = libc::off64_t::try_from(offset)
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // `bufs` is at most MAX_IOVECS long.
+    let n = bufs.len() as libc::c_int;
+    loop {
+        let ret = if write {
+            // SAFETY: `bufs` is `n` valid iovecs (`IoBuf` is a transparent
+            // `iovec`), each describing memory that stays valid for the
+            // call (`IoBuf`'s contract); the kernel only reads it.
+            unsafe { libc::pwritev64(file.as_raw_fd(), IoBuf::as_iovecs(bufs), n, off) }
+        } else {
+            // SAFETY: as above; the kernel writes into the buffers, which
+            // `IoBuf` guarantees are writable memory that nobody accesses
+            // through Rust references, so the guest modifying it at the same
+            // time only makes the bytes unspecified.
+            unsafe { libc::preadv64(file.as_raw_fd(), IoBuf::as_iovecs(bufs), n, off) }
+        };
+        if ret > 0 {
+            return Ok(ret as usize);
+        }
+        if ret == 0 {
+            if bufs.iter().all(IoBuf::is_empty) {
+                return Ok(0);
+            }
+            return Err(io::Error::from(if write {
+                io::ErrorKind::WriteZero
+            } else {
+                io::ErrorKind::UnexpectedEof
+            }));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `preadv` (`write == false`) or `pwritev` of all of `bufs` at `offset`,
+/// straight from or into their memory, continuing after short transfers.
+fn transfer_vectored(file: &File, bufs: &[IoBuf<'_>], offset: u64, write: bool) -> io::Result<()> {
+    let mut pos = offset;
+    let mut rest = bufs;
+    while !rest.is_empty() {
+        let batch = &rest[..rest.len().min(MAX_IOVECS)];
+        let mut done = transfer_once(file, batch, pos, write)?;
+        pos += done as u64;
+        // Skip the buffers done (and empty ones).
+        let mut i = 0;
+        while i < batch.len() && done >= batch[i].len() {
+            done -= batch[i].len();
+            i += 1;
+        }
+        rest = &rest[i..];
+        if done > 0 {
+            // A short transfer ended inside `rest[0]`: finish it alone.
+            let b = rest[0];
+            while done < b.len() {
+                // SAFETY: a suffix of the memory of a valid `IoBuf` is
+                // valid under the same contract, for the same lifetime.
+                let tail = unsafe { IoBuf::from_raw_parts(b.as_ptr().add(done), b.len() - done) };
+                let n = transfer_once(file, &[tail], pos, write)?;
+                done += n;
+                pos += n as u64;
+            }
+            rest = &rest[1..];
+        }
+    }
+    Ok(())
+}
+
 impl BlockBackend for RawFile {
+    fn read_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> io::Result<()> {
+        let total = io_bufs_len(bufs)?;
+        check_range(self.size, offset, total)?;
+        match &self.direct {
+            None => transfer_vectored(&self.file, bufs, offset, false),
+            // O_DIRECT needs aligned memory: bounce.
+            Some(_) => super::bounce_read_vectored(self, bufs, offset),
+        }
+    }
+
+    fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> io::Result<()> {
+        check_writable(self.read_only)?;
+        let total = io_bufs_len(bufs)?;
+        check_range(self.size, offset, total)?;
+        match &self.direct {
+            None => transfer_vectored(&self.file, bufs, offset, true),
+            Some(_) => super::bounce_write_vectored(self, bufs, offset),
+        }
+    }
+
     fn size(&self) -> u64 {
         self.size
     }
@@ -411,6 +511,43 @@ mod tests {
         f.flush().unwrap();
     }
 
+    /// Vectored transfers through `f`, checked against `read_at`.
+    fn exercise_vectored(f: &RawFile, size: u64) {
+        let data = pattern(3 * 4096 + 100, 5);
+        let mut src = data.clone();
+        let (a, rest) = src.split_at_mut(100);
+        let (b, c) = rest.split_at_mut(4096);
+        let bufs = |a: &mut [u8], b: &mut [u8], c: &mut [u8]| {
+            // SAFETY: the slices are valid and exclusively borrowed for the
+            // returned buffers' use below.
+            unsafe {
+                [
+                    IoBuf::from_raw_parts(a.as_mut_ptr(), a.len()),
+                    IoBuf::empty(),
+                    IoBuf::from_raw_parts(b.as_mut_ptr(), b.len()),
+                    IoBuf::from_raw_parts(c.as_mut_ptr(), c.len()),
+                ]
+            }
+        };
+        f.write_vectored_at(&bufs(a, b, c), 4096 + 512).unwrap();
+        let mut back = vec![0u8; data.len()];
+        f.read_at(&mut back, 4096 + 512).unwrap();
+        assert_eq!(back, data);
+        let mut dst = vec![0u8; data.len()];
+        let (a, rest) = dst.split_at_mut(7);
+        let (b, c) = rest.split_at_mut(5000);
+        f.read_vectored_at(&bufs(a, b, c), 4096 + 512).unwrap();
+        assert_eq!(dst, data);
+        // Out of range, in whole or in part.
+        let mut one = [0u8; 2];
+        // SAFETY: `one` outlives the buffer.
+        let buf = [unsafe { IoBuf::from_raw_parts(one.as_mut_ptr(), one.len()) }];
+        assert!(f.read_vectored_at(&buf, size - 1).is_err());
+        assert!(f.write_vectored_at(&buf, u64::MAX).is_err());
+        f.read_vectored_at(&buf, size - 2).unwrap();
+        f.read_vectored_at(&[], size).unwrap();
+    }
+
     #[test]
     fn buffered() {
         let size = (8 << 20) + 1536;
@@ -419,6 +556,7 @@ mod tests {
         assert!(!f.is_direct());
         assert!(f.id().len() <= 20);
         exercise(&f, size);
+        exercise_vectored(&f, size);
     }
 
     #[test]
@@ -428,6 +566,7 @@ mod tests {
         let Some(f) = open(&t, true) else { return };
         assert!(f.is_direct());
         exercise(&f, size);
+        exercise_vectored(&f, size);
         // What went through O_DIRECT is visible through the page cache.
         let mut b = vec![0u8; 700];
         t.as_file().read_exact_at(&mut b, size - 700).unwrap();
@@ -449,6 +588,13 @@ mod tests {
         assert!(f.read_only());
         assert_eq!(f.id(), "serial");
         assert!(f.write_at(&[1], 0).is_err());
+        let mut b = [0u8; 1];
+        // SAFETY: `b` outlives the buffer.
+        let buf = [unsafe { IoBuf::from_raw_parts(b.as_mut_ptr(), 1) }];
+        assert_eq!(
+            f.write_vectored_at(&buf, 0).unwrap_err().kind(),
+            io::ErrorKind::PermissionDenied
+        );
         assert!(f.write_zeroes(0, 1).is_err());
         f.flush().unwrap();
         assert!(RawFile::open("/nonexistent/image", RawFileOptions::default()).is_err());

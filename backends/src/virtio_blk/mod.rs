@@ -8,6 +8,7 @@
 
 mod request;
 
+use std::io;
 use std::sync::Arc;
 
 use log::{debug, warn};
@@ -19,8 +20,10 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 
+use vm_memory::bitmap::Bitmap;
+
 use self::request::*;
-use crate::storage::{BlockBackend, BLOCK_ID_BYTES};
+use crate::storage::{BlockBackend, IoBuf, BLOCK_ID_BYTES};
 use crate::virtio::{
     GuestMemory, VirtioDevice, VirtioError, VirtioPciDevice, VirtioPciError, MAX_QUEUES,
 };
@@ -39,8 +42,10 @@ pub const BLK_MAX_DISCARD_SEG: u32 = 32;
 /// `discard_sector_alignment` (4 KiB).
 pub const BLK_DISCARD_SECTOR_ALIGNMENT: u32 = 8;
 
-/// Size of the bounce buffer between guest memory and the back end.
-const BOUNCE_SIZE: usize = 256 << 10;
+/// Most guest buffers handed to the back end in one vectored call. Small,
+/// as the arrays holding them are initialised per request, and most
+/// requests have one or two data buffers.
+const IO_BATCH: usize = 8;
 /// Size of the configuration space we expose (up to `unused1`).
 const CONFIG_SIZE: usize = 0x3c;
 
@@ -97,7 +102,8 @@ pub struct VirtioBlk {
     config_space: [u8; CONFIG_SIZE],
     avail_features: u64,
     acked_features: u64,
-    bounce: Vec<u8>,
+    /// The current chain, split; kept to reuse its storage.
+    buffers: Buffers,
 }
 
 fn bit(b: u32) -> u64 {
@@ -164,7 +170,7 @@ impl VirtioBlk {
             config_space: c,
             avail_features: features,
             acked_features: 0,
-            bounce: Vec::new(),
+            buffers: Buffers::default(),
         })
     }
 
@@ -187,15 +193,28 @@ impl VirtioBlk {
     /// could not be written).
     fn execute(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
         let head = chain.head_index();
-        let Some(buffers) = split_chain(chain, BLK_MAX_CHAIN_DESCRIPTORS) else {
+        let mut buffers = std::mem::take(&mut self.buffers);
+        let len = self.execute_split(head, chain, &mut buffers, mem);
+        self.buffers = buffers;
+        len
+    }
+
+    fn execute_split(
+        &mut self,
+        head: u16,
+        chain: DescriptorChain<&GuestMemory>,
+        buffers: &mut Buffers,
+        mem: &GuestMemory,
+    ) -> u32 {
+        if !split_chain(chain, BLK_MAX_CHAIN_DESCRIPTORS, buffers) {
             warn!("virtio-blk: chain {head} too long");
             return 0;
-        };
+        }
         let Some(status_at) = buffers.writable.len().checked_sub(1) else {
             warn!("virtio-blk: chain {head} has no status byte");
             return 0;
         };
-        let (status, written) = self.handle(&buffers, status_at, mem);
+        let (status, written) = self.handle(buffers, status_at, mem);
         match buffers.writable.write_at(mem, status_at, &[status]) {
             // `written` is below `status_at`, itself bounded by the chain
             // length, which is a u32 sum checked by virtio-queue.
@@ -242,13 +261,6 @@ impl VirtioBlk {
         }
     }
 
-    fn bounce(&mut self) -> &mut [u8] {
-        if self.bounce.is_empty() {
-            self.bounce = vec![0u8; BOUNCE_SIZE];
-        }
-        &mut self.bounce
-    }
-
     fn read(&mut self, b: &Buffers, sector: u64, len: u64, mem: &GuestMemory) -> (u8, u64) {
         if len & (SECTOR_SIZE - 1) != 0 {
             return (S_IOERR, 0);
@@ -256,22 +268,15 @@ impl VirtioBlk {
         let Some((offset, _)) = sector_range(sector, len, self.capacity) else {
             return (S_IOERR, 0);
         };
-        let backend = self.backend.clone();
-        let bounce = self.bounce();
-        let mut pos = 0u64;
-        while pos < len {
-            let n = (len - pos).min(bounce.len() as u64) as usize;
-            let chunk = &mut bounce[..n];
-            if let Err(e) = backend.read_at(chunk, offset + pos) {
-                warn!("virtio-blk: read at {:#x}: {e}", offset + pos);
-                return (S_IOERR, pos);
+        match transfer(&*self.backend, &b.writable, 0, len, offset, mem, true) {
+            Ok(()) => (S_OK, len),
+            Err(e) => {
+                warn!("virtio-blk: read at {offset:#x}: {e}");
+                // Some of the data may have reached the guest, but the
+                // driver must not rely on any of it.
+                (S_IOERR, 0)
             }
-            if b.writable.write_at(mem, pos, chunk).is_err() {
-                return (S_IOERR, pos);
-            }
-            pos += n as u64;
         }
-        (S_OK, len)
     }
 
     fn write(&mut self, b: &Buffers, sector: u64, mem: &GuestMemory) -> u8 {
@@ -285,20 +290,17 @@ impl VirtioBlk {
         let Some((offset, _)) = sector_range(sector, len, self.capacity) else {
             return S_IOERR;
         };
-        let backend = self.backend.clone();
-        let bounce = self.bounce();
-        let mut pos = 0u64;
-        while pos < len {
-            let n = (len - pos).min(bounce.len() as u64) as usize;
-            let chunk = &mut bounce[..n];
-            if b.readable.read_at(mem, OUTHDR_SIZE + pos, chunk).is_err() {
-                return S_IOERR;
-            }
-            if let Err(e) = backend.write_at(chunk, offset + pos) {
-                warn!("virtio-blk: write at {:#x}: {e}", offset + pos);
-                return S_IOERR;
-            }
-            pos += n as u64;
+        if let Err(e) = transfer(
+            &*self.backend,
+            &b.readable,
+            OUTHDR_SIZE,
+            len,
+            offset,
+            mem,
+            false,
+        ) {
+            warn!("virtio-blk: write at {offset:#x}: {e}");
+            return S_IOERR;
         }
         if !self.acked(VIRTIO_BLK_F_FLUSH) {
             return self.flush();
@@ -359,6 +361,71 @@ impl VirtioBlk {
         }
         S_OK
     }
+}
+
+/// Guest buffers of one vectored back-end call.
+struct Batch<'m> {
+    slices: [Option<GuestSlice<'m>>; IO_BATCH],
+    count: usize,
+}
+
+/// Moves `len` bytes between `[sg_offset, sg_offset + len)` of `sg` and the
+/// back end at `disk_offset`: into guest memory (`to_guest`, a read) or
+/// from it (a write), straight between the back end and the guest's pages.
+/// Guest memory written is marked dirty, even if the transfer fails.
+fn transfer(
+    backend: &dyn BlockBackend,
+    sg: &SgList,
+    sg_offset: u64,
+    len: u64,
+    disk_offset: u64,
+    mem: &GuestMemory,
+    to_guest: bool,
+) -> io::Result<()> {
+    let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut batch = Batch {
+        slices: [None; IO_BATCH],
+        count: 0,
+    };
+    let mut pos = disk_offset;
+    let run = |batch: &mut Batch<'_>, pos: &mut u64| -> io::Result<()> {
+        let mut iov = [IoBuf::empty(); IO_BATCH];
+        let mut bytes = 0u64;
+        for (io, slice) in iov
+            .iter_mut()
+            .zip(batch.slices[..batch.count].iter().flatten())
+        {
+            *io = IoBuf::from(*slice);
+            bytes += slice.len() as u64;
+        }
+        let iov = &iov[..batch.count];
+        let r = if to_guest {
+            let r = backend.read_vectored_at(iov, *pos);
+            // The back end wrote the pages behind vm-memory's back: record
+            // that for the dirty log (migration) whatever the outcome.
+            for slice in batch.slices[..batch.count].iter().flatten() {
+                slice.bitmap().mark_dirty(0, slice.len());
+            }
+            r
+        } else {
+            backend.write_vectored_at(iov, *pos)
+        };
+        batch.count = 0;
+        *pos += bytes;
+        r
+    };
+    sg.for_each_slice(mem, sg_offset, len, |slice| {
+        if batch.count == IO_BATCH {
+            run(&mut batch, &mut pos)?;
+        }
+        batch.slices[batch.count] = Some(slice);
+        batch.count += 1;
+        Ok(())
+    })?;
+    if batch.count > 0 {
+        run(&mut batch, &mut pos)?;
+    }
+    Ok(())
 }
 
 impl VirtioDevice for VirtioBlk {

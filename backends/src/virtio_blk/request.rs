@@ -11,9 +11,17 @@ use std::io;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::bitmap::MS;
+use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use crate::virtio::GuestMemory;
+
+/// A piece of guest memory, with its dirty bitmap.
+pub(super) type GuestSlice<'m> = VolatileSlice<'m, MS<'m, GuestMemory>>;
+
+fn invalid<E: std::error::Error + Send + Sync + 'static>(e: E) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e)
+}
 
 /// Size of `struct virtio_blk_outhdr`.
 pub(super) const OUTHDR_SIZE: u64 = 16;
@@ -39,6 +47,12 @@ pub(super) struct SgList {
 }
 
 impl SgList {
+    /// Empties the list, keeping its storage.
+    pub(super) fn clear(&mut self) {
+        self.segments.clear();
+        self.len = 0;
+    }
+
     pub(super) fn push(&mut self, addr: GuestAddress, len: u32) {
         self.segments.push((addr, len));
         self.len += u64::from(len);
@@ -51,9 +65,12 @@ impl SgList {
 
     /// Whether every buffer lies in guest memory.
     pub(super) fn in_memory(&self, mem: &GuestMemory) -> bool {
-        self.segments
-            .iter()
-            .all(|&(addr, len)| len == 0 || mem.check_range(addr, len as usize))
+        self.segments.iter().all(|&(addr, len)| {
+            let len = len as usize;
+            // One region lookup in the usual case; the slice iterator
+            // only for buffers that cross regions (or are outside).
+            len == 0 || mem.get_slice(addr, len).is_ok() || mem.check_range(addr, len)
+        })
     }
 
     /// Calls `f(guest_address, buffer_offset, length)` for the pieces of
@@ -87,19 +104,46 @@ impl SgList {
         Ok(())
     }
 
-    /// Copies `buf.len()` bytes at `offset` of the list into `buf`.
-    pub(super) fn read_at(&self, mem: &GuestMemory, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.walk(offset, buf.len(), |addr, at, n| {
-            mem.read_slice(&mut buf[at..at + n], addr)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    /// Calls `f` with the guest memory of `[offset, offset + len)` of the
+    /// list, in order, as slices; fails if the range exceeds the list or a
+    /// piece lies outside guest memory.
+    pub(super) fn for_each_slice<'m, F>(
+        &self,
+        mem: &'m GuestMemory,
+        offset: u64,
+        len: usize,
+        mut f: F,
+    ) -> io::Result<()>
+    where
+        F: FnMut(GuestSlice<'m>) -> io::Result<()>,
+    {
+        self.walk(offset, len, |addr, _, n| match mem.get_slice(addr, n) {
+            Ok(slice) => f(slice),
+            // Crosses a region boundary, or is (partly) outside guest
+            // memory: the iterator splits or reports it.
+            Err(_) => mem
+                .get_slices(addr, n)
+                .try_for_each(|slice| f(slice.map_err(invalid)?)),
         })
     }
 
-    /// Copies `buf` to `offset` of the list.
+    /// Copies `buf.len()` bytes at `offset` of the list into `buf`.
+    pub(super) fn read_at(&self, mem: &GuestMemory, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut at = 0;
+        self.for_each_slice(mem, offset, buf.len(), |slice| {
+            at += slice.copy_to(&mut buf[at..]);
+            Ok(())
+        })
+    }
+
+    /// Copies `buf` to `offset` of the list, marking it dirty.
     pub(super) fn write_at(&self, mem: &GuestMemory, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.walk(offset, buf.len(), |addr, at, n| {
-            mem.write_slice(&buf[at..at + n], addr)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+        let mut at = 0;
+        self.for_each_slice(mem, offset, buf.len(), |slice| {
+            // `copy_from` marks the bytes it writes dirty.
+            slice.copy_from(&buf[at..]);
+            at += slice.len();
+            Ok(())
         })
     }
 }
@@ -115,15 +159,19 @@ pub(super) struct Buffers {
     pub(super) misordered: bool,
 }
 
-/// Splits `descriptors`; `None` if there are more than `max`.
-pub(super) fn split_chain<I>(descriptors: I, max: usize) -> Option<Buffers>
+/// Splits `descriptors` into `b`, replacing its contents (its storage is
+/// reused, so steady-state requests allocate nothing); `false` if there are
+/// more than `max`.
+pub(super) fn split_chain<I>(descriptors: I, max: usize, b: &mut Buffers) -> bool
 where
     I: Iterator<Item = Descriptor>,
 {
-    let mut b = Buffers::default();
+    b.readable.clear();
+    b.writable.clear();
+    b.misordered = false;
     for (count, desc) in descriptors.enumerate() {
         if count >= max {
-            return None;
+            return false;
         }
         if desc.is_write_only() {
             b.writable.push(desc.addr(), desc.len());
@@ -134,7 +182,7 @@ where
             b.readable.push(desc.addr(), desc.len());
         }
     }
-    Some(b)
+    true
 }
 
 /// The request header.
