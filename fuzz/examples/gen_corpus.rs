@@ -75,6 +75,9 @@ const T_GET_ID: u32 = 8;
 const T_DISCARD: u32 = 11;
 const T_WRITE_ZEROES: u32 = 13;
 
+/// Builds one message.
+type MsgFn = Box<dyn Fn(&mut Client) -> Msg>;
+
 /// Builds messages with increasing ids.
 struct Client {
     id: u16,
@@ -487,12 +490,34 @@ fn blk_requests(ring: &mut Ring, discard: bool) {
     ring.indirect_request(outhdr(T_IN, 0), 512);
 }
 
+/// IOVA of a read-only map of the guest RAM memfd (like a ROM).
+const RO_IOVA: u64 = 0x20_0000;
+
+/// A read request whose data buffer is in the read-only map: the device's
+/// write must neither fault (fix 4 of docs/security.md) nor reach the
+/// client's memory.
+fn read_into_rom(ring: &mut Ring) {
+    let hdr = outhdr(T_IN, 0);
+    let hlen = hdr.len() as u32;
+    let h = ring.buf(hdr);
+    let status = ring.buf(vec![0xff]);
+    ring.statuses.push(status);
+    ring.heads.push(ring.descs.len() as u16);
+    let i = ring.descs.len() as u16;
+    ring.descs.push(desc(h, hlen, D_NEXT, i + 1));
+    ring.descs
+        .push(desc(RO_IOVA + 0x4000, 512, D_WRITE | D_NEXT, i + 2));
+    ring.descs.push(desc(status, 1, D_WRITE, 0));
+}
+
 /// A virtio-blk driver: handshake, MSI-X, feature negotiation, queue 0 set
 /// up in guest RAM, requests made available and notified.
-fn blk_driver(event_idx: bool, use_msix: bool) -> (Seed, Ring) {
+fn blk_driver(event_idx: bool, use_msix: bool, requests: fn(&mut Ring)) -> (Seed, Ring) {
     let kind = DEV_BLK | DEV_PCIE;
     let mut s = Seed::new(kind);
     s.qemu_start();
+    // The same RAM mapped read-only elsewhere, as QEMU maps ROM.
+    s.with(|c| c.dma_map(DMA_MAP_FLAG_READ, 0, RO_IOVA, 0x8000));
     s.with(|c| c.get_info(16));
     for i in 0..PCI_NUM_REGIONS {
         s.with(|c| c.region_info(i, 32));
@@ -557,7 +582,7 @@ fn blk_driver(event_idx: bool, use_msix: bool) -> (Seed, Ring) {
     s.bar0(CC_Q_AVAIL, &ring.avail_addr().to_le_bytes());
     s.bar0(CC_Q_USED, &ring.used_addr().to_le_bytes());
     s.bar0(CC_Q_ENABLE, &1u16.to_le_bytes());
-    blk_requests(&mut ring, true);
+    requests(&mut ring);
     for (a, b) in ring.pieces() {
         s.guest(a, &b);
     }
@@ -643,7 +668,7 @@ fn server_seeds() -> BTreeMap<String, Vec<u8>> {
         add(&format!("{dname}_ch_handshake"), &s);
 
         // One seed per command after VERSION.
-        let per_cmd: Vec<(&str, Box<dyn Fn(&mut Client) -> Msg>)> = vec![
+        let per_cmd: Vec<(&str, MsgFn)> = vec![
             (
                 "dma_map",
                 Box::new(|c| c.dma_map(DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE, 0x1000, G, 0x4000)),
@@ -943,15 +968,25 @@ fn server_seeds() -> BTreeMap<String, Vec<u8>> {
     add("test_blocking_eventfd", &s);
 
     // The virtio-blk driver, with and without EVENT_IDX / MSI-X.
-    for (event_idx, msix, name) in [
-        (false, true, "blk_driver_msix"),
-        (true, true, "blk_driver_event_idx"),
-        (false, false, "blk_driver_intx"),
+    let all: fn(&mut Ring) = |r| blk_requests(r, true);
+    for (event_idx, msix, requests, name) in [
+        (false, true, all, "blk_driver_msix"),
+        (true, true, all, "blk_driver_event_idx"),
+        (false, false, all, "blk_driver_intx"),
+        (
+            false,
+            true,
+            read_into_rom as fn(&mut Ring),
+            "blk_read_into_read_only_map",
+        ),
     ] {
-        let (mut s, ring) = blk_driver(event_idx, msix);
+        let (mut s, ring) = blk_driver(event_idx, msix, requests);
         let ram_check = s.input.bytes().to_vec();
         let (_, ram, _) = server_stream::run_collect(&ram_check);
         check_statuses(name, &ram, &ring);
+        if name == "blk_read_into_read_only_map" {
+            assert!(ram[0x4000..0x4200].iter().all(|b| *b == 0), "ROM written");
+        }
         s.with(|c| c.set_state(3));
         s.with(|c| c.mig_read(0x10000));
         s.with(|c| c.set_state(2));

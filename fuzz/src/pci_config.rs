@@ -136,7 +136,7 @@ impl PciDevice for CfgDevice {
 /// the adapter's checks).
 enum Holder {
     Bare(CfgDevice),
-    Adapted(PciAdapter<CfgDevice>),
+    Adapted(Box<PciAdapter<CfgDevice>>),
 }
 
 impl Holder {
@@ -225,7 +225,7 @@ fn build(r: &mut Reader) -> (Holder, MsixTable, Irqs) {
         let keep = dev.config.clone();
         let bars = dev.bars.clone();
         match PciAdapter::new(dev) {
-            Ok(a) => Holder::Adapted(a),
+            Ok(a) => Holder::Adapted(Box::new(a)),
             Err(_) => Holder::Bare(CfgDevice { config: keep, bars }),
         }
     };

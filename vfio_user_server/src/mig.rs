@@ -12,6 +12,9 @@ use crate::server::Reply;
 use crate::server::{load_device_state, save_device_state};
 use crate::wire::*;
 
+/// Most tracked 4 KiB pages one DMA_LOGGING_REPORT may cover (256 GiB).
+pub(crate) const MAX_REPORT_TRACKED_PAGES: u64 = 1 << 26;
+
 /// `vfio_user_device_mig_state` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -267,6 +270,12 @@ impl MigrationState {
                     .into_iter()
                     .any(|r| r.address <= iova && iova + length <= r.address + r.size);
                 if !covered {
+                    return Reply::Err(libc::EINVAL);
+                }
+                // The walk visits every tracked 4 KiB page: a huge report
+                // page must not buy an unbounded walk (256 GiB per report,
+                // about a tenth of a second; larger reports are split).
+                if length / DIRTY_PAGE_SIZE as u64 > MAX_REPORT_TRACKED_PAGES {
                     return Reply::Err(libc::EINVAL);
                 }
                 let bitmap_len = length.div_ceil(page).div_ceil(64) * 8;
