@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use integration_tests::client::payload;
+use integration_tests::client::{payload, poll_readable};
 use integration_tests::proto::*;
 use integration_tests::*;
 use vfio_user_server::irq::IrqIndexInfo;
@@ -204,4 +204,52 @@ fn disconnect_fails_outstanding_requests() {
     assert_eq!(req.cmd, cmd::DMA_READ);
     drop(c);
     assert_eq!(wait_done(&done, 1)[0].1, Err(libc::ECONNRESET));
+}
+
+#[test]
+fn at_most_sixteen_requests_are_outstanding() {
+    let (_s, mut c, done) = setup(2);
+    // Twenty reads queued by posted writes: sixteen go out, four wait.
+    for i in 0..20u64 {
+        let v = (i * 8).to_le_bytes();
+        c.send(
+            cmd::REGION_WRITE,
+            hflags::NO_REPLY,
+            &payload::region_access(0, 0, 8, &v),
+            &[],
+        );
+    }
+    let mut reqs = Vec::new();
+    while poll_readable(c.fd(), 200) {
+        let r = c.recv().unwrap();
+        assert_eq!(r.cmd, cmd::DMA_READ);
+        reqs.push(r);
+    }
+    assert_eq!(reqs.len(), 16);
+    // Each reply lets one more out, until all twenty completed.
+    let mut answered = 0;
+    while answered < 20 {
+        let req = if answered < reqs.len() {
+            &reqs[answered]
+        } else {
+            let r = c.recv().unwrap();
+            reqs.push(r);
+            &reqs[answered]
+        };
+        let mut p = req.payload.clone();
+        p.extend_from_slice(&[answered as u8; 8]);
+        let req_hdr = Reply {
+            msg_id: req.msg_id,
+            cmd: req.cmd,
+            msg_size: 0,
+            flags: 0,
+            error_no: 0,
+            payload: Vec::new(),
+            fds: Vec::new(),
+        };
+        reply_to(&mut c, &req_hdr, hflags::REPLY, 0, &p);
+        answered += 1;
+    }
+    assert_eq!(wait_done(&done, 20).len(), 20);
+    c.ping();
 }

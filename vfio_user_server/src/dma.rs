@@ -414,6 +414,16 @@ mod tests {
             t.map(3, 0, 0x9000, 0x1000, None).unwrap_err().errno(),
             libc::ENOSPC
         );
+        // Total bytes mapped with fds.
+        let mut t = table();
+        t.limits.max_total_bytes = 0x3000;
+        t.map(3, 0, 0x10000, 0x2000, Some(file(0x2000))).unwrap();
+        let e = t
+            .map(3, 0, 0x20000, 0x2000, Some(file(0x2000)))
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC);
+        t.unmap(0x10000, 0x2000).unwrap();
+        t.map(3, 0, 0x20000, 0x2000, Some(file(0x2000))).unwrap();
     }
 
     #[test]
