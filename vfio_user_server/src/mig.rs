@@ -416,6 +416,38 @@ impl MigrationState {
 mod tests {
     use super::*;
 
+    fn errno(r: Reply) -> Option<i32> {
+        match r {
+            Reply::Err(e) => Some(e),
+            Reply::Ok(..) => None,
+        }
+    }
+
+    #[test]
+    fn incoming_stream_is_bounded_and_state_gated() {
+        let mut m = MigrationState::default();
+        let chunk = |n: usize| {
+            let mut p = MigData {
+                argsz: (MigData::SIZE + n) as u32,
+                size: n as u32,
+            }
+            .encode();
+            p.resize(MigData::SIZE + n, 7);
+            p
+        };
+        // Not RESUMING: refused.
+        assert_eq!(errno(m.data_write(&chunk(8), 100)), Some(libc::EINVAL));
+        m.state = MigState::Resuming;
+        assert_eq!(errno(m.data_write(&chunk(60), 100)), None);
+        // Past the limit: EFBIG, and what came before is kept.
+        assert_eq!(errno(m.data_write(&chunk(60), 100)), Some(libc::EFBIG));
+        assert_eq!(m.incoming.len(), 60);
+        // size must match the data.
+        let mut bad = chunk(8);
+        bad.truncate(MigData::SIZE + 4);
+        assert_eq!(errno(m.data_write(&bad, 100)), Some(libc::EINVAL));
+    }
+
     #[test]
     fn next_hops_follow_the_spec_table() {
         use MigState::*;
