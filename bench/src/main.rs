@@ -259,15 +259,18 @@ enum Target {
     RustVmm,
     /// Our server with [`TrivialBackend`] through `RustVmmBackend`.
     OursCompat,
+    /// Our server with [`OurDevice`], busy-polling 50 µs after each burst.
+    OursBusyPoll,
 }
 
 impl Target {
     /// Every server, in table order.
-    const ALL: [Target; 4] = [
+    const ALL: [Target; 5] = [
         Target::PingPong,
         Target::Ours,
         Target::RustVmm,
         Target::OursCompat,
+        Target::OursBusyPoll,
     ];
 
     /// Parses a `--only` name.
@@ -277,6 +280,7 @@ impl Target {
             "ours" => Ok(Target::Ours),
             "rust-vmm" => Ok(Target::RustVmm),
             "compat" => Ok(Target::OursCompat),
+            "ours-poll" => Ok(Target::OursBusyPoll),
             _ => Err(format!("unknown server {name}\n{USAGE}").into()),
         }
     }
@@ -288,6 +292,7 @@ impl Target {
             Target::Ours => "ours",
             Target::RustVmm => "rust-vmm vfio_user::Server",
             Target::OursCompat => "ours + compat::RustVmmBackend",
+            Target::OursBusyPoll => "ours, busy-poll 50 µs",
         }
     }
 }
@@ -329,10 +334,15 @@ impl Running {
 }
 
 /// Starts our event loop serving `device` at `path`.
-fn start_ours(path: &Path, device: Box<dyn Device>) -> BenchResult<Running> {
+fn start_ours(
+    path: &Path,
+    device: Box<dyn Device>,
+    busy_poll: std::time::Duration,
+) -> BenchResult<Running> {
     let ctx = DeviceContext::default();
     let server = Server::new(path, device, ctx, ServerConfig::default())?;
     let mut ev = EventLoop::new()?;
+    ev.set_busy_poll(busy_poll);
     ev.add_server(server)?;
     let stop = ev.stop_handle();
     spawn_server("ours", Some(stop), move || ev.run().map_err(Into::into))
@@ -345,7 +355,16 @@ fn start(target: Target, path: &Path) -> BenchResult<Running> {
             let listener = UnixListener::bind(path)?;
             spawn_server("ping-pong", None, move || ping_pong_server(listener))
         }
-        Target::Ours => start_ours(path, Box::new(OurDevice(Regions::new()))),
+        Target::Ours => start_ours(
+            path,
+            Box::new(OurDevice(Regions::new())),
+            std::time::Duration::ZERO,
+        ),
+        Target::OursBusyPoll => start_ours(
+            path,
+            Box::new(OurDevice(Regions::new())),
+            std::time::Duration::from_micros(50),
+        ),
         Target::OursCompat => {
             let dev = RustVmmBackend::new(
                 TrivialBackend(Regions::new()),
@@ -353,7 +372,7 @@ fn start(target: Target, path: &Path) -> BenchResult<Running> {
                 rust_vmm_irqs(),
                 rust_vmm_regions(),
             );
-            start_ours(path, Box::new(dev))
+            start_ours(path, Box::new(dev), std::time::Duration::ZERO)
         }
         Target::RustVmm => {
             let server = vfio_user::Server::new(path, true, rust_vmm_irqs(), rust_vmm_regions())
@@ -767,6 +786,16 @@ fn main() -> BenchResult<()> {
         println!(
             "| ours+compat / rust-vmm | {} |",
             ratio(Target::OursCompat, Target::RustVmm)
+        );
+    }
+    if targets.contains(&Target::OursBusyPoll) {
+        println!(
+            "| ours busy-poll / ping-pong | {} |",
+            ratio(Target::OursBusyPoll, Target::PingPong)
+        );
+        println!(
+            "| ours busy-poll / rust-vmm | {} |",
+            ratio(Target::OursBusyPoll, Target::RustVmm)
         );
     }
     Ok(())

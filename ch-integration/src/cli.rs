@@ -23,6 +23,8 @@ options:
   --num-queues N       request queues (default 1, at most 16)
   --queue-size N       descriptors per queue, a power of two (default 256, at most 1024)
   --socket-mode MODE   octal permissions of the socket (default 600)
+  --busy-poll-us N     keep polling N µs after each burst of messages before
+                       sleeping (lower latency, more CPU; default 0 = off)
   --api-socket PATH    control socket for pause, resume, snapshot, status
   --restore FILE       start from a snapshot taken with `api ... snapshot`
   -h, --help           this text
@@ -76,6 +78,8 @@ pub struct Options {
     pub api_socket: Option<PathBuf>,
     /// Snapshot to start from.
     pub restore: Option<PathBuf>,
+    /// Busy-poll window of the event loop, in microseconds.
+    pub busy_poll_us: u32,
 }
 
 /// An `api` client invocation.
@@ -159,6 +163,7 @@ pub fn parse(args: &[String]) -> Result<Options, CliError> {
         socket_mode: 0o600,
         api_socket: None,
         restore: None,
+        busy_poll_us: 0,
     };
     let mut socket = None;
     while let Some(a) = it.next() {
@@ -185,6 +190,9 @@ pub fn parse(args: &[String]) -> Result<Options, CliError> {
                 )?
             }
             "--api-socket" => o.api_socket = Some(PathBuf::from(value()?)),
+            "--busy-poll-us" => {
+                o.busy_poll_us = number(a, &value()?, |n: &u32| *n <= 1_000_000, "0 to 1000000")?
+            }
             "--restore" => o.restore = Some(PathBuf::from(value()?)),
             "--socket-mode" => {
                 let v = value()?;
@@ -247,6 +255,13 @@ mod tests {
             0o660
         );
         assert_eq!(parse(&args("--help")), Err(CliError::Help));
+        assert_eq!(
+            parse(&args("virtio-blk --socket x --busy-poll-us 50"))
+                .unwrap()
+                .busy_poll_us,
+            50
+        );
+        assert!(parse(&args("virtio-blk --socket x --busy-poll-us -1")).is_err());
         let a = parse_api(&args("--api-socket /a snapshot /f")).unwrap();
         assert_eq!(a.command, "snapshot");
         assert_eq!(a.path.as_deref(), Some("/f"));

@@ -108,6 +108,7 @@ fn run(args: &[String]) -> Result<(), String> {
         info!("restored device state from {}", path.display());
     }
     let mut event_loop = EventLoop::new().map_err(|e| format!("cannot create event loop: {e}"))?;
+    event_loop.set_busy_poll(std::time::Duration::from_micros(opts.busy_poll_us.into()));
     event_loop
         .add_server(server)
         .map_err(|e| format!("cannot watch the socket: {e}"))?;

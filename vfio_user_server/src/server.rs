@@ -30,6 +30,9 @@ use crate::msgdma::{
 use crate::socket::{recv_with_fds, send_with_fds};
 use crate::wire::*;
 
+/// Replies with more payload than this go out in two writes (see `flush`).
+const SPLIT_REPLY_ABOVE: usize = 2048;
+
 /// Id of the interrupt state in a device snapshot.
 pub const IRQS_SNAPSHOT_ID: &str = "vfio-user-irqs";
 
@@ -821,7 +824,17 @@ impl Server {
         };
         while let Some(out) = c.tx.front_mut() {
             let fds: &[RawFd] = if out.sent == 0 { &out.fds } else { &[] };
-            let sent = if out.sent < HEADER_SIZE {
+            let sent = if out.sent < HEADER_SIZE && out.payload.len() > SPLIT_REPLY_ABOVE {
+                // Clients read the header and the fixed head first: send
+                // those on their own so the client wakes while the bulk
+                // data is still being copied.
+                let head_end = out.payload.len().min(RegionAccess::SIZE);
+                send_with_fds(
+                    c.stream.as_raw_fd(),
+                    &[&out.head[out.sent..], &out.payload[..head_end]],
+                    fds,
+                )
+            } else if out.sent < HEADER_SIZE {
                 send_with_fds(
                     c.stream.as_raw_fd(),
                     &[&out.head[out.sent..], &out.payload],
