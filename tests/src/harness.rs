@@ -206,3 +206,44 @@ impl Drop for Mapping {
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
+
+/// Installs one eventfd per MSI-X vector of the test device (SET_IRQS
+/// TRIGGER|EVENTFD) and returns them.
+pub fn msix_eventfds(c: &mut crate::client::RawClient) -> Vec<EventFd> {
+    use crate::proto::{IRQ_ACTION_TRIGGER, IRQ_DATA_EVENTFD, IRQ_MSIX};
+    let efds: Vec<_> = (0..crate::device::MSIX_VECTORS)
+        .map(|_| eventfd())
+        .collect();
+    let raw: Vec<RawFd> = efds.iter().map(|e| e.as_raw_fd()).collect();
+    c.set_irqs(
+        IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER,
+        IRQ_MSIX,
+        0,
+        crate::device::MSIX_VECTORS,
+        &[],
+        &raw,
+    )
+    .ok();
+    efds
+}
+
+/// Runs `f` on its own thread and fails the test if it takes more than
+/// 20 s: the published rust-vmm client has no timeouts and would hang the
+/// test on a protocol mismatch. A panic in `f` is re-raised here.
+pub fn with_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(v) => {
+            t.join().unwrap();
+            v
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match t.join() {
+            Err(p) => std::panic::resume_unwind(p),
+            Ok(()) => unreachable!("the body returned without sending"),
+        },
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("the rust-vmm client hung"),
+    }
+}

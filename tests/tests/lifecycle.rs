@@ -4,7 +4,7 @@
 //! Every test here holds `SERIAL` so the fd-leak test counts only its own
 //! descriptors when the tests of this binary run as threads of one process.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -28,21 +28,6 @@ fn wait_resets(s: &TestServer, idx: usize, n: usize) {
         "device {idx} did not see {n} resets: {:?}",
         lock(&s.states[idx]).resets
     );
-}
-
-fn msix_eventfds(c: &mut RawClient) -> Vec<vmm_sys_util::eventfd::EventFd> {
-    let efds: Vec<_> = (0..MSIX_VECTORS).map(|_| eventfd()).collect();
-    let raw: Vec<RawFd> = efds.iter().map(|e| e.as_raw_fd()).collect();
-    c.set_irqs(
-        IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER,
-        IRQ_MSIX,
-        0,
-        MSIX_VECTORS,
-        &[],
-        &raw,
-    )
-    .ok();
-    efds
 }
 
 #[test]

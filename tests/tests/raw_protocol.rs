@@ -29,21 +29,6 @@ fn ring_doorbell(c: &mut RawClient, n: u32) -> Reply {
     c.region_write(0, DMA_DOORBELL, &n.to_le_bytes())
 }
 
-fn msix_eventfds(c: &mut RawClient) -> Vec<vmm_sys_util::eventfd::EventFd> {
-    let efds: Vec<_> = (0..MSIX_VECTORS).map(|_| eventfd()).collect();
-    let raw: Vec<RawFd> = efds.iter().map(|e| e.as_raw_fd()).collect();
-    c.set_irqs(
-        IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER,
-        IRQ_MSIX,
-        0,
-        MSIX_VECTORS,
-        &[],
-        &raw,
-    )
-    .ok();
-    efds
-}
-
 // ---------------------------------------------------------------- VERSION
 
 fn caps_of(r: &Reply) -> serde_json::Value {

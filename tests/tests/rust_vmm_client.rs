@@ -6,34 +6,12 @@
 //! fails the test instead of hanging it.
 
 use std::os::fd::AsRawFd;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use integration_tests::proto::*;
 use integration_tests::*;
 use vfio_user::Client;
 use vfio_user_server::ResetReason;
-
-fn with_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    let t = std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(v) => {
-            t.join().unwrap();
-            v
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            // The body panicked: re-raise its panic here.
-            match t.join() {
-                Err(p) => std::panic::resume_unwind(p),
-                Ok(()) => unreachable!(),
-            }
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("the rust-vmm client hung"),
-    }
-}
 
 #[test]
 fn client_new_reads_device_and_region_info() {
