@@ -571,11 +571,7 @@ impl Server {
             self.device.message_dma_done(id, Err(libc::ECONNRESET));
         }
         info!("client detached from {:?}", self.path);
-        let ranges: Vec<(u64, u64)> = self.dma.ranges().map(|r| (r.address, r.size)).collect();
-        for (a, s) in ranges {
-            self.device.dma_unmapping(a, s);
-        }
-        self.dma.unmap_all();
+        self.unmap_all();
         self.irqs.clear();
         self.mig.reset(self.device.as_mut(), self.paused);
         if self.paused {
@@ -585,6 +581,15 @@ impl Server {
             return;
         }
         self.device.reset(ResetReason::LostConnection);
+    }
+
+    /// Tells the device every DMA range is going away, then drops them all.
+    fn unmap_all(&mut self) {
+        let ranges: Vec<(u64, u64)> = self.dma.ranges().map(|r| (r.address, r.size)).collect();
+        for (a, s) in ranges {
+            self.device.dma_unmapping(a, s);
+        }
+        self.dma.unmap_all();
     }
 
     /// Handles readable/writable/hang-up events on the connection.
@@ -1001,11 +1006,7 @@ impl Server {
             if u.address != 0 || u.size != 0 {
                 return Reply::Err(libc::EINVAL);
             }
-            let ranges: Vec<(u64, u64)> = self.dma.ranges().map(|r| (r.address, r.size)).collect();
-            for (a, s) in ranges {
-                self.device.dma_unmapping(a, s);
-            }
-            self.dma.unmap_all();
+            self.unmap_all();
         } else {
             // Only an exact match is unmapped: don't tell the device to
             // stop using a range that stays mapped.
