@@ -207,14 +207,14 @@ fn migrate_busy_blk_between_daemons() {
     // in the STOP_COPY stream.
     assert!(precopy.is_empty(), "{} PRE_COPY bytes", precopy.len());
 
-    // B: I/O during PRE_COPY, kicked (and so completed: the device works
-    // synchronously on the doorbell) but not collected at the switch.
+    // B: I/O during PRE_COPY, kicked and completed but not collected at
+    // the switch.
     let used_before = [drv.used_idx(0), drv.used_idx(1)];
     let b: Vec<usize> = (0..6).map(|i| io.submit(&mut drv, (i / 4) % 2)).collect();
     drv.kick(0);
     drv.kick(1);
-    assert_eq!(drv.used_idx(0), drv.queues[0].next_avail);
-    assert_eq!(drv.used_idx(1), drv.queues[1].next_avail);
+    drv.wait_used_idx(0, drv.queues[0].next_avail);
+    drv.wait_used_idx(1, drv.queues[1].next_avail);
 
     // The dirty log shows exactly what the device wrote: used-ring pages
     // and the status bytes of B, nothing of what the driver wrote.
@@ -264,6 +264,7 @@ fn migrate_busy_blk_between_daemons() {
     }
     let used_at_stop = [drv.used_idx(0), drv.used_idx(1)];
     drv.kick(0);
+    drv.settle();
     assert_eq!(
         [drv.used_idx(0), drv.used_idx(1)],
         used_at_stop,
@@ -287,8 +288,8 @@ fn migrate_busy_blk_between_daemons() {
     set_state_ok(&mut dst_client, STOP);
     set_state_ok(&mut dst_client, RUNNING);
     // Resuming picked up C and D without a doorbell.
-    assert_eq!(drv.used_idx(0), drv.queues[0].next_avail);
-    assert_eq!(drv.used_idx(1), drv.queues[1].next_avail);
+    drv.wait_used_idx(0, drv.queues[0].next_avail);
+    drv.wait_used_idx(1, drv.queues[1].next_avail);
 
     // The source goes away; the same driver continues on the destination.
     let old = drv.replace_client(dst_client);
@@ -780,9 +781,10 @@ fn bad_migration_input() {
     drv.init(BLK_WANT, 64);
     let h = drv.blk_submit(0, VIRTIO_BLK_T_IN, 0, &[], 512);
     drv.kick(0);
+    drv.settle();
     assert_eq!(drv.used_idx(0), 0, "a stopped device served a request");
     set_state_ok(drv.raw(), RUNNING);
-    assert_eq!(drv.used_idx(0), 1);
+    drv.wait_used_idx(0, 1);
     assert_eq!(drv.poll_used(0), vec![(h, 513)]);
     assert_eq!(drv.take_result(0, h).0, VIRTIO_BLK_S_OK);
     blk_works(&mut drv, 41);

@@ -90,6 +90,7 @@ fn snapshot_restore_via_api() {
     let pending = drv.blk_submit(0, VIRTIO_BLK_T_OUT, 128, &w2, 0);
     drv.drain_interrupt(0);
     drv.kick(0);
+    drv.settle();
     assert_eq!(drv.used_idx(0), 3, "a paused device completed a request");
     assert_eq!(
         read_image(&img, 128 * 512, 4096),
@@ -326,9 +327,10 @@ fn api_pause_survives_device_reset() {
     drv.init(BLK_WANT, 64);
     let h = drv.blk_submit(0, VIRTIO_BLK_T_IN, 0, &[], 512);
     drv.kick(0);
+    drv.settle();
     assert_eq!(drv.used_idx(0), 0, "a paused device served a request");
     assert_eq!(api_ok(&api_sock, &["status"])["paused"], true);
     api_ok(&api_sock, &["resume"]);
-    assert_eq!(drv.used_idx(0), 1);
+    drv.wait_used_idx(0, 1);
     assert_eq!(drv.blk_complete(0, h).0, VIRTIO_BLK_S_OK);
 }

@@ -177,16 +177,23 @@ fn run_with(data: &[u8], cached: &mut Cached) {
     q.set_ready(true);
 
     for _ in 0..rounds {
-        // What VirtioPciDevice::process_queue does on a notification.
+        // What VirtioPciDevice::process_queue does on a notification:
+        // batches of 16 chains, an interrupt check after each, bounded.
+        if q.disable_notification(mem).is_err() {
+            continue;
+        }
         for _ in 0..64 {
-            if q.disable_notification(mem).is_err() {
-                break;
+            match blk.process_queue(0, &mut q, mem, 16) {
+                Ok(16) => {
+                    let _ = q.needs_notification(mem);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(_) => break,
             }
-            if blk.process_queue(0, &mut q, mem).is_err() {
-                break;
-            }
+            let _ = q.needs_notification(mem);
             match q.enable_notification(mem) {
-                Ok(true) => continue,
+                Ok(true) if q.disable_notification(mem).is_ok() => continue,
                 _ => break,
             }
         }

@@ -686,6 +686,60 @@ impl<T: Transport> VirtioDriver<T> {
             .write_region(bar, off, &(q as u16).to_le_bytes());
     }
 
+    /// Whether queue `q` needs a doorbell for the buffers added since
+    /// its `avail.idx` was `old` (Linux's `virtqueue_kick_prepare`): with
+    /// `VIRTIO_F_EVENT_IDX` when the device's available event lies in
+    /// `[old, next_avail)`, otherwise unless the device set
+    /// `VRING_USED_F_NO_NOTIFY`.
+    pub fn kick_needed(&self, q: usize, old: u16) -> bool {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let vq = &self.queues[q];
+        if self.features & (1 << 29) != 0 {
+            let avail_event = self.ram.read_u16(vq.used + 4 + 8 * vq.size as u64);
+            vq.next_avail.wrapping_sub(avail_event).wrapping_sub(1)
+                < vq.next_avail.wrapping_sub(old)
+        } else {
+            self.ram.read_u16(vq.used) & 1 == 0
+        }
+    }
+
+    /// Asks for an interrupt at the next used entry of queue `q` (Linux's
+    /// `virtqueue_enable_cb`); returns false if entries arrived meanwhile,
+    /// so the caller collects them instead of sleeping.
+    pub fn enable_interrupt(&mut self, q: usize) -> bool {
+        let vq = &self.queues[q];
+        if self.features & (1 << 29) != 0 {
+            let used_event = vq.avail + 4 + 2 * vq.size as u64;
+            self.ram.write_u16(used_event, vq.last_used);
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.ram.read_u16(vq.used + 2) == vq.last_used
+    }
+
+    /// One round trip (a read of the device status): the server runs the
+    /// device's deferred work after every reply, so once this returns the
+    /// device has worked on the queues the earlier doorbells marked (at
+    /// least one batch of each). A device that did nothing by then is not
+    /// going to.
+    pub fn settle(&mut self) {
+        self.status();
+    }
+
+    /// Waits (up to 10 s) until the device's `used.idx` of queue `q` is
+    /// `idx`, without collecting the entries.
+    #[track_caller]
+    pub fn wait_used_idx(&self, q: usize, idx: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.used_idx(q) != idx {
+            assert!(
+                Instant::now() < deadline,
+                "used.idx of queue {q} stuck at {}, want {idx}",
+                self.used_idx(q)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// The device's `used.idx` of queue `q`, read from guest RAM.
     pub fn used_idx(&self, q: usize) -> u16 {
         self.ram.read_u16(self.queues[q].used + 2)
@@ -731,15 +785,8 @@ impl<T: Transport> VirtioDriver<T> {
                 Instant::now() < deadline,
                 "timed out waiting for used entries"
             );
-            if self.features & (1 << 29) != 0 {
-                // VIRTIO_F_EVENT_IDX: ask for an interrupt at the next entry.
-                let vq = &self.queues[q];
-                let used_event = vq.avail + 4 + 2 * vq.size as u64;
-                self.ram.write_u16(used_event, vq.last_used);
-                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-                if self.ram.read_u16(vq.used + 2) != vq.last_used {
-                    continue;
-                }
+            if !self.enable_interrupt(q) {
+                continue;
             }
             let mut pfd = libc::pollfd {
                 fd: self.queues[q].eventfd.as_raw_fd(),

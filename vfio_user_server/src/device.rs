@@ -164,6 +164,16 @@ pub trait Device: Send {
     /// `fd` from [`Device::event_fds`] is readable.
     fn handle_event(&mut self, _fd: RawFd) {}
 
+    /// Does work an access deferred, such as the queue processing a
+    /// doorbell write asked for: the server calls it after it has sent its
+    /// replies, so the client is not held up by the work. Returns whether
+    /// work is left; the event loop then calls again soon, without
+    /// sleeping, after serving its other fds. Each call should do a
+    /// bounded amount of work.
+    fn run_deferred(&mut self) -> bool {
+        false
+    }
+
     /// Stops all device activity (no DMA, no interrupts) until
     /// [`Device::resume`]; in-flight requests are completed first.
     fn pause(&mut self) -> Result<(), MigratableError> {

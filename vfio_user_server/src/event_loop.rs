@@ -181,15 +181,17 @@ impl EventLoop {
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 64];
         let mut idle_since: Option<std::time::Instant> = None;
+        let mut deferred_left = false;
         loop {
-            let spinning = !self.busy_poll.is_zero()
-                && idle_since.is_none_or(|t| t.elapsed() < self.busy_poll);
+            let spinning = deferred_left
+                || (!self.busy_poll.is_zero()
+                    && idle_since.is_none_or(|t| t.elapsed() < self.busy_poll));
             let n = match epoll::wait(self.epoll, if spinning { 0 } else { -1 }, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            if n == 0 {
+            if n == 0 && !deferred_left {
                 idle_since.get_or_insert_with(std::time::Instant::now);
                 continue;
             }
@@ -236,6 +238,12 @@ impl EventLoop {
                         }
                     }
                 }
+            }
+            // Work the handlers deferred runs now that their replies are
+            // out; a disconnect it causes is picked up just below.
+            deferred_left = false;
+            for s in self.servers.iter_mut() {
+                deferred_left |= s.run_deferred();
             }
             self.update_registrations();
         }

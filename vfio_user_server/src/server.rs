@@ -399,6 +399,22 @@ impl Server {
         }
     }
 
+    /// Runs the device's deferred work ([`Device::run_deferred`]) while a
+    /// client is attached and the device is not paused; returns whether
+    /// work is left.
+    pub fn run_deferred(&mut self) -> bool {
+        if self.conn.is_none() || self.paused {
+            return false;
+        }
+        let more = self.device.run_deferred();
+        self.pump_message_dma();
+        if self.flush().is_err() {
+            self.disconnect();
+            return false;
+        }
+        more
+    }
+
     /// Sends queued message-DMA requests, up to [`MAX_PENDING_REQUESTS`]
     /// outstanding. Requests that cannot be sent fail at once.
     fn pump_message_dma(&mut self) {

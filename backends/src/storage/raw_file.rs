@@ -246,7 +246,18 @@ fn transfer_once(file: &File, bufs: &[IoBuf<'_>], offset: u64, write: bool) -> i
     // `bufs` is at most MAX_IOVECS long.
     let n = bufs.len() as libc::c_int;
     loop {
-        let ret = if write {
+        let ret = if let [one] = bufs {
+            // One buffer (a 4 KiB request, typically): plain pread/pwrite
+            // skip the kernel's iovec import, about 8% of a 4 KiB read.
+            if write {
+                // SAFETY: `one` describes memory valid for the call
+                // (`IoBuf`'s contract); the kernel only reads it.
+                unsafe { libc::pwrite64(file.as_raw_fd(), one.as_ptr().cast(), one.len(), off) }
+            } else {
+                // SAFETY: as for `preadv64` below, for one buffer.
+                unsafe { libc::pread64(file.as_raw_fd(), one.as_ptr().cast(), one.len(), off) }
+            }
+        } else if write {
             // SAFETY: `bufs` is `n` valid iovecs (`IoBuf` is a transparent
             // `iovec`), each describing memory that stays valid for the
             // call (`IoBuf`'s contract); the kernel only reads it.

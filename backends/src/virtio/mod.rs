@@ -88,15 +88,17 @@ pub trait VirtioDevice: Send {
     /// The device was reset; forget everything negotiated.
     fn reset(&mut self);
 
-    /// Processes every available chain of queue `index`, writing used
-    /// entries with `queue.add_used`. Returns whether any used entry was
-    /// added. The transport decides whether to interrupt.
+    /// Processes up to `budget` available chains of queue `index`, writing
+    /// a used entry for each with `queue.add_used`. Returns how many chains
+    /// it took off the ring: fewer than `budget` means the ring was empty.
+    /// The transport decides whether to interrupt.
     fn process_queue(
         &mut self,
         index: usize,
         queue: &mut Queue,
         mem: &GuestMemory,
-    ) -> Result<bool, VirtioError>;
+        budget: usize,
+    ) -> Result<usize, VirtioError>;
 
     /// PCI class code, subclass and programming interface.
     fn pci_class(&self) -> (u8, u8, u8) {

@@ -467,25 +467,21 @@ impl VirtioDevice for VirtioBlk {
         _index: usize,
         queue: &mut Queue,
         mem: &GuestMemory,
-    ) -> Result<bool, VirtioError> {
-        let mut used = false;
-        // At most one ring's worth of chains per call: a driver can keep
-        // the available index ahead of us forever (a used ring laid over
-        // the available ring makes every add_used advance it). The
-        // transport calls again, a bounded number of times, while more is
-        // available.
-        for _ in 0..queue.size() {
+        budget: usize,
+    ) -> Result<usize, VirtioError> {
+        let mut taken = 0;
+        while taken < budget {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
             };
+            taken += 1;
             let head = chain.head_index();
             let len = self.execute(chain, mem);
-            match queue.add_used(mem, head, len) {
-                Ok(()) => used = true,
-                Err(e) => warn!("virtio-blk: cannot complete chain {head}: {e}"),
+            if let Err(e) = queue.add_used(mem, head, len) {
+                warn!("virtio-blk: cannot complete chain {head}: {e}");
             }
         }
-        Ok(used)
+        Ok(taken)
     }
 
     fn id(&self) -> Option<String> {

@@ -286,10 +286,14 @@ impl Driver {
         u64::from_le_bytes(b)
     }
 
+    /// Writes BAR 0, then lets the device do the work the write deferred
+    /// (a doorbell's queue processing), as the server does once its reply
+    /// is sent.
     pub fn bar_write(&mut self, offset: u64, len: usize, v: u64) {
         self.adapter
             .region_write(0, offset, &v.to_le_bytes()[..len])
             .unwrap();
+        self.run_deferred();
     }
 
     pub fn common_read(&mut self, off: u64, len: usize) -> u64 {
@@ -543,6 +547,12 @@ impl Driver {
         let off =
             self.caps.notify + u64::from(self.vqs[q].notify_off) * u64::from(self.caps.notify_mult);
         self.bar_write(off, 2, q as u64);
+    }
+
+    /// Runs the device's deferred work until none is left (the server
+    /// calls it after every burst of messages).
+    pub fn run_deferred(&mut self) {
+        while self.adapter.run_deferred() {}
     }
 
     /// Places, publishes and kicks a chain; returns the head.

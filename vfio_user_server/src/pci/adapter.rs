@@ -226,6 +226,10 @@ impl<D: PciDevice> Device for PciAdapter<D> {
         self.device.handle_event(fd);
     }
 
+    fn run_deferred(&mut self) -> bool {
+        self.device.run_deferred()
+    }
+
     fn pause(&mut self) -> Result<(), MigratableError> {
         self.device.pause()
     }

@@ -201,6 +201,12 @@ pub trait PciDevice: Send {
     /// `fd` is readable.
     fn handle_event(&mut self, _fd: RawFd) {}
 
+    /// Work deferred by a BAR access, run after the reply went out (see
+    /// [`crate::Device::run_deferred`]); returns whether work is left.
+    fn run_deferred(&mut self) -> bool {
+        false
+    }
+
     /// Kind of device recorded in snapshots (e.g. `"virtio-blk"`).
     fn snapshot_kind(&self) -> String {
         String::from("pci-device")

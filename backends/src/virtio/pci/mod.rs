@@ -77,6 +77,10 @@ pub const MAX_QUEUES: usize = 256;
 const WINDOW: u64 = 0x1000;
 const MSIX_TABLE_WINDOW: u64 = 0x2000;
 
+/// Chains a queue gets through between two looks at whether the driver
+/// wants an interrupt: small enough that the driver refills the ring while
+/// the device works on, large enough to keep interrupts (wake-ups) few.
+const SIGNAL_BATCH: usize = 16;
 /// ISR bit: a used buffer notification.
 const ISR_QUEUE: u8 = 0x1;
 /// ISR bit: a configuration change.
@@ -204,8 +208,11 @@ const DEVICE_SNAPSHOT_ID: &str = "device";
 
 /// A [`VirtioDevice`] behind the virtio modern PCI transport.
 ///
-/// Queue notifications (BAR writes) process the queue synchronously on the
-/// calling thread; nothing is ever in flight between two calls.
+/// A queue notification (BAR write) only marks the queue: the queue is
+/// processed by [`PciDevice::run_deferred`], which the server calls once
+/// the doorbell's reply is on its way, so the driver is not held up while
+/// the device works. Requests are executed synchronously there; nothing is
+/// in flight between two calls.
 pub struct VirtioPciDevice<D: VirtioDevice> {
     device: D,
     memory: GuestMemoryHandle,
@@ -228,6 +235,9 @@ pub struct VirtioPciDevice<D: VirtioDevice> {
     isr: u8,
     active: bool,
     paused: bool,
+    /// Queues whose doorbell rang (or that must be looked at) since they
+    /// were last drained; processed by [`PciDevice::run_deferred`].
+    kicked: Vec<bool>,
 }
 
 impl<D: VirtioDevice> VirtioPciDevice<D> {
@@ -320,6 +330,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             queue_select: 0,
             queues,
             queue_vectors: vec![VIRTIO_MSI_NO_VECTOR; n],
+            kicked: vec![false; n],
             isr: 0,
             active: false,
             paused: false,
@@ -381,6 +392,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         self.queue_select = 0;
         self.isr = 0;
         self.active = false;
+        self.kicked.fill(false);
     }
 
     fn valid_vector(&self, vector: u16) -> u16 {
@@ -423,56 +435,62 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         }
     }
 
-    /// Processes queue `index` until the driver stops adding buffers.
-    fn process_queue(&mut self, index: usize) {
-        if !self.active || self.paused {
-            return;
+    /// Takes up to [`SIGNAL_BATCH`] chains off queue `index`, with the
+    /// driver's doorbells off, and interrupts if the driver asked for it.
+    /// Returns how many chains it took; `None` if the queue cannot be
+    /// processed (not ready, rings unreachable).
+    fn process_batch(&mut self, index: usize, mem: &GuestMemory) -> Option<usize> {
+        let q = self.queues.get_mut(index).filter(|q| q.ready())?;
+        // While doorbells are off the driver does not ring (with EVENT_IDX
+        // the available event just stays behind): the device polls the
+        // ring until it is idle, then turns them on again (`rearm`).
+        if let Err(e) = q.disable_notification(mem) {
+            warn!("virtio-pci: queue {index}: {e}");
+            return None;
         }
-        let memory = self.memory.clone();
-        let guard = memory.memory();
-        let mem: &GuestMemory = &guard;
-        let Some(q) = self.queues.get_mut(index) else {
-            return;
-        };
-        // No guest memory: restored before a client attached, or resumed
-        // after it left. The rings are unreachable (no warning); the next
-        // doorbell, once memory is mapped, picks everything up.
-        if !q.ready() || mem.num_regions() == 0 {
-            return;
-        }
-        let mut used = false;
-        // Bounded so a driver racing with us cannot keep the event loop
-        // here forever; each round drains the ring.
-        for _ in 0..64 {
-            if let Err(e) = q.disable_notification(mem) {
+        let n = match self.device.process_queue(index, q, mem, SIGNAL_BATCH) {
+            Ok(n) => n,
+            Err(e) => {
                 warn!("virtio-pci: queue {index}: {e}");
-                break;
+                return None;
             }
-            match self.device.process_queue(index, q, mem) {
-                Ok(u) => used |= u,
-                Err(e) => {
-                    warn!("virtio-pci: queue {index}: {e}");
-                    break;
-                }
-            }
-            match q.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn!("virtio-pci: queue {index}: {e}");
-                    break;
-                }
+        };
+        if n > 0 {
+            self.signal_used(index, mem);
+        }
+        Some(n)
+    }
+
+    /// Turns the doorbells of the empty queue `index` back on. Returns
+    /// false if the driver added buffers before it could see that, and
+    /// the device took them: the queue must be polled on.
+    fn rearm(&mut self, index: usize, mem: &GuestMemory) -> bool {
+        let Some(q) = self.queues.get_mut(index) else {
+            return true;
+        };
+        match q.enable_notification(mem) {
+            Ok(true) => {}
+            Ok(false) => return true,
+            Err(e) => {
+                warn!("virtio-pci: queue {index}: {e}");
+                return true;
             }
         }
-        if used {
-            self.signal_used(index, mem);
+        // If nothing can be taken although the available index says there
+        // is more, the ring is broken: wait for the next doorbell.
+        !matches!(self.process_batch(index, mem), Some(n) if n > 0)
+    }
+
+    /// Marks queue `index` for processing by [`PciDevice::run_deferred`].
+    fn kick(&mut self, index: usize) {
+        if let Some(k) = self.kicked.get_mut(index) {
+            *k = true;
         }
     }
 
-    fn process_all_queues(&mut self) {
-        for i in 0..self.queues.len() {
-            self.process_queue(i);
-        }
+    /// Marks every queue for processing.
+    fn kick_all(&mut self) {
+        self.kicked.fill(true);
     }
 
     fn activate(&mut self) {
@@ -513,7 +531,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         {
             self.activate();
             // Buffers made available before DRIVER_OK.
-            self.process_all_queues();
+            self.kick_all();
         }
     }
 
@@ -666,7 +684,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     fn notify(&mut self, offset: u64) {
         let index = offset / u64::from(NOTIFY_OFF_MULTIPLIER);
         if let Ok(index) = usize::try_from(index) {
-            self.process_queue(index);
+            self.kick(index);
         }
     }
 
@@ -951,6 +969,52 @@ impl<D: VirtioDevice + 'static> PciDevice for VirtioPciDevice<D> {
         self.device.event_fds()
     }
 
+    fn run_deferred(&mut self) -> bool {
+        if !self.active || self.paused || !self.kicked.contains(&true) {
+            return false;
+        }
+        let memory = self.memory.clone();
+        let guard = memory.memory();
+        let mem: &GuestMemory = &guard;
+        // No guest memory: restored before a client attached, or resumed
+        // after it left. The rings are unreachable (no warning); the next
+        // doorbell, once memory is mapped, picks everything up.
+        if mem.num_regions() == 0 {
+            self.kicked.fill(false);
+            return false;
+        }
+        // One batch per kicked queue, then back to the event loop, which
+        // calls again right after serving its fds: a doorbell or config
+        // access waits for at most one round. Every kicked queue is polled
+        // while any of them has work, so that a busy queue neither starves
+        // the others nor lets them go idle (and need a doorbell). A driver
+        // that keeps its rings full (or a used ring laid over the available
+        // ring) keeps the device busy, never the event loop.
+        let mut progress = false;
+        for index in 0..self.kicked.len() {
+            if !self.kicked[index] {
+                continue;
+            }
+            match self.process_batch(index, mem) {
+                Some(n) => progress |= n > 0,
+                None => self.kicked[index] = false,
+            }
+        }
+        if progress {
+            return true;
+        }
+        // Every polled queue is empty: doorbells back on.
+        let mut raced = false;
+        for index in 0..self.kicked.len() {
+            if self.kicked[index] {
+                let idle = self.rearm(index, mem);
+                self.kicked[index] = !idle;
+                raced |= !idle;
+            }
+        }
+        raced
+    }
+
     fn handle_event(&mut self, fd: RawFd) {
         if !self.active || self.paused {
             return;
@@ -977,7 +1041,7 @@ impl<D: VirtioDevice + 'static> PciDevice for VirtioPciDevice<D> {
         self.paused = false;
         // Pick up whatever was made available while paused (or before the
         // snapshot this device was restored from).
-        self.process_all_queues();
+        self.kick_all();
         Ok(())
     }
 
@@ -1037,8 +1101,9 @@ mod tests {
             _index: usize,
             _queue: &mut Queue,
             _mem: &GuestMemory,
-        ) -> Result<bool, VirtioError> {
-            Ok(false)
+            _budget: usize,
+        ) -> Result<usize, VirtioError> {
+            Ok(0)
         }
         fn event_fds(&self) -> Vec<RawFd> {
             vec![99]
@@ -1168,8 +1233,9 @@ mod tests {
                 _index: usize,
                 _queue: &mut Queue,
                 _mem: &GuestMemory,
-            ) -> Result<bool, VirtioError> {
-                Ok(false)
+                _budget: usize,
+            ) -> Result<usize, VirtioError> {
+                Ok(0)
             }
         }
         for sizes in [vec![], vec![3], vec![0], vec![8; MAX_QUEUES + 1]] {
