@@ -27,9 +27,46 @@ fn memdisk() -> Arc<MemoryDisk> {
     )
 }
 
-fn driver(disk: Arc<MemoryDisk>, config: VirtioBlkConfig) -> Driver {
+thread_local! {
+    /// I/O threads of the devices this test thread builds with `driver`
+    /// (set by the `on_io_threads` re-runs).
+    static IO_THREADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn driver(disk: Arc<MemoryDisk>, mut config: VirtioBlkConfig) -> Driver {
+    config.io_threads = config.io_threads.max(IO_THREADS.with(|t| t.get()));
     Driver::new(disk, config)
 }
+
+/// Runs tests again with reads, writes and flushes on two I/O threads.
+macro_rules! on_io_threads {
+    ($($test:ident),* $(,)?) => {
+        mod on_io_threads {
+            $(
+                #[test]
+                fn $test() {
+                    super::IO_THREADS.with(|t| t.set(2));
+                    super::$test();
+                }
+            )*
+        }
+    };
+}
+
+on_io_threads!(
+    read_write_flush_get_id_msix,
+    write_through_without_flush_feature,
+    discard_and_write_zeroes,
+    read_only_disk,
+    bad_requests_fail_cleanly,
+    garbage_chains_do_not_panic_or_hang,
+    indirect_descriptors,
+    multiqueue,
+    device_reset_through_status_zero,
+    full_reset_through_adapter,
+    pause_defers_and_resume_processes,
+    snapshot_restore,
+);
 
 fn ready(disk: Arc<MemoryDisk>) -> Driver {
     let mut d = driver(disk, VirtioBlkConfig::default());

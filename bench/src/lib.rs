@@ -117,3 +117,27 @@ pub fn thread_user_sys(tid: i32) -> (Duration, Duration) {
     let d = |t: u64| Duration::from_secs_f64(t as f64 / hz);
     ticks.map_or((Duration::ZERO, Duration::ZERO), |(u, s)| (d(u), d(s)))
 }
+
+/// The kernel ids of this process's threads.
+pub fn task_ids() -> Vec<i32> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// [`thread_cpu`] summed over `tids`.
+pub fn threads_cpu(tids: &[i32]) -> Duration {
+    tids.iter().map(|&t| thread_cpu(t)).sum()
+}
+
+/// [`thread_user_sys`] summed over `tids`.
+pub fn threads_user_sys(tids: &[i32]) -> (Duration, Duration) {
+    tids.iter()
+        .map(|&t| thread_user_sys(t))
+        .fold((Duration::ZERO, Duration::ZERO), |(u, s), (tu, ts)| {
+            (u + tu, s + ts)
+        })
+}

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use backends::storage::MAX_IO_THREADS;
 use thiserror::Error;
 
 /// Usage text.
@@ -25,6 +26,9 @@ options:
   --socket-mode MODE   octal permissions of the socket (default 600)
   --busy-poll-us N     keep polling N µs after each burst of messages before
                        sleeping (lower latency, more CPU; default 0 = off)
+  --io-threads N       run reads, writes and flushes on N threads, so that
+                       requests that wait for the disk overlap (for --direct
+                       or slow storage; default 0 = on the event loop)
   --api-socket PATH    control socket for pause, resume, snapshot, status
   --restore FILE       start from a snapshot taken with `api ... snapshot`
   -h, --help           this text
@@ -80,6 +84,8 @@ pub struct Options {
     pub restore: Option<PathBuf>,
     /// Busy-poll window of the event loop, in microseconds.
     pub busy_poll_us: u32,
+    /// I/O threads of the device (0: I/O on the event loop).
+    pub io_threads: usize,
 }
 
 /// An `api` client invocation.
@@ -164,6 +170,7 @@ pub fn parse(args: &[String]) -> Result<Options, CliError> {
         api_socket: None,
         restore: None,
         busy_poll_us: 0,
+        io_threads: 0,
     };
     let mut socket = None;
     while let Some(a) = it.next() {
@@ -192,6 +199,9 @@ pub fn parse(args: &[String]) -> Result<Options, CliError> {
             "--api-socket" => o.api_socket = Some(PathBuf::from(value()?)),
             "--busy-poll-us" => {
                 o.busy_poll_us = number(a, &value()?, |n: &u32| *n <= 1_000_000, "0 to 1000000")?
+            }
+            "--io-threads" => {
+                o.io_threads = number(a, &value()?, |n: &usize| *n <= MAX_IO_THREADS, "0 to 64")?
             }
             "--restore" => o.restore = Some(PathBuf::from(value()?)),
             "--socket-mode" => {
@@ -262,6 +272,13 @@ mod tests {
             50
         );
         assert!(parse(&args("virtio-blk --socket x --busy-poll-us -1")).is_err());
+        assert_eq!(
+            parse(&args("virtio-blk --socket x --io-threads 4"))
+                .unwrap()
+                .io_threads,
+            4
+        );
+        assert!(parse(&args("virtio-blk --socket x --io-threads 65")).is_err());
         let a = parse_api(&args("--api-socket /a snapshot /f")).unwrap();
         assert_eq!(a.command, "snapshot");
         assert_eq!(a.path.as_deref(), Some("/f"));

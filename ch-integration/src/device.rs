@@ -53,6 +53,7 @@ pub fn build(opts: &Options) -> Result<Built, String> {
             num_queues: opts.num_queues,
             queue_size: opts.queue_size,
             read_only: opts.readonly,
+            io_threads: opts.io_threads,
             ..Default::default()
         },
     )
@@ -63,8 +64,13 @@ pub fn build(opts: &Options) -> Result<Built, String> {
         device: Box::new(adapter),
         ctx,
         description: format!(
-            "virtio-blk on {what}{ro}, {} queue(s) of {}",
-            opts.num_queues, opts.queue_size
+            "virtio-blk on {what}{ro}, {} queue(s) of {}, {}",
+            opts.num_queues,
+            opts.queue_size,
+            match opts.io_threads {
+                0 => "I/O on the event loop".to_string(),
+                n => format!("{n} I/O thread(s)"),
+            }
         ),
     })
 }

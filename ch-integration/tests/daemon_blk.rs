@@ -63,7 +63,17 @@ fn daemon_with_image(extra: &[&str]) -> (Daemon, std::path::PathBuf) {
 
 #[test]
 fn io_requests_reach_the_image() {
-    let (daemon, img) = daemon_with_image(&[]);
+    io_requests_reach_the_image_with(&[]);
+}
+
+/// [`io_requests_reach_the_image`] with reads, writes and flushes on I/O threads.
+#[test]
+fn io_requests_reach_the_image_on_io_threads() {
+    io_requests_reach_the_image_with(&["--io-threads", "2"]);
+}
+
+fn io_requests_reach_the_image_with(extra: &[&str]) {
+    let (daemon, img) = daemon_with_image(extra);
     let mut drv = VirtioDriver::connect(&daemon.socket);
     assert!(
         drv.bar_sizes.iter().any(|s| *s >= 0x1000),
@@ -204,7 +214,17 @@ fn reset_and_reinitialise() {
 
 #[test]
 fn disconnect_in_flight_then_reconnect_is_consistent() {
-    let (daemon, img) = daemon_with_image(&[]);
+    disconnect_in_flight_then_reconnect_is_consistent_with(&[]);
+}
+
+/// [`disconnect_in_flight_then_reconnect_is_consistent`] with requests in flight on I/O threads at the disconnect.
+#[test]
+fn disconnect_in_flight_then_reconnect_is_consistent_on_io_threads() {
+    disconnect_in_flight_then_reconnect_is_consistent_with(&["--io-threads", "2"]);
+}
+
+fn disconnect_in_flight_then_reconnect_is_consistent_with(extra: &[&str]) {
+    let (daemon, img) = daemon_with_image(extra);
     {
         let mut drv = VirtioDriver::connect(&daemon.socket);
         drv.init(BLK_WANT, 128);

@@ -157,6 +157,9 @@ fn doorbell_is_answered_before_the_io_runs() {
     let served = Loop::serve(vec![disk.clone()]);
     let mut d = VirtioDriver::connect(served.socket(0));
     d.init(VERSION_1 | EVENT_IDX, 64);
+    // Let the device look at its (empty) queue after DRIVER_OK and go idle,
+    // so that only the doorbell below starts the request.
+    d.settle();
 
     let head = d.blk_submit(0, VIRTIO_BLK_T_IN, 8, &[], 4096);
     // Were the doorbell answered only after the I/O, the kick would wait

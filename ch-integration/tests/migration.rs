@@ -176,10 +176,21 @@ impl Ledger {
 
 #[test]
 fn migrate_busy_blk_between_daemons() {
+    migrate_busy_blk_between_daemons_with(&[]);
+}
+
+/// [`migrate_busy_blk_between_daemons`] with requests on I/O threads (pausing must complete them).
+#[test]
+fn migrate_busy_blk_between_daemons_on_io_threads() {
+    migrate_busy_blk_between_daemons_with(&["--io-threads", "2"]);
+}
+
+fn migrate_busy_blk_between_daemons_with(extra: &[&str]) {
     let dir = TempDir::new().unwrap();
     let img = image(&dir);
     let img_s = img.to_str().unwrap();
-    let opts = ["--disk", img_s, "--num-queues", "2", "--queue-size", "128"];
+    let mut opts = vec!["--disk", img_s, "--num-queues", "2", "--queue-size", "128"];
+    opts.extend_from_slice(extra);
     let mut src = Daemon::start_in(dir, &opts);
     // The destination serves the SAME image (shared storage).
     let mut dst = Daemon::start(&opts);
@@ -217,7 +228,11 @@ fn migrate_busy_blk_between_daemons() {
     drv.wait_used_idx(1, drv.queues[1].next_avail);
 
     // The dirty log shows exactly what the device wrote: used-ring pages
-    // and the status bytes of B, nothing of what the driver wrote.
+    // and the status bytes of B, nothing of what the driver wrote. (The
+    // device re-enables doorbells, writing the available event, in the
+    // deferred round after the one that emptied the ring: `settle` lets
+    // it run.)
+    drv.settle();
     let dirty = report(drv.raw(), GUEST_BASE, GUEST_SIZE, PAGE);
     let mut expected = used_ring_pages(&drv, 0, used_before[0]..drv.used_idx(0));
     expected.extend(used_ring_pages(&drv, 1, used_before[1]..drv.used_idx(1)));
@@ -342,12 +357,26 @@ fn migrate_busy_blk_between_daemons() {
 
 #[test]
 fn dirty_bitmap_reports_exactly_device_writes() {
+    dirty_bitmap_reports_exactly_device_writes_with(&[]);
+}
+
+/// [`dirty_bitmap_reports_exactly_device_writes`] with reads and writes on I/O threads.
+#[test]
+fn dirty_bitmap_reports_exactly_device_writes_on_io_threads() {
+    dirty_bitmap_reports_exactly_device_writes_with(&["--io-threads", "2"]);
+}
+
+fn dirty_bitmap_reports_exactly_device_writes_with(extra: &[&str]) {
     let dir = TempDir::new().unwrap();
     let img = image(&dir);
     // 512 entries: the used ring spans two pages (avail_event on the 2nd).
     let daemon = Daemon::start_in(
         dir,
-        &["--disk", img.to_str().unwrap(), "--queue-size", "512"],
+        &[
+            &["--disk", img.to_str().unwrap(), "--queue-size", "512"],
+            extra,
+        ]
+        .concat(),
     );
     let mut drv = VirtioDriver::connect_raw(&daemon.socket);
     let f = drv.init(BLK_WANT | EVENT_IDX, 512);
@@ -363,6 +392,8 @@ fn dirty_bitmap_reports_exactly_device_writes() {
         drv.blk_request(0, VIRTIO_BLK_T_IN, 0, &[], 4096).0,
         VIRTIO_BLK_S_OK
     );
+    // Let the device finish with the ring (see `settle`) before logging.
+    drv.settle();
     logging_start(drv.raw(), PAGE, &[(GUEST_BASE, GUEST_SIZE)]).ok();
     assert!(report(drv.raw(), GUEST_BASE, GUEST_SIZE, PAGE).is_empty());
 
@@ -400,6 +431,7 @@ fn dirty_bitmap_reports_exactly_device_writes() {
         2,
         "used.idx/elements and avail_event pages"
     );
+    drv.settle();
     let dirty = report(drv.raw(), GUEST_BASE, GUEST_SIZE, PAGE);
     // What the device only read, and everything the driver wrote itself
     // through its own mapping, is not in the server's log.
@@ -431,6 +463,7 @@ fn dirty_bitmap_reports_exactly_device_writes() {
     assert_eq!(drv.take_result(0, c.head).0, VIRTIO_BLK_S_OK);
     let data_pages = pages_of(GUEST_BASE, PAGE, c_addr, c_len as u64);
     assert_eq!(data_pages, BTreeSet::from([r, r + PAGE]));
+    drv.settle();
     assert_eq!(report(drv.raw(), r, 2 * PAGE, PAGE), data_pages);
     let rest = used_ring_pages(&drv, 0, slot..slot + 1);
     let huge = 2 << 20;

@@ -52,6 +52,16 @@ fn read_image(path: &Path, off: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn snapshot_restore_via_api() {
+    snapshot_restore_via_api_with(&[]);
+}
+
+/// [`snapshot_restore_via_api`] with requests on I/O threads.
+#[test]
+fn snapshot_restore_via_api_on_io_threads() {
+    snapshot_restore_via_api_with(&["--io-threads", "2"]);
+}
+
+fn snapshot_restore_via_api_with(extra: &[&str]) {
     let dir = TempDir::new().unwrap();
     let img = image(dir.as_path());
     let api_sock = dir.as_path().join("api.sock");
@@ -59,7 +69,9 @@ fn snapshot_restore_via_api() {
     let img_s = img.to_str().unwrap().to_string();
     let api_s = api_sock.to_str().unwrap().to_string();
     let snap_s = snap.to_str().unwrap().to_string();
-    let mut daemon = Daemon::start_in(dir, &["--disk", &img_s, "--api-socket", &api_s]);
+    let mut args = vec!["--disk", img_s.as_str(), "--api-socket", api_s.as_str()];
+    args.extend_from_slice(extra);
+    let mut daemon = Daemon::start_in(dir, &args);
     wait_for_socket(&api_sock);
 
     // A Cloud Hypervisor-like VMM brings the device up and does I/O.
@@ -118,14 +130,16 @@ fn snapshot_restore_via_api() {
     // the stale sockets and starts a new one from the snapshot.
     daemon.kill();
     std::fs::remove_file(&api_sock).unwrap();
-    daemon.restart(&[
+    let mut args = vec![
         "--disk",
         &img_s,
         "--api-socket",
         &api_s,
         "--restore",
         &snap_s,
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    daemon.restart(&args);
     wait_for_socket(&api_sock);
     let v = api_ok(&api_sock, &["status"]);
     assert_eq!(v["paused"], false);

@@ -124,8 +124,9 @@ fn device(read_only: bool) -> (Arc<MemoryDisk>, VirtioBlk) {
         read_only: false,
         serial: Some("fuzz-serial".into()),
         pcie: false,
+        io_threads: 0,
     };
-    let blk = VirtioBlk::new(disk.clone(), &config).unwrap();
+    let blk = VirtioBlk::new(disk.clone(), &config, vfio_user_server::DeviceContext::default().memory).unwrap();
     (disk, blk)
 }
 

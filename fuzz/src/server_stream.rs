@@ -99,6 +99,8 @@ pub const BLK_QUEUE_SIZE: u16 = 16;
 
 /// Ops handled per input.
 const MAX_OPS: usize = 512;
+/// Rounds of deferred work run after each `handle_connection_event`.
+const MAX_DEFERRED_ROUNDS: usize = 64;
 /// Rounds of `handle_connection_event` after which the server is
 /// considered stuck.
 const MAX_PUMP_ROUNDS: usize = 100_000;
@@ -236,6 +238,7 @@ pub fn build_device(kind: u8, ctx: &DeviceContext) -> Box<dyn Device> {
             read_only: false,
             serial: None,
             pcie,
+            io_threads: 0,
         };
         let blk = VirtioBlkPci::new(ctx.clone(), Arc::new(disk), config).unwrap();
         Box::new(PciAdapter::new(blk).unwrap())
@@ -416,7 +419,15 @@ impl Harness {
                 self.drain();
                 return true;
             }
-            let alive = self.server.handle_connection_event(read, interest.write);
+            let mut alive = self.server.handle_connection_event(read, interest.write);
+            // The deferred work (queue processing) the event loop runs after
+            // each wake-up, bounded here as a busy device gets rounds.
+            for _ in 0..MAX_DEFERRED_ROUNDS {
+                if !alive || !self.server.run_deferred() {
+                    break;
+                }
+            }
+            alive &= self.server.connected();
             self.drain();
             if !alive {
                 assert!(!self.server.connected());

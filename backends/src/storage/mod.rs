@@ -7,6 +7,7 @@
 
 mod memory;
 mod raw_file;
+mod workers;
 
 use std::io;
 use std::marker::PhantomData;
@@ -17,6 +18,7 @@ use vm_memory::VolatileSlice;
 
 pub use memory::MemoryDisk;
 pub use raw_file::{RawFile, RawFileOptions, DIRECT_IO_ALIGNMENT};
+pub use workers::{IoDone, IoJob, IoOp, IoWorkers, MAX_IO_THREADS};
 
 /// Maximum length of a back-end id, in bytes (`VIRTIO_BLK_ID_BYTES`).
 pub const BLOCK_ID_BYTES: usize = 20;
@@ -35,6 +37,13 @@ pub struct IoBuf<'a> {
     iov: libc::iovec,
     _memory: PhantomData<&'a mut [u8]>,
 }
+
+// SAFETY: an `IoBuf` borrows memory for 'a the way `&'a mut [u8]` does,
+// which is `Send` and `Sync`; its contract has every user access the
+// memory only as raw bytes, from any thread.
+unsafe impl Send for IoBuf<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for IoBuf<'_> {}
 
 impl<'a> IoBuf<'a> {
     /// An empty buffer.

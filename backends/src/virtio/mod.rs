@@ -131,6 +131,14 @@ pub trait VirtioDevice: Send {
         Vec::new()
     }
 
+    /// Waits for the requests in flight (those the device completes from
+    /// [`VirtioDevice::handle_event`]) and completes them. The transport
+    /// calls it before pausing and before guest memory is unmapped.
+    /// Returns the indices of the queues that got used entries.
+    fn quiesce(&mut self, _queues: &mut [Queue], _mem: &GuestMemory) -> Vec<usize> {
+        Vec::new()
+    }
+
     /// Device-specific state for migration, if any (the transport saves
     /// queues, features and status itself).
     fn snapshot(&mut self) -> Result<Option<Snapshot>, MigratableError> {

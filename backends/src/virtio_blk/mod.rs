@@ -1,19 +1,28 @@
 //! virtio-blk (virtio spec 5.2) over a [`BlockBackend`].
 //!
-//! Requests are executed synchronously when the queue is notified:
-//! `IN`, `OUT`, `FLUSH` (`fdatasync`), `GET_ID`, `DISCARD` and
+//! Requests: `IN`, `OUT`, `FLUSH` (`fdatasync`), `GET_ID`, `DISCARD` and
 //! `WRITE_ZEROES`; anything else completes with `VIRTIO_BLK_S_UNSUPP`.
 //! When the driver does not negotiate `VIRTIO_BLK_F_FLUSH` every write is
 //! followed by a flush (write-through).
+//!
+//! With [`VirtioBlkConfig::io_threads`] at 0 every request runs on the
+//! event loop thread while its queue is processed. Otherwise `IN`, `OUT`
+//! and `FLUSH` go to a pool of that many I/O threads ([`IoWorkers`]): the
+//! event loop parses the next requests while earlier ones are read or
+//! written, and completes them (status, used ring, interrupt) when the
+//! pool reports back. The rare `GET_ID`, `DISCARD` and `WRITE_ZEROES`, and
+//! requests that fail validation, always complete at once.
 
 mod request;
 
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use log::{debug, warn};
 use thiserror::Error;
 use vfio_user_server::device::DeviceContext;
+use vfio_user_server::dma::GuestMemoryHandle;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -21,9 +30,10 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 
 use vm_memory::bitmap::Bitmap;
+use vm_memory::GuestAddressSpace;
 
 use self::request::*;
-use crate::storage::{BlockBackend, IoBuf, BLOCK_ID_BYTES};
+use crate::storage::{BlockBackend, IoBuf, IoDone, IoJob, IoOp, IoWorkers, BLOCK_ID_BYTES};
 use crate::virtio::{
     GuestMemory, VirtioDevice, VirtioError, VirtioPciDevice, VirtioPciError, MAX_QUEUES,
 };
@@ -61,6 +71,9 @@ pub enum VirtioBlkError {
     /// The PCI transport could not be built.
     #[error("virtio-pci transport: {0}")]
     Transport(#[from] VirtioPciError),
+    /// The I/O threads could not be started.
+    #[error("I/O threads: {0}")]
+    IoThreads(io::Error),
 }
 
 /// Options of a virtio-blk device.
@@ -77,6 +90,9 @@ pub struct VirtioBlkConfig {
     pub serial: Option<String>,
     /// Present a PCI Express endpoint with a 4 KiB configuration space.
     pub pcie: bool,
+    /// Threads running back-end reads, writes and flushes off the event
+    /// loop; 0 runs them on the event loop thread.
+    pub io_threads: usize,
 }
 
 impl Default for VirtioBlkConfig {
@@ -87,6 +103,7 @@ impl Default for VirtioBlkConfig {
             read_only: false,
             serial: None,
             pcie: true,
+            io_threads: 0,
         }
     }
 }
@@ -104,6 +121,58 @@ pub struct VirtioBlk {
     acked_features: u64,
     /// The current chain, split; kept to reuse its storage.
     buffers: Buffers,
+    /// Guest memory, whose mapping requests in flight keep alive.
+    memory: GuestMemoryHandle,
+    /// The I/O threads, if requests run off the event loop.
+    workers: Option<IoWorkers>,
+    /// What is in flight on the I/O threads.
+    async_io: AsyncIo,
+}
+
+/// A request handed to the I/O threads.
+struct InFlight {
+    /// Queue index.
+    queue: usize,
+    /// Head of its chain.
+    head: u16,
+    /// Its buffers.
+    buffers: Buffers,
+    /// Offset of the status byte in `buffers.writable`.
+    status_at: u64,
+    /// Bytes read into `buffers.writable` on success (0 unless `IN`).
+    read_len: u64,
+    /// Keeps the guest memory of its buffers mapped.
+    _memory: Arc<GuestMemory>,
+}
+
+/// Requests in flight on the I/O threads, and storage kept for reuse.
+#[derive(Default)]
+struct AsyncIo {
+    /// By token; `None` where free.
+    slots: Vec<Option<InFlight>>,
+    /// Free tokens.
+    free: Vec<usize>,
+    /// Jobs of the batch being taken off a queue.
+    jobs: Vec<IoJob>,
+    /// Results being completed.
+    done: Vec<IoDone>,
+    /// Buffer lists of finished requests.
+    spare_buffers: Vec<Buffers>,
+    /// Job buffer vectors of finished requests.
+    spare_bufs: Vec<Vec<IoBuf<'static>>>,
+}
+
+/// What a parsed request needs.
+enum Plan {
+    /// Completed with this status, having written this many data bytes.
+    Done(u8, u64),
+    /// Read `len` bytes at disk `offset` into the writable buffers.
+    Read { offset: u64, len: u64 },
+    /// Write `len` bytes of the readable buffers after the header at disk
+    /// `offset`.
+    Write { offset: u64, len: u64 },
+    /// Flush.
+    Flush,
 }
 
 fn bit(b: u32) -> u64 {
@@ -111,10 +180,12 @@ fn bit(b: u32) -> u64 {
 }
 
 impl VirtioBlk {
-    /// A device serving `backend` with `config`.
+    /// A device serving `backend` with `config`; its requests use guest
+    /// `memory`.
     pub fn new(
         backend: Arc<dyn BlockBackend>,
         config: &VirtioBlkConfig,
+        memory: GuestMemoryHandle,
     ) -> Result<Self, VirtioBlkError> {
         if config.num_queues == 0 || usize::from(config.num_queues) > MAX_QUEUES {
             return Err(VirtioBlkError::InvalidQueueCount(config.num_queues));
@@ -160,6 +231,13 @@ impl VirtioBlk {
         put(0x30, &BLK_MAX_DISCARD_SECTORS.to_le_bytes());
         put(0x34, &BLK_MAX_DISCARD_SEG.to_le_bytes());
 
+        let workers = match config.io_threads {
+            0 => None,
+            n => Some(
+                IoWorkers::new(backend.clone(), n, "virtio-blk")
+                    .map_err(VirtioBlkError::IoThreads)?,
+            ),
+        };
         Ok(VirtioBlk {
             backend,
             num_queues: config.num_queues,
@@ -171,6 +249,9 @@ impl VirtioBlk {
             avail_features: features,
             acked_features: 0,
             buffers: Buffers::default(),
+            memory,
+            workers,
+            async_io: AsyncIo::default(),
         })
     }
 
@@ -182,6 +263,11 @@ impl VirtioBlk {
     /// Whether the disk is exposed read-only.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Requests handed to the I/O threads and not completed yet.
+    pub fn in_flight(&self) -> usize {
+        self.async_io.slots.iter().filter(|s| s.is_some()).count()
     }
 
     fn acked(&self, feature: u32) -> bool {
@@ -214,60 +300,66 @@ impl VirtioBlk {
             warn!("virtio-blk: chain {head} has no status byte");
             return 0;
         };
-        let (status, written) = self.handle(buffers, status_at, mem);
-        match buffers.writable.write_at(mem, status_at, &[status]) {
-            // `written` is below `status_at`, itself bounded by the chain
-            // length, which is a u32 sum checked by virtio-queue.
-            Ok(()) => u32::try_from(written + 1).unwrap_or(u32::MAX),
-            Err(e) => {
-                warn!("virtio-blk: chain {head}: cannot write status: {e}");
-                0
-            }
-        }
+        let (status, written) = match self.plan(buffers, status_at, mem) {
+            Plan::Done(status, written) => (status, written),
+            Plan::Read { offset, len } => self.read(buffers, offset, len, mem),
+            Plan::Write { offset, len } => (self.write(buffers, offset, len, mem), 0),
+            Plan::Flush => (self.flush(), 0),
+        };
+        finish(buffers, status_at, status, written, mem, head)
     }
 
-    /// Returns the status and the number of data bytes written to the
-    /// guest.
-    fn handle(&mut self, b: &Buffers, status_at: u64, mem: &GuestMemory) -> (u8, u64) {
+    /// Checks a request and decides what it needs; requests that need no
+    /// back-end I/O (and invalid ones) are done here.
+    fn plan(&self, b: &Buffers, status_at: u64, mem: &GuestMemory) -> Plan {
         if b.misordered || !b.readable.in_memory(mem) || !b.writable.in_memory(mem) {
-            return (S_IOERR, 0);
+            return Plan::Done(S_IOERR, 0);
         }
         let mut hdr = [0u8; OUTHDR_SIZE as usize];
         if b.readable.len() < OUTHDR_SIZE || b.readable.read_at(mem, 0, &mut hdr).is_err() {
-            return (S_IOERR, 0);
+            return Plan::Done(S_IOERR, 0);
         }
         let hdr = OutHeader::parse(&hdr);
         match hdr.request_type {
-            VIRTIO_BLK_T_IN => self.read(b, hdr.sector, status_at, mem),
-            VIRTIO_BLK_T_OUT => (self.write(b, hdr.sector, mem), 0),
-            VIRTIO_BLK_T_FLUSH => (self.flush(), 0),
+            VIRTIO_BLK_T_IN => {
+                let len = status_at;
+                match sector_range(hdr.sector, len, self.capacity) {
+                    Some((offset, _)) if len & (SECTOR_SIZE - 1) == 0 => Plan::Read { offset, len },
+                    _ => Plan::Done(S_IOERR, 0),
+                }
+            }
+            VIRTIO_BLK_T_OUT => {
+                let len = b.readable.len() - OUTHDR_SIZE;
+                match sector_range(hdr.sector, len, self.capacity) {
+                    Some((offset, _)) if !self.read_only && len & (SECTOR_SIZE - 1) == 0 => {
+                        Plan::Write { offset, len }
+                    }
+                    _ => Plan::Done(S_IOERR, 0),
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => Plan::Flush,
             VIRTIO_BLK_T_GET_ID => {
                 let n = status_at.min(BLOCK_ID_BYTES as u64);
                 match b.writable.write_at(mem, 0, &self.serial[..n as usize]) {
-                    Ok(()) => (S_OK, n),
-                    Err(_) => (S_IOERR, 0),
+                    Ok(()) => Plan::Done(S_OK, n),
+                    Err(_) => Plan::Done(S_IOERR, 0),
                 }
             }
             VIRTIO_BLK_T_DISCARD if self.acked(VIRTIO_BLK_F_DISCARD) => {
-                (self.discard_or_zero(b, mem, false), 0)
+                Plan::Done(self.discard_or_zero(b, mem, false), 0)
             }
             VIRTIO_BLK_T_WRITE_ZEROES if self.acked(VIRTIO_BLK_F_WRITE_ZEROES) => {
-                (self.discard_or_zero(b, mem, true), 0)
+                Plan::Done(self.discard_or_zero(b, mem, true), 0)
             }
             t => {
                 debug!("virtio-blk: unsupported request type {t}");
-                (S_UNSUPP, 0)
+                Plan::Done(S_UNSUPP, 0)
             }
         }
     }
 
-    fn read(&mut self, b: &Buffers, sector: u64, len: u64, mem: &GuestMemory) -> (u8, u64) {
-        if len & (SECTOR_SIZE - 1) != 0 {
-            return (S_IOERR, 0);
-        }
-        let Some((offset, _)) = sector_range(sector, len, self.capacity) else {
-            return (S_IOERR, 0);
-        };
+    /// Reads `len` bytes at `offset` into the writable buffers of `b`.
+    fn read(&self, b: &Buffers, offset: u64, len: u64, mem: &GuestMemory) -> (u8, u64) {
         match transfer(&*self.backend, &b.writable, 0, len, offset, mem, true) {
             Ok(()) => (S_OK, len),
             Err(e) => {
@@ -279,17 +371,9 @@ impl VirtioBlk {
         }
     }
 
-    fn write(&mut self, b: &Buffers, sector: u64, mem: &GuestMemory) -> u8 {
-        if self.read_only {
-            return S_IOERR;
-        }
-        let len = b.readable.len() - OUTHDR_SIZE;
-        if len & (SECTOR_SIZE - 1) != 0 {
-            return S_IOERR;
-        }
-        let Some((offset, _)) = sector_range(sector, len, self.capacity) else {
-            return S_IOERR;
-        };
+    /// Writes `len` bytes of the readable buffers of `b` (after the
+    /// header) at `offset`.
+    fn write(&self, b: &Buffers, offset: u64, len: u64, mem: &GuestMemory) -> u8 {
         if let Err(e) = transfer(
             &*self.backend,
             &b.readable,
@@ -306,6 +390,156 @@ impl VirtioBlk {
             return self.flush();
         }
         S_OK
+    }
+
+    /// Starts one chain of queue `queue` on the I/O threads, queueing its
+    /// job in `self.async_io.jobs`; returns the used length if it
+    /// completed at once instead.
+    fn start(
+        &mut self,
+        queue: usize,
+        chain: DescriptorChain<&GuestMemory>,
+        mem: &GuestMemory,
+        keep: &Arc<GuestMemory>,
+    ) -> Option<u32> {
+        let head = chain.head_index();
+        let mut buffers = self.async_io.spare_buffers.pop().unwrap_or_default();
+        if !split_chain(chain, BLK_MAX_CHAIN_DESCRIPTORS, &mut buffers) {
+            warn!("virtio-blk: chain {head} too long");
+            self.async_io.spare_buffers.push(buffers);
+            return Some(0);
+        }
+        let Some(status_at) = buffers.writable.len().checked_sub(1) else {
+            warn!("virtio-blk: chain {head} has no status byte");
+            self.async_io.spare_buffers.push(buffers);
+            return Some(0);
+        };
+        let mut bufs = self.async_io.spare_bufs.pop().unwrap_or_default();
+        let mut collect = |sg: &SgList, at: u64, len: u64| {
+            let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+            sg.for_each_slice(mem, at, len, |slice| {
+                let b = IoBuf::from(slice);
+                // SAFETY: the slice lies in the guest memory `keep` maps;
+                // the request holds `keep` until its result is collected,
+                // and guest memory is only accessed as raw bytes.
+                bufs.push(unsafe { IoBuf::from_raw_parts(b.as_ptr(), b.len()) });
+                Ok(())
+            })
+        };
+        let (op, read_len) = match self.plan(&buffers, status_at, mem) {
+            Plan::Done(status, written) => {
+                let len = finish(&buffers, status_at, status, written, mem, head);
+                self.async_io.spare_buffers.push(buffers);
+                self.async_io.spare_bufs.push(bufs);
+                return Some(len);
+            }
+            Plan::Read { offset, len } => match collect(&buffers.writable, 0, len) {
+                Ok(()) => (IoOp::Read { offset, bufs }, len),
+                Err(e) => return Some(self.fail_start(buffers, status_at, mem, head, e)),
+            },
+            Plan::Write { offset, len } => match collect(&buffers.readable, OUTHDR_SIZE, len) {
+                Ok(()) => {
+                    let flush = !self.acked(VIRTIO_BLK_F_FLUSH);
+                    (
+                        IoOp::Write {
+                            offset,
+                            bufs,
+                            flush,
+                        },
+                        0,
+                    )
+                }
+                Err(e) => return Some(self.fail_start(buffers, status_at, mem, head, e)),
+            },
+            Plan::Flush => {
+                self.async_io.spare_bufs.push(bufs);
+                (IoOp::Flush, 0)
+            }
+        };
+        let token = match self.async_io.free.pop() {
+            Some(t) => t,
+            None => {
+                self.async_io.slots.push(None);
+                self.async_io.slots.len() - 1
+            }
+        };
+        self.async_io.slots[token] = Some(InFlight {
+            queue,
+            head,
+            buffers,
+            status_at,
+            read_len,
+            _memory: keep.clone(),
+        });
+        self.async_io.jobs.push(IoJob {
+            token: token as u64,
+            op,
+        });
+        None
+    }
+
+    /// Completes a chain whose buffers could not be collected with IOERR.
+    fn fail_start(
+        &mut self,
+        buffers: Buffers,
+        status_at: u64,
+        mem: &GuestMemory,
+        head: u16,
+        e: io::Error,
+    ) -> u32 {
+        warn!("virtio-blk: chain {head}: {e}");
+        let len = finish(&buffers, status_at, S_IOERR, 0, mem, head);
+        self.async_io.spare_buffers.push(buffers);
+        len
+    }
+
+    /// Completes the requests whose results the I/O threads filed; returns
+    /// the queues that got used entries.
+    fn complete(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> Vec<usize> {
+        let Some(workers) = &self.workers else {
+            return Vec::new();
+        };
+        let mut done = std::mem::take(&mut self.async_io.done);
+        workers.collect(&mut done);
+        let mut used = Vec::new();
+        for d in done.drain(..) {
+            let token = d.token as usize;
+            self.async_io.spare_bufs.push(d.bufs);
+            let Some(f) = self.async_io.slots.get_mut(token).and_then(Option::take) else {
+                continue;
+            };
+            self.async_io.free.push(token);
+            if f.read_len > 0 {
+                // The back end wrote the pages behind vm-memory's back:
+                // record that for the dirty log, whatever the outcome.
+                let _ = f
+                    .buffers
+                    .writable
+                    .for_each_slice(mem, 0, f.read_len as usize, |s| {
+                        s.bitmap().mark_dirty(0, s.len());
+                        Ok(())
+                    });
+            }
+            let (status, written) = match d.result {
+                Ok(()) => (S_OK, f.read_len),
+                Err(e) => {
+                    warn!("virtio-blk: chain {}: {e}", f.head);
+                    (S_IOERR, 0)
+                }
+            };
+            let len = finish(&f.buffers, f.status_at, status, written, mem, f.head);
+            if let Some(q) = queues.get_mut(f.queue) {
+                if let Err(e) = q.add_used(mem, f.head, len) {
+                    warn!("virtio-blk: cannot complete chain {}: {e}", f.head);
+                }
+                if !used.contains(&f.queue) {
+                    used.push(f.queue);
+                }
+            }
+            self.async_io.spare_buffers.push(f.buffers);
+        }
+        self.async_io.done = done;
+        used
     }
 
     fn flush(&self) -> u8 {
@@ -360,6 +594,28 @@ impl VirtioBlk {
             return self.flush();
         }
         S_OK
+    }
+}
+
+/// Writes the status byte of a request; returns the used length, the
+/// bytes written to its device-writable buffers (0 if the status byte
+/// could not be written).
+fn finish(
+    b: &Buffers,
+    status_at: u64,
+    status: u8,
+    written: u64,
+    mem: &GuestMemory,
+    head: u16,
+) -> u32 {
+    match b.writable.write_at(mem, status_at, &[status]) {
+        // `written` is below `status_at`, itself bounded by the chain
+        // length, which is a u32 sum checked by virtio-queue.
+        Ok(()) => u32::try_from(written + 1).unwrap_or(u32::MAX),
+        Err(e) => {
+            warn!("virtio-blk: chain {head}: cannot write status: {e}");
+            0
+        }
     }
 }
 
@@ -460,15 +716,32 @@ impl VirtioDevice for VirtioBlk {
 
     fn reset(&mut self) {
         self.acked_features = 0;
+        if let Some(workers) = &self.workers {
+            // Wait for what is in flight, and forget it: the driver gave the
+            // rings up.
+            workers.drain();
+            workers.collect(&mut self.async_io.done);
+            self.async_io.done.clear();
+            for (token, slot) in self.async_io.slots.iter_mut().enumerate() {
+                if let Some(f) = slot.take() {
+                    self.async_io.spare_buffers.push(f.buffers);
+                    self.async_io.free.push(token);
+                }
+            }
+        }
     }
 
     fn process_queue(
         &mut self,
-        _index: usize,
+        index: usize,
         queue: &mut Queue,
         mem: &GuestMemory,
         budget: usize,
     ) -> Result<usize, VirtioError> {
+        let keep = self
+            .workers
+            .is_some()
+            .then(|| self.memory.memory().into_inner());
         let mut taken = 0;
         while taken < budget {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
@@ -476,12 +749,46 @@ impl VirtioDevice for VirtioBlk {
             };
             taken += 1;
             let head = chain.head_index();
-            let len = self.execute(chain, mem);
+            let len = match &keep {
+                Some(keep) => match self.start(index, chain, mem, keep) {
+                    Some(len) => len,
+                    None => continue,
+                },
+                None => self.execute(chain, mem),
+            };
             if let Err(e) = queue.add_used(mem, head, len) {
                 warn!("virtio-blk: cannot complete chain {head}: {e}");
             }
         }
+        if let Some(workers) = &self.workers {
+            // SAFETY: every job's buffers lie in guest memory whose mapping
+            // its `InFlight` keeps alive until the result is collected, and
+            // guest memory is only accessed as raw bytes.
+            unsafe { workers.submit(&mut self.async_io.jobs) };
+        }
         Ok(taken)
+    }
+
+    fn event_fds(&self) -> Vec<RawFd> {
+        self.workers
+            .as_ref()
+            .map(|w| vec![w.completion_fd()])
+            .unwrap_or_default()
+    }
+
+    fn handle_event(&mut self, fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> Vec<usize> {
+        if self.workers.as_ref().map(IoWorkers::completion_fd) != Some(fd) {
+            return Vec::new();
+        }
+        self.complete(queues, mem)
+    }
+
+    fn quiesce(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> Vec<usize> {
+        let Some(workers) = &self.workers else {
+            return Vec::new();
+        };
+        workers.drain();
+        self.complete(queues, mem)
     }
 
     fn id(&self) -> Option<String> {
@@ -502,7 +809,7 @@ impl VirtioPciDevice<VirtioBlk> {
         config: VirtioBlkConfig,
     ) -> Result<Self, VirtioBlkError> {
         let pcie = config.pcie;
-        let blk = VirtioBlk::new(backend, &config)?;
+        let blk = VirtioBlk::new(backend, &config, ctx.memory.clone())?;
         Ok(VirtioPciDevice::with_device(ctx, blk, pcie)?)
     }
 }
@@ -514,7 +821,7 @@ mod tests {
 
     fn blk(config: VirtioBlkConfig, ro: bool) -> VirtioBlk {
         let disk = MemoryDisk::from_vec(vec![0; 1 << 20], ro).with_id("disk-serial");
-        VirtioBlk::new(Arc::new(disk), &config).unwrap()
+        VirtioBlk::new(Arc::new(disk), &config, DeviceContext::default().memory).unwrap()
     }
 
     fn cfg_u32(b: &VirtioBlk, off: u64) -> u32 {
@@ -573,7 +880,7 @@ mod tests {
                 queue_size: s,
                 ..Default::default()
             };
-            assert!(VirtioBlk::new(disk.clone(), &c).is_err());
+            assert!(VirtioBlk::new(disk.clone(), &c, DeviceContext::default().memory).is_err());
         }
     }
 }

@@ -552,7 +552,25 @@ impl Driver {
     /// Runs the device's deferred work until none is left (the server
     /// calls it after every burst of messages).
     pub fn run_deferred(&mut self) {
-        while self.adapter.run_deferred() {}
+        loop {
+            while self.adapter.run_deferred() {}
+            if self.adapter.device().device().in_flight() == 0 {
+                return;
+            }
+            // Requests on I/O threads: wait for their completion fd and
+            // complete them, as the event loop does.
+            for fd in self.adapter.event_fds() {
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: polling one valid fd.
+                let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
+                assert_eq!(n, 1, "I/O threads never completed");
+                self.adapter.handle_event(fd);
+            }
+        }
     }
 
     /// Places, publishes and kicks a chain; returns the head.

@@ -50,7 +50,10 @@ use std::time::{Duration, Instant};
 
 use backends::storage::{RawFile, RawFileOptions};
 use backends::virtio_blk::{VirtioBlkConfig, VirtioBlkPci};
-use bench::{cpu_model, gettid, load_average, thread_cpu, thread_user_sys, us, CpuTimes, TempPath};
+use bench::{
+    cpu_model, gettid, load_average, task_ids, thread_cpu, threads_cpu, threads_user_sys, us,
+    CpuTimes, TempPath,
+};
 use integration_tests::virtio_driver::{
     BlkBuffers, VirtioDriver, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
@@ -200,25 +203,39 @@ struct Served {
     thread: JoinHandle<BenchResult<()>>,
     /// Stops the loop.
     stop: StopHandle,
-    /// The event-loop thread's kernel id (for its CPU time).
-    tid: i32,
+    /// The kernel ids of the event-loop thread and the device's I/O
+    /// threads (for their CPU time).
+    tids: Vec<i32>,
 }
 
 impl Served {
     /// Serves a virtio-blk device with `num_queues` queues of `queue_size`
     /// on the image at `image`, listening at `socket`.
-    fn start(image: &Path, socket: &Path, num_queues: u16, queue_size: u16) -> BenchResult<Served> {
+    fn start(
+        image: &Path,
+        socket: &Path,
+        num_queues: u16,
+        queue_size: u16,
+        io_threads: usize,
+    ) -> BenchResult<Served> {
         let file = RawFile::open(image, RawFileOptions::default())?;
         let ctx = DeviceContext::default();
+        let tasks_before = task_ids();
         let blk = VirtioBlkPci::new(
             ctx.clone(),
             Arc::new(file),
             VirtioBlkConfig {
                 num_queues,
                 queue_size,
+                io_threads,
                 ..Default::default()
             },
         )?;
+        // The device's I/O threads are the threads it started.
+        let mut tids: Vec<i32> = task_ids()
+            .into_iter()
+            .filter(|t| !tasks_before.contains(t))
+            .collect();
         let adapter = PciAdapter::new(blk)?;
         let server = Server::new(socket, Box::new(adapter), ctx, ServerConfig::default())?;
         let mut ev = EventLoop::new()?;
@@ -231,8 +248,8 @@ impl Served {
                 let _ = tx.send(gettid());
                 ev.run().map_err(Into::into)
             })?;
-        let tid = rx.recv()?;
-        Ok(Served { thread, stop, tid })
+        tids.insert(0, rx.recv()?);
+        Ok(Served { thread, stop, tids })
     }
 
     /// Stops the loop (the client must already be dropped) and waits.
@@ -368,10 +385,10 @@ impl Driver {
     }
 
     /// Runs `case` for `time` from the offsets `rng`; returns what it did.
-    fn run(&mut self, case: Case, rng: &mut Offsets, time: Duration, server: i32) -> Measure {
+    fn run(&mut self, case: Case, rng: &mut Offsets, time: Duration, server: &[i32]) -> Measure {
         let me = gettid();
-        let (server_before, client_before) = (thread_cpu(server), thread_cpu(me));
-        let split_before = thread_user_sys(server);
+        let (server_before, client_before) = (threads_cpu(server), thread_cpu(me));
+        let split_before = threads_user_sys(server);
         // free[q] = slots not in flight; submitted[q][slot] = when.
         let mut free: Vec<Vec<usize>> = (0..case.queues).map(|_| (0..case.qd).collect()).collect();
         let mut submitted = vec![vec![Instant::now(); case.qd]; case.queues];
@@ -416,12 +433,12 @@ impl Driver {
             done += got as u64;
             now = Instant::now();
         }
-        let split_after = thread_user_sys(server);
+        let split_after = threads_user_sys(server);
         Measure {
             requests: done,
             wall: now - start,
             latency,
-            server_cpu: thread_cpu(server).saturating_sub(server_before),
+            server_cpu: threads_cpu(server).saturating_sub(server_before),
             server_user: split_after.0.saturating_sub(split_before.0),
             server_sys: split_after.1.saturating_sub(split_before.1),
             client_cpu: thread_cpu(me).saturating_sub(client_before),
@@ -533,12 +550,15 @@ struct Options {
     no_plain: bool,
     /// Skip the device.
     no_ours: bool,
+    /// I/O threads of the device (0: I/O on the event loop thread).
+    io_threads: usize,
 }
 
 /// The usage text.
 const USAGE: &str =
     "usage: vfio-user-blk-bench [--secs S] [--plain-secs S] [--rounds N] [--size-mib N]
                            [--dir DIR] [--queue-size N] [--case LIST] [--no-plain] [--no-ours]
+                           [--io-threads N]
   --secs S        seconds per case through the device (default 2)
   --plain-secs S  seconds per case of plain pread/pwrite (default 1)
   --rounds N      split every case into N slices, interleaving all cases (default 4)
@@ -547,7 +567,8 @@ const USAGE: &str =
   --queue-size N  descriptors per virtqueue (default 256; at least 3 x 32)
   --case LIST     only these cases, comma-separated, e.g. randread-qd32-1q,randwrite-qd1-2q
   --no-plain      skip plain pread/pwrite (for profiling the device)
-  --no-ours       skip the device";
+  --no-ours       skip the device
+  --io-threads N  the device's I/O threads; 0 runs I/O on the event loop (default 2)";
 
 /// Parses the command line.
 fn parse_args() -> BenchResult<Options> {
@@ -561,6 +582,7 @@ fn parse_args() -> BenchResult<Options> {
         cases: Vec::new(),
         no_plain: false,
         no_ours: false,
+        io_threads: 2,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -595,6 +617,10 @@ fn parse_args() -> BenchResult<Options> {
             "--case" => o.cases.extend(val()?.split(',').map(String::from)),
             "--no-plain" => o.no_plain = true,
             "--no-ours" => o.no_ours = true,
+            "--io-threads" => {
+                let v = val()?;
+                o.io_threads = v.parse().ok().filter(|&n| n <= 64).ok_or_else(|| bad(&v))?;
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -696,7 +722,13 @@ fn main() -> BenchResult<()> {
     let mut drivers = Vec::new();
     for nq in [1u16, 2] {
         let sock = sockets.0.join(format!("blk{nq}.sock"));
-        served.push(Served::start(&image.0, &sock, nq, opts.queue_size)?);
+        served.push(Served::start(
+            &image.0,
+            &sock,
+            nq,
+            opts.queue_size,
+            opts.io_threads,
+        )?);
         let mut d = Driver::connect(&sock, opts.queue_size, max_qd)?;
         if d.virtio.queues.len() != usize::from(nq) {
             return Err(format!("device has {} queues", d.virtio.queues.len()).into());
@@ -732,7 +764,7 @@ fn main() -> BenchResult<()> {
             for side in 0..2 {
                 if (side + round) % 2 == 0 {
                     if !opts.no_ours {
-                        let m = drivers[dev].run(row.case, ours_rng, slice, served[dev].tid);
+                        let m = drivers[dev].run(row.case, ours_rng, slice, &served[dev].tids);
                         row.ours.add(&m);
                     }
                 } else if !opts.no_plain {
@@ -752,8 +784,8 @@ fn main() -> BenchResult<()> {
     let ncpu = thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "4 KiB random I/O on a {} MiB image in {} ({}), {} CPUs, {}, queue size {}, \
-         {} rounds, total {:.1} s; load average {} at start, {} at end; other processes \
-         used {} CPUs meanwhile\n",
+         {} rounds, {} I/O threads, total {:.1} s; load average {} at start, {} at end; other \
+         processes used {} CPUs meanwhile\n",
         opts.size_mib,
         opts.dir.display(),
         fs_type(&opts.dir),
@@ -761,6 +793,7 @@ fn main() -> BenchResult<()> {
         cpu_model(),
         opts.queue_size,
         opts.rounds,
+        opts.io_threads,
         began.elapsed().as_secs_f64(),
         load_start,
         load_average(),

@@ -448,6 +448,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             warn!("virtio-pci: queue {index}: {e}");
             return None;
         }
+        let used_before = q.next_used();
         let n = match self.device.process_queue(index, q, mem, SIGNAL_BATCH) {
             Ok(n) => n,
             Err(e) => {
@@ -455,7 +456,8 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 return None;
             }
         };
-        if n > 0 {
+        // Chains handed to I/O threads are used (and signalled) later.
+        if q.next_used() != used_before {
             self.signal_used(index, mem);
         }
         Some(n)
@@ -479,6 +481,20 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         // If nothing can be taken although the available index says there
         // is more, the ring is broken: wait for the next doorbell.
         !matches!(self.process_batch(index, mem), Some(n) if n > 0)
+    }
+
+    /// Completes the requests the device has in flight.
+    fn quiesce(&mut self) {
+        if !self.active || self.paused {
+            return;
+        }
+        let memory = self.memory.clone();
+        let guard = memory.memory();
+        let mem: &GuestMemory = &guard;
+        let used = self.device.quiesce(&mut self.queues, mem);
+        for index in used {
+            self.signal_used(index, mem);
+        }
     }
 
     /// Marks queue `index` for processing by [`PciDevice::run_deferred`].
@@ -1028,11 +1044,19 @@ impl<D: VirtioDevice + 'static> PciDevice for VirtioPciDevice<D> {
         }
     }
 
+    fn dma_unmapping(&mut self, _address: u64, _size: u64) {
+        // Requests in flight may use the range: finish them while it is
+        // still mapped.
+        self.quiesce();
+    }
+
     fn migratable(&self) -> bool {
         true
     }
 
     fn pause(&mut self) -> Result<(), MigratableError> {
+        // In-flight requests complete before the device stops.
+        self.quiesce();
         self.paused = true;
         Ok(())
     }

@@ -1,0 +1,336 @@
+//! A pool of I/O threads that run [`BlockBackend`] calls off the event loop.
+//!
+//! A device model submits jobs, each with a token, and goes on serving its
+//! queues; a worker runs each job and files its result. The first result
+//! filed after the device last collected makes [`IoWorkers::completion_fd`]
+//! readable, so one wake-up of the event loop collects a whole batch. Two
+//! workers on a tmpfs image overlap the copies of different requests; on
+//! a real disk they also keep the event loop answering while a request
+//! waits for the device.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use log::error;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{BlockBackend, IoBuf};
+
+/// Most worker threads of one pool.
+pub const MAX_IO_THREADS: usize = 64;
+
+/// What a job does.
+#[derive(Debug)]
+pub enum IoOp {
+    /// [`BlockBackend::read_vectored_at`] into `bufs`.
+    Read {
+        /// Disk offset.
+        offset: u64,
+        /// Destination buffers.
+        bufs: Vec<IoBuf<'static>>,
+    },
+    /// [`BlockBackend::write_vectored_at`] of `bufs`, then a
+    /// [`BlockBackend::flush`] if `flush` (write-through).
+    Write {
+        /// Disk offset.
+        offset: u64,
+        /// Source buffers.
+        bufs: Vec<IoBuf<'static>>,
+        /// Flush after writing.
+        flush: bool,
+    },
+    /// [`BlockBackend::flush`].
+    Flush,
+}
+
+/// A job: an operation and the token its result is filed under.
+#[derive(Debug)]
+pub struct IoJob {
+    /// Chosen by the submitter, returned with the result.
+    pub token: u64,
+    /// The operation.
+    pub op: IoOp,
+}
+
+/// The result of a job. Its buffers are handed back so their storage can
+/// be reused.
+#[derive(Debug)]
+pub struct IoDone {
+    /// The job's token.
+    pub token: u64,
+    /// What the back end returned.
+    pub result: io::Result<()>,
+    /// The job's buffer list, emptied.
+    pub bufs: Vec<IoBuf<'static>>,
+}
+
+/// Jobs waiting, results filed, and how many jobs are running.
+#[derive(Default)]
+struct State {
+    queue: VecDeque<IoJob>,
+    done: Vec<IoDone>,
+    running: usize,
+    stop: bool,
+}
+
+struct Shared {
+    backend: Arc<dyn BlockBackend>,
+    state: Mutex<State>,
+    /// Signalled when jobs are queued (or on stop).
+    work: Condvar,
+    /// Signalled when the last running job finished and none is queued.
+    idle: Condvar,
+    /// Readable while results are filed and not yet collected.
+    completion: EventFd,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A worker never panics while holding the lock (back-end calls run
+        // outside it), so a poisoned lock still holds consistent state.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A pool of I/O threads serving one back end.
+pub struct IoWorkers {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl IoWorkers {
+    /// Starts `threads` workers (1 to [`MAX_IO_THREADS`]) running calls on
+    /// `backend`; `name` names the threads.
+    pub fn new(backend: Arc<dyn BlockBackend>, threads: usize, name: &str) -> io::Result<Self> {
+        if threads == 0 || threads > MAX_IO_THREADS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("I/O threads must be 1 to {MAX_IO_THREADS}, not {threads}"),
+            ));
+        }
+        let shared = Arc::new(Shared {
+            backend,
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            idle: Condvar::new(),
+            completion: EventFd::new(EFD_NONBLOCK)?,
+        });
+        let mut pool = IoWorkers {
+            shared,
+            threads: Vec::with_capacity(threads),
+        };
+        for i in 0..threads {
+            let shared = pool.shared.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("{name}-io{i}"))
+                .spawn(move || work(&shared))?;
+            pool.threads.push(t);
+        }
+        Ok(pool)
+    }
+
+    /// Queues `jobs`.
+    ///
+    /// # Safety
+    ///
+    /// The memory of every buffer in `jobs` must stay mapped, and be
+    /// accessed by others only as raw bytes, until the job's result has
+    /// been collected with [`IoWorkers::collect`] (or [`IoWorkers::drain`]
+    /// returned).
+    pub unsafe fn submit(&self, jobs: &mut Vec<IoJob>) {
+        let n = jobs.len();
+        if n == 0 {
+            return;
+        }
+        self.shared.lock().queue.extend(jobs.drain(..));
+        if n == 1 {
+            self.shared.work.notify_one();
+        } else {
+            self.shared.work.notify_all();
+        }
+    }
+
+    /// Moves the filed results into `out`.
+    pub fn collect(&self, out: &mut Vec<IoDone>) {
+        // Reset the fd first: a result filed after the swap below makes it
+        // readable again.
+        let _ = self.shared.completion.read();
+        let mut state = self.shared.lock();
+        if out.is_empty() {
+            std::mem::swap(out, &mut state.done);
+        } else {
+            out.append(&mut state.done);
+        }
+    }
+
+    /// Waits until every submitted job has run; their results are then
+    /// ready for [`IoWorkers::collect`].
+    pub fn drain(&self) {
+        let mut state = self.shared.lock();
+        while !state.queue.is_empty() || state.running > 0 {
+            state = self
+                .shared
+                .idle
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Submitted jobs whose results have not been filed yet.
+    pub fn outstanding(&self) -> usize {
+        let state = self.shared.lock();
+        state.queue.len() + state.running
+    }
+
+    /// Readable when results can be collected; for the event loop.
+    pub fn completion_fd(&self) -> RawFd {
+        self.shared.completion.as_raw_fd()
+    }
+}
+
+impl Drop for IoWorkers {
+    fn drop(&mut self) {
+        self.drain();
+        self.shared.lock().stop = true;
+        self.shared.work.notify_all();
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                error!("an I/O thread panicked");
+            }
+        }
+    }
+}
+
+/// A worker: runs queued jobs until stopped.
+fn work(shared: &Shared) {
+    loop {
+        let mut job = {
+            let mut state = shared.lock();
+            loop {
+                if let Some(job) = state.queue.pop_front() {
+                    state.running += 1;
+                    break job;
+                }
+                if state.stop {
+                    return;
+                }
+                state = shared.work.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let backend = &*shared.backend;
+        let (result, mut bufs) = match &mut job.op {
+            IoOp::Read { offset, bufs } => (
+                backend.read_vectored_at(bufs, *offset),
+                std::mem::take(bufs),
+            ),
+            IoOp::Write {
+                offset,
+                bufs,
+                flush,
+            } => {
+                let mut r = backend.write_vectored_at(bufs, *offset);
+                if r.is_ok() && *flush {
+                    r = backend.flush();
+                }
+                (r, std::mem::take(bufs))
+            }
+            IoOp::Flush => (backend.flush(), Vec::new()),
+        };
+        bufs.clear();
+        let first = {
+            let mut state = shared.lock();
+            state.running -= 1;
+            state.done.push(IoDone {
+                token: job.token,
+                result,
+                bufs,
+            });
+            if state.queue.is_empty() && state.running == 0 {
+                shared.idle.notify_all();
+            }
+            state.done.len() == 1
+        };
+        if first {
+            if let Err(e) = shared.completion.write(1) {
+                error!("I/O completion eventfd: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryDisk;
+
+    fn buf(v: &mut [u8]) -> IoBuf<'static> {
+        // SAFETY: the tests keep `v` alive and untouched until the job's
+        // result is collected.
+        unsafe { IoBuf::from_raw_parts(v.as_mut_ptr(), v.len()) }
+    }
+
+    #[test]
+    fn runs_jobs_and_files_results() {
+        let disk = Arc::new(MemoryDisk::new(1 << 16).unwrap());
+        let pool = IoWorkers::new(disk.clone(), 2, "test").unwrap();
+        let mut src: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i + 1; 512]).collect();
+        let mut jobs: Vec<IoJob> = src
+            .iter_mut()
+            .enumerate()
+            .map(|(i, s)| IoJob {
+                token: i as u64,
+                op: IoOp::Write {
+                    offset: i as u64 * 512,
+                    bufs: vec![buf(s)],
+                    flush: i == 7,
+                },
+            })
+            .collect();
+        // SAFETY: `src` outlives the drain below.
+        unsafe { pool.submit(&mut jobs) };
+        pool.drain();
+        assert_eq!(pool.outstanding(), 0);
+        let mut done = Vec::new();
+        pool.collect(&mut done);
+        done.sort_by_key(|d| d.token);
+        assert_eq!(done.len(), 8);
+        assert!(done.iter().all(|d| d.result.is_ok() && d.bufs.is_empty()));
+        for i in 0..8 {
+            assert_eq!(disk.contents()[i * 512..][..512], [i as u8 + 1; 512]);
+        }
+        assert_eq!(disk.flush_count(), 1);
+
+        // A read past the end fails; its result says so.
+        let mut dst = vec![0u8; 512];
+        let mut jobs = vec![
+            IoJob {
+                token: 1,
+                op: IoOp::Read {
+                    offset: 512,
+                    bufs: vec![buf(&mut dst)],
+                },
+            },
+            IoJob {
+                token: 2,
+                op: IoOp::Read {
+                    offset: 1 << 16,
+                    bufs: vec![buf(&mut dst)],
+                },
+            },
+        ];
+        // SAFETY: `dst` outlives the drain below.
+        unsafe { pool.submit(&mut jobs) };
+        pool.drain();
+        let mut done = Vec::new();
+        pool.collect(&mut done);
+        done.sort_by_key(|d| d.token);
+        assert!(done[0].result.is_ok());
+        assert!(done[1].result.is_err());
+        assert_eq!(dst, vec![2u8; 512]);
+        assert!(IoWorkers::new(disk.clone(), 0, "x").is_err());
+        assert!(IoWorkers::new(disk, MAX_IO_THREADS + 1, "x").is_err());
+    }
+}
