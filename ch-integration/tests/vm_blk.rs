@@ -125,6 +125,21 @@ fn vm_blk_read_write() {
     stop_daemon(&mut daemon);
 }
 
+/// The guest's I/O on a daemon that runs requests on I/O threads.
+#[test]
+fn vm_blk_read_write_on_io_threads() {
+    let Some(env) = vm::env() else { return };
+    let (dir, img, original) = image(IMAGE_SIZE);
+    let mut daemon = Daemon::start(
+        dir.as_path(),
+        &["--disk", path_str(&img), "--io-threads", "2"],
+    );
+    let run = Vm::start(&env, blk_spec(&daemon.socket)).finish();
+    check_blk_run(&run, &original, &img);
+    check_daemon_after(&mut daemon);
+    stop_daemon(&mut daemon);
+}
+
 #[test]
 fn vm_blk_readonly() {
     let Some(env) = vm::env() else { return };
