@@ -42,7 +42,7 @@
 
 use std::error::Error;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -217,8 +217,13 @@ impl Served {
         num_queues: u16,
         queue_size: u16,
         io_threads: usize,
+        direct: bool,
     ) -> BenchResult<Served> {
-        let file = RawFile::open(image, RawFileOptions::default())?;
+        let options = RawFileOptions {
+            direct,
+            ..Default::default()
+        };
+        let file = RawFile::open(image, options)?;
         let ctx = DeviceContext::default();
         let tasks_before = task_ids();
         let blk = VirtioBlkPci::new(
@@ -552,13 +557,15 @@ struct Options {
     no_ours: bool,
     /// I/O threads of the device (0: I/O on the event loop thread).
     io_threads: usize,
+    /// Both sides open the image with `O_DIRECT`.
+    direct: bool,
 }
 
 /// The usage text.
 const USAGE: &str =
     "usage: vfio-user-blk-bench [--secs S] [--plain-secs S] [--rounds N] [--size-mib N]
                            [--dir DIR] [--queue-size N] [--case LIST] [--no-plain] [--no-ours]
-                           [--io-threads N]
+                           [--io-threads N] [--direct]
   --secs S        seconds per case through the device (default 2)
   --plain-secs S  seconds per case of plain pread/pwrite (default 1)
   --rounds N      split every case into N slices, interleaving all cases (default 4)
@@ -568,7 +575,8 @@ const USAGE: &str =
   --case LIST     only these cases, comma-separated, e.g. randread-qd32-1q,randwrite-qd1-2q
   --no-plain      skip plain pread/pwrite (for profiling the device)
   --no-ours       skip the device
-  --io-threads N  the device's I/O threads; 0 runs I/O on the event loop (default 2)";
+  --io-threads N  the device's I/O threads; 0 runs I/O on the event loop (default 0)
+  --direct        both sides open the image with O_DIRECT (use --dir on a real disk)";
 
 /// Parses the command line.
 fn parse_args() -> BenchResult<Options> {
@@ -582,7 +590,8 @@ fn parse_args() -> BenchResult<Options> {
         cases: Vec::new(),
         no_plain: false,
         no_ours: false,
-        io_threads: 2,
+        io_threads: 0,
+        direct: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -617,6 +626,7 @@ fn parse_args() -> BenchResult<Options> {
             "--case" => o.cases.extend(val()?.split(',').map(String::from)),
             "--no-plain" => o.no_plain = true,
             "--no-ours" => o.no_ours = true,
+            "--direct" => o.direct = true,
             "--io-threads" => {
                 let v = val()?;
                 o.io_threads = v.parse().ok().filter(|&n| n <= 64).ok_or_else(|| bad(&v))?;
@@ -728,6 +738,7 @@ fn main() -> BenchResult<()> {
             nq,
             opts.queue_size,
             opts.io_threads,
+            opts.direct,
         )?);
         let mut d = Driver::connect(&sock, opts.queue_size, max_qd)?;
         if d.virtio.queues.len() != usize::from(nq) {
@@ -737,6 +748,16 @@ fn main() -> BenchResult<()> {
         drivers.push(d);
     }
 
+    // The plain side's own handle: O_DIRECT like ours when asked.
+    let plain_file = if opts.direct {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&image.0)?
+    } else {
+        plain_file
+    };
     let cpu_before = CpuTimes::now();
     let measure_start = Instant::now();
     let mut rows: Vec<Row> = cases
@@ -783,12 +804,13 @@ fn main() -> BenchResult<()> {
 
     let ncpu = thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "4 KiB random I/O on a {} MiB image in {} ({}), {} CPUs, {}, queue size {}, \
+        "4 KiB random I/O on a {} MiB image in {} ({}{}), {} CPUs, {}, queue size {}, \
          {} rounds, {} I/O threads, total {:.1} s; load average {} at start, {} at end; other \
          processes used {} CPUs meanwhile\n",
         opts.size_mib,
         opts.dir.display(),
         fs_type(&opts.dir),
+        if opts.direct { ", O_DIRECT" } else { "" },
         ncpu,
         cpu_model(),
         opts.queue_size,
