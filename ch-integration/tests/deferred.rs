@@ -110,13 +110,22 @@ struct Loop {
 
 impl Loop {
     fn serve(disks: Vec<Arc<dyn BlockBackend>>) -> Loop {
+        Self::serve_with(disks, 0)
+    }
+
+    /// Devices with `io_threads` I/O threads each.
+    fn serve_with(disks: Vec<Arc<dyn BlockBackend>>, io_threads: usize) -> Loop {
         let dir = TempDir::new().unwrap();
         let mut ev = EventLoop::new().unwrap();
         let mut sockets = Vec::new();
         for (i, disk) in disks.into_iter().enumerate() {
             let socket = dir.as_path().join(format!("blk{i}.sock"));
             let ctx = DeviceContext::default();
-            let blk = VirtioBlkPci::new(ctx.clone(), disk, VirtioBlkConfig::default()).unwrap();
+            let config = VirtioBlkConfig {
+                io_threads,
+                ..Default::default()
+            };
+            let blk = VirtioBlkPci::new(ctx.clone(), disk, config).unwrap();
             let adapter = PciAdapter::new(blk).unwrap();
             let server =
                 Server::new(&socket, Box::new(adapter), ctx, ServerConfig::default()).unwrap();
@@ -229,4 +238,62 @@ fn a_busy_device_does_not_starve_its_neighbour() {
     stop.store(true, Ordering::Relaxed);
     let done = busy.join().unwrap();
     assert!(done > 0, "the busy device completed nothing");
+}
+
+/// Opens `disk`'s gate after `delay`, from another thread.
+fn open_later(disk: &Arc<GatedDisk>, delay: Duration) -> JoinHandle<()> {
+    let disk = disk.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        disk.open();
+    })
+}
+
+/// A read held by the back end on an I/O thread, then `stop` with it in
+/// flight: `stop` returns only once the read completed, into memory that
+/// was still mapped.
+fn in_flight_read_completes_before<T: Transport>(
+    mut d: VirtioDriver<T>,
+    disk: &Arc<GatedDisk>,
+    stop: impl FnOnce(&mut VirtioDriver<T>),
+) {
+    d.init(VERSION_1 | EVENT_IDX, 64);
+    let head = d.blk_submit(0, VIRTIO_BLK_T_IN, 16, &[], 4096);
+    d.kick(0);
+    disk.wait_for_blocked_read();
+    // The event loop is free while the I/O thread waits: it answers.
+    assert_eq!(d.status() & 4, 4);
+    assert_eq!(d.used_idx(0), 0);
+    let opener = open_later(disk, Duration::from_millis(200));
+    let started = Instant::now();
+    stop(&mut d);
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "answered before the read in flight finished"
+    );
+    opener.join().unwrap();
+    assert_eq!(d.used_idx(0), 1, "the read in flight was not completed");
+    let (status, data) = d.take_result(0, head);
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+    assert_eq!(data, pattern(1 << 20)[16 * 512..][..4096]);
+}
+
+#[test]
+fn dma_unmap_waits_for_io_in_flight() {
+    let disk = Arc::new(GatedDisk::new(pattern(1 << 20)));
+    let served = Loop::serve_with(vec![disk.clone()], 1);
+    let d = VirtioDriver::connect(served.socket(0));
+    in_flight_read_completes_before(d, &disk, |d| {
+        d.client.dma_unmap(GUEST_BASE, GUEST_SIZE).unwrap();
+    });
+}
+
+#[test]
+fn stopping_for_migration_completes_io_in_flight() {
+    let disk = Arc::new(GatedDisk::new(pattern(1 << 20)));
+    let served = Loop::serve_with(vec![disk.clone()], 1);
+    let d = VirtioDriver::connect_raw(served.socket(0));
+    in_flight_read_completes_before(d, &disk, |d| {
+        mig::set_state_ok(d.raw(), mig::STOP);
+    });
 }
