@@ -211,8 +211,10 @@ const DEVICE_SNAPSHOT_ID: &str = "device";
 /// A queue notification (BAR write) only marks the queue: the queue is
 /// processed by [`PciDevice::run_deferred`], which the server calls once
 /// the doorbell's reply is on its way, so the driver is not held up while
-/// the device works. Requests are executed synchronously there; nothing is
-/// in flight between two calls.
+/// the device works. A device model may leave requests in flight (on I/O
+/// threads) and complete them from [`VirtioDevice::handle_event`]; they are
+/// completed ([`VirtioDevice::quiesce`]) before the device pauses and
+/// before guest memory is unmapped.
 pub struct VirtioPciDevice<D: VirtioDevice> {
     device: D,
     memory: GuestMemoryHandle,
