@@ -21,6 +21,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use vfio_user::Client;
@@ -159,29 +160,64 @@ impl GuestRam {
         }
     }
 
-    /// Writes a little-endian u16 at `gpa`.
+    /// Writes a little-endian u16 at `gpa`; one atomic store when aligned
+    /// (ring indices: the server reads them while the driver writes).
     pub fn write_u16(&self, gpa: u64, v: u16) {
-        self.write(gpa, &v.to_le_bytes());
+        match self.aligned::<AtomicU16>(gpa) {
+            Some(a) => a.store(v.to_le(), Ordering::SeqCst),
+            None => self.write(gpa, &v.to_le_bytes()),
+        }
     }
-    /// Writes a little-endian u32 at `gpa`.
+    /// Writes a little-endian u32 at `gpa` (atomically when aligned).
     pub fn write_u32(&self, gpa: u64, v: u32) {
-        self.write(gpa, &v.to_le_bytes());
+        match self.aligned::<AtomicU32>(gpa) {
+            Some(a) => a.store(v.to_le(), Ordering::SeqCst),
+            None => self.write(gpa, &v.to_le_bytes()),
+        }
     }
-    /// Writes a little-endian u64 at `gpa`.
+    /// Writes a little-endian u64 at `gpa` (atomically when aligned).
     pub fn write_u64(&self, gpa: u64, v: u64) {
-        self.write(gpa, &v.to_le_bytes());
+        match self.aligned::<AtomicU64>(gpa) {
+            Some(a) => a.store(v.to_le(), Ordering::SeqCst),
+            None => self.write(gpa, &v.to_le_bytes()),
+        }
     }
-    /// Reads a little-endian u16 at `gpa`.
+    /// Reads a little-endian u16 at `gpa`; one atomic load when aligned,
+    /// so an index the server is updating is never read torn.
     pub fn read_u16(&self, gpa: u64) -> u16 {
-        let mut b = [0u8; 2];
-        self.read_into(gpa, &mut b);
-        u16::from_le_bytes(b)
+        match self.aligned::<AtomicU16>(gpa) {
+            Some(a) => u16::from_le(a.load(Ordering::SeqCst)),
+            None => {
+                let mut b = [0u8; 2];
+                self.read_into(gpa, &mut b);
+                u16::from_le_bytes(b)
+            }
+        }
     }
-    /// Reads a little-endian u32 at `gpa`.
+    /// Reads a little-endian u32 at `gpa` (atomically when aligned).
     pub fn read_u32(&self, gpa: u64) -> u32 {
-        let mut b = [0u8; 4];
-        self.read_into(gpa, &mut b);
-        u32::from_le_bytes(b)
+        match self.aligned::<AtomicU32>(gpa) {
+            Some(a) => u32::from_le(a.load(Ordering::SeqCst)),
+            None => {
+                let mut b = [0u8; 4];
+                self.read_into(gpa, &mut b);
+                u32::from_le_bytes(b)
+            }
+        }
+    }
+
+    /// The atomic `A` at `gpa`, if `gpa` is aligned for it.
+    fn aligned<A>(&self, gpa: u64) -> Option<&A> {
+        let size = std::mem::size_of::<A>();
+        let off = self.offset(gpa, size);
+        // SAFETY: in bounds of the live mapping (checked by offset()).
+        let ptr = unsafe { self.ptr.add(off) };
+        // SAFETY: `ptr` is valid for `size` bytes while `self` lives, aligned
+        // for `A` (checked), and the mapping is only ever accessed by
+        // volatile or atomic accesses, here and in the server.
+        (ptr as usize)
+            .is_multiple_of(std::mem::align_of::<A>())
+            .then(|| unsafe { &*ptr.cast::<A>() })
     }
 }
 
