@@ -1012,3 +1012,89 @@ fn doorbell_defers_the_work_and_run_deferred_is_bounded() {
         "VRING_USED_F_NO_NOTIFY left set"
     );
 }
+
+/// A disk whose reads wait while `held` is set.
+struct HeldDisk {
+    inner: MemoryDisk,
+    held: std::sync::atomic::AtomicBool,
+}
+
+impl backends::storage::BlockBackend for HeldDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        while self.held.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn id(&self) -> String {
+        "held".into()
+    }
+}
+
+/// Lets a [`HeldDisk`]'s reads go when dropped.
+struct Release(Arc<HeldDisk>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0
+            .held
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn reposted_heads_do_not_grow_the_requests_in_flight() {
+    let disk = Arc::new(HeldDisk {
+        inner: MemoryDisk::new(DISK_SIZE).unwrap(),
+        held: std::sync::atomic::AtomicBool::new(true),
+    });
+    let config = VirtioBlkConfig {
+        io_threads: 1,
+        ..Default::default()
+    };
+    let mut d = Driver::new(disk.clone(), config);
+    // Declared after `d`, so dropped before it: a failing assertion lets
+    // the reads go instead of hanging in the I/O threads' drain.
+    let _release = Release(disk.clone());
+    d.init(ALL & !F_EVENT_IDX, 16);
+    // One read chain, made available 32 times over, twice the queue size (a
+    // driver may not do that; a hostile one can, up to a ring's worth
+    // beyond what the device took).
+    let buf = d.alloc(512);
+    let h = d.header(T_IN, 0);
+    let s = d.status_buf();
+    let head = d.place_chain(0, &[r(h, 16), w(buf, 512), w(s, 1)]);
+    let notify = d.caps.notify + u64::from(d.vqs[0].notify_off) * u64::from(d.caps.notify_mult);
+    for _ in 0..32 {
+        d.publish(0, head);
+        d.adapter
+            .region_write(0, notify, &0u16.to_le_bytes())
+            .unwrap();
+        while d.adapter.run_deferred() {}
+        assert!(d.adapter.device().device().in_flight() <= 16);
+    }
+    assert_eq!(d.adapter.device().device().in_flight(), 16);
+    // Let them complete: the device takes the rest as room frees up.
+    disk.held.store(false, std::sync::atomic::Ordering::SeqCst);
+    d.run_deferred();
+    assert_eq!(d.used_idx(0), 32);
+    assert_eq!(d.adapter.device().device().in_flight(), 0);
+}

@@ -38,13 +38,6 @@ pub struct IoBuf<'a> {
     _memory: PhantomData<&'a mut [u8]>,
 }
 
-// SAFETY: an `IoBuf` borrows memory for 'a the way `&'a mut [u8]` does,
-// which is `Send` and `Sync`; its contract has every user access the
-// memory only as raw bytes, from any thread.
-unsafe impl Send for IoBuf<'_> {}
-// SAFETY: as above.
-unsafe impl Sync for IoBuf<'_> {}
-
 impl<'a> IoBuf<'a> {
     /// An empty buffer.
     pub const fn empty() -> Self {

@@ -95,6 +95,14 @@ impl Shared {
     }
 }
 
+// SAFETY: the buffers of a queued job point to memory that its submitter
+// keeps valid, and accesses only as raw bytes, until the job's result is
+// collected (the contract of `IoWorkers::submit`, the only way a job
+// reaches another thread); the pool only hands them to the back end.
+unsafe impl Send for IoJob {}
+// SAFETY: a filed result's buffer list is empty (cleared by the worker).
+unsafe impl Send for IoDone {}
+
 /// A pool of I/O threads serving one back end.
 pub struct IoWorkers {
     shared: Arc<Shared>,
@@ -220,45 +228,54 @@ fn work(shared: &Shared) {
                 state = shared.work.wait(state).unwrap_or_else(|e| e.into_inner());
             }
         };
-        let backend = &*shared.backend;
-        let (result, mut bufs) = match &mut job.op {
-            IoOp::Read { offset, bufs } => (
-                backend.read_vectored_at(bufs, *offset),
-                std::mem::take(bufs),
-            ),
-            IoOp::Write {
-                offset,
-                bufs,
-                flush,
-            } => {
-                let mut r = backend.write_vectored_at(bufs, *offset);
-                if r.is_ok() && *flush {
-                    r = backend.flush();
-                }
-                (r, std::mem::take(bufs))
-            }
-            IoOp::Flush => (backend.flush(), Vec::new()),
-        };
+        let (result, mut bufs) = run_op(&*shared.backend, &mut job.op);
         bufs.clear();
-        let first = {
-            let mut state = shared.lock();
-            state.running -= 1;
-            state.done.push(IoDone {
-                token: job.token,
-                result,
-                bufs,
-            });
-            if state.queue.is_empty() && state.running == 0 {
-                shared.idle.notify_all();
-            }
-            state.done.len() == 1
-        };
-        if first {
+        let mut state = shared.lock();
+        state.done.push(IoDone {
+            token: job.token,
+            result,
+            bufs,
+        });
+        // Make the fd readable before the job stops counting as running:
+        // once `drain` returns, `collect` then clears it for good (a write
+        // after that would leave it readable with nothing to collect).
+        if state.done.len() == 1 {
             if let Err(e) = shared.completion.write(1) {
                 error!("I/O completion eventfd: {e}");
             }
         }
+        state.running -= 1;
+        if state.queue.is_empty() && state.running == 0 {
+            shared.idle.notify_all();
+        }
     }
+}
+
+/// Runs one operation on `backend`; returns its result and its buffer
+/// list. A panicking back end fails the operation instead of the pool.
+fn run_op(backend: &dyn BlockBackend, op: &mut IoOp) -> (io::Result<()>, Vec<IoBuf<'static>>) {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match op {
+        IoOp::Read { offset, bufs } => backend.read_vectored_at(bufs, *offset),
+        IoOp::Write {
+            offset,
+            bufs,
+            flush,
+        } => {
+            let r = backend.write_vectored_at(bufs, *offset);
+            if r.is_ok() && *flush {
+                backend.flush()
+            } else {
+                r
+            }
+        }
+        IoOp::Flush => backend.flush(),
+    }))
+    .unwrap_or_else(|_| Err(io::Error::other("the storage back end panicked")));
+    let bufs = match op {
+        IoOp::Read { bufs, .. } | IoOp::Write { bufs, .. } => std::mem::take(bufs),
+        IoOp::Flush => Vec::new(),
+    };
+    (result, bufs)
 }
 
 #[cfg(test)]
@@ -331,6 +348,31 @@ mod tests {
         assert!(done[1].result.is_err());
         assert_eq!(dst, vec![2u8; 512]);
         assert!(IoWorkers::new(disk.clone(), 0, "x").is_err());
+        drop(pool);
+
+        // Once `drain` returned and `collect` took the results, the
+        // completion fd is quiet: an event loop would otherwise spin on it.
+        let pool = IoWorkers::new(disk.clone(), 2, "test").unwrap();
+        let mut done = Vec::new();
+        for i in 0..10_000u64 {
+            let mut jobs = vec![IoJob {
+                token: i,
+                op: IoOp::Flush,
+            }];
+            // SAFETY: no buffers.
+            unsafe { pool.submit(&mut jobs) };
+            pool.drain();
+            pool.collect(&mut done);
+            assert_eq!(done.len(), 1);
+            done.clear();
+            let mut pfd = libc::pollfd {
+                fd: pool.completion_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polling one valid fd, without waiting.
+            assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 0, "round {i}");
+        }
         assert!(IoWorkers::new(disk, MAX_IO_THREADS + 1, "x").is_err());
     }
 }

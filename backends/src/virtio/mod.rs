@@ -89,9 +89,11 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 
     /// Processes up to `budget` available chains of queue `index`, writing
-    /// a used entry for each with `queue.add_used`. Returns how many chains
-    /// it took off the ring: fewer than `budget` means the ring was empty.
-    /// The transport decides whether to interrupt.
+    /// a used entry with `queue.add_used` for each it completes now; chains
+    /// it leaves in flight are completed from [`VirtioDevice::handle_event`].
+    /// Returns how many chains it took off the ring: fewer than `budget`
+    /// means the ring was empty, or the device cannot take more until some
+    /// complete. The transport decides whether to interrupt.
     fn process_queue(
         &mut self,
         index: usize,
@@ -120,8 +122,9 @@ pub trait VirtioDevice: Send {
     }
 
     /// `fd` from [`VirtioDevice::event_fds`] is readable. Returns the
-    /// indices of the queues that got used entries. Only called while the
-    /// device is active and not paused.
+    /// indices of the queues that got used entries; the transport
+    /// interrupts for them and looks at their rings again. Only called
+    /// while the device is active and not paused.
     fn handle_event(
         &mut self,
         _fd: RawFd,

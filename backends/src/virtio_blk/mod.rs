@@ -159,7 +159,29 @@ struct AsyncIo {
     /// Buffer lists of finished requests.
     spare_buffers: Vec<Buffers>,
     /// Job buffer vectors of finished requests.
-    spare_bufs: Vec<Vec<IoBuf<'static>>>,
+    spare_bufs: SpareBufs,
+    /// Requests in flight per queue, at most the queue's size: a driver
+    /// that re-posts heads it has in flight cannot make it grow further.
+    per_queue: Vec<usize>,
+}
+
+/// Emptied job buffer vectors, kept for their storage.
+#[derive(Default)]
+struct SpareBufs(Vec<Vec<IoBuf<'static>>>);
+
+// SAFETY: every vector in it is empty (`put` clears them), so no buffer
+// pointer crosses threads through it.
+unsafe impl Send for SpareBufs {}
+
+impl SpareBufs {
+    fn take(&mut self) -> Vec<IoBuf<'static>> {
+        self.0.pop().unwrap_or_default()
+    }
+
+    fn put(&mut self, mut v: Vec<IoBuf<'static>>) {
+        v.clear();
+        self.0.push(v);
+    }
 }
 
 /// What a parsed request needs.
@@ -251,7 +273,10 @@ impl VirtioBlk {
             buffers: Buffers::default(),
             memory,
             workers,
-            async_io: AsyncIo::default(),
+            async_io: AsyncIo {
+                per_queue: vec![0; usize::from(config.num_queues)],
+                ..AsyncIo::default()
+            },
         })
     }
 
@@ -414,7 +439,7 @@ impl VirtioBlk {
             self.async_io.spare_buffers.push(buffers);
             return Some(0);
         };
-        let mut bufs = self.async_io.spare_bufs.pop().unwrap_or_default();
+        let mut bufs = self.async_io.spare_bufs.take();
         let mut collect = |sg: &SgList, at: u64, len: u64| {
             let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
             sg.for_each_slice(mem, at, len, |slice| {
@@ -430,7 +455,7 @@ impl VirtioBlk {
             Plan::Done(status, written) => {
                 let len = finish(&buffers, status_at, status, written, mem, head);
                 self.async_io.spare_buffers.push(buffers);
-                self.async_io.spare_bufs.push(bufs);
+                self.async_io.spare_bufs.put(bufs);
                 return Some(len);
             }
             Plan::Read { offset, len } => match collect(&buffers.writable, 0, len) {
@@ -452,7 +477,7 @@ impl VirtioBlk {
                 Err(e) => return Some(self.fail_start(buffers, status_at, mem, head, e)),
             },
             Plan::Flush => {
-                self.async_io.spare_bufs.push(bufs);
+                self.async_io.spare_bufs.put(bufs);
                 (IoOp::Flush, 0)
             }
         };
@@ -463,6 +488,9 @@ impl VirtioBlk {
                 self.async_io.slots.len() - 1
             }
         };
+        if let Some(n) = self.async_io.per_queue.get_mut(queue) {
+            *n += 1;
+        }
         self.async_io.slots[token] = Some(InFlight {
             queue,
             head,
@@ -504,22 +532,15 @@ impl VirtioBlk {
         let mut used = Vec::new();
         for d in done.drain(..) {
             let token = d.token as usize;
-            self.async_io.spare_bufs.push(d.bufs);
+            self.async_io.spare_bufs.put(d.bufs);
             let Some(f) = self.async_io.slots.get_mut(token).and_then(Option::take) else {
                 continue;
             };
             self.async_io.free.push(token);
-            if f.read_len > 0 {
-                // The back end wrote the pages behind vm-memory's back:
-                // record that for the dirty log, whatever the outcome.
-                let _ = f
-                    .buffers
-                    .writable
-                    .for_each_slice(mem, 0, f.read_len as usize, |s| {
-                        s.bitmap().mark_dirty(0, s.len());
-                        Ok(())
-                    });
+            if let Some(n) = self.async_io.per_queue.get_mut(f.queue) {
+                *n = n.saturating_sub(1);
             }
+            mark_read_dirty(&f, mem);
             let (status, written) = match d.result {
                 Ok(()) => (S_OK, f.read_len),
                 Err(e) => {
@@ -594,6 +615,20 @@ impl VirtioBlk {
             return self.flush();
         }
         S_OK
+    }
+}
+
+/// Marks the pages a read on the I/O threads wrote as dirty: the back end
+/// wrote them behind vm-memory's back (whatever the outcome).
+fn mark_read_dirty(f: &InFlight, mem: &GuestMemory) {
+    if f.read_len > 0 {
+        let _ = f
+            .buffers
+            .writable
+            .for_each_slice(mem, 0, f.read_len as usize, |s| {
+                s.bitmap().mark_dirty(0, s.len());
+                Ok(())
+            });
     }
 }
 
@@ -722,12 +757,17 @@ impl VirtioDevice for VirtioBlk {
             workers.drain();
             workers.collect(&mut self.async_io.done);
             self.async_io.done.clear();
+            let memory = self.memory.memory();
             for (token, slot) in self.async_io.slots.iter_mut().enumerate() {
                 if let Some(f) = slot.take() {
+                    // The reads did land in guest memory: the dirty log
+                    // must say so even though nobody is told.
+                    mark_read_dirty(&f, &memory);
                     self.async_io.spare_buffers.push(f.buffers);
                     self.async_io.free.push(token);
                 }
             }
+            self.async_io.per_queue.fill(0);
         }
     }
 
@@ -738,12 +778,22 @@ impl VirtioDevice for VirtioBlk {
         mem: &GuestMemory,
         budget: usize,
     ) -> Result<usize, VirtioError> {
+        // Requests go to the I/O threads only if the memory they parse is
+        // the mapping the device keeps alive for them.
         let keep = self
             .workers
             .is_some()
-            .then(|| self.memory.memory().into_inner());
+            .then(|| self.memory.memory().into_inner())
+            .filter(|keep| std::ptr::eq(&**keep, mem));
+        let in_flight_max = usize::from(queue.size());
         let mut taken = 0;
         while taken < budget {
+            if keep.is_some()
+                && self.async_io.per_queue.get(index).copied().unwrap_or(0) >= in_flight_max
+            {
+                // Full: the transport looks again when some complete.
+                break;
+            }
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
             };

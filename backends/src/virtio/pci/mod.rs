@@ -995,10 +995,10 @@ impl<D: VirtioDevice + 'static> PciDevice for VirtioPciDevice<D> {
         let guard = memory.memory();
         let mem: &GuestMemory = &guard;
         // No guest memory: restored before a client attached, or resumed
-        // after it left. The rings are unreachable (no warning); the next
-        // doorbell, once memory is mapped, picks everything up.
+        // after it left. The rings are unreachable (no warning). The queues
+        // stay marked: the loop calls again after the DMA_MAP that makes
+        // them reachable (their doorbells may be off in guest memory).
         if mem.num_regions() == 0 {
-            self.kicked.fill(false);
             return false;
         }
         // One batch per kicked queue, then back to the event loop, which
@@ -1043,6 +1043,9 @@ impl<D: VirtioDevice + 'static> PciDevice for VirtioPciDevice<D> {
         let used = self.device.handle_event(fd, &mut self.queues, mem);
         for index in used {
             self.signal_used(index, mem);
+            // The device may have left buffers on the ring while it was
+            // full: look again (cheap if there are none).
+            self.kick(index);
         }
     }
 
