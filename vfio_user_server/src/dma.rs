@@ -1,6 +1,6 @@
 //! Guest memory shared by the client with DMA_MAP.
 //!
-//! fd-backed maps become regions of a `vm-memory` [`GuestMemoryMmap`] with a
+//! fd-backed maps become regions of a `vm-memory` [`GuestMemoryMmap`](vm_memory::GuestMemoryMmap) with a
 //! dirty bitmap; devices see it through a [`GuestMemoryHandle`] and every
 //! access is bounds-checked by `vm-memory`. fd-less maps are recorded (the
 //! client may unmap them) but are not reachable by devices.
