@@ -64,11 +64,11 @@ pub fn build(opts: &Options) -> Result<Built, String> {
         device: Box::new(adapter),
         ctx,
         description: format!(
-            "virtio-blk on {what}{ro}, {} queue(s) of {}, {}",
+            "virtio-blk on {what}{ro}, {} queue(s) of {} ({})",
             opts.num_queues,
             opts.queue_size,
             match opts.io_threads {
-                0 => "I/O on the event loop".to_string(),
+                0 => "no I/O threads".to_string(),
                 n => format!("{n} I/O thread(s)"),
             }
         ),
