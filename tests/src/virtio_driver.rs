@@ -164,21 +164,21 @@ impl GuestRam {
     /// (ring indices: the server reads them while the driver writes).
     pub fn write_u16(&self, gpa: u64, v: u16) {
         match self.aligned::<AtomicU16>(gpa) {
-            Some(a) => a.store(v.to_le(), Ordering::SeqCst),
+            Some(a) => a.store(v.to_le(), Ordering::Release),
             None => self.write(gpa, &v.to_le_bytes()),
         }
     }
     /// Writes a little-endian u32 at `gpa` (atomically when aligned).
     pub fn write_u32(&self, gpa: u64, v: u32) {
         match self.aligned::<AtomicU32>(gpa) {
-            Some(a) => a.store(v.to_le(), Ordering::SeqCst),
+            Some(a) => a.store(v.to_le(), Ordering::Release),
             None => self.write(gpa, &v.to_le_bytes()),
         }
     }
     /// Writes a little-endian u64 at `gpa` (atomically when aligned).
     pub fn write_u64(&self, gpa: u64, v: u64) {
         match self.aligned::<AtomicU64>(gpa) {
-            Some(a) => a.store(v.to_le(), Ordering::SeqCst),
+            Some(a) => a.store(v.to_le(), Ordering::Release),
             None => self.write(gpa, &v.to_le_bytes()),
         }
     }
@@ -186,7 +186,7 @@ impl GuestRam {
     /// so an index the server is updating is never read torn.
     pub fn read_u16(&self, gpa: u64) -> u16 {
         match self.aligned::<AtomicU16>(gpa) {
-            Some(a) => u16::from_le(a.load(Ordering::SeqCst)),
+            Some(a) => u16::from_le(a.load(Ordering::Acquire)),
             None => {
                 let mut b = [0u8; 2];
                 self.read_into(gpa, &mut b);
@@ -197,7 +197,7 @@ impl GuestRam {
     /// Reads a little-endian u32 at `gpa` (atomically when aligned).
     pub fn read_u32(&self, gpa: u64) -> u32 {
         match self.aligned::<AtomicU32>(gpa) {
-            Some(a) => u32::from_le(a.load(Ordering::SeqCst)),
+            Some(a) => u32::from_le(a.load(Ordering::Acquire)),
             None => {
                 let mut b = [0u8; 4];
                 self.read_into(gpa, &mut b);
