@@ -119,8 +119,6 @@ pub struct VirtioBlk {
     config_space: [u8; CONFIG_SIZE],
     avail_features: u64,
     acked_features: u64,
-    /// The current chain, split; kept to reuse its storage.
-    buffers: Buffers,
     /// Guest memory, whose mapping requests in flight keep alive.
     memory: GuestMemoryHandle,
     /// The I/O threads, if requests run off the event loop.
@@ -156,7 +154,8 @@ struct AsyncIo {
     jobs: Vec<IoJob>,
     /// Results being completed.
     done: Vec<IoDone>,
-    /// Buffer lists of finished requests.
+    /// Buffer lists of finished requests (and of the chain executed on
+    /// the event loop), kept to reuse their storage.
     spare_buffers: Vec<Buffers>,
     /// Job buffer vectors of finished requests.
     spare_bufs: SpareBufs,
@@ -270,7 +269,6 @@ impl VirtioBlk {
             config_space: c,
             avail_features: features,
             acked_features: 0,
-            buffers: Buffers::default(),
             memory,
             workers,
             async_io: AsyncIo {
@@ -304,34 +302,21 @@ impl VirtioBlk {
     /// could not be written).
     fn execute(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
         let head = chain.head_index();
-        let mut buffers = std::mem::take(&mut self.buffers);
-        let len = self.execute_split(head, chain, &mut buffers, mem);
-        self.buffers = buffers;
+        let mut buffers = self.async_io.spare_buffers.pop().unwrap_or_default();
+        let len = match split_request(head, chain, &mut buffers) {
+            Some(status_at) => {
+                let (status, written) = match self.plan(&buffers, status_at, mem) {
+                    Plan::Done(status, written) => (status, written),
+                    Plan::Read { offset, len } => self.read(&buffers, offset, len, mem),
+                    Plan::Write { offset, len } => (self.write(&buffers, offset, len, mem), 0),
+                    Plan::Flush => (self.flush(), 0),
+                };
+                finish(&buffers, status_at, status, written, mem, head)
+            }
+            None => 0,
+        };
+        self.async_io.spare_buffers.push(buffers);
         len
-    }
-
-    fn execute_split(
-        &mut self,
-        head: u16,
-        chain: DescriptorChain<&GuestMemory>,
-        buffers: &mut Buffers,
-        mem: &GuestMemory,
-    ) -> u32 {
-        if !split_chain(chain, BLK_MAX_CHAIN_DESCRIPTORS, buffers) {
-            warn!("virtio-blk: chain {head} too long");
-            return 0;
-        }
-        let Some(status_at) = buffers.writable.len().checked_sub(1) else {
-            warn!("virtio-blk: chain {head} has no status byte");
-            return 0;
-        };
-        let (status, written) = match self.plan(buffers, status_at, mem) {
-            Plan::Done(status, written) => (status, written),
-            Plan::Read { offset, len } => self.read(buffers, offset, len, mem),
-            Plan::Write { offset, len } => (self.write(buffers, offset, len, mem), 0),
-            Plan::Flush => (self.flush(), 0),
-        };
-        finish(buffers, status_at, status, written, mem, head)
     }
 
     /// Checks a request and decides what it needs; requests that need no
@@ -429,13 +414,7 @@ impl VirtioBlk {
     ) -> Option<u32> {
         let head = chain.head_index();
         let mut buffers = self.async_io.spare_buffers.pop().unwrap_or_default();
-        if !split_chain(chain, BLK_MAX_CHAIN_DESCRIPTORS, &mut buffers) {
-            warn!("virtio-blk: chain {head} too long");
-            self.async_io.spare_buffers.push(buffers);
-            return Some(0);
-        }
-        let Some(status_at) = buffers.writable.len().checked_sub(1) else {
-            warn!("virtio-blk: chain {head} has no status byte");
+        let Some(status_at) = split_request(head, chain, &mut buffers) else {
             self.async_io.spare_buffers.push(buffers);
             return Some(0);
         };
@@ -616,6 +595,26 @@ impl VirtioBlk {
         }
         S_OK
     }
+}
+
+/// Splits the chain with head `head` into `buffers`; returns the offset of
+/// its status byte, the last device-writable byte. `None` (logged) if the
+/// chain is too long or has no status byte: it completes with nothing
+/// written.
+fn split_request(
+    head: u16,
+    chain: DescriptorChain<&GuestMemory>,
+    buffers: &mut Buffers,
+) -> Option<u64> {
+    if !split_chain(chain, BLK_MAX_CHAIN_DESCRIPTORS, buffers) {
+        warn!("virtio-blk: chain {head} too long");
+        return None;
+    }
+    let status_at = buffers.writable.len().checked_sub(1);
+    if status_at.is_none() {
+        warn!("virtio-blk: chain {head} has no status byte");
+    }
+    status_at
 }
 
 /// Marks the pages a read on the I/O threads wrote as dirty: the back end

@@ -494,8 +494,16 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         let guard = memory.memory();
         let mem: &GuestMemory = &guard;
         let used = self.device.quiesce(&mut self.queues, mem);
+        self.completed(used, mem);
+    }
+
+    /// The device completed requests it had in flight on the queues
+    /// `used`: interrupt for them, and look at their rings again (the
+    /// device may have left buffers there while it was full).
+    fn completed(&mut self, used: Vec<usize>, mem: &GuestMemory) {
         for index in used {
             self.signal_used(index, mem);
+            self.kick(index);
         }
     }
 
@@ -1041,12 +1049,7 @@ impl<D: VirtioDevice + 'static> PciDevice for VirtioPciDevice<D> {
         let guard = memory.memory();
         let mem: &GuestMemory = &guard;
         let used = self.device.handle_event(fd, &mut self.queues, mem);
-        for index in used {
-            self.signal_used(index, mem);
-            // The device may have left buffers on the ring while it was
-            // full: look again (cheap if there are none).
-            self.kick(index);
-        }
+        self.completed(used, mem);
     }
 
     fn dma_unmapping(&mut self, _address: u64, _size: u64) {
