@@ -30,7 +30,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 
 use vm_memory::bitmap::Bitmap;
-use vm_memory::GuestAddressSpace;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use self::request::*;
 use crate::storage::{BlockBackend, IoBuf, IoDone, IoJob, IoOp, IoWorkers, BLOCK_ID_BYTES};
@@ -133,11 +133,12 @@ struct InFlight {
     queue: usize,
     /// Head of its chain.
     head: u16,
-    /// Its buffers.
-    buffers: Buffers,
-    /// Offset of the status byte in `buffers.writable`.
-    status_at: u64,
-    /// Bytes read into `buffers.writable` on success (0 unless `IN`).
+    /// Guest address of its status byte.
+    status: GuestAddress,
+    /// The guest buffers a read fills (empty unless `IN`), for the dirty
+    /// log.
+    read_into: Vec<(GuestAddress, usize)>,
+    /// Bytes read on success (0 unless `IN`).
     read_len: u64,
     /// Keeps the guest memory of its buffers mapped.
     _memory: Arc<GuestMemory>,
@@ -154,9 +155,8 @@ struct AsyncIo {
     jobs: Vec<IoJob>,
     /// Results being completed.
     done: Vec<IoDone>,
-    /// Buffer lists of finished requests (and of the chain executed on
-    /// the event loop), kept to reuse their storage.
-    spare_buffers: Vec<Buffers>,
+    /// Emptied `InFlight::read_into` vectors, kept for their storage.
+    spare_ranges: Vec<Vec<(GuestAddress, usize)>>,
     /// Job buffer vectors of finished requests.
     spare_bufs: SpareBufs,
     /// Requests in flight per queue, at most the queue's size: a driver
@@ -302,44 +302,37 @@ impl VirtioBlk {
     /// could not be written).
     fn execute(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
         let head = chain.head_index();
-        let mut buffers = self.async_io.spare_buffers.pop().unwrap_or_default();
-        let len = match split_request(head, chain, &mut buffers) {
-            Some(status_at) => {
-                let (status, written) = match self.plan(&buffers, status_at, mem) {
-                    Plan::Done(status, written) => (status, written),
-                    Plan::Read { offset, len } => self.read(&buffers, offset, len, mem),
-                    Plan::Write { offset, len } => (self.write(&buffers, offset, len, mem), 0),
-                    Plan::Flush => (self.flush(), 0),
-                };
-                finish(&buffers, status_at, status, written, mem, head)
-            }
-            None => 0,
+        let mut req = Request::default();
+        if !parse_request(head, chain, mem, &mut req) {
+            return 0;
+        }
+        let (status, written) = match self.plan(&req) {
+            Plan::Done(status, written) => (status, written),
+            Plan::Read { offset, len } => self.read(&req, offset, len),
+            Plan::Write { offset, len } => (self.write(&req, offset, len), 0),
+            Plan::Flush => (self.flush(), 0),
         };
-        self.async_io.spare_buffers.push(buffers);
-        len
+        req.finish(status, written)
     }
 
     /// Checks a request and decides what it needs; requests that need no
     /// back-end I/O (and invalid ones) are done here.
-    fn plan(&self, b: &Buffers, status_at: u64, mem: &GuestMemory) -> Plan {
-        if b.misordered || !b.readable.in_memory(mem) || !b.writable.in_memory(mem) {
-            return Plan::Done(S_IOERR, 0);
-        }
+    fn plan(&self, req: &Request<'_>) -> Plan {
         let mut hdr = [0u8; OUTHDR_SIZE as usize];
-        if b.readable.len() < OUTHDR_SIZE || b.readable.read_at(mem, 0, &mut hdr).is_err() {
+        if req.malformed || req.readable.read_at(0, &mut hdr).is_err() {
             return Plan::Done(S_IOERR, 0);
         }
         let hdr = OutHeader::parse(&hdr);
         match hdr.request_type {
             VIRTIO_BLK_T_IN => {
-                let len = status_at;
+                let len = req.writable.len();
                 match sector_range(hdr.sector, len, self.capacity) {
                     Some((offset, _)) if len & (SECTOR_SIZE - 1) == 0 => Plan::Read { offset, len },
                     _ => Plan::Done(S_IOERR, 0),
                 }
             }
             VIRTIO_BLK_T_OUT => {
-                let len = b.readable.len() - OUTHDR_SIZE;
+                let len = req.readable.len() - OUTHDR_SIZE;
                 match sector_range(hdr.sector, len, self.capacity) {
                     Some((offset, _)) if !self.read_only && len & (SECTOR_SIZE - 1) == 0 => {
                         Plan::Write { offset, len }
@@ -349,17 +342,17 @@ impl VirtioBlk {
             }
             VIRTIO_BLK_T_FLUSH => Plan::Flush,
             VIRTIO_BLK_T_GET_ID => {
-                let n = status_at.min(BLOCK_ID_BYTES as u64);
-                match b.writable.write_at(mem, 0, &self.serial[..n as usize]) {
+                let n = req.writable.len().min(BLOCK_ID_BYTES as u64);
+                match req.writable.write_at(0, &self.serial[..n as usize]) {
                     Ok(()) => Plan::Done(S_OK, n),
                     Err(_) => Plan::Done(S_IOERR, 0),
                 }
             }
             VIRTIO_BLK_T_DISCARD if self.acked(VIRTIO_BLK_F_DISCARD) => {
-                Plan::Done(self.discard_or_zero(b, mem, false), 0)
+                Plan::Done(self.discard_or_zero(req, false), 0)
             }
             VIRTIO_BLK_T_WRITE_ZEROES if self.acked(VIRTIO_BLK_F_WRITE_ZEROES) => {
-                Plan::Done(self.discard_or_zero(b, mem, true), 0)
+                Plan::Done(self.discard_or_zero(req, true), 0)
             }
             t => {
                 debug!("virtio-blk: unsupported request type {t}");
@@ -368,9 +361,9 @@ impl VirtioBlk {
         }
     }
 
-    /// Reads `len` bytes at `offset` into the writable buffers of `b`.
-    fn read(&self, b: &Buffers, offset: u64, len: u64, mem: &GuestMemory) -> (u8, u64) {
-        match transfer(&*self.backend, &b.writable, 0, len, offset, mem, true) {
+    /// Reads `len` bytes at `offset` into the writable buffers of `req`.
+    fn read(&self, req: &Request<'_>, offset: u64, len: u64) -> (u8, u64) {
+        match transfer(&*self.backend, &req.writable, 0, len, offset, true) {
             Ok(()) => (S_OK, len),
             Err(e) => {
                 warn!("virtio-blk: read at {offset:#x}: {e}");
@@ -381,16 +374,15 @@ impl VirtioBlk {
         }
     }
 
-    /// Writes `len` bytes of the readable buffers of `b` (after the
+    /// Writes `len` bytes of the readable buffers of `req` (after the
     /// header) at `offset`.
-    fn write(&self, b: &Buffers, offset: u64, len: u64, mem: &GuestMemory) -> u8 {
+    fn write(&self, req: &Request<'_>, offset: u64, len: u64) -> u8 {
         if let Err(e) = transfer(
             &*self.backend,
-            &b.readable,
+            &req.readable,
             OUTHDR_SIZE,
             len,
             offset,
-            mem,
             false,
         ) {
             warn!("virtio-blk: write at {offset:#x}: {e}");
@@ -413,51 +405,60 @@ impl VirtioBlk {
         keep: &Arc<GuestMemory>,
     ) -> Option<u32> {
         let head = chain.head_index();
-        let mut buffers = self.async_io.spare_buffers.pop().unwrap_or_default();
-        let Some(status_at) = split_request(head, chain, &mut buffers) else {
-            self.async_io.spare_buffers.push(buffers);
+        let mut req = Request::default();
+        if !parse_request(head, chain, mem, &mut req) {
+            return Some(0);
+        }
+        let Some(status) = req.status.as_ref().map(|s| s.addr) else {
+            // `parse_request` checked there is one.
             return Some(0);
         };
         let mut bufs = self.async_io.spare_bufs.take();
-        let mut collect = |sg: &SgList, at: u64, len: u64| {
-            let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
-            sg.for_each_slice(mem, at, len, |slice| {
-                let b = IoBuf::from(slice);
-                // SAFETY: the slice lies in the guest memory `keep` maps;
+        let mut read_into = self.async_io.spare_ranges.pop().unwrap_or_default();
+        let mut collect = |sg: &SgList<'_>, at: u64, len: u64, read: bool| {
+            sg.for_each(at, len, |piece| {
+                let b = IoBuf::from(piece.slice);
+                // SAFETY: the piece lies in the guest memory `keep` maps;
                 // the request holds `keep` until its result is collected,
                 // and guest memory is only accessed as raw bytes.
                 bufs.push(unsafe { IoBuf::from_raw_parts(b.as_ptr(), b.len()) });
+                if read {
+                    read_into.push((piece.addr, piece.slice.len()));
+                }
                 Ok(())
             })
         };
-        let (op, read_len) = match self.plan(&buffers, status_at, mem) {
-            Plan::Done(status, written) => {
-                let len = finish(&buffers, status_at, status, written, mem, head);
-                self.async_io.spare_buffers.push(buffers);
-                self.async_io.spare_bufs.put(bufs);
-                return Some(len);
-            }
-            Plan::Read { offset, len } => match collect(&buffers.writable, 0, len) {
-                Ok(()) => (IoOp::Read { offset, bufs }, len),
-                Err(e) => return Some(self.fail_start(buffers, status_at, mem, head, e)),
+        let collected = match self.plan(&req) {
+            Plan::Done(status, written) => Err(req.finish(status, written)),
+            Plan::Read { offset, len } => match collect(&req.writable, 0, len, true) {
+                Ok(()) => Ok((IoOp::Read { offset, bufs }, len)),
+                Err(e) => Err(fail_start(&req, head, e)),
             },
-            Plan::Write { offset, len } => match collect(&buffers.readable, OUTHDR_SIZE, len) {
+            Plan::Write { offset, len } => match collect(&req.readable, OUTHDR_SIZE, len, false) {
                 Ok(()) => {
                     let flush = !self.acked(VIRTIO_BLK_F_FLUSH);
-                    (
+                    Ok((
                         IoOp::Write {
                             offset,
                             bufs,
                             flush,
                         },
                         0,
-                    )
+                    ))
                 }
-                Err(e) => return Some(self.fail_start(buffers, status_at, mem, head, e)),
+                Err(e) => Err(fail_start(&req, head, e)),
             },
             Plan::Flush => {
                 self.async_io.spare_bufs.put(bufs);
-                (IoOp::Flush, 0)
+                Ok((IoOp::Flush, 0))
+            }
+        };
+        let (op, read_len) = match collected {
+            Ok(started) => started,
+            Err(len) => {
+                read_into.clear();
+                self.async_io.spare_ranges.push(read_into);
+                return Some(len);
             }
         };
         let token = match self.async_io.free.pop() {
@@ -473,8 +474,8 @@ impl VirtioBlk {
         self.async_io.slots[token] = Some(InFlight {
             queue,
             head,
-            buffers,
-            status_at,
+            status,
+            read_into,
             read_len,
             _memory: keep.clone(),
         });
@@ -483,21 +484,6 @@ impl VirtioBlk {
             op,
         });
         None
-    }
-
-    /// Completes a chain whose buffers could not be collected with IOERR.
-    fn fail_start(
-        &mut self,
-        buffers: Buffers,
-        status_at: u64,
-        mem: &GuestMemory,
-        head: u16,
-        e: io::Error,
-    ) -> u32 {
-        warn!("virtio-blk: chain {head}: {e}");
-        let len = finish(&buffers, status_at, S_IOERR, 0, mem, head);
-        self.async_io.spare_buffers.push(buffers);
-        len
     }
 
     /// Completes the requests whose results the I/O threads filed; returns
@@ -512,7 +498,7 @@ impl VirtioBlk {
         for d in done.drain(..) {
             let token = d.token as usize;
             self.async_io.spare_bufs.put(d.bufs);
-            let Some(f) = self.async_io.slots.get_mut(token).and_then(Option::take) else {
+            let Some(mut f) = self.async_io.slots.get_mut(token).and_then(Option::take) else {
                 continue;
             };
             self.async_io.free.push(token);
@@ -527,7 +513,15 @@ impl VirtioBlk {
                     (S_IOERR, 0)
                 }
             };
-            let len = finish(&f.buffers, f.status_at, status, written, mem, f.head);
+            // `write_obj` marks the byte dirty; `written` is bounded as in
+            // `Request::finish`.
+            let len = match mem.write_obj(status, f.status) {
+                Ok(()) => u32::try_from(written + 1).unwrap_or(u32::MAX),
+                Err(e) => {
+                    warn!("virtio-blk: chain {}: cannot write status: {e}", f.head);
+                    0
+                }
+            };
             if let Some(q) = queues.get_mut(f.queue) {
                 if let Err(e) = q.add_used(mem, f.head, len) {
                     warn!("virtio-blk: cannot complete chain {}: {e}", f.head);
@@ -536,7 +530,8 @@ impl VirtioBlk {
                     used.push(f.queue);
                 }
             }
-            self.async_io.spare_buffers.push(f.buffers);
+            f.read_into.clear();
+            self.async_io.spare_ranges.push(f.read_into);
         }
         self.async_io.done = done;
         used
@@ -552,11 +547,11 @@ impl VirtioBlk {
         }
     }
 
-    fn discard_or_zero(&self, b: &Buffers, mem: &GuestMemory, zero: bool) -> u8 {
+    fn discard_or_zero(&self, req: &Request<'_>, zero: bool) -> u8 {
         if self.read_only {
             return S_IOERR;
         }
-        let segments = match read_dwz_segments(mem, &b.readable, BLK_MAX_DISCARD_SEG) {
+        let segments = match read_dwz_segments(&req.readable, BLK_MAX_DISCARD_SEG) {
             Ok(s) => s,
             Err(status) => return status,
         };
@@ -597,123 +592,83 @@ impl VirtioBlk {
     }
 }
 
-/// Splits the chain with head `head` into `buffers`; returns the offset of
-/// its status byte, the last device-writable byte. `None` (logged) if the
-/// chain is too long or has no status byte: it completes with nothing
-/// written.
-fn split_request(
+/// Parses the chain with head `head` into the empty `req`; `false`
+/// (logged) if it is too long or has no status byte: it completes with
+/// nothing written.
+fn parse_request<'m>(
     head: u16,
-    chain: DescriptorChain<&GuestMemory>,
-    buffers: &mut Buffers,
-) -> Option<u64> {
-    if !split_chain(chain, BLK_MAX_CHAIN_DESCRIPTORS, buffers) {
-        warn!("virtio-blk: chain {head} too long");
-        return None;
+    chain: DescriptorChain<&'m GuestMemory>,
+    mem: &'m GuestMemory,
+    req: &mut Request<'m>,
+) -> bool {
+    match req.parse(chain, mem, BLK_MAX_CHAIN_DESCRIPTORS) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!("virtio-blk: chain {head}: {e}");
+            false
+        }
     }
-    let status_at = buffers.writable.len().checked_sub(1);
-    if status_at.is_none() {
-        warn!("virtio-blk: chain {head} has no status byte");
-    }
-    status_at
+}
+
+/// Completes a chain whose buffers could not be handed to the I/O threads
+/// with IOERR; returns the used length.
+fn fail_start(req: &Request<'_>, head: u16, e: io::Error) -> u32 {
+    warn!("virtio-blk: chain {head}: {e}");
+    req.finish(S_IOERR, 0)
 }
 
 /// Marks the pages a read on the I/O threads wrote as dirty: the back end
 /// wrote them behind vm-memory's back (whatever the outcome).
 fn mark_read_dirty(f: &InFlight, mem: &GuestMemory) {
-    if f.read_len > 0 {
-        let _ = f
-            .buffers
-            .writable
-            .for_each_slice(mem, 0, f.read_len as usize, |s| {
-                s.bitmap().mark_dirty(0, s.len());
-                Ok(())
-            });
-    }
-}
-
-/// Writes the status byte of a request; returns the used length, the
-/// bytes written to its device-writable buffers (0 if the status byte
-/// could not be written).
-fn finish(
-    b: &Buffers,
-    status_at: u64,
-    status: u8,
-    written: u64,
-    mem: &GuestMemory,
-    head: u16,
-) -> u32 {
-    match b.writable.write_at(mem, status_at, &[status]) {
-        // `written` is below `status_at`, itself bounded by the chain
-        // length, which is a u32 sum checked by virtio-queue.
-        Ok(()) => u32::try_from(written + 1).unwrap_or(u32::MAX),
-        Err(e) => {
-            warn!("virtio-blk: chain {head}: cannot write status: {e}");
-            0
+    for &(addr, len) in &f.read_into {
+        for slice in mem.get_slices(addr, len).flatten() {
+            slice.bitmap().mark_dirty(0, slice.len());
         }
     }
-}
-
-/// Guest buffers of one vectored back-end call.
-struct Batch<'m> {
-    slices: [Option<GuestSlice<'m>>; IO_BATCH],
-    count: usize,
 }
 
 /// Moves `len` bytes between `[sg_offset, sg_offset + len)` of `sg` and the
 /// back end at `disk_offset`: into guest memory (`to_guest`, a read) or
 /// from it (a write), straight between the back end and the guest's pages.
-/// Guest memory written is marked dirty, even if the transfer fails.
+/// Guest memory read into is marked dirty, even if the transfer fails.
 fn transfer(
     backend: &dyn BlockBackend,
-    sg: &SgList,
+    sg: &SgList<'_>,
     sg_offset: u64,
     len: u64,
     disk_offset: u64,
-    mem: &GuestMemory,
     to_guest: bool,
 ) -> io::Result<()> {
-    let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let mut batch = Batch {
-        slices: [None; IO_BATCH],
-        count: 0,
-    };
+    let mut iov = [IoBuf::empty(); IO_BATCH];
+    let mut count = 0;
     let mut pos = disk_offset;
-    let run = |batch: &mut Batch<'_>, pos: &mut u64| -> io::Result<()> {
-        let mut iov = [IoBuf::empty(); IO_BATCH];
-        let mut bytes = 0u64;
-        for (io, slice) in iov
-            .iter_mut()
-            .zip(batch.slices[..batch.count].iter().flatten())
-        {
-            *io = IoBuf::from(*slice);
-            bytes += slice.len() as u64;
-        }
-        let iov = &iov[..batch.count];
+    let run = |iov: &[IoBuf<'_>], pos: &mut u64| -> io::Result<()> {
+        let bytes: u64 = iov.iter().map(|b| b.len() as u64).sum();
         let r = if to_guest {
-            let r = backend.read_vectored_at(iov, *pos);
-            // The back end wrote the pages behind vm-memory's back: record
-            // that for the dirty log (migration) whatever the outcome.
-            for slice in batch.slices[..batch.count].iter().flatten() {
-                slice.bitmap().mark_dirty(0, slice.len());
-            }
-            r
+            backend.read_vectored_at(iov, *pos)
         } else {
             backend.write_vectored_at(iov, *pos)
         };
-        batch.count = 0;
         *pos += bytes;
         r
     };
-    sg.for_each_slice(mem, sg_offset, len, |slice| {
-        if batch.count == IO_BATCH {
-            run(&mut batch, &mut pos)?;
+    sg.for_each(sg_offset, len, |piece| {
+        if count == IO_BATCH {
+            run(&iov, &mut pos)?;
+            count = 0;
         }
-        batch.slices[batch.count] = Some(slice);
-        batch.count += 1;
+        if to_guest {
+            // The back end writes the pages behind vm-memory's back. The
+            // dirty log is only read on this thread, so marking them
+            // before the read is as good as after it.
+            piece.slice.bitmap().mark_dirty(0, piece.slice.len());
+        }
+        iov[count] = IoBuf::from(piece.slice);
+        count += 1;
         Ok(())
     })?;
-    if batch.count > 0 {
-        run(&mut batch, &mut pos)?;
+    if count > 0 {
+        run(&iov[..count], &mut pos)?;
     }
     Ok(())
 }
@@ -762,7 +717,6 @@ impl VirtioDevice for VirtioBlk {
                     // The reads did land in guest memory: the dirty log
                     // must say so even though nobody is told.
                     mark_read_dirty(&f, &memory);
-                    self.async_io.spare_buffers.push(f.buffers);
                     self.async_io.free.push(token);
                 }
             }

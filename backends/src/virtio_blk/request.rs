@@ -9,10 +9,12 @@
 
 use std::io;
 
+use smallvec::SmallVec;
+use thiserror::Error;
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::bitmap::MS;
-use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use crate::virtio::GuestMemory;
 
@@ -39,23 +41,61 @@ pub(super) const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 /// Unsupported request.
 pub(super) const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
-/// A list of guest buffers addressed as one contiguous byte range.
+/// Segments kept inline (without allocating) per list: a usual request
+/// has one or two buffers in each direction.
+const INLINE_SEGMENTS: usize = 4;
+
+/// A translated guest buffer, or the piece of one that lies in one
+/// guest memory region.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Segment<'m> {
+    /// Guest address of its first byte.
+    pub(super) addr: GuestAddress,
+    /// Its memory.
+    pub(super) slice: GuestSlice<'m>,
+}
+
+/// Guest buffers addressed as one contiguous byte range. Each buffer is
+/// translated once, when it is added; nothing after that looks guest
+/// memory up again.
 #[derive(Debug, Default)]
-pub(super) struct SgList {
-    segments: Vec<(GuestAddress, u32)>,
+pub(super) struct SgList<'m> {
+    segments: SmallVec<[Segment<'m>; INLINE_SEGMENTS]>,
     len: u64,
 }
 
-impl SgList {
-    /// Empties the list, keeping its storage.
-    pub(super) fn clear(&mut self) {
-        self.segments.clear();
-        self.len = 0;
+impl<'m> SgList<'m> {
+    /// Appends the guest buffer `[addr, addr + len)`; `false` if part of
+    /// it lies outside `mem` (then only the part before that is added).
+    pub(super) fn push_buffer(
+        &mut self,
+        mem: &'m GuestMemory,
+        addr: GuestAddress,
+        len: u32,
+    ) -> bool {
+        if len == 0 {
+            return true;
+        }
+        // One region lookup in the usual case; the slice iterator only for
+        // buffers that cross regions (or are outside guest memory).
+        if let Ok(slice) = mem.get_slice(addr, len as usize) {
+            self.push(Segment { addr, slice });
+            return true;
+        }
+        let mut at = addr;
+        for slice in mem.get_slices(addr, len as usize) {
+            let Ok(slice) = slice else {
+                return false;
+            };
+            self.push(Segment { addr: at, slice });
+            at = GuestAddress(at.0.wrapping_add(slice.len() as u64));
+        }
+        true
     }
 
-    pub(super) fn push(&mut self, addr: GuestAddress, len: u32) {
-        self.segments.push((addr, len));
-        self.len += u64::from(len);
+    fn push(&mut self, segment: Segment<'m>) {
+        self.len += segment.slice.len() as u64;
+        self.segments.push(segment);
     }
 
     /// Total length in bytes.
@@ -63,40 +103,48 @@ impl SgList {
         self.len
     }
 
-    /// Whether every buffer lies in guest memory.
-    pub(super) fn in_memory(&self, mem: &GuestMemory) -> bool {
-        self.segments.iter().all(|&(addr, len)| {
-            let len = len as usize;
-            // One region lookup in the usual case; the slice iterator
-            // only for buffers that cross regions (or are outside).
-            len == 0 || mem.get_slice(addr, len).is_ok() || mem.check_range(addr, len)
-        })
+    /// Removes the last byte of the list and returns it, if any.
+    fn pop_last_byte(&mut self) -> Option<Segment<'m>> {
+        let last = self.segments.last_mut()?;
+        let n = last.slice.len() - 1;
+        let byte = Segment {
+            addr: GuestAddress(last.addr.0.wrapping_add(n as u64)),
+            slice: last.slice.subslice(n, 1).ok()?,
+        };
+        if n == 0 {
+            self.segments.pop();
+        } else {
+            last.slice = last.slice.subslice(0, n).ok()?;
+        }
+        self.len -= 1;
+        Some(byte)
     }
 
-    /// Calls `f(guest_address, buffer_offset, length)` for the pieces of
-    /// `[offset, offset + len)`; fails if the range exceeds the list.
-    fn walk<F>(&self, offset: u64, len: usize, mut f: F) -> io::Result<()>
+    /// Calls `f` with the pieces of `[offset, offset + len)` of the list,
+    /// in order; fails if the range exceeds the list.
+    pub(super) fn for_each<F>(&self, offset: u64, len: u64, mut f: F) -> io::Result<()>
     where
-        F: FnMut(GuestAddress, usize, usize) -> io::Result<()>,
+        F: FnMut(Segment<'m>) -> io::Result<()>,
     {
         let end = offset
-            .checked_add(len as u64)
+            .checked_add(len)
             .filter(|e| *e <= self.len)
             .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
         let mut seg_start = 0u64;
         let mut pos = offset;
-        for &(addr, seg_len) in &self.segments {
-            let seg_end = seg_start + u64::from(seg_len);
+        for seg in &self.segments {
             if pos >= end {
                 break;
             }
+            let seg_end = seg_start + seg.slice.len() as u64;
             if pos < seg_end {
+                // Both below the segment's length, a usize.
+                let skip = (pos - seg_start) as usize;
                 let n = (seg_end.min(end) - pos) as usize;
-                let a = addr
-                    .0
-                    .checked_add(pos - seg_start)
-                    .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-                f(GuestAddress(a), (pos - offset) as usize, n)?;
+                f(Segment {
+                    addr: GuestAddress(seg.addr.0.wrapping_add(skip as u64)),
+                    slice: seg.slice.subslice(skip, n).map_err(invalid)?,
+                })?;
                 pos += n as u64;
             }
             seg_start = seg_end;
@@ -104,85 +152,121 @@ impl SgList {
         Ok(())
     }
 
-    /// Calls `f` with the guest memory of `[offset, offset + len)` of the
-    /// list, in order, as slices; fails if the range exceeds the list or a
-    /// piece lies outside guest memory.
-    pub(super) fn for_each_slice<'m, F>(
-        &self,
-        mem: &'m GuestMemory,
-        offset: u64,
-        len: usize,
-        mut f: F,
-    ) -> io::Result<()>
-    where
-        F: FnMut(GuestSlice<'m>) -> io::Result<()>,
-    {
-        self.walk(offset, len, |addr, _, n| match mem.get_slice(addr, n) {
-            Ok(slice) => f(slice),
-            // Crosses a region boundary, or is (partly) outside guest
-            // memory: the iterator splits or reports it.
-            Err(_) => mem
-                .get_slices(addr, n)
-                .try_for_each(|slice| f(slice.map_err(invalid)?)),
-        })
-    }
-
     /// Copies `buf.len()` bytes at `offset` of the list into `buf`.
-    pub(super) fn read_at(&self, mem: &GuestMemory, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    pub(super) fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let mut at = 0;
-        self.for_each_slice(mem, offset, buf.len(), |slice| {
-            at += slice.copy_to(&mut buf[at..]);
+        self.for_each(offset, buf.len() as u64, |piece| {
+            at += piece.slice.copy_to(&mut buf[at..]);
             Ok(())
         })
     }
 
     /// Copies `buf` to `offset` of the list, marking it dirty.
-    pub(super) fn write_at(&self, mem: &GuestMemory, offset: u64, buf: &[u8]) -> io::Result<()> {
+    pub(super) fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         let mut at = 0;
-        self.for_each_slice(mem, offset, buf.len(), |slice| {
+        self.for_each(offset, buf.len() as u64, |piece| {
             // `copy_from` marks the bytes it writes dirty.
-            slice.copy_from(&buf[at..]);
-            at += slice.len();
+            piece.slice.copy_from(&buf[at..]);
+            at += piece.slice.len();
             Ok(())
         })
     }
 }
 
-/// A chain split into its device-readable and device-writable parts.
+/// A chain, split into its device-readable and device-writable buffers
+/// and translated.
 #[derive(Debug, Default)]
-pub(super) struct Buffers {
-    /// Device-readable buffers.
-    pub(super) readable: SgList,
-    /// Device-writable buffers.
-    pub(super) writable: SgList,
-    /// A readable buffer followed a writable one.
-    pub(super) misordered: bool,
+pub(super) struct Request<'m> {
+    /// Device-readable buffers: the header, then any data to write.
+    pub(super) readable: SgList<'m>,
+    /// Device-writable buffers for data, without the status byte.
+    pub(super) writable: SgList<'m>,
+    /// The status byte: the last device-writable byte.
+    pub(super) status: Option<Segment<'m>>,
+    /// A readable buffer follows a writable one, or a buffer lies (partly)
+    /// outside guest memory: the request fails with IOERR.
+    pub(super) malformed: bool,
 }
 
-/// Splits `descriptors` into `b`, replacing its contents (its storage is
-/// reused, so steady-state requests allocate nothing); `false` if there are
-/// more than `max`.
-pub(super) fn split_chain<I>(descriptors: I, max: usize, b: &mut Buffers) -> bool
-where
-    I: Iterator<Item = Descriptor>,
-{
-    b.readable.clear();
-    b.writable.clear();
-    b.misordered = false;
-    for (count, desc) in descriptors.enumerate() {
-        if count >= max {
-            return false;
-        }
-        if desc.is_write_only() {
-            b.writable.push(desc.addr(), desc.len());
-        } else {
-            if !b.writable.segments.is_empty() {
-                b.misordered = true;
+/// Why a chain cannot even be failed with a status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+pub(super) enum BadChain {
+    /// More descriptors than the device accepts.
+    #[error("too long")]
+    TooLong,
+    /// No device-writable byte in guest memory for the status.
+    #[error("no status byte")]
+    NoStatus,
+}
+
+impl<'m> Request<'m> {
+    /// Splits and translates `descriptors` (at most `max` of them) into
+    /// this request, which must be empty (parsing in place spares moving
+    /// the request around: it holds its lists inline).
+    pub(super) fn parse<I>(
+        &mut self,
+        descriptors: I,
+        mem: &'m GuestMemory,
+        max: usize,
+    ) -> Result<(), BadChain>
+    where
+        I: Iterator<Item = Descriptor>,
+    {
+        let mut seen_writable = false;
+        // The last non-empty device-writable buffer holds the status.
+        let mut last_writable = None;
+        for (count, desc) in descriptors.enumerate() {
+            if count >= max {
+                return Err(BadChain::TooLong);
             }
-            b.readable.push(desc.addr(), desc.len());
+            let list = if desc.is_write_only() {
+                seen_writable = true;
+                if desc.len() > 0 {
+                    last_writable = Some((desc.addr(), desc.len()));
+                }
+                &mut self.writable
+            } else {
+                self.malformed |= seen_writable;
+                &mut self.readable
+            };
+            self.malformed |= !list.push_buffer(mem, desc.addr(), desc.len());
+        }
+        let (addr, len) = last_writable.ok_or(BadChain::NoStatus)?;
+        let status_addr = addr
+            .0
+            .checked_add(u64::from(len) - 1)
+            .ok_or(BadChain::NoStatus)?;
+        self.status = if self.malformed {
+            // The data buffers do not matter, but the status byte may still
+            // be writable.
+            mem.get_slice(GuestAddress(status_addr), 1)
+                .ok()
+                .map(|slice| Segment {
+                    addr: GuestAddress(status_addr),
+                    slice,
+                })
+        } else {
+            self.writable.pop_last_byte()
+        };
+        match self.status {
+            Some(_) => Ok(()),
+            None => Err(BadChain::NoStatus),
         }
     }
-    true
+
+    /// Writes the status byte; returns the used length: `written` data
+    /// bytes and the status.
+    pub(super) fn finish(&self, status: u8, written: u64) -> u32 {
+        match &self.status {
+            // `write_obj` marks the byte dirty. `written` is at most the
+            // writable length, itself bounded by the chain length, a u32
+            // sum checked by virtio-queue.
+            Some(s) if s.slice.write_obj(status, 0).is_ok() => {
+                u32::try_from(written + 1).unwrap_or(u32::MAX)
+            }
+            _ => 0,
+        }
+    }
 }
 
 /// The request header.
@@ -217,8 +301,7 @@ pub(super) struct DwzSegment {
 
 /// Reads the discard / write-zeroes segments following the header.
 pub(super) fn read_dwz_segments(
-    mem: &GuestMemory,
-    readable: &SgList,
+    readable: &SgList<'_>,
     max_segments: u32,
 ) -> Result<Vec<DwzSegment>, u8> {
     let data_len = readable.len() - OUTHDR_SIZE;
@@ -233,7 +316,7 @@ pub(super) fn read_dwz_segments(
     for i in 0..count {
         let mut b = [0u8; DWZ_SEGMENT_SIZE as usize];
         readable
-            .read_at(mem, OUTHDR_SIZE + i * DWZ_SEGMENT_SIZE, &mut b)
+            .read_at(OUTHDR_SIZE + i * DWZ_SEGMENT_SIZE, &mut b)
             .map_err(|_| S_IOERR)?;
         let mut s = [0u8; 8];
         s.copy_from_slice(&b[0..8]);
@@ -276,26 +359,114 @@ mod tests {
     fn sg_list_spans_segments() {
         let m = mem();
         let mut sg = SgList::default();
-        sg.push(GuestAddress(0x1ffc), 4);
-        sg.push(GuestAddress(0x3000), 0);
-        sg.push(GuestAddress(0x3000), 8);
+        assert!(sg.push_buffer(&m, GuestAddress(0x1ffc), 4));
+        assert!(sg.push_buffer(&m, GuestAddress(0x3000), 0));
+        assert!(sg.push_buffer(&m, GuestAddress(0x3000), 8));
         assert_eq!(sg.len(), 12);
-        assert!(sg.in_memory(&m));
-        sg.write_at(&m, 2, &[1, 2, 3, 4, 5]).unwrap();
+        sg.write_at(2, &[1, 2, 3, 4, 5]).unwrap();
         let mut b = [0u8; 12];
-        sg.read_at(&m, 0, &mut b).unwrap();
+        sg.read_at(0, &mut b).unwrap();
         assert_eq!(b, [0, 0, 1, 2, 3, 4, 5, 0, 0, 0, 0, 0]);
-        assert!(sg.read_at(&m, 11, &mut [0u8; 2]).is_err());
-        assert!(sg.read_at(&m, u64::MAX, &mut [0u8; 2]).is_err());
-        sg.read_at(&m, 12, &mut []).unwrap();
+        assert!(sg.read_at(11, &mut [0u8; 2]).is_err());
+        assert!(sg.read_at(u64::MAX, &mut [0u8; 2]).is_err());
+        sg.read_at(12, &mut []).unwrap();
+        let last = sg.pop_last_byte().unwrap();
+        assert_eq!(last.addr, GuestAddress(0x3007));
+        assert_eq!(sg.len(), 11);
+        assert!(sg.read_at(11, &mut [0u8; 1]).is_err());
         // Outside guest memory.
-        sg.push(GuestAddress(0x2000), 1);
-        assert!(!sg.in_memory(&m));
-        assert!(sg.write_at(&m, 12, &[1]).is_err());
-        let mut wrap = SgList::default();
-        wrap.push(GuestAddress(u64::MAX - 1), 16);
-        assert!(!wrap.in_memory(&m));
-        assert!(wrap.read_at(&m, 4, &mut [0u8; 4]).is_err());
+        assert!(!sg.push_buffer(&m, GuestAddress(0x2000), 1));
+        assert!(!sg.push_buffer(&m, GuestAddress(u64::MAX - 1), 16));
+    }
+
+    #[test]
+    fn a_buffer_across_regions_is_split() {
+        let m = vm_memory::GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[
+            (GuestAddress(0x1000), 0x1000),
+            (GuestAddress(0x2000), 0x1000),
+        ])
+        .unwrap();
+        let mut sg = SgList::default();
+        assert!(sg.push_buffer(&m, GuestAddress(0x1ff0), 0x20));
+        assert_eq!(sg.segments.len(), 2);
+        assert_eq!(sg.segments[1].addr, GuestAddress(0x2000));
+        sg.write_at(0x0e, &[7, 8, 9, 10]).unwrap();
+        let mut b = [0u8; 4];
+        m.read_slice(&mut b, GuestAddress(0x1ffe)).unwrap();
+        assert_eq!(b, [7, 8, 9, 10]);
+        // A buffer that runs off the end of guest memory.
+        assert!(!sg.push_buffer(&m, GuestAddress(0x2ff0), 0x20));
+    }
+
+    fn desc(addr: u64, len: u32, write: bool) -> Descriptor {
+        let flags = if write {
+            virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16
+        } else {
+            0
+        };
+        Descriptor::new(addr, len, flags, 0)
+    }
+
+    #[test]
+    fn requests_are_split_and_the_status_is_the_last_writable_byte() {
+        let m = mem();
+        let parse = |d: &[Descriptor]| {
+            let mut r = Request::default();
+            r.parse(d.iter().copied(), &m, 4).map(|()| r)
+        };
+        // Header, data, separate status.
+        let r = parse(&[
+            desc(0x1000, 16, false),
+            desc(0x1100, 512, true),
+            desc(0x1400, 1, true),
+        ])
+        .unwrap();
+        assert!(!r.malformed);
+        assert_eq!((r.readable.len(), r.writable.len()), (16, 512));
+        assert_eq!(r.status.unwrap().addr, GuestAddress(0x1400));
+        assert_eq!(r.finish(S_OK, 512), 513);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x1400)).unwrap(), S_OK);
+        // Status in the last byte of the data buffer, and an empty
+        // writable buffer after it.
+        let r = parse(&[
+            desc(0x1000, 16, false),
+            desc(0x1100, 513, true),
+            desc(0x3000, 0, true),
+        ])
+        .unwrap();
+        assert_eq!(r.writable.len(), 512);
+        assert_eq!(r.status.unwrap().addr, GuestAddress(0x1300));
+        // A readable buffer after a writable one, even an empty one.
+        let r = parse(&[
+            desc(0x1000, 16, false),
+            desc(0x3000, 0, true),
+            desc(0x1100, 16, false),
+            desc(0x1400, 1, true),
+        ])
+        .unwrap();
+        assert!(r.malformed);
+        assert_eq!(r.finish(S_IOERR, 0), 1);
+        // A data buffer outside guest memory: IOERR, status still written.
+        let r = parse(&[
+            desc(0x1000, 16, false),
+            desc(0x2000, 512, true),
+            desc(0x1400, 1, true),
+        ])
+        .unwrap();
+        assert!(r.malformed);
+        assert_eq!(r.status.unwrap().addr, GuestAddress(0x1400));
+        // The status byte outside guest memory, or none at all.
+        for d in [
+            &[desc(0x1000, 16, false), desc(0x1fff, 2, true)][..],
+            &[desc(0x1000, 16, false), desc(u64::MAX, 2, true)][..],
+            &[desc(0x1000, 16, false), desc(0x1100, 0, true)][..],
+            &[desc(0x1000, 16, false)][..],
+        ] {
+            assert_eq!(parse(d).unwrap_err(), BadChain::NoStatus);
+        }
+        // More than `max` descriptors.
+        let long = [desc(0x1000, 1, false); 5];
+        assert_eq!(parse(&long).unwrap_err(), BadChain::TooLong);
     }
 
     #[test]
