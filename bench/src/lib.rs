@@ -141,3 +141,27 @@ pub fn threads_user_sys(tids: &[i32]) -> (Duration, Duration) {
             (u + tu, s + ts)
         })
 }
+
+/// Restricts thread `tid` (0: the calling thread) to CPU `cpu`; `false`
+/// if the kernel refused (no such CPU, or not allowed).
+pub fn pin_to_cpu(tid: i32, cpu: usize) -> bool {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes a bit of `set`; `cpu` is bounded by
+    // CPU_SETSIZE, checked first.
+    unsafe {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return false;
+        }
+        libc::CPU_SET(cpu, &mut set);
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0 }
+}
+
+/// Number of CPUs online (whatever this thread is pinned to).
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1).max(1)
+}

@@ -35,7 +35,7 @@ use std::path::Path;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use bench::{cpu_model, thread_cpu, us, CpuTimes, TempPath};
+use bench::{cpu_model, online_cpus, thread_cpu, us, CpuTimes, TempPath};
 use vfio_bindings::bindings::vfio::{
     vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_REGION_INFO_FLAG_READ,
     VFIO_REGION_INFO_FLAG_WRITE,
@@ -721,7 +721,7 @@ fn main() -> BenchResult<()> {
     let elapsed = began.elapsed();
     let others = load_before.and_then(|b| Some(CpuTimes::now()?.others_since(&b, elapsed)));
 
-    let ncpu = thread::available_parallelism().map_or(0, |n| n.get());
+    let ncpu = online_cpus();
     println!(
         "REGION_READ round trip, {} CPUs, {}, {} of {} rounds, {} warm-up reads per case, \
          total {:.1} s, other processes used {} CPUs meanwhile\n",

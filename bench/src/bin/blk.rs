@@ -51,8 +51,8 @@ use std::time::{Duration, Instant};
 use backends::storage::{RawFile, RawFileOptions};
 use backends::virtio_blk::{VirtioBlkConfig, VirtioBlkPci};
 use bench::{
-    cpu_model, gettid, load_average, task_ids, thread_cpu, threads_cpu, threads_user_sys, us,
-    CpuTimes, TempPath,
+    cpu_model, gettid, load_average, online_cpus, pin_to_cpu, task_ids, thread_cpu, threads_cpu,
+    threads_user_sys, us, CpuTimes, TempPath,
 };
 use integration_tests::virtio_driver::{
     BlkBuffers, VirtioDriver, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -174,6 +174,11 @@ impl Offsets {
         (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) % self.blocks * BLOCK as u64
     }
 }
+
+/// The CPU of the driver thread when pinning.
+const DRIVER_CPU: usize = 0;
+/// The CPU of the event loops and of the plain side when pinning.
+const SERVER_CPU: usize = 1;
 
 /// A 4 KiB-aligned buffer for the plain side.
 struct AlignedBlock {
@@ -559,13 +564,16 @@ struct Options {
     io_threads: usize,
     /// Both sides open the image with `O_DIRECT`.
     direct: bool,
+    /// Pin the driver to one CPU and the event loops and the plain side
+    /// to another.
+    pin: bool,
 }
 
 /// The usage text.
 const USAGE: &str =
     "usage: vfio-user-blk-bench [--secs S] [--plain-secs S] [--rounds N] [--size-mib N]
                            [--dir DIR] [--queue-size N] [--case LIST] [--no-plain] [--no-ours]
-                           [--io-threads N] [--direct]
+                           [--io-threads N] [--direct] [--no-pin]
   --secs S        seconds per case through the device (default 2)
   --plain-secs S  seconds per case of plain pread/pwrite (default 1)
   --rounds N      split every case into N slices, interleaving all cases (default 4)
@@ -576,7 +584,9 @@ const USAGE: &str =
   --no-plain      skip plain pread/pwrite (for profiling the device)
   --no-ours       skip the device
   --io-threads N  the device's I/O threads; 0 runs I/O on the event loop (default 0)
-  --direct        both sides open the image with O_DIRECT (use --dir on a real disk)";
+  --direct        both sides open the image with O_DIRECT (use --dir on a real disk)
+  --no-pin        let the scheduler place the threads (by default, with 2 CPUs or more,
+                  the driver runs on CPU 0, the event loops and the plain side on CPU 1)";
 
 /// Parses the command line.
 fn parse_args() -> BenchResult<Options> {
@@ -592,6 +602,7 @@ fn parse_args() -> BenchResult<Options> {
         no_ours: false,
         io_threads: 0,
         direct: false,
+        pin: online_cpus() >= 2,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -627,6 +638,7 @@ fn parse_args() -> BenchResult<Options> {
             "--no-plain" => o.no_plain = true,
             "--no-ours" => o.no_ours = true,
             "--direct" => o.direct = true,
+            "--no-pin" => o.pin = false,
             "--io-threads" => {
                 let v = val()?;
                 o.io_threads = v.parse().ok().filter(|&n| n <= 64).ok_or_else(|| bad(&v))?;
@@ -747,6 +759,22 @@ fn main() -> BenchResult<()> {
         self_check(&mut d, &plain_file)?;
         drivers.push(d);
     }
+    // The driver stands for a guest's vCPU, which is not the device's CPU.
+    // Left to itself, the scheduler sometimes wakes the driver on the
+    // event loop's CPU, and the device's figures then include the
+    // driver's time. The plain side runs on the event loops' CPU.
+    let pin = |cpu: usize| {
+        if opts.pin && !pin_to_cpu(0, cpu) {
+            eprintln!("warning: cannot pin to CPU {cpu}");
+        }
+    };
+    if opts.pin {
+        for s in &served {
+            if !pin_to_cpu(s.tids[0], SERVER_CPU) {
+                eprintln!("warning: cannot pin the event loop to CPU {SERVER_CPU}");
+            }
+        }
+    }
 
     // The plain side's own handle: O_DIRECT like ours when asked.
     let plain_file = if opts.direct {
@@ -785,10 +813,12 @@ fn main() -> BenchResult<()> {
             for side in 0..2 {
                 if (side + round) % 2 == 0 {
                     if !opts.no_ours {
+                        pin(DRIVER_CPU);
                         let m = drivers[dev].run(row.case, ours_rng, slice, &served[dev].tids);
                         row.ours.add(&m);
                     }
                 } else if !opts.no_plain {
+                    pin(SERVER_CPU);
                     let m = run_plain(&plain_file, row.case.op, plain_rng, plain_slice)?;
                     row.plain.add(&m);
                 }
@@ -802,11 +832,11 @@ fn main() -> BenchResult<()> {
         s.finish()?;
     }
 
-    let ncpu = thread::available_parallelism().map_or(0, |n| n.get());
+    let ncpu = online_cpus();
     println!(
         "4 KiB random I/O on a {} MiB image in {} ({}{}), {} CPUs, {}, queue size {}, \
-         {} rounds, {} I/O threads, total {:.1} s; load average {} at start, {} at end; other \
-         processes used {} CPUs meanwhile\n",
+         {} rounds, {} I/O threads, {}, total {:.1} s; load average {} at start, {} at end; \
+         other processes used {} CPUs meanwhile\n",
         opts.size_mib,
         opts.dir.display(),
         fs_type(&opts.dir),
@@ -816,6 +846,11 @@ fn main() -> BenchResult<()> {
         opts.queue_size,
         opts.rounds,
         opts.io_threads,
+        if opts.pin {
+            "driver pinned to CPU 0, event loops and plain side to CPU 1"
+        } else {
+            "not pinned"
+        },
         began.elapsed().as_secs_f64(),
         load_start,
         load_average(),
