@@ -280,6 +280,11 @@ fn map_file(
 
 /// Returns and clears the dirty bits of `[iova, iova + length)` as a bitmap
 /// with one bit per `page_size` bytes (`page_size` a multiple of 4 KiB).
+///
+/// The server calls it on its event-loop thread, the thread that runs the
+/// device's queues: a device that has the kernel write guest memory on that
+/// thread (virtio-blk reads) may mark the pages before the write. Writes
+/// made on other threads must be marked after they complete.
 pub fn take_dirty_bitmap(
     memory: &GuestMemory,
     iova: u64,

@@ -100,8 +100,9 @@ impl<'a> IoBuf<'a> {
 
 impl<'a, B: BitmapSlice> From<VolatileSlice<'a, B>> for IoBuf<'a> {
     /// The memory of `slice`. Writes through the buffer are not recorded in
-    /// the slice's dirty bitmap: after writing, the caller marks them with
-    /// `slice.bitmap().mark_dirty(0, len)`.
+    /// the slice's dirty bitmap: the caller marks them with
+    /// `slice.bitmap().mark_dirty(0, len)`, after the write, or before it
+    /// if the dirty log is only read on the writing thread.
     fn from(slice: VolatileSlice<'a, B>) -> Self {
         // `ptr_guard_mut` only maps memory on Xen, a vm-memory feature we do
         // not enable; the address stays valid after the guard is dropped.

@@ -141,7 +141,7 @@ struct InFlight {
     /// Bytes read on success (0 unless `IN`).
     read_len: u64,
     /// Keeps the guest memory of its buffers mapped.
-    _memory: Arc<GuestMemory>,
+    memory: Arc<GuestMemory>,
 }
 
 /// Requests in flight on the I/O threads, and storage kept for reuse.
@@ -428,11 +428,18 @@ impl VirtioBlk {
                 Ok(())
             })
         };
+        // Requests that do not start give their vectors back to the pools.
         let collected = match self.plan(&req) {
-            Plan::Done(status, written) => Err(req.finish(status, written)),
+            Plan::Done(status, written) => {
+                self.async_io.spare_bufs.put(bufs);
+                Err(req.finish(status, written))
+            }
             Plan::Read { offset, len } => match collect(&req.writable, 0, len, true) {
                 Ok(()) => Ok((IoOp::Read { offset, bufs }, len)),
-                Err(e) => Err(fail_start(&req, head, e)),
+                Err(e) => {
+                    self.async_io.spare_bufs.put(bufs);
+                    Err(fail_start(&req, head, e))
+                }
             },
             Plan::Write { offset, len } => match collect(&req.readable, OUTHDR_SIZE, len, false) {
                 Ok(()) => {
@@ -446,7 +453,10 @@ impl VirtioBlk {
                         0,
                     ))
                 }
-                Err(e) => Err(fail_start(&req, head, e)),
+                Err(e) => {
+                    self.async_io.spare_bufs.put(bufs);
+                    Err(fail_start(&req, head, e))
+                }
             },
             Plan::Flush => {
                 self.async_io.spare_bufs.put(bufs);
@@ -477,7 +487,7 @@ impl VirtioBlk {
             status,
             read_into,
             read_len,
-            _memory: keep.clone(),
+            memory: keep.clone(),
         });
         self.async_io.jobs.push(IoJob {
             token: token as u64,
@@ -505,7 +515,7 @@ impl VirtioBlk {
             if let Some(n) = self.async_io.per_queue.get_mut(f.queue) {
                 *n = n.saturating_sub(1);
             }
-            mark_read_dirty(&f, mem);
+            mark_read_dirty(&f);
             let (status, written) = match d.result {
                 Ok(()) => (S_OK, f.read_len),
                 Err(e) => {
@@ -618,10 +628,11 @@ fn fail_start(req: &Request<'_>, head: u16, e: io::Error) -> u32 {
 }
 
 /// Marks the pages a read on the I/O threads wrote as dirty: the back end
-/// wrote them behind vm-memory's back (whatever the outcome).
-fn mark_read_dirty(f: &InFlight, mem: &GuestMemory) {
+/// wrote them behind vm-memory's back (whatever the outcome). The mapping
+/// the request kept is the one written to.
+fn mark_read_dirty(f: &InFlight) {
     for &(addr, len) in &f.read_into {
-        for slice in mem.get_slices(addr, len).flatten() {
+        for slice in f.memory.get_slices(addr, len).flatten() {
             slice.bitmap().mark_dirty(0, slice.len());
         }
     }
@@ -710,13 +721,16 @@ impl VirtioDevice for VirtioBlk {
             // rings up.
             workers.drain();
             workers.collect(&mut self.async_io.done);
-            self.async_io.done.clear();
-            let memory = self.memory.memory();
+            for d in self.async_io.done.drain(..) {
+                self.async_io.spare_bufs.put(d.bufs);
+            }
             for (token, slot) in self.async_io.slots.iter_mut().enumerate() {
-                if let Some(f) = slot.take() {
+                if let Some(mut f) = slot.take() {
                     // The reads did land in guest memory: the dirty log
                     // must say so even though nobody is told.
-                    mark_read_dirty(&f, &memory);
+                    mark_read_dirty(&f);
+                    f.read_into.clear();
+                    self.async_io.spare_ranges.push(f.read_into);
                     self.async_io.free.push(token);
                 }
             }

@@ -370,6 +370,7 @@ mod tests {
         assert!(sg.read_at(11, &mut [0u8; 2]).is_err());
         assert!(sg.read_at(u64::MAX, &mut [0u8; 2]).is_err());
         sg.read_at(12, &mut []).unwrap();
+        assert!(sg.write_at(12, &[1]).is_err());
         let last = sg.pop_last_byte().unwrap();
         assert_eq!(last.addr, GuestAddress(0x3007));
         assert_eq!(sg.len(), 11);
@@ -394,6 +395,12 @@ mod tests {
         let mut b = [0u8; 4];
         m.read_slice(&mut b, GuestAddress(0x1ffe)).unwrap();
         assert_eq!(b, [7, 8, 9, 10]);
+        // The last byte of a buffer split across regions.
+        let status = sg.pop_last_byte().unwrap();
+        assert_eq!(status.addr, GuestAddress(0x200f));
+        status.slice.write_obj(0xaa_u8, 0).unwrap();
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x200f)).unwrap(), 0xaa);
+        assert_eq!(sg.len(), 0x1f);
         // A buffer that runs off the end of guest memory.
         assert!(!sg.push_buffer(&m, GuestAddress(0x2ff0), 0x20));
     }
