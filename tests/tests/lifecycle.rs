@@ -277,6 +277,20 @@ fn no_fd_leaks_over_many_connections() {
             &[],
         )
         .ok();
+        // INTx with an unmask eventfd (watched by the loop through a
+        // duplicate), replaced once; the second stays until disconnect.
+        for _ in 0..2 {
+            let unmask = eventfd();
+            c.set_irqs(
+                IRQ_DATA_EVENTFD | IRQ_ACTION_UNMASK,
+                IRQ_INTX,
+                0,
+                1,
+                &[],
+                &[unmask.as_raw_fd()],
+            )
+            .ok();
+        }
         // Refused fds: on a command that takes none, too many, wrong count.
         let r = c.call_fds(cmd::GET_INFO, &payload::get_info(16), &[e.as_raw_fd()]);
         assert_eq!(r.err(), libc::EINVAL);

@@ -782,6 +782,61 @@ fn intx_automask_and_unmask() {
     c.ping();
 }
 
+/// QEMU under KVM hands INTx EOIs over as an unmask ("resample") eventfd:
+/// signalling it unmasks INTx and delivers what became pending meanwhile.
+#[test]
+fn intx_unmask_eventfd_unmasks_and_delivers_pending() {
+    let (_s, mut c) = setup();
+    let trigger = eventfd();
+    let unmask = eventfd();
+    let intx = |c: &mut RawClient, flags: u32, fds: &[RawFd]| {
+        c.set_irqs(flags, IRQ_INTX, 0, 1, &[], fds).ok();
+    };
+    intx(
+        &mut c,
+        IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER,
+        &[trigger.as_raw_fd()],
+    );
+    intx(
+        &mut c,
+        IRQ_DATA_EVENTFD | IRQ_ACTION_UNMASK,
+        &[unmask.as_raw_fd()],
+    );
+    intx(&mut c, IRQ_DATA_NONE | IRQ_ACTION_TRIGGER, &[]);
+    assert_eq!(eventfd_wait(&trigger, 5000), Some(1));
+    // Automasked: the next one waits for the EOI.
+    intx(&mut c, IRQ_DATA_NONE | IRQ_ACTION_TRIGGER, &[]);
+    assert_eq!(eventfd_wait(&trigger, 100), None);
+    unmask.write(1).unwrap();
+    assert_eq!(eventfd_wait(&trigger, 5000), Some(1));
+    // The server consumed the EOI; masked again (automask), a new
+    // interrupt waits for the next one.
+    intx(&mut c, IRQ_DATA_NONE | IRQ_ACTION_TRIGGER, &[]);
+    assert_eq!(eventfd_wait(&trigger, 100), None);
+    unmask.write(1).unwrap();
+    assert_eq!(eventfd_wait(&trigger, 5000), Some(1));
+    // Replaced by a new unmask eventfd: the old one no longer counts.
+    let unmask2 = eventfd();
+    intx(
+        &mut c,
+        IRQ_DATA_EVENTFD | IRQ_ACTION_UNMASK,
+        &[unmask2.as_raw_fd()],
+    );
+    intx(&mut c, IRQ_DATA_NONE | IRQ_ACTION_TRIGGER, &[]);
+    unmask.write(1).unwrap();
+    assert_eq!(eventfd_wait(&trigger, 200), None);
+    unmask2.write(1).unwrap();
+    assert_eq!(eventfd_wait(&trigger, 5000), Some(1));
+    // Removed (no fd): EOIs go through UNMASK|NONE again.
+    intx(&mut c, IRQ_DATA_EVENTFD | IRQ_ACTION_UNMASK, &[]);
+    intx(&mut c, IRQ_DATA_NONE | IRQ_ACTION_TRIGGER, &[]);
+    unmask2.write(1).unwrap();
+    assert_eq!(eventfd_wait(&trigger, 200), None);
+    intx(&mut c, IRQ_DATA_NONE | IRQ_ACTION_UNMASK, &[]);
+    assert_eq!(eventfd_wait(&trigger, 5000), Some(1));
+    c.ping();
+}
+
 #[test]
 fn msix_disable_with_count_zero() {
     let (_s, mut c) = setup();
@@ -884,9 +939,26 @@ fn set_irqs_bad_combinations_are_einval() {
         (IRQ_DATA_BOOL | t, IRQ_MSIX, 0, 1, vec![1], vec![two[0]]),
         // BOOL data shorter than count.
         (IRQ_DATA_BOOL | t, IRQ_MSIX, 0, 2, vec![1], vec![]),
-        // Unmask eventfds are not offered; ERR is not maskable.
+        // Unmask eventfds only for INTx (automasked), one at most; no
+        // mask eventfds; ERR is not maskable.
         (
             IRQ_DATA_EVENTFD | IRQ_ACTION_UNMASK,
+            IRQ_MSIX,
+            0,
+            1,
+            vec![],
+            vec![two[0]],
+        ),
+        (
+            IRQ_DATA_EVENTFD | IRQ_ACTION_UNMASK,
+            IRQ_INTX,
+            0,
+            1,
+            vec![],
+            two.to_vec(),
+        ),
+        (
+            IRQ_DATA_EVENTFD | IRQ_ACTION_MASK,
             IRQ_INTX,
             0,
             1,

@@ -41,6 +41,7 @@ enum Token {
     Connection(usize),
     DeviceFd(usize, RawFd),
     Handler(usize),
+    IrqUnmask(usize),
 }
 
 impl Token {
@@ -51,6 +52,7 @@ impl Token {
             Token::Connection(i) => (2, i, 0),
             Token::DeviceFd(i, fd) => (3, i, fd),
             Token::Handler(i) => (4, i, 0),
+            Token::IrqUnmask(i) => (5, i, 0),
         };
         (kind << 56) | ((idx as u64 & 0xff_ffff) << 32) | (fd as u32 as u64)
     }
@@ -62,6 +64,7 @@ impl Token {
             2 => Token::Connection(idx),
             3 => Token::DeviceFd(idx, v as u32 as RawFd),
             4 => Token::Handler(idx),
+            5 => Token::IrqUnmask(idx),
             _ => Token::Stop,
         }
     }
@@ -70,6 +73,10 @@ impl Token {
 struct Registered {
     conn_fd: Option<RawFd>,
     interest: Interest,
+    /// The server's interrupt unmask eventfd as watched: its generation
+    /// and our duplicate of it. The duplicate is what epoll watches, so
+    /// that it can be removed after the server has closed its own.
+    irq_unmask: (u64, Option<EventFd>),
 }
 
 /// The event loop.
@@ -95,6 +102,37 @@ fn ctl(
         fd,
         epoll::Event::new(epoll::Events::from_bits_truncate(events), token.encode()),
     )
+}
+
+/// Replaces the watched interrupt unmask eventfd of server `i` by its
+/// current one.
+fn watch_irq_unmask(epoll: RawFd, i: usize, server: &Server, reg: &mut Registered) {
+    let token = Token::IrqUnmask(i);
+    if let Some(old) = reg.irq_unmask.1.take() {
+        let del = epoll::ControlOptions::EPOLL_CTL_DEL;
+        if let Err(e) = ctl(epoll, del, old.as_raw_fd(), 0, token) {
+            error!("epoll_ctl for the unmask eventfd of server {i}: {e}");
+        }
+    }
+    let (generation, fd) = server.irq_unmask_fd();
+    reg.irq_unmask = (generation, None);
+    let fd = match fd {
+        None => return,
+        Some(Ok(fd)) => fd,
+        Some(Err(e)) => {
+            error!("cannot watch the unmask eventfd of server {i}: {e}");
+            return;
+        }
+    };
+    // Edge-triggered: every signal (a write, even to a full counter) is an
+    // event, so the eventfd never needs reading (see
+    // `Irqs::unmask_signalled`); one already signalled is an event at once.
+    let add = epoll::ControlOptions::EPOLL_CTL_ADD;
+    let events = (epoll::Events::EPOLLIN | epoll::Events::EPOLLET).bits();
+    match ctl(epoll, add, fd.as_raw_fd(), events, token) {
+        Ok(()) => reg.irq_unmask.1 = Some(fd),
+        Err(e) => error!("epoll_ctl for the unmask eventfd of server {i}: {e}"),
+    }
 }
 
 impl EventLoop {
@@ -147,6 +185,7 @@ impl EventLoop {
         for fd in server.device_event_fds() {
             ctl(self.epoll, add(), fd, inn, Token::DeviceFd(idx, fd))?;
         }
+        let irq_unmask = (server.irq_unmask_generation(), None);
         self.servers.push(server);
         self.registered.push(Registered {
             conn_fd: None,
@@ -154,6 +193,7 @@ impl EventLoop {
                 read: false,
                 write: false,
             },
+            irq_unmask,
         });
         Ok(idx)
     }
@@ -237,6 +277,11 @@ impl EventLoop {
                             h.handle(&mut self.servers);
                         }
                     }
+                    Token::IrqUnmask(i) => {
+                        if let Some(s) = self.servers.get_mut(i) {
+                            s.handle_irq_unmask();
+                        }
+                    }
                 }
             }
             // Work the handlers deferred runs now that their replies are
@@ -257,6 +302,9 @@ impl EventLoop {
             .zip(self.registered.iter_mut())
             .enumerate()
         {
+            if s.irq_unmask_generation() != reg.irq_unmask.0 {
+                watch_irq_unmask(self.epoll, i, s, reg);
+            }
             let fd = s.connection_fd();
             let interest = s.interest();
             if fd == reg.conn_fd && interest == reg.interest {

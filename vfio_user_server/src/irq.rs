@@ -97,11 +97,29 @@ struct Vector {
 struct Index {
     info: IrqIndexInfo,
     vectors: Vec<Vector>,
+    /// The eventfd installed with `UNMASK|EVENTFD` (automasked indexes
+    /// only): the client signals it to unmask the vector, as KVM signals
+    /// the kernel's INTx "resample" eventfd on the guest's EOI.
+    unmask_fd: Option<EventFd>,
 }
 
 #[derive(Default)]
 struct State {
     indexes: Vec<Index>,
+    /// Changes whenever an unmask eventfd is installed or dropped, so that
+    /// the event loop knows to watch the new one.
+    unmask_generation: u64,
+}
+
+impl State {
+    /// Drops the unmask eventfd of every index.
+    fn drop_unmask_fds(&mut self) {
+        for idx in self.indexes.iter_mut() {
+            if idx.unmask_fd.take().is_some() {
+                self.unmask_generation += 1;
+            }
+        }
+    }
 }
 
 /// Shared interrupt state; cheap to clone.
@@ -136,13 +154,57 @@ impl Irqs {
     /// Sets the layout; drops every installed fd.
     pub fn configure(&self, layout: &[IrqIndexInfo]) {
         let mut s = self.lock();
+        s.drop_unmask_fds();
         s.indexes = layout
             .iter()
             .map(|info| Index {
                 info: *info,
                 vectors: (0..info.count).map(|_| Vector::default()).collect(),
+                unmask_fd: None,
             })
             .collect();
+    }
+
+    /// A number that changes whenever the unmask eventfd
+    /// ([`Irqs::unmask_fd`]) is installed, replaced or dropped.
+    pub fn unmask_generation(&self) -> u64 {
+        self.lock().unmask_generation
+    }
+
+    /// A duplicate of the unmask eventfd the client installed with
+    /// `UNMASK|EVENTFD`, if any, with its [`Irqs::unmask_generation`].
+    /// The event loop watches it and calls [`Irqs::unmask_signalled`].
+    pub fn unmask_fd(&self) -> (u64, Option<std::io::Result<EventFd>>) {
+        let s = self.lock();
+        let fd = s
+            .indexes
+            .iter()
+            .find_map(|i| i.unmask_fd.as_ref())
+            .map(EventFd::try_clone);
+        (s.unmask_generation, fd)
+    }
+
+    /// The client signalled the unmask eventfd: unmasks vector 0 of its
+    /// index, firing it if it is pending. Returns the index if the vector
+    /// was masked. The eventfd is not read: the client can make it
+    /// blocking (the flag is shared), and a read that blocks would stall
+    /// the event loop; the loop watches it edge-triggered instead.
+    pub fn unmask_signalled(&self) -> Option<u32> {
+        let mut s = self.lock();
+        let (index, idx) = s
+            .indexes
+            .iter_mut()
+            .enumerate()
+            .find(|(_, i)| i.unmask_fd.is_some())?;
+        let automask = idx.info.flags & IRQ_INFO_AUTOMASKED != 0;
+        let v = idx.vectors.get_mut(0)?;
+        let was_masked = v.masked;
+        v.masked = false;
+        if v.pending {
+            v.pending = false;
+            fire(v, automask);
+        }
+        was_masked.then_some(index as u32)
     }
 
     /// Mask and pending bits of every vector.
@@ -231,6 +293,7 @@ impl Irqs {
     /// (disconnect).
     pub fn clear(&self) {
         let mut s = self.lock();
+        s.drop_unmask_fds();
         for idx in s.indexes.iter_mut() {
             for v in idx.vectors.iter_mut() {
                 *v = Vector::default();
@@ -262,11 +325,32 @@ impl Irqs {
             });
         }
         let mut s = self.lock();
+        let generation = s.unmask_generation;
         let idx = s
             .indexes
             .get_mut(set.index as usize)
             .ok_or(IrqError::BadIndex(set.index))?;
         let automask = idx.info.flags & IRQ_INFO_AUTOMASKED != 0;
+        if action == IRQ_SET_ACTION_UNMASK && data_type == IRQ_SET_DATA_EVENTFD {
+            // Kernel semantics (the INTx resample fd): only for an
+            // automasked index, its one vector, one fd or none (remove).
+            if !automask || set.start != 0 || set.count != 1 {
+                return Err(IrqError::BadFlags(set.flags));
+            }
+            if fds.len() > 1 {
+                return Err(IrqError::BadData {
+                    got: fds.len(),
+                    want: 1,
+                });
+            }
+            idx.unmask_fd = fds.into_iter().next().map(|f| {
+                // SAFETY: `f` is an owned fd received from the client;
+                // ownership moves into the EventFd.
+                unsafe { EventFd::from_raw_fd(f.into_raw_fd()) }
+            });
+            s.unmask_generation = generation + 1;
+            return Ok(None);
+        }
         let bad_range = IrqError::BadRange {
             index: set.index,
             start: set.start,
@@ -282,6 +366,9 @@ impl Irqs {
                 v.fd = None;
                 v.pending = false;
                 v.masked = false;
+            }
+            if idx.unmask_fd.take().is_some() {
+                s.unmask_generation = generation + 1;
             }
             return Ok(None);
         }
@@ -343,8 +430,7 @@ impl Irqs {
             },
             IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK => {
                 if data_type == IRQ_SET_DATA_EVENTFD {
-                    // Resample/unmask eventfds (KVM INTx) are not offered:
-                    // QEMU then falls back to UNMASK|NONE on EOI.
+                    // MASK|EVENTFD: the kernel has no such thing either.
                     return Err(IrqError::BadFlags(set.flags));
                 }
                 if idx.info.flags & IRQ_INFO_MASKABLE == 0 {

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use log::{debug, info, warn};
 use thiserror::Error;
 use vm_memory::GuestAddressSpace;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{Device, DeviceContext, ResetReason};
 use crate::dma::{DmaLimits, DmaTable, DIRTY_PAGE_SIZE};
@@ -388,6 +389,26 @@ impl Server {
     /// fds the device wants watched.
     pub fn device_event_fds(&self) -> Vec<RawFd> {
         self.device.event_fds()
+    }
+
+    /// The generation of the interrupt unmask eventfd the client installed
+    /// (`Irqs::unmask_generation`).
+    pub fn irq_unmask_generation(&self) -> u64 {
+        self.irqs.unmask_generation()
+    }
+
+    /// A duplicate of the interrupt unmask eventfd the client installed,
+    /// if any, with its generation (`Irqs::unmask_fd`).
+    pub fn irq_unmask_fd(&self) -> (u64, Option<io::Result<EventFd>>) {
+        self.irqs.unmask_fd()
+    }
+
+    /// The client signalled its interrupt unmask eventfd (the guest's EOI
+    /// of INTx under KVM): unmask, and deliver what is pending.
+    pub fn handle_irq_unmask(&mut self) {
+        if let Some(index) = self.irqs.unmask_signalled() {
+            self.device.irq_mask_changed(index, 0, 1, false);
+        }
     }
 
     /// A device fd is readable.
