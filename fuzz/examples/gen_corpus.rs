@@ -902,6 +902,14 @@ fn server_seeds() -> BTreeMap<String, Vec<u8>> {
     s.bar0(td::REG_DOORBELL, &[td::OP_WRITE, 0, 0, 0]);
     s.bar0(td::REG_IRQ, &[PCI_INTX_IRQ_INDEX as u8, 0, 0, 0]);
     s.bar0(td::REG_DOORBELL, &[td::OP_READ, 0, 0, 0]);
+    // INTx as QEMU sets it up under KVM: trigger and unmask (resample)
+    // eventfds; the harness passes the same eventfd for both, so each
+    // interrupt is also an EOI.
+    for action in [IRQ_SET_ACTION_TRIGGER, IRQ_SET_ACTION_UNMASK] {
+        s.with(|c| c.set_irqs(IRQ_SET_DATA_EVENTFD | action, PCI_INTX_IRQ_INDEX, 0, 1, &[]));
+    }
+    s.bar0(td::REG_DOORBELL, &[td::OP_READ, 0, 0, 0]);
+    s.bar0(td::REG_DOORBELL, &[td::OP_READ, 0, 0, 0]);
     // MSI-X table and PBA, the memfd BAR, the big BAR, the I/O BAR.
     s.bar0(td::MSIX_TABLE + 0x1c, &0u32.to_le_bytes());
     s.with(|c| c.read(0, td::MSIX_PBA, 8));

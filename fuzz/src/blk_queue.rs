@@ -126,7 +126,12 @@ fn device(read_only: bool) -> (Arc<MemoryDisk>, VirtioBlk) {
         pcie: false,
         io_threads: 0,
     };
-    let blk = VirtioBlk::new(disk.clone(), &config, vfio_user_server::DeviceContext::default().memory).unwrap();
+    let blk = VirtioBlk::new(
+        disk.clone(),
+        &config,
+        vfio_user_server::DeviceContext::default().memory,
+    )
+    .unwrap();
     (disk, blk)
 }
 

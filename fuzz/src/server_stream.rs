@@ -355,7 +355,8 @@ impl Harness {
                 cmd::DEVICE_SET_IRQS => {
                     let f = read_u32(payload, 4).unwrap_or(0);
                     let count = read_u32(payload, 16).unwrap_or(0) as usize;
-                    if f & IRQ_SET_DATA_EVENTFD != 0 && f & IRQ_SET_ACTION_TRIGGER != 0 {
+                    let takes_fds = IRQ_SET_ACTION_TRIGGER | IRQ_SET_ACTION_UNMASK;
+                    if f & IRQ_SET_DATA_EVENTFD != 0 && f & takes_fds != 0 {
                         self.eventfd_fds(count.min(64))
                     } else {
                         Vec::new()
@@ -425,6 +426,14 @@ impl Harness {
             for _ in 0..MAX_DEFERRED_ROUNDS {
                 if !alive || !self.server.run_deferred() {
                     break;
+                }
+            }
+            // The event loop watches the INTx unmask eventfd: a signal (the
+            // server's own trigger writes, when the client passed the same
+            // eventfd for both) unmasks.
+            if let (_, Some(Ok(fd))) = self.server.irq_unmask_fd() {
+                if readable(fd.as_raw_fd()) {
+                    self.server.handle_irq_unmask();
                 }
             }
             alive &= self.server.connected();
