@@ -120,6 +120,9 @@ fn vm_blk_read_write() {
     // (indirect descriptors offered); one vCPU, so one hardware queue.
     run.expect("queue_depth", "128");
     run.expect("nr_hw_queues", "1");
+    // MSI-X: a vector for the configuration and one for the queue.
+    run.expect("msi_vectors", "2");
+    run.expect("intx_interrupts", "0");
     assert_eq!(daemon.log_count("client attached"), 1);
     check_daemon_after(&mut daemon);
     stop_daemon(&mut daemon);
@@ -136,6 +139,22 @@ fn vm_blk_read_write_on_io_threads() {
     );
     let run = Vm::start(&env, blk_spec(&daemon.socket)).finish();
     check_blk_run(&run, &original, &img);
+    check_daemon_after(&mut daemon);
+    stop_daemon(&mut daemon);
+}
+
+/// A guest without MSI (`pci=nomsi`): the virtio driver falls back to
+/// INTx, which the daemon raises (automasked) and QEMU unmasks on EOI.
+#[test]
+fn vm_blk_read_write_on_intx() {
+    let Some(env) = vm::env() else { return };
+    let (dir, img, original) = image(IMAGE_SIZE);
+    let mut daemon = Daemon::start(dir.as_path(), &["--disk", path_str(&img)]);
+    let run = Vm::start(&env, blk_spec(&daemon.socket).kernel_param("pci=nomsi")).finish();
+    check_blk_run(&run, &original, &img);
+    run.expect("msi_vectors", "0");
+    let intx: u64 = run.result("intx_interrupts").parse().unwrap_or(0);
+    assert!(intx > 0, "no INTx interrupts in the guest");
     check_daemon_after(&mut daemon);
     stop_daemon(&mut daemon);
 }

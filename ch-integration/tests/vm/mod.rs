@@ -160,6 +160,8 @@ pub struct VmSpec {
     pub test: String,
     /// `vt.KEY=VALUE` parameters.
     pub params: Vec<(String, String)>,
+    /// Other kernel parameters (e.g. `pci=nomsi`).
+    pub kernel_params: Vec<String>,
     /// Extra QEMU arguments.
     pub args: Vec<String>,
     /// Let the guest reboot (no `-no-reboot`).
@@ -196,6 +198,7 @@ impl VmSpec {
         VmSpec {
             test: test.into(),
             params: Vec::new(),
+            kernel_params: Vec::new(),
             args: Vec::new(),
             reboot: false,
             timeout: Duration::from_secs(240),
@@ -205,6 +208,12 @@ impl VmSpec {
     /// Adds the guest parameter `vt.KEY=VALUE`.
     pub fn param(mut self, key: &str, value: impl ToString) -> VmSpec {
         self.params.push((key.into(), value.to_string()));
+        self
+    }
+
+    /// Adds the kernel parameter `p` as it is.
+    pub fn kernel_param(mut self, p: impl Into<String>) -> VmSpec {
+        self.kernel_params.push(p.into());
         self
     }
 
@@ -245,6 +254,10 @@ impl VmSpec {
         }
         for (k, v) in &self.params {
             s.push_str(&format!(" vt.{k}={v}"));
+        }
+        for p in &self.kernel_params {
+            s.push(' ');
+            s.push_str(p);
         }
         s
     }

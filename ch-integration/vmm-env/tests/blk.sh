@@ -21,6 +21,8 @@
 #   readback_sha256=<sha256 of the O_DIRECT read-back>  (if vt.pattern and ro=0)
 #   readback_match=<0|1>                                (if vt.pattern and ro=0)
 #   ro_write_rejected=<0|1> ro_data_unchanged=<0|1>     (if ro=1)
+#   msi_vectors=<N>       MSI/MSI-X vectors of virtio devices (/proc/interrupts)
+#   intx_interrupts=<N>   interrupts taken on the legacy (INTx) lines of virtio devices
 # Exit code 0 only if every check passed.
 . /tests/lib.sh
 
@@ -145,5 +147,10 @@ if [ -n "${VT_PATTERN:-}" ]; then
         fi
     fi
 fi
+
+# How the device interrupted: MSI-X vectors, or the INTx line (pci=nomsi).
+result msi_vectors "$(grep virtio /proc/interrupts | grep -c MSI)"
+result intx_interrupts "$(grep virtio /proc/interrupts | grep -v MSI |
+    awk '{ for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i } END { print n + 0 }')"
 
 exit "$VMTEST_FAILED"
