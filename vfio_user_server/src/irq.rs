@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use thiserror::Error;
@@ -106,19 +107,16 @@ struct Index {
 #[derive(Default)]
 struct State {
     indexes: Vec<Index>,
-    /// Changes whenever an unmask eventfd is installed or dropped, so that
-    /// the event loop knows to watch the new one.
-    unmask_generation: u64,
 }
 
 impl State {
-    /// Drops the unmask eventfd of every index.
-    fn drop_unmask_fds(&mut self) {
+    /// Drops the unmask eventfd of every index; whether there was one.
+    fn drop_unmask_fds(&mut self) -> bool {
+        let mut dropped = false;
         for idx in self.indexes.iter_mut() {
-            if idx.unmask_fd.take().is_some() {
-                self.unmask_generation += 1;
-            }
+            dropped |= idx.unmask_fd.take().is_some();
         }
+        dropped
     }
 }
 
@@ -126,6 +124,10 @@ impl State {
 #[derive(Clone, Default)]
 pub struct Irqs {
     state: Arc<Mutex<State>>,
+    /// Changes (under the lock) whenever an unmask eventfd is installed or
+    /// dropped, so that the event loop knows to watch the new one; read
+    /// after every burst of events, hence outside the lock.
+    unmask_generation: Arc<AtomicU64>,
 }
 
 /// Mask and pending bits of every vector, for snapshots (eventfds are the
@@ -154,7 +156,9 @@ impl Irqs {
     /// Sets the layout; drops every installed fd.
     pub fn configure(&self, layout: &[IrqIndexInfo]) {
         let mut s = self.lock();
-        s.drop_unmask_fds();
+        if s.drop_unmask_fds() {
+            self.unmask_changed();
+        }
         s.indexes = layout
             .iter()
             .map(|info| Index {
@@ -168,7 +172,12 @@ impl Irqs {
     /// A number that changes whenever the unmask eventfd
     /// ([`Irqs::unmask_fd`]) is installed, replaced or dropped.
     pub fn unmask_generation(&self) -> u64 {
-        self.lock().unmask_generation
+        self.unmask_generation.load(Ordering::Acquire)
+    }
+
+    /// Records a change of the unmask eventfd (called with the lock held).
+    fn unmask_changed(&self) {
+        self.unmask_generation.fetch_add(1, Ordering::Release);
     }
 
     /// A duplicate of the unmask eventfd the client installed with
@@ -181,7 +190,7 @@ impl Irqs {
             .iter()
             .find_map(|i| i.unmask_fd.as_ref())
             .map(EventFd::try_clone);
-        (s.unmask_generation, fd)
+        (self.unmask_generation(), fd)
     }
 
     /// The client signalled the unmask eventfd: unmasks vector 0 of its
@@ -293,7 +302,9 @@ impl Irqs {
     /// (disconnect).
     pub fn clear(&self) {
         let mut s = self.lock();
-        s.drop_unmask_fds();
+        if s.drop_unmask_fds() {
+            self.unmask_changed();
+        }
         for idx in s.indexes.iter_mut() {
             for v in idx.vectors.iter_mut() {
                 *v = Vector::default();
@@ -325,7 +336,6 @@ impl Irqs {
             });
         }
         let mut s = self.lock();
-        let generation = s.unmask_generation;
         let idx = s
             .indexes
             .get_mut(set.index as usize)
@@ -348,7 +358,7 @@ impl Irqs {
                 // ownership moves into the EventFd.
                 unsafe { EventFd::from_raw_fd(f.into_raw_fd()) }
             });
-            s.unmask_generation = generation + 1;
+            self.unmask_changed();
             return Ok(None);
         }
         let bad_range = IrqError::BadRange {
@@ -368,7 +378,7 @@ impl Irqs {
                 v.masked = false;
             }
             if idx.unmask_fd.take().is_some() {
-                s.unmask_generation = generation + 1;
+                self.unmask_changed();
             }
             return Ok(None);
         }
