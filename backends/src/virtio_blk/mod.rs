@@ -43,7 +43,8 @@ pub const BLK_SIZE_MAX: u32 = 1 << 20;
 /// Most data segments per request advertised (`seg_max`), also bounded by
 /// the queue size.
 pub const BLK_SEG_MAX: u32 = 1022;
-/// Longest descriptor chain accepted; longer chains fail with IOERR.
+/// Longest descriptor chain accepted; longer chains complete with nothing
+/// written (used length 0).
 pub const BLK_MAX_CHAIN_DESCRIPTORS: usize = 2048;
 /// `max_discard_sectors` and `max_write_zeroes_sectors` (2 GiB).
 pub const BLK_MAX_DISCARD_SECTORS: u32 = 1 << 22;

@@ -11,31 +11,36 @@
 //!   one with two. The driver is `integration_tests::virtio_driver`, the
 //!   same one the daemon tests use: it connects with the published
 //!   `vfio_user::Client`, maps a 64 MiB memfd as guest RAM (DMA_MAP),
-//!   negotiates `VERSION_1 | FLUSH | BLK_SIZE | SEG_MAX | SIZE_MAX` (and
-//!   `MQ`; no `EVENT_IDX`, no indirect descriptors), sets up split queues
+//!   negotiates `VERSION_1 | FLUSH | BLK_SIZE | SEG_MAX | SIZE_MAX |
+//!   EVENT_IDX` (and `MQ`; no indirect descriptors), sets up split queues
 //!   of `--queue-size` descriptors and MSI-X eventfds, and sets DRIVER_OK.
 //!   Each request is a 3-descriptor chain (header, 4 KiB data, status).
 //! * **plain (limit)**: one thread calling `pread`/`pwrite` of 4 KiB on the
 //!   same file at the same offsets.
 //!
 //! Queue depth is per queue: "QD 32, 2 queues" keeps 32 requests in flight
-//! on each queue, 64 in all. The driver runs in one thread: for each queue
-//! it fills every free slot, then kicks the queue (a REGION_WRITE of the
-//! notify register, which the server answers only after it has processed
-//! the queue), then collects the used entries of every queue; if there are
-//! none it waits for the queue's MSI-X eventfd. Offsets are 4 KiB-aligned,
-//! uniformly random over the disk, from a xorshift generator with a fixed
-//! seed per case; the plain side replays the same sequence.
+//! on each queue, 64 in all. The driver runs in one thread and behaves like
+//! Linux's `virtio_blk` under fio: for each queue it fills every free slot,
+//! rings the doorbell (a REGION_WRITE of the notify register, answered at
+//! once: the device works afterwards) only when the device's available
+//! event asks for it, then collects the used entries of every queue; if
+//! there are none it asks for an interrupt and waits for the queues'
+//! MSI-X eventfds. Offsets are 4 KiB-aligned, uniformly random over the
+//! disk, from a xorshift generator with a fixed seed per case; the plain
+//! side replays the same sequence.
 //!
-//! The device executes requests synchronously on the event-loop thread, and
-//! the plain side is one synchronous thread, so the figure to compare is
-//! the cost per request, wall time / requests = 1 / IOPS. The table also
-//! gives the CPU time per request of the server thread and of the driver
-//! (client) thread, from `/proc/self/task/*/schedstat`.
+//! The device executes requests on the event-loop thread (or on
+//! `--io-threads N` threads), and the plain side is one synchronous thread,
+//! so the figure to compare is the cost per request, wall time / requests
+//! = 1 / IOPS. The table also gives the CPU time per request of the server
+//! thread and of the driver (client) thread, from
+//! `/proc/self/task/*/schedstat`.
 //!
 //! Every case runs in `--rounds` slices alternating ours and plain, and the
 //! cases are interleaved round by round, so slow drifts of the machine's
-//! load hit every row alike.
+//! load hit every row alike. With two CPUs or more the driver (the guest's
+//! vCPU) is pinned to CPU 0, the event loops and the plain side to CPU 1
+//! (`--no-pin` leaves placement to the scheduler).
 //!
 //! Run with `cargo run --release -p bench --bin vfio-user-blk-bench`;
 //! `--help` lists the options. Output is markdown.
