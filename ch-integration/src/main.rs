@@ -107,6 +107,10 @@ fn run(args: &[String]) -> Result<(), String> {
             .map_err(|e| format!("cannot restore from {}: {e}", path.display()))?;
         info!("restored device state from {}", path.display());
     }
+    // A client that truncates its guest memory gets dropped instead of
+    // killing the daemon with SIGBUS.
+    vfio_user_server::sigbus::install()
+        .map_err(|e| format!("cannot install the SIGBUS handler: {e}"))?;
     let mut event_loop = EventLoop::new().map_err(|e| format!("cannot create event loop: {e}"))?;
     event_loop.set_busy_poll(std::time::Duration::from_micros(opts.busy_poll_us.into()));
     event_loop

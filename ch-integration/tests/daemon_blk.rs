@@ -253,6 +253,34 @@ fn disconnect_in_flight_then_reconnect_is_consistent_with(extra: &[&str]) {
     }
 }
 
+/// A client that truncates its guest memory (the memfd) under the device:
+/// the daemon drops it, instead of dying of SIGBUS, and serves the next.
+#[test]
+fn a_client_that_truncates_guest_memory_is_dropped() {
+    let (mut daemon, img) = daemon_with_image(&[]);
+    {
+        let mut drv = VirtioDriver::connect_raw(&daemon.socket);
+        drv.init(BLK_WANT, 128);
+        for i in 0..8u64 {
+            drv.blk_submit(0, VIRTIO_BLK_T_OUT, 8 * i, &[0xcd; 4096], 0);
+        }
+        // The rings and buffers are gone before the device looks at them;
+        // from here on this driver must not touch guest memory either.
+        drv.ram.file.set_len(0).unwrap();
+        drv.kick(0);
+        drv.raw().expect_eof();
+    }
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "the daemon died"
+    );
+    let mut drv = VirtioDriver::connect(&daemon.socket);
+    drv.init(BLK_WANT, 128);
+    let (st, data) = drv.blk_request(0, VIRTIO_BLK_T_IN, 64, &[], 4096);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    assert_eq!(data, read_image(&img, 64 * 512, 4096));
+}
+
 #[test]
 fn in_memory_default_disk() {
     let daemon = Daemon::start(&[]);

@@ -19,6 +19,7 @@ use vm_memory::{
     GuestMemoryRegion, GuestRegionMmap,
 };
 
+use crate::sigbus;
 use crate::wire::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 
 /// Guest memory as devices see it.
@@ -97,6 +98,8 @@ pub struct DmaRange {
 /// The table of DMA maps of the attached client.
 pub struct DmaTable {
     maps: BTreeMap<u64, DmaRange>,
+    /// The SIGBUS registrations of the mapped ranges, by address.
+    guards: BTreeMap<u64, sigbus::GuestMapping>,
     memory: GuestMemoryHandle,
     limits: DmaLimits,
     mapped_bytes: u64,
@@ -107,6 +110,7 @@ impl DmaTable {
     pub fn new(memory: GuestMemoryHandle, limits: DmaLimits) -> Self {
         DmaTable {
             maps: BTreeMap::new(),
+            guards: BTreeMap::new(),
             memory,
             limits,
             mapped_bytes: 0,
@@ -174,6 +178,9 @@ impl DmaTable {
                 return Err(DmaError::Limit);
             }
             let region = map_file(file, offset, address, size, flags)?;
+            if let Some(guard) = sigbus::register(region.as_ptr(), region.len() as usize) {
+                self.guards.insert(address, guard);
+            }
             let new = self
                 .memory
                 .memory()
@@ -209,14 +216,26 @@ impl DmaTable {
             .ok_or(DmaError::NotFound(address, size))?;
         if r.mapped {
             self.remove_region(address, size);
+            self.guards.remove(&address);
             self.mapped_bytes -= size;
         }
         Ok(r)
     }
 
+    /// The address of a map whose pages the client took away (truncated
+    /// its file) and the device touched since the last call; see
+    /// [`sigbus`].
+    pub fn take_fault(&self) -> Option<u64> {
+        self.guards
+            .iter()
+            .find(|(_, g)| g.take_fault())
+            .map(|(address, _)| *address)
+    }
+
     /// Removes every map (UNMAP_ALL and disconnect).
     pub fn unmap_all(&mut self) {
         self.maps.clear();
+        self.guards.clear();
         self.mapped_bytes = 0;
         if let Ok(guard) = self.memory.lock() {
             guard.replace(GuestMemory::new());

@@ -289,6 +289,7 @@ impl EventLoop {
             deferred_left = false;
             for s in self.servers.iter_mut() {
                 deferred_left |= s.run_deferred();
+                s.check_guest_memory();
             }
             self.update_registrations();
         }

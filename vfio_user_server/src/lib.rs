@@ -20,6 +20,7 @@ pub mod migration;
 pub mod msgdma;
 pub mod pci;
 pub mod server;
+pub mod sigbus;
 pub mod socket;
 pub mod wire;
 

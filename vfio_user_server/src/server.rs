@@ -225,6 +225,8 @@ pub struct Server {
     /// can receive interrupts.
     resume_on_irqs: bool,
     message_dma: MessageDma,
+    /// `sigbus::faults()` when guest memory was last checked.
+    faults_seen: u64,
 }
 
 impl Server {
@@ -304,6 +306,7 @@ impl Server {
             paused: false,
             resume_on_irqs: false,
             message_dma: ctx.message_dma,
+            faults_seen: crate::sigbus::faults(),
         })
     }
 
@@ -409,6 +412,25 @@ impl Server {
         if let Some(index) = self.irqs.unmask_signalled() {
             self.device.irq_mask_changed(index, 0, 1, false);
         }
+    }
+
+    /// Drops the client if the device touched guest memory that the client
+    /// took away by truncating its file (the device read zeros there: see
+    /// [`crate::sigbus`], whose handler must be installed). Cheap when
+    /// nothing happened; the event loop calls it after every burst.
+    /// Returns whether the client was dropped.
+    pub fn check_guest_memory(&mut self) -> bool {
+        let faults = crate::sigbus::faults();
+        if faults == self.faults_seen {
+            return false;
+        }
+        self.faults_seen = faults;
+        let Some(address) = self.dma.take_fault() else {
+            return false;
+        };
+        warn!("the client truncated the guest memory mapped at {address:#x}: dropping it");
+        self.disconnect();
+        true
     }
 
     /// A device fd is readable.
