@@ -257,18 +257,43 @@ fn disconnect_in_flight_then_reconnect_is_consistent_with(extra: &[&str]) {
 /// the daemon drops it, instead of dying of SIGBUS, and serves the next.
 #[test]
 fn a_client_that_truncates_guest_memory_is_dropped() {
-    let (mut daemon, img) = daemon_with_image(&[]);
+    a_client_that_truncates_guest_memory_is_dropped_with(&[], false);
+}
+
+/// [`a_client_that_truncates_guest_memory_is_dropped`] with I/O threads, the
+/// rings left in place and the request buffers cut off.
+#[test]
+fn a_client_that_truncates_request_buffers_is_dropped_on_io_threads() {
+    a_client_that_truncates_guest_memory_is_dropped_with(&["--io-threads", "2"], true);
+}
+
+fn a_client_that_truncates_guest_memory_is_dropped_with(extra: &[&str], keep_rings: bool) {
+    let (mut daemon, img) = daemon_with_image(extra);
     {
         let mut drv = VirtioDriver::connect_raw(&daemon.socket);
         drv.init(BLK_WANT, 128);
+        // Everything allocated from here on (the requests) lies above `cut`.
+        let cut = if keep_rings {
+            drv.ram.alloc(4096, 4096) - GUEST_BASE
+        } else {
+            0
+        };
         for i in 0..8u64 {
-            drv.blk_submit(0, VIRTIO_BLK_T_OUT, 8 * i, &[0xcd; 4096], 0);
+            if i % 2 == 0 {
+                drv.blk_submit(0, VIRTIO_BLK_T_IN, 8 * i, &[], 4096);
+            } else {
+                drv.blk_submit(0, VIRTIO_BLK_T_OUT, 8 * i, &[0xcd; 4096], 0);
+            }
         }
-        // The rings and buffers are gone before the device looks at them;
-        // from here on this driver must not touch guest memory either.
-        drv.ram.file.set_len(0).unwrap();
-        drv.kick(0);
-        drv.raw().expect_eof();
+        // Gone before the device looks at them; from here on this driver
+        // must not touch guest memory either. The device may find the
+        // requests before the doorbell (it polls the ring until it sees it
+        // idle), so the doorbell's reply may or may not come first.
+        drv.ram.file.set_len(cut).unwrap();
+        let (bar, off) = drv.notify_register(0);
+        let doorbell = payload::region_access(bar, off, 2, &0u16.to_le_bytes());
+        drv.raw().send(proto::cmd::REGION_WRITE, 0, &doorbell, &[]);
+        drv.raw().expect_closed();
     }
     assert!(
         daemon.child.try_wait().unwrap().is_none(),

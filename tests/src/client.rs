@@ -503,6 +503,22 @@ impl RawClient {
         }
     }
 
+    /// Reads (and drops) whatever the server still sends until it closes
+    /// the connection (EOF or reset) within the receive timeout.
+    #[track_caller]
+    pub fn expect_closed(&mut self) {
+        let mut b = [0u8; 4096];
+        loop {
+            let mut fds = Vec::new();
+            match recvmsg_fds(self.fd(), &mut b, &mut fds) {
+                Ok(0) => return,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return,
+                Err(e) => panic!("expected the connection to close, got {e}"),
+            }
+        }
+    }
+
     // ---- per-command helpers ----
 
     /// VERSION with the given payload.

@@ -716,10 +716,16 @@ impl<T: Transport> VirtioDriver<T> {
 
     /// Notifies queue `q` (a BAR write, as the guest's doorbell).
     pub fn kick(&mut self, q: usize) {
-        let off = self.notify.offset + self.queues[q].notify_off as u64 * self.notify_mult as u64;
-        let bar = self.notify.bar;
+        let (bar, off) = self.notify_register(q);
         self.client
             .write_region(bar, off, &(q as u16).to_le_bytes());
+    }
+
+    /// Region index and offset of queue `q`'s notify register (what
+    /// [`VirtioDriver::kick`] writes `q` to).
+    pub fn notify_register(&self, q: usize) -> (u32, u64) {
+        let off = self.notify.offset + self.queues[q].notify_off as u64 * self.notify_mult as u64;
+        (self.notify.bar, off)
     }
 
     /// Whether queue `q` needs a doorbell for the buffers added since

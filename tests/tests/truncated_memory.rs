@@ -42,4 +42,25 @@ fn a_client_that_truncates_guest_memory_is_dropped_and_the_server_lives() {
         dma_pattern(8)
     );
     c.ping();
+
+    // Every fd-backed map is protected: once the process-wide table of
+    // protected ranges is full, DMA_MAP is refused (ENOSPC) rather than
+    // served unprotected. Unmapping frees the ranges again.
+    let page = memfd("small", 4096);
+    let mut mapped = Vec::new();
+    let refused = loop {
+        let address = 0x1_0000_0000 + mapped.len() as u64 * 0x1000;
+        let r = c.dma_map(0, address, 0x1000, Some(page.as_raw_fd()));
+        if r.is_error() {
+            break r.err();
+        }
+        mapped.push(address);
+        assert!(mapped.len() <= vfio_user_server::sigbus::MAX_GUEST_MAPPINGS);
+    };
+    assert_eq!(refused, libc::ENOSPC);
+    assert!(mapped.len() >= vfio_user_server::sigbus::MAX_GUEST_MAPPINGS - 16);
+    let last = mapped.pop().unwrap();
+    c.dma_unmap(0, last, 0x1000).ok();
+    c.dma_map(0, last, 0x1000, Some(page.as_raw_fd())).ok();
+    c.ping();
 }

@@ -100,6 +100,8 @@ pub struct DmaTable {
     maps: BTreeMap<u64, DmaRange>,
     /// The SIGBUS registrations of the mapped ranges, by address.
     guards: BTreeMap<u64, sigbus::GuestMapping>,
+    /// A range unmapped after the device hit a hole in it.
+    unmapped_fault: Option<u64>,
     memory: GuestMemoryHandle,
     limits: DmaLimits,
     mapped_bytes: u64,
@@ -111,6 +113,7 @@ impl DmaTable {
         DmaTable {
             maps: BTreeMap::new(),
             guards: BTreeMap::new(),
+            unmapped_fault: None,
             memory,
             limits,
             mapped_bytes: 0,
@@ -177,19 +180,23 @@ impl DmaTable {
             if self.mapped_bytes.saturating_add(size) > self.limits.max_total_bytes {
                 return Err(DmaError::Limit);
             }
-            let region = map_file(file, offset, address, size, flags)?;
-            if let Some(guard) = sigbus::register(region.as_ptr(), region.len() as usize) {
-                self.guards.insert(address, guard);
-            }
+            let region = Arc::new(map_file(file, offset, address, size, flags)?);
+            // `region` outlives `guard` on every path below: a registered
+            // range must never be unmapped.
+            let guard = sigbus::register(region.as_ptr(), region.len() as usize)
+                .map_err(|_| DmaError::Limit)?;
             let new = self
                 .memory
                 .memory()
-                .insert_region(Arc::new(region))
+                .insert_region(region.clone())
                 .map_err(|e| DmaError::Mmap(e.to_string()))?;
             self.memory
                 .lock()
                 .map_err(|_| DmaError::Invalid)?
                 .replace(new);
+            if let Some(guard) = guard {
+                self.guards.insert(address, guard);
+            }
             self.mapped_bytes += size;
         }
         self.maps.insert(
@@ -215,8 +222,14 @@ impl DmaTable {
             .remove(&address)
             .ok_or(DmaError::NotFound(address, size))?;
         if r.mapped {
+            // Unregistered before it can be unmapped; a fault taken while
+            // the device finished with it still counts.
+            if let Some(guard) = self.guards.remove(&address) {
+                if guard.take_fault() {
+                    self.unmapped_fault.get_or_insert(address);
+                }
+            }
             self.remove_region(address, size);
-            self.guards.remove(&address);
             self.mapped_bytes -= size;
         }
         Ok(r)
@@ -225,17 +238,20 @@ impl DmaTable {
     /// The address of a map whose pages the client took away (truncated
     /// its file) and the device touched since the last call; see
     /// [`sigbus`].
-    pub fn take_fault(&self) -> Option<u64> {
-        self.guards
-            .iter()
-            .find(|(_, g)| g.take_fault())
-            .map(|(address, _)| *address)
+    pub fn take_fault(&mut self) -> Option<u64> {
+        self.unmapped_fault.take().or_else(|| {
+            self.guards
+                .iter()
+                .find(|(_, g)| g.take_fault())
+                .map(|(address, _)| *address)
+        })
     }
 
     /// Removes every map (UNMAP_ALL and disconnect).
     pub fn unmap_all(&mut self) {
         self.maps.clear();
         self.guards.clear();
+        self.unmapped_fault = None;
         self.mapped_bytes = 0;
         if let Ok(guard) = self.memory.lock() {
             guard.replace(GuestMemory::new());

@@ -5,20 +5,25 @@
 //! device's next access to them raises SIGBUS, which would kill the whole
 //! server with every device it serves. With the handler installed
 //! ([`install`]), a SIGBUS inside a mapping registered with [`register`]
-//! is answered by mapping a private zero page over the faulting page: the
-//! access goes on (reads see zeros, writes reach nobody), and the mapping
-//! is flagged ([`GuestMapping::take_fault`]), so that the server can drop
-//! the client. A SIGBUS anywhere else goes to the handler that was there
+//! is answered by mapping private zero memory over the whole mapping (not
+//! just the page: huge pages cannot be split, and one replacement keeps a
+//! hostile request from splitting the mapping into thousands of pieces):
+//! the access goes on (reads see zeros, writes reach nobody), and the
+//! mapping is flagged ([`GuestMapping::take_fault`]), so that the server
+//! can drop the client. A SIGBUS anywhere else, or one sent by a process
+//! rather than raised by a fault, goes to the handler that was there
 //! before (Rust's stack-overflow handler), or kills the process as usual.
 //!
 //! The kernel's own accesses (`pread` into guest memory, say) fail with
 //! `EFAULT` instead and need none of this.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Once, OnceLock};
 
-/// Mappings that can be registered at once; the rest stay unprotected.
+/// Mappings that can be registered at once in the process; once the
+/// handler is installed, [`register`] refuses more (the server answers
+/// DMA_MAP with ENOSPC), so that no mapping goes unprotected.
 pub const MAX_GUEST_MAPPINGS: usize = 4096;
 
 /// `start` of a slot being filled in.
@@ -42,8 +47,11 @@ const FREE: Slot = Slot {
 static SLOTS: [Slot; MAX_GUEST_MAPPINGS] = [FREE; MAX_GUEST_MAPPINGS];
 /// Faults handled so far, in every mapping.
 static FAULTS: AtomicU64 = AtomicU64::new(0);
-static PAGE_SIZE: AtomicUsize = AtomicUsize::new(4096);
 static INSTALL: Once = Once::new();
+/// Whether the handler is installed.
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+/// The errno of a failed installation.
+static INSTALL_ERROR: AtomicI32 = AtomicI32::new(0);
 /// The SIGBUS action before ours.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
@@ -68,12 +76,18 @@ impl Drop for GuestMapping {
     }
 }
 
-/// Registers the mapping `[start, start + len)` of guest memory; `None` if
-/// every slot is taken (the mapping is then not protected).
-pub fn register(start: *const u8, len: usize) -> Option<GuestMapping> {
+/// Every slot is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("more than {MAX_GUEST_MAPPINGS} guest mappings")]
+pub struct TooManyMappings;
+
+/// Registers the mapping `[start, start + len)` of guest memory. `None`
+/// if the handler is not installed (nothing would use the registration);
+/// an error if every slot is taken.
+pub fn register(start: *const u8, len: usize) -> Result<Option<GuestMapping>, TooManyMappings> {
     let start = start as usize;
-    if start == 0 || start == FILLING || len == 0 {
-        return None;
+    if !INSTALLED.load(Ordering::Acquire) || start == 0 || start == FILLING || len == 0 {
+        return Ok(None);
     }
     for (i, slot) in SLOTS.iter().enumerate() {
         if slot
@@ -84,10 +98,10 @@ pub fn register(start: *const u8, len: usize) -> Option<GuestMapping> {
             slot.len.store(len, Ordering::Relaxed);
             slot.faulted.store(false, Ordering::Relaxed);
             slot.start.store(start, Ordering::Release);
-            return Some(GuestMapping { slot: i });
+            return Ok(Some(GuestMapping { slot: i }));
         }
     }
-    None
+    Err(TooManyMappings)
 }
 
 /// Number of faults handled so far in all mappings: cheap to poll, it
@@ -96,21 +110,22 @@ pub fn faults() -> u64 {
     FAULTS.load(Ordering::Acquire)
 }
 
-/// Installs the SIGBUS handler (once per process; later calls do nothing).
+/// Installs the SIGBUS handler, once per process; later calls return what
+/// the first one did. Mappings registered before are not protected.
 pub fn install() -> io::Result<()> {
-    let mut result = Ok(());
-    INSTALL.call_once(|| result = install_handler());
-    result
+    INSTALL.call_once(|| match install_handler() {
+        Ok(()) => INSTALLED.store(true, Ordering::Release),
+        Err(e) => INSTALL_ERROR.store(e.raw_os_error().unwrap_or(libc::EINVAL), Ordering::Release),
+    });
+    match INSTALLED.load(Ordering::Acquire) {
+        true => Ok(()),
+        false => Err(io::Error::from_raw_os_error(
+            INSTALL_ERROR.load(Ordering::Acquire),
+        )),
+    }
 }
 
 fn install_handler() -> io::Result<()> {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if let Ok(page) = usize::try_from(page) {
-        if page.is_power_of_two() {
-            PAGE_SIZE.store(page, Ordering::Relaxed);
-        }
-    }
     // SAFETY: a zeroed sigaction is a valid value to fill in; the handler
     // has the SA_SIGINFO signature, and sigaction only reads `action` and
     // writes `previous`.
@@ -130,8 +145,8 @@ fn install_handler() -> io::Result<()> {
     Ok(())
 }
 
-/// Maps a zero page over the page of `addr` if it lies in a registered
-/// mapping; whether it did. Async-signal-safe: atomics and one mmap.
+/// Maps zero memory over the registered mapping that holds `addr`, if
+/// any; whether it did. Async-signal-safe: atomics and one mmap.
 fn patch(addr: usize) -> bool {
     for slot in SLOTS.iter() {
         let start = slot.start.load(Ordering::Acquire);
@@ -142,17 +157,17 @@ fn patch(addr: usize) -> bool {
         if addr - start >= len || slot.start.load(Ordering::Acquire) != start {
             continue;
         }
-        let page = addr & !(PAGE_SIZE.load(Ordering::Relaxed) - 1);
-        // SAFETY: the page lies in a guest mapping the server owns (a
-        // registered mapping is only unregistered before it is unmapped);
-        // replacing it with anonymous memory keeps it mapped and writable
-        // for whoever accesses it.
+        // SAFETY: the range is a guest mapping the server owns (a mapping
+        // is unregistered before it is unmapped); replacing it with
+        // anonymous memory keeps it mapped and writable for whoever
+        // accesses it. Its start and length are those of the original
+        // mapping, so they suit huge pages too.
         let p = unsafe {
             libc::mmap(
-                page as *mut libc::c_void,
-                PAGE_SIZE.load(Ordering::Relaxed),
+                start as *mut libc::c_void,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
                 -1,
                 0,
             )
@@ -169,10 +184,16 @@ fn patch(addr: usize) -> bool {
 
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler;
-    // for SIGBUS, si_addr is the faulting address.
-    let addr = unsafe { (*info).si_addr() } as usize;
-    if patch(addr) {
-        return;
+    // for a SIGBUS raised by a fault (si_code > 0) si_addr is the faulting
+    // address. errno is saved around our syscall, as the interrupted code
+    // may be using it.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let handled = (*info).si_code > 0 && patch((*info).si_addr() as usize);
+        *libc::__errno_location() = errno;
+        if handled {
+            return;
+        }
     }
     match PREVIOUS.get() {
         Some(previous)
@@ -213,7 +234,7 @@ mod tests {
     #[test]
     fn a_truncated_mapping_reads_zeros_and_is_flagged() {
         install().unwrap();
-        let page = PAGE_SIZE.load(Ordering::Relaxed);
+        let page = 4096;
         // SAFETY: memfd_create with a valid name; the fd is owned below.
         let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
         assert!(fd >= 0);
@@ -235,16 +256,17 @@ mod tests {
         let p = p.cast::<u8>();
         // SAFETY: inside the mapping, file still full length.
         unsafe { p.write_volatile(7) };
-        let mapping = register(p, 2 * page).unwrap();
+        let mapping = register(p, 2 * page).unwrap().unwrap();
         let before = faults();
         file.set_len(0).unwrap();
         // SAFETY: inside the mapping; the page is gone from the file, so
-        // this raises SIGBUS, which the handler answers.
+        // this raises SIGBUS, which the handler answers by replacing the
+        // whole mapping.
         let (a, b) = unsafe { (p.read_volatile(), p.add(page).read_volatile()) };
         assert_eq!((a, b), (0, 0));
-        // SAFETY: as above, now a private zero page.
+        // SAFETY: as above, now private zero memory.
         unsafe { p.add(page + 1).write_volatile(9) };
-        assert!(faults() >= before + 2);
+        assert_eq!(faults(), before + 1);
         assert!(mapping.take_fault());
         assert!(!mapping.take_fault());
         drop(mapping);
@@ -254,13 +276,14 @@ mod tests {
 
     #[test]
     fn slots_are_reused() {
+        install().unwrap();
         let x = [0u8; 16];
-        let a = register(x.as_ptr(), 16).unwrap();
+        let a = register(x.as_ptr(), 16).unwrap().unwrap();
         let slot = a.slot;
         drop(a);
-        let b = register(x.as_ptr(), 16).unwrap();
+        let b = register(x.as_ptr(), 16).unwrap().unwrap();
         assert!(b.slot <= slot);
-        assert!(register(std::ptr::null(), 16).is_none());
-        assert!(register(x.as_ptr(), 0).is_none());
+        assert!(register(std::ptr::null(), 16).unwrap().is_none());
+        assert!(register(x.as_ptr(), 0).unwrap().is_none());
     }
 }
