@@ -923,6 +923,21 @@ fn server_seeds() -> BTreeMap<String, Vec<u8>> {
     s.input.reconnect();
     add("test_dma_doorbell", &s);
 
+    // A client that truncates its guest RAM under the device: the DMA hits
+    // the hole, the server drops the client (SIGBUS guard); the next
+    // client, with the RAM back, is served.
+    let mut s = Seed::new(DEV_TEST);
+    s.qemu_start();
+    s.bar0(td::REG_DMA_ADDR, &(G + 0x200).to_le_bytes());
+    s.bar0(td::REG_DMA_LEN, &64u32.to_le_bytes());
+    s.input.truncate_guest(0);
+    s.bar0(td::REG_DOORBELL, &[td::OP_WRITE, 0, 0, 0]);
+    s.input.truncate_guest(0);
+    s.qemu_start();
+    s.bar0(td::REG_DMA_ADDR, &(G + 0x200).to_le_bytes());
+    s.bar0(td::REG_DOORBELL, &[td::OP_WRITE, 0, 0, 0]);
+    add("test_truncated_guest_ram", &s);
+
     // Message DMA: fd-less maps reached through server DMA_READ/DMA_WRITE
     // requests, in QEMU's layout (minor 0) and the spec's (minor 1).
     for (minor, json, name) in [(0, QEMU_JSON, "qemu"), (1, CH_JSON, "spec")] {

@@ -63,7 +63,8 @@ pub const DEV_PCIE: u8 = 2;
 pub const OP_MSG: u8 = 0;
 /// Raw bytes.
 pub const OP_RAW: u8 = 1;
-/// Write guest RAM (the client's memfd).
+/// Write guest RAM (the client's memfd); with no bytes, truncate the memfd
+/// to the offset (whole pages), or give it its size back if it was.
 pub const OP_GUEST: u8 = 2;
 /// Disconnect and attach a new client.
 pub const OP_RECONNECT: u8 = 3;
@@ -197,6 +198,12 @@ impl Input {
         self
     }
 
+    /// Appends a truncation of guest RAM to `len` bytes (whole pages), or
+    /// the restoring of its size if it is truncated.
+    pub fn truncate_guest(&mut self, len: u16) -> &mut Self {
+        self.guest(len, &[])
+    }
+
     /// Appends a reconnect.
     pub fn reconnect(&mut self) -> &mut Self {
         self.0.u8(OP_RECONNECT);
@@ -298,6 +305,9 @@ pub struct Harness {
 impl Harness {
     /// A server for device `kind` with a client attached.
     pub fn new(kind: u8) -> Harness {
+        // As the daemon does: a client that truncates its guest memory is
+        // dropped instead of killing the process.
+        vfio_user_server::sigbus::install().unwrap();
         let ctx = DeviceContext::default();
         let device = build_device(kind, &ctx);
         let config = ServerConfig::default();
@@ -428,6 +438,9 @@ impl Harness {
                     break;
                 }
             }
+            // As the event loop does after each burst: drop a client that
+            // truncated the guest memory the device touched.
+            self.server.check_guest_memory();
             // The event loop watches the INTx unmask eventfd: a signal (the
             // server's own trigger writes, when the client passed the same
             // eventfd for both) unmasks.
@@ -521,6 +534,16 @@ impl Harness {
     }
 
     fn write_guest(&mut self, offset: u16, bytes: &[u8]) {
+        if bytes.is_empty() {
+            let len = self.ram.metadata().map_or(0, |m| m.len());
+            let new = if len < GUEST_RAM_SIZE {
+                GUEST_RAM_SIZE
+            } else {
+                (u64::from(offset) % GUEST_RAM_SIZE) & !0xfff
+            };
+            self.ram.set_len(new).unwrap();
+            return;
+        }
         let off = u64::from(offset) % GUEST_RAM_SIZE;
         let n = bytes.len().min((GUEST_RAM_SIZE - off) as usize);
         self.ram.write_all_at(&bytes[..n], off).unwrap();
