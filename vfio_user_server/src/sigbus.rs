@@ -35,6 +35,9 @@ struct Slot {
     len: AtomicUsize,
     /// A fault was handled in it.
     faulted: AtomicBool,
+    /// Handlers looking at the slot: unregistering waits for them, so that
+    /// none can act on a mapping once its registration is dropped.
+    users: AtomicUsize,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -42,6 +45,7 @@ const FREE: Slot = Slot {
     start: AtomicUsize::new(0),
     len: AtomicUsize::new(0),
     faulted: AtomicBool::new(false),
+    users: AtomicUsize::new(0),
 };
 
 static SLOTS: [Slot; MAX_GUEST_MAPPINGS] = [FREE; MAX_GUEST_MAPPINGS];
@@ -71,6 +75,12 @@ impl GuestMapping {
 impl Drop for GuestMapping {
     fn drop(&mut self) {
         let slot = &SLOTS[self.slot];
+        // A handler that counted itself in before this store may still be
+        // using the old range; one that counts itself in after sees 0.
+        slot.start.store(FILLING, Ordering::SeqCst);
+        while slot.users.load(Ordering::SeqCst) != 0 {
+            std::hint::spin_loop();
+        }
         slot.faulted.store(false, Ordering::Relaxed);
         slot.start.store(0, Ordering::Release);
     }
@@ -149,37 +159,53 @@ fn install_handler() -> io::Result<()> {
 /// any; whether it did. Async-signal-safe: atomics and one mmap.
 fn patch(addr: usize) -> bool {
     for slot in SLOTS.iter() {
-        let start = slot.start.load(Ordering::Acquire);
+        let start = slot.start.load(Ordering::Relaxed);
         if start == 0 || start == FILLING || addr < start {
             continue;
         }
-        let len = slot.len.load(Ordering::Relaxed);
-        if addr - start >= len || slot.start.load(Ordering::Acquire) != start {
-            continue;
+        // Counted in, the slot cannot be unregistered (nor its mapping
+        // unmapped) until we are done: look again.
+        slot.users.fetch_add(1, Ordering::SeqCst);
+        let patched = patch_slot(slot, addr);
+        slot.users.fetch_sub(1, Ordering::SeqCst);
+        if patched {
+            return true;
         }
-        // SAFETY: the range is a guest mapping the server owns (a mapping
-        // is unregistered before it is unmapped); replacing it with
-        // anonymous memory keeps it mapped and writable for whoever
-        // accesses it. Its start and length are those of the original
-        // mapping, so they suit huge pages too.
-        let p = unsafe {
-            libc::mmap(
-                start as *mut libc::c_void,
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return false;
-        }
-        slot.faulted.store(true, Ordering::Release);
-        FAULTS.fetch_add(1, Ordering::AcqRel);
-        return true;
     }
     false
+}
+
+/// [`patch`] for one slot the caller counted itself into.
+fn patch_slot(slot: &Slot, addr: usize) -> bool {
+    let start = slot.start.load(Ordering::SeqCst);
+    if start == 0 || start == FILLING || addr < start {
+        return false;
+    }
+    let len = slot.len.load(Ordering::SeqCst);
+    if addr - start >= len {
+        return false;
+    }
+    // SAFETY: the range is a guest mapping the server owns: it stays
+    // mapped while we are counted into its slot (a mapping is unregistered
+    // before it is unmapped). Replacing it with anonymous memory keeps it
+    // mapped and writable for whoever accesses it. Its start and length
+    // are those of the original mapping, so they suit huge pages too.
+    let p = unsafe {
+        libc::mmap(
+            start as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return false;
+    }
+    slot.faulted.store(true, Ordering::Release);
+    FAULTS.fetch_add(1, Ordering::AcqRel);
+    true
 }
 
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
