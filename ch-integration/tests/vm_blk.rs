@@ -105,58 +105,64 @@ fn stop_daemon(daemon: &mut Daemon) {
     assert!(!daemon.socket.exists(), "socket left behind after SIGTERM");
 }
 
-#[test]
-fn vm_blk_read_write() {
+/// Boots a guest that reads and writes through a daemon started on a fresh
+/// image with `extra` options, on the blk test spec changed by `spec`;
+/// checks the bytes from both sides, then runs `check` on the guest's
+/// results and the daemon before the usual daemon checks.
+fn read_write_run(
+    extra: &[&str],
+    spec: impl FnOnce(VmSpec) -> VmSpec,
+    check: impl FnOnce(&vm::VmRun, &mut Daemon),
+) {
     let Some(env) = vm::env() else { return };
     let (dir, img, original) = image(IMAGE_SIZE);
-    let mut daemon = Daemon::start(
-        dir.as_path(),
-        &["--disk", path_str(&img), "--queue-size", "128"],
-    );
-
-    let run = Vm::start(&env, blk_spec(&daemon.socket)).finish();
+    let mut args = vec!["--disk", path_str(&img)];
+    args.extend_from_slice(extra);
+    let mut daemon = Daemon::start(dir.as_path(), &args);
+    let run = Vm::start(&env, spec(blk_spec(&daemon.socket))).finish();
     check_blk_run(&run, &original, &img);
-    // The guest's blk-mq queue has one tag per descriptor of our queue
-    // (indirect descriptors offered); one vCPU, so one hardware queue.
-    run.expect("queue_depth", "128");
-    run.expect("nr_hw_queues", "1");
-    // MSI-X: a vector for the configuration and one for the queue.
-    run.expect("msi_vectors", "2");
-    run.expect("intx_interrupts", "0");
-    assert_eq!(daemon.log_count("client attached"), 1);
+    check(&run, &mut daemon);
     check_daemon_after(&mut daemon);
     stop_daemon(&mut daemon);
+}
+
+#[test]
+fn vm_blk_read_write() {
+    read_write_run(
+        &["--queue-size", "128"],
+        |spec| spec,
+        |run, daemon| {
+            // The guest's blk-mq queue has one tag per descriptor of our queue
+            // (indirect descriptors offered); one vCPU, so one hardware queue.
+            run.expect("queue_depth", "128");
+            run.expect("nr_hw_queues", "1");
+            // MSI-X: a vector for the configuration and one for the queue.
+            run.expect("msi_vectors", "2");
+            run.expect("intx_interrupts", "0");
+            assert_eq!(daemon.log_count("client attached"), 1);
+        },
+    );
 }
 
 /// The guest's I/O on a daemon that runs requests on I/O threads.
 #[test]
 fn vm_blk_read_write_on_io_threads() {
-    let Some(env) = vm::env() else { return };
-    let (dir, img, original) = image(IMAGE_SIZE);
-    let mut daemon = Daemon::start(
-        dir.as_path(),
-        &["--disk", path_str(&img), "--io-threads", "2"],
-    );
-    let run = Vm::start(&env, blk_spec(&daemon.socket)).finish();
-    check_blk_run(&run, &original, &img);
-    check_daemon_after(&mut daemon);
-    stop_daemon(&mut daemon);
+    read_write_run(&["--io-threads", "2"], |spec| spec, |_, _| {});
 }
 
 /// A guest without MSI (`pci=nomsi`): the virtio driver falls back to
 /// INTx, which the daemon raises (automasked) and QEMU unmasks on EOI.
 #[test]
 fn vm_blk_read_write_on_intx() {
-    let Some(env) = vm::env() else { return };
-    let (dir, img, original) = image(IMAGE_SIZE);
-    let mut daemon = Daemon::start(dir.as_path(), &["--disk", path_str(&img)]);
-    let run = Vm::start(&env, blk_spec(&daemon.socket).kernel_param("pci=nomsi")).finish();
-    check_blk_run(&run, &original, &img);
-    run.expect("msi_vectors", "0");
-    let intx: u64 = run.result("intx_interrupts").parse().unwrap_or(0);
-    assert!(intx > 0, "no INTx interrupts in the guest");
-    check_daemon_after(&mut daemon);
-    stop_daemon(&mut daemon);
+    read_write_run(
+        &[],
+        |spec| spec.kernel_param("pci=nomsi"),
+        |run, _| {
+            run.expect("msi_vectors", "0");
+            let intx: u64 = run.result("intx_interrupts").parse().unwrap_or(0);
+            assert!(intx > 0, "no INTx interrupts in the guest");
+        },
+    );
 }
 
 #[test]
