@@ -487,21 +487,24 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
 
     /// Completes the requests the device has in flight.
     fn quiesce(&mut self) {
+        self.complete_in_flight(|device, queues, mem| device.quiesce(queues, mem));
+    }
+
+    /// Lets the device complete requests it has in flight (`complete`
+    /// returns the queues that got used entries); then interrupts for them
+    /// and looks at their rings again (the device may have left buffers
+    /// there while it was full).
+    fn complete_in_flight<F>(&mut self, complete: F)
+    where
+        F: FnOnce(&mut D, &mut [Queue], &GuestMemory) -> Vec<usize>,
+    {
         if !self.active || self.paused {
             return;
         }
         let memory = self.memory.clone();
         let guard = memory.memory();
         let mem: &GuestMemory = &guard;
-        let used = self.device.quiesce(&mut self.queues, mem);
-        self.completed(used, mem);
-    }
-
-    /// The device completed requests it had in flight on the queues
-    /// `used`: interrupt for them, and look at their rings again (the
-    /// device may have left buffers there while it was full).
-    fn completed(&mut self, used: Vec<usize>, mem: &GuestMemory) {
-        for index in used {
+        for index in complete(&mut self.device, &mut self.queues, mem) {
             self.signal_used(index, mem);
             self.kick(index);
         }
@@ -1042,14 +1045,7 @@ impl<D: VirtioDevice + 'static> PciDevice for VirtioPciDevice<D> {
     }
 
     fn handle_event(&mut self, fd: RawFd) {
-        if !self.active || self.paused {
-            return;
-        }
-        let memory = self.memory.clone();
-        let guard = memory.memory();
-        let mem: &GuestMemory = &guard;
-        let used = self.device.handle_event(fd, &mut self.queues, mem);
-        self.completed(used, mem);
+        self.complete_in_flight(|device, queues, mem| device.handle_event(fd, queues, mem));
     }
 
     fn dma_unmapping(&mut self, _address: u64, _size: u64) {
