@@ -53,7 +53,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use backends::storage::{RawFile, RawFileOptions};
+use backends::storage::{RawFile, RawFileOptions, MAX_IO_THREADS};
 use backends::virtio_blk::{VirtioBlkConfig, VirtioBlkPci};
 use bench::{
     cpu_model, gettid, load_average, online_cpus, pin_to_cpu, task_ids, thread_cpu, threads_cpu,
@@ -646,7 +646,11 @@ fn parse_args() -> BenchResult<Options> {
             "--no-pin" => o.pin = false,
             "--io-threads" => {
                 let v = val()?;
-                o.io_threads = v.parse().ok().filter(|&n| n <= 64).ok_or_else(|| bad(&v))?;
+                o.io_threads = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n <= MAX_IO_THREADS)
+                    .ok_or_else(|| bad(&v))?;
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
