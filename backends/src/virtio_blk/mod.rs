@@ -429,44 +429,43 @@ impl VirtioBlk {
                 Ok(())
             })
         };
-        // Requests that do not start give their vectors back to the pools.
-        let collected = match self.plan(&req) {
-            Plan::Done(status, written) => {
-                self.async_io.spare_bufs.put(bufs);
-                Err(req.finish(status, written))
-            }
-            Plan::Read { offset, len } => match collect(&req.writable, 0, len, true) {
-                Ok(()) => Ok((IoOp::Read { offset, bufs }, len)),
-                Err(e) => {
-                    self.async_io.spare_bufs.put(bufs);
-                    Err(fail_start(&req, head, e))
-                }
-            },
-            Plan::Write { offset, len } => match collect(&req.readable, OUTHDR_SIZE, len, false) {
-                Ok(()) => {
-                    let flush = !self.acked(VIRTIO_BLK_F_FLUSH);
-                    Ok((
-                        IoOp::Write {
-                            offset,
-                            bufs,
-                            flush,
-                        },
-                        0,
-                    ))
-                }
-                Err(e) => {
-                    self.async_io.spare_bufs.put(bufs);
-                    Err(fail_start(&req, head, e))
-                }
-            },
-            Plan::Flush => {
-                self.async_io.spare_bufs.put(bufs);
-                Ok((IoOp::Flush, 0))
-            }
+        // The data to move, if any: (disk offset, length, into the guest).
+        let data = match self.plan(&req) {
+            Plan::Done(status, written) => Err(req.finish(status, written)),
+            Plan::Read { offset, len } => Ok(Some((offset, len, true))),
+            Plan::Write { offset, len } => Ok(Some((offset, len, false))),
+            Plan::Flush => Ok(None),
         };
-        let (op, read_len) = match collected {
-            Ok(started) => started,
+        let data = data.and_then(|data| {
+            let collected = match data {
+                Some((_, len, true)) => collect(&req.writable, 0, len, true),
+                Some((_, len, false)) => collect(&req.readable, OUTHDR_SIZE, len, false),
+                None => Ok(()),
+            };
+            collected
+                .map(|()| data)
+                .map_err(|e| fail_start(&req, head, e))
+        });
+        let (op, read_len) = match data {
+            Ok(Some((offset, len, true))) => (IoOp::Read { offset, bufs }, len),
+            Ok(Some((offset, _, false))) => {
+                let flush = !self.acked(VIRTIO_BLK_F_FLUSH);
+                (
+                    IoOp::Write {
+                        offset,
+                        bufs,
+                        flush,
+                    },
+                    0,
+                )
+            }
+            Ok(None) => {
+                self.async_io.spare_bufs.put(bufs);
+                (IoOp::Flush, 0)
+            }
             Err(len) => {
+                // Not started: the vectors go back to the pools.
+                self.async_io.spare_bufs.put(bufs);
                 read_into.clear();
                 self.async_io.spare_ranges.push(read_into);
                 return Some(len);
