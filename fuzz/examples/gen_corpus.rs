@@ -22,7 +22,7 @@ use vfio_user_fuzz::server_stream::{self, Input, Msg, Size, DEV_BLK, DEV_PCIE, D
 use vfio_user_fuzz::test_device as td;
 use vfio_user_fuzz::Writer;
 use vfio_user_server::device::{Device, DeviceContext};
-use vfio_user_server::migration::encode_stream;
+use vfio_user_server::state_stream::encode_stream;
 use vfio_user_server::wire::*;
 
 const QEMU_JSON: &str = r#"{"capabilities":{"migration":{"pgsize":4096,"max_bitmap_size":268435456},"max_msg_fds":16,"max_data_xfer_size":1048576,"pgsizes":4096,"max_dma_maps":65535,"write_multiple":true}}"#;

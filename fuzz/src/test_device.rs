@@ -23,7 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Barrier};
 
 use vfio_user_server::device::{DeviceContext, RegionMmap, ResetReason};
-use vfio_user_server::migration::{MigratableError, Snapshot};
+use vfio_user_server::vm_migration::{MigratableError, Snapshot};
 use vfio_user_server::pci::{
     BarAllocator, MsiCap, MsixCap, MsixTable, MsixTableState, PciBarConfiguration,
     PciBarPrefetchable, PciBarRegionType, PciConfiguration, PciConfigurationParams,

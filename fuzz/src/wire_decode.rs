@@ -3,7 +3,7 @@
 //! input. Decoders must never panic; what decodes must re-encode to the
 //! bytes it came from.
 
-use vfio_user_server::migration::decode_stream;
+use vfio_user_server::state_stream::decode_stream;
 use vfio_user_server::wire::*;
 
 macro_rules! round_trip {

@@ -9,7 +9,7 @@ use integration_tests::client::{payload, poll_readable};
 use integration_tests::proto::*;
 use integration_tests::*;
 use vfio_user_server::irq::IrqIndexInfo;
-use vfio_user_server::msgdma::MessageDma;
+use vfio_user_server::message_dma::MessageDma;
 use vfio_user_server::{Device, DeviceContext, DeviceError, RegionDescription, ResetReason};
 
 /// Guest address of the fd-less map the device DMAs into.

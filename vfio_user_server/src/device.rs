@@ -10,10 +10,10 @@ use std::os::fd::RawFd;
 
 use thiserror::Error;
 
-use crate::dma::GuestMemoryHandle;
+use crate::guest_memory::GuestMemoryHandle;
 use crate::irq::{IrqIndexInfo, Irqs};
-use crate::migration::{MigratableError, Snapshot};
-use crate::msgdma::MessageDma;
+use crate::vm_migration::{MigratableError, Snapshot};
+use crate::message_dma::MessageDma;
 
 /// Errors a device returns for one access.
 #[derive(Debug, Error)]
@@ -86,7 +86,7 @@ pub struct DeviceContext {
 impl Default for DeviceContext {
     fn default() -> Self {
         DeviceContext {
-            memory: GuestMemoryHandle::new(crate::dma::GuestMemory::new()),
+            memory: GuestMemoryHandle::new(crate::guest_memory::GuestMemory::new()),
             irqs: Irqs::default(),
             message_dma: MessageDma::default(),
         }

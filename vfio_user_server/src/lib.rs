@@ -4,7 +4,7 @@
 //! model: [`wire`] encodes and decodes every message, [`server`] runs the
 //! per-client protocol state machine, [`event_loop`] serves any number of
 //! devices, each on its own socket, from one epoll loop. Guest memory
-//! ([`dma`]) and interrupts ([`irq`]) are kept by the server and handed to
+//! ([`guest_memory`]) and interrupts ([`irq`]) are kept by the server and handed to
 //! devices as bounds-checked handles. [`pci`] exports any device written
 //! against a Cloud-Hypervisor-shaped `PciDevice` trait, and [`compat`] runs
 //! a device written for the published `vfio_user::ServerBackend` trait.
@@ -12,16 +12,17 @@
 
 pub mod compat;
 pub mod device;
-pub mod dma;
 pub mod event_loop;
 pub mod irq;
 mod mig;
-pub mod migration;
-pub mod msgdma;
+pub mod guest_memory;
+pub mod message_dma;
 pub mod pci;
 pub mod server;
 pub mod sigbus;
 pub mod socket;
+pub mod state_stream;
+pub mod vm_migration;
 pub mod wire;
 
 pub use device::{Device, DeviceContext, DeviceError, RegionDescription, RegionMmap, ResetReason};

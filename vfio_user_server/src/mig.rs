@@ -6,7 +6,7 @@
 use log::{debug, info};
 
 use crate::device::Device;
-use crate::dma::{clear_dirty, take_dirty_bitmap, DmaRange, GuestMemory, DIRTY_PAGE_SIZE};
+use crate::guest_memory::{clear_dirty, take_dirty_bitmap, DmaRange, GuestMemory, DIRTY_PAGE_SIZE};
 use crate::irq::Irqs;
 use crate::server::Reply;
 use crate::server::{load_device_state, save_device_state};

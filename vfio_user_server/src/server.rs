@@ -20,12 +20,13 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{Device, DeviceContext, ResetReason};
-use crate::dma::{DmaLimits, DmaTable, DIRTY_PAGE_SIZE};
+use crate::guest_memory::{DmaLimits, DmaTable, DIRTY_PAGE_SIZE};
 use crate::irq::Irqs;
 use crate::irq::IrqsState;
 use crate::mig::{DeviceSide, MigrationState};
-use crate::migration::{decode_stream, encode_stream, MigratableError, Snapshot};
-use crate::msgdma::{
+use crate::state_stream::{decode_stream, encode_stream};
+use crate::vm_migration::{MigratableError, Snapshot};
+use crate::message_dma::{
     decode_reply, encode_request, MessageDma, MessageDmaLayout, MessageDmaOp, MAX_PENDING_REQUESTS,
 };
 use crate::socket::{recv_with_fds, send_with_fds};
@@ -337,7 +338,7 @@ impl Server {
     }
 
     /// The device state as a self-describing stream (see
-    /// [`crate::migration::encode_stream`]); the device must be paused.
+    /// [`crate::state_stream::encode_stream`]); the device must be paused.
     pub fn snapshot(&mut self) -> Result<Vec<u8>, MigratableError> {
         if !self.paused {
             return Err(MigratableError::Snapshot("pause the device first".into()));

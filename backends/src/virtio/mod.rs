@@ -12,7 +12,7 @@ mod pci;
 use std::os::fd::RawFd;
 
 use thiserror::Error;
-use vfio_user_server::migration::{MigratableError, Snapshot};
+use vfio_user_server::vm_migration::{MigratableError, Snapshot};
 use virtio_queue::Queue;
 
 pub use pci::{
@@ -23,7 +23,7 @@ pub use pci::{
 };
 
 /// Guest memory as device models see it.
-pub type GuestMemory = vfio_user_server::dma::GuestMemory;
+pub type GuestMemory = vfio_user_server::guest_memory::GuestMemory;
 
 /// `VIRTIO_MSI_NO_VECTOR`: no MSI-X vector assigned.
 pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use log::{debug, warn};
 use thiserror::Error;
 use vfio_user_server::device::DeviceContext;
-use vfio_user_server::dma::GuestMemoryHandle;
+use vfio_user_server::guest_memory::GuestMemoryHandle;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;

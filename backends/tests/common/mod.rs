@@ -13,7 +13,7 @@ use std::sync::Arc;
 use backends::storage::BlockBackend;
 use backends::virtio_blk::{VirtioBlkConfig, VirtioBlkPci};
 use vfio_user_server::device::{Device, DeviceContext};
-use vfio_user_server::dma::{GuestMemory, GuestMemoryHandle};
+use vfio_user_server::guest_memory::{GuestMemory, GuestMemoryHandle};
 use vfio_user_server::irq::Irqs;
 use vfio_user_server::pci::PciAdapter;
 use vfio_user_server::wire::*;

@@ -11,7 +11,7 @@ use std::sync::{Arc, Barrier};
 use super::{BarAllocator, PciBarConfiguration, PciBarRegionType, PciDevice, PciDeviceError};
 use crate::device::{Device, DeviceError, RegionDescription, ResetReason};
 use crate::irq::IrqIndexInfo;
-use crate::migration::{
+use crate::vm_migration::{
     Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable,
 };
 use crate::wire::PCI_CONFIG_REGION_INDEX;

@@ -17,7 +17,7 @@ use std::sync::{Arc, Barrier};
 use thiserror::Error;
 
 use crate::device::{RegionMmap, ResetReason};
-use crate::migration::{MigratableError, Snapshot};
+use crate::vm_migration::{MigratableError, Snapshot};
 
 /// Errors of the PCI layer.
 #[derive(Debug, Error, PartialEq, Eq)]

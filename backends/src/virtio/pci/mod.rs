@@ -27,9 +27,9 @@ use log::{debug, error, warn};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vfio_user_server::device::{DeviceContext, ResetReason};
-use vfio_user_server::dma::GuestMemoryHandle;
+use vfio_user_server::guest_memory::GuestMemoryHandle;
 use vfio_user_server::irq::Irqs;
-use vfio_user_server::migration::{
+use vfio_user_server::vm_migration::{
     Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable,
 };
 use vfio_user_server::pci::{
