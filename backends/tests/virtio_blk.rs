@@ -10,7 +10,7 @@ use std::sync::Arc;
 use backends::storage::{MemoryDisk, RawFile, RawFileOptions};
 use backends::virtio_blk::{VirtioBlkConfig, VirtioBlkPci};
 use common::*;
-use vfio_user_server::device::{Device, DeviceContext, ResetReason};
+use vfio_user_server::device::{AsLifecycle, Device, DeviceContext, ResetReason};
 use vfio_user_server::pci::PciDevice;
 use vfio_user_server::wire::PCI_CONFIG_REGION_INDEX;
 use vm_memory::GuestMemoryAtomic;
@@ -819,12 +819,12 @@ fn device_reset_through_status_zero() {
 fn full_reset_through_adapter() {
     let mut d = ready(memdisk());
     assert_eq!(d.write_sectors(0, 0, &[1u8; 512]), S_OK);
-    d.adapter.reset(ResetReason::Command);
+    d.adapter.lifecycle().reset(ResetReason::Command);
     assert_eq!(d.status(), 0);
     // Config space back to power-on: MSI-X disabled.
     let ctl = d.cfg_read(d.caps.msix as u64 + 2, 2);
     assert_eq!(ctl & 0x8000, 0);
-    d.adapter.reset(ResetReason::LostConnection);
+    d.adapter.lifecycle().reset(ResetReason::LostConnection);
     d.reset_alloc();
     d.init(ALL & !F_EVENT_IDX, 16);
     assert_eq!(d.read_sectors(0, 0, 512), (S_OK, vec![1; 512]));
@@ -866,8 +866,8 @@ fn pci_cfg_access_capability() {
 fn pause_defers_and_resume_processes() {
     let disk = memdisk();
     let mut d = ready(disk.clone());
-    assert!(d.adapter.migratable());
-    d.adapter.pause().unwrap();
+    assert!(d.adapter.lifecycle().migratable());
+    d.adapter.lifecycle().pause().unwrap();
     let buf = d.alloc(512);
     d.write(buf, &[6u8; 512]);
     let h = d.header(T_OUT, 2);
@@ -877,7 +877,7 @@ fn pause_defers_and_resume_processes() {
     d.kick(0);
     assert!(d.pop_used(0).is_none());
     assert!(disk.contents()[1024..1536].iter().all(|b| *b == 0));
-    d.adapter.resume().unwrap();
+    d.adapter.lifecycle().resume().unwrap();
     // Resuming only marks the queues; the work runs as deferred work.
     assert!(d.pop_used(0).is_none());
     d.run_deferred();
@@ -895,8 +895,8 @@ fn snapshot_restore() {
     for i in 0..5 {
         assert_eq!(d.write_sectors(0, i, &[i as u8; 512]), S_OK);
     }
-    d.adapter.pause().unwrap();
-    let snap = d.adapter.snapshot().unwrap();
+    d.adapter.lifecycle().pause().unwrap();
+    let snap = d.adapter.lifecycle().snapshot().unwrap();
 
     // A new device on the same guest memory, as on a migration target.
     let ctx = DeviceContext {
@@ -906,9 +906,9 @@ fn snapshot_restore() {
     };
     let dev = VirtioBlkPci::new(ctx.clone(), disk.clone(), VirtioBlkConfig::default()).unwrap();
     let mut t = Driver::with_device(ctx, d.mem.clone(), dev);
-    t.adapter.pause().unwrap();
-    t.adapter.restore(&snap).unwrap();
-    t.adapter.resume().unwrap();
+    t.adapter.lifecycle().pause().unwrap();
+    t.adapter.lifecycle().restore(&snap).unwrap();
+    t.adapter.lifecycle().resume().unwrap();
     t.vqs = d.vqs.clone();
     assert_eq!(t.status() & S_DRIVER_OK, S_DRIVER_OK);
     assert_eq!(t.driver_features(), f);
@@ -932,10 +932,10 @@ fn snapshot_restore() {
         },
     );
     let mut other = other;
-    assert!(other.adapter.restore(&snap).is_err());
+    assert!(other.adapter.lifecycle().restore(&snap).is_err());
     let mut bad = snap.clone();
     bad.snapshot_data = None;
-    assert!(t.adapter.restore(&bad).is_err());
+    assert!(t.adapter.lifecycle().restore(&bad).is_err());
 }
 
 #[test]
@@ -990,7 +990,7 @@ fn doorbell_defers_the_work_and_run_deferred_is_bounded() {
     // Each call does a bounded batch, interrupting after each, and says
     // whether work is left.
     let mut calls = 0;
-    while d.adapter.run_deferred() {
+    while d.adapter.lifecycle().run_deferred() {
         calls += 1;
         assert!(fired(&d.msix[1]), "no interrupt after a batch");
         assert!(calls < 10, "run_deferred never finishes");
@@ -1005,7 +1005,7 @@ fn doorbell_defers_the_work_and_run_deferred_is_bounded() {
         );
     }
     // Idle again: no work, and the driver may ring again.
-    assert!(!d.adapter.run_deferred());
+    assert!(!d.adapter.lifecycle().run_deferred());
     assert_eq!(
         d.read_u16(d.vqs[0].used) & 1,
         0,
@@ -1088,7 +1088,7 @@ fn reposted_heads_do_not_grow_the_requests_in_flight() {
         d.adapter
             .region_write(0, notify, &0u16.to_le_bytes())
             .unwrap();
-        while d.adapter.run_deferred() {}
+        while d.adapter.lifecycle().run_deferred() {}
         assert!(d.adapter.device().device().in_flight() <= 16);
     }
     assert_eq!(d.adapter.device().device().in_flight(), 16);

@@ -43,9 +43,10 @@ use vfio_bindings::bindings::vfio::{
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, ServerBackend, ServerRegion};
 use vfio_user_server::compat::RustVmmBackend;
 use vfio_user_server::irq::IrqIndexInfo;
+use vfio_user_server::vm_migration::{Migratable, Pausable, Snapshottable, Transportable};
 use vfio_user_server::{
-    Device, DeviceContext, DeviceError, EventLoop, RegionDescription, ResetReason, Server,
-    ServerConfig, StopHandle,
+    Device, DeviceContext, DeviceError, EventLoop, Lifecycle, RegionDescription, ResetReason,
+    Server, ServerConfig, StopHandle,
 };
 
 /// Result type of the benchmark plumbing.
@@ -160,7 +161,14 @@ impl Device for OurDevice {
             .write(index, offset, data)
             .ok_or(DeviceError::InvalidAccess)
     }
+}
 
+impl Pausable for OurDevice {}
+impl Snapshottable for OurDevice {}
+impl Transportable for OurDevice {}
+impl Migratable for OurDevice {}
+
+impl Lifecycle for OurDevice {
     fn reset(&mut self, _reason: ResetReason) {}
 }
 

@@ -8,8 +8,9 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vfio_user_server::irq::IrqIndexInfo;
+use vfio_user_server::vm_migration::{Migratable, Pausable, Snapshottable, Transportable};
 use vfio_user_server::{
-    Device, DeviceContext, DeviceError, RegionDescription, RegionMmap, ResetReason,
+    Device, DeviceContext, DeviceError, Lifecycle, RegionDescription, RegionMmap, ResetReason,
 };
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
@@ -213,7 +214,14 @@ impl Device for TestDevice {
         }
         Ok(())
     }
+}
 
+impl Pausable for TestDevice {}
+impl Snapshottable for TestDevice {}
+impl Transportable for TestDevice {}
+impl Migratable for TestDevice {}
+
+impl Lifecycle for TestDevice {
     fn reset(&mut self, reason: ResetReason) {
         lock(&self.state).resets.push(reason);
         self.power_on();
@@ -229,3 +237,4 @@ impl Device for TestDevice {
             .push((index, start, count, masked));
     }
 }
+

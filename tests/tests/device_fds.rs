@@ -7,12 +7,17 @@ use std::sync::{Arc, Mutex};
 
 use integration_tests::*;
 use vfio_user_server::irq::IrqIndexInfo;
-use vfio_user_server::{Device, DeviceContext, DeviceError, RegionDescription, ResetReason};
+use vfio_user_server::vm_migration::{Migratable, Pausable, Snapshottable, Transportable};
+use vfio_user_server::{
+    Device, DeviceContext, DeviceError, Interest, Lifecycle, RegionDescription, ResetReason,
+    WatchedFd,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Raises MSI-X vector 0 each time its completion eventfd fires.
 struct CompletionDevice {
     completion: EventFd,
+    watched: [WatchedFd; 1],
     ctx: DeviceContext,
     seen: Arc<Mutex<u64>>,
 }
@@ -40,14 +45,22 @@ impl Device for CompletionDevice {
     fn region_write(&mut self, _i: u32, _o: u64, _d: &[u8]) -> Result<(), DeviceError> {
         Ok(())
     }
+}
 
+impl Pausable for CompletionDevice {}
+impl Snapshottable for CompletionDevice {}
+impl Transportable for CompletionDevice {}
+impl Migratable for CompletionDevice {}
+
+impl Lifecycle for CompletionDevice {
     fn reset(&mut self, _reason: ResetReason) {}
 
-    fn event_fds(&self) -> Vec<RawFd> {
-        vec![self.completion.as_raw_fd()]
+    fn watched_fds(&self) -> &[WatchedFd] {
+        &self.watched
     }
 
-    fn handle_event(&mut self, fd: RawFd) {
+    fn handle_event(&mut self, fd: RawFd, ready: Interest) {
+        assert!(ready.read);
         assert_eq!(fd, self.completion.as_raw_fd());
         if let Ok(n) = self.completion.read() {
             *self.seen.lock().unwrap() += n;
@@ -63,6 +76,7 @@ fn device_fds_are_served_by_the_loop() {
     let kick = completion.try_clone().unwrap();
     let seen = Arc::new(Mutex::new(0));
     let dev = CompletionDevice {
+        watched: [WatchedFd::readable(completion.as_raw_fd())],
         completion,
         ctx: ctx.clone(),
         seen: seen.clone(),

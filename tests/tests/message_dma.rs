@@ -10,7 +10,11 @@ use integration_tests::proto::*;
 use integration_tests::*;
 use vfio_user_server::irq::IrqIndexInfo;
 use vfio_user_server::message_dma::MessageDma;
-use vfio_user_server::{Device, DeviceContext, DeviceError, RegionDescription, ResetReason};
+use vfio_user_server::vm_migration::{Migratable, Pausable, Snapshottable, Transportable};
+use vfio_user_server::{
+    Device, DeviceContext, DeviceError, Interest, Lifecycle, RegionDescription, ResetReason,
+    WatchedFd,
+};
 
 /// Guest address of the fd-less map the device DMAs into.
 const TARGET: u64 = 0x20_0000;
@@ -60,7 +64,14 @@ impl Device for MsgDmaDevice {
         };
         Ok(())
     }
+}
 
+impl Pausable for MsgDmaDevice {}
+impl Snapshottable for MsgDmaDevice {}
+impl Transportable for MsgDmaDevice {}
+impl Migratable for MsgDmaDevice {}
+
+impl Lifecycle for MsgDmaDevice {
     fn reset(&mut self, _reason: ResetReason) {}
 
     fn message_dma_done(&mut self, id: u64, result: Result<Vec<u8>, i32>) {

@@ -5,7 +5,10 @@ use std::fs::File;
 
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, ServerBackend, ServerRegion};
 
-use crate::device::{Device, DeviceError, RegionDescription, RegionMmap, ResetReason};
+use crate::device::{Device, DeviceError, Lifecycle, RegionDescription, RegionMmap, ResetReason};
+use crate::vm_migration::{
+    Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable,
+};
 use crate::irq::IrqIndexInfo;
 use crate::wire::{IrqSet, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE};
 
@@ -100,12 +103,6 @@ impl<B: ServerBackend + Send> Device for RustVmmBackend<B> {
             .map_err(io_err)
     }
 
-    fn reset(&mut self, reason: ResetReason) {
-        if let Err(e) = self.backend.reset() {
-            log::warn!("backend reset ({reason:?}) failed: {e}");
-        }
-    }
-
     fn observes_raw_requests(&self) -> bool {
         true
     }
@@ -117,21 +114,51 @@ impl<B: ServerBackend + Send> Device for RustVmmBackend<B> {
         }
     }
 
-    fn dma_unmapping(&mut self, address: u64, size: u64) {
-        if let Err(e) = self
-            .backend
-            .dma_unmap(DmaUnmapFlags::empty(), address, size)
-        {
-            log::warn!("backend dma_unmap failed: {e}");
-        }
-    }
-
     fn irqs_set(&mut self, set: &IrqSet, fds: Vec<File>) {
         if let Err(e) = self
             .backend
             .set_irqs(set.index, set.flags, set.start, set.count, fds)
         {
             log::warn!("backend set_irqs failed: {e}");
+        }
+    }
+}
+
+/// The trait has no pause or snapshot: the device cannot be paused, and
+/// the server never offers migration for it.
+impl<B: ServerBackend + Send> Pausable for RustVmmBackend<B> {
+    fn pause(&mut self) -> Result<(), MigratableError> {
+        Err(MigratableError::Unsupported)
+    }
+
+    fn resume(&mut self) -> Result<(), MigratableError> {
+        Err(MigratableError::Unsupported)
+    }
+}
+
+impl<B: ServerBackend + Send> Snapshottable for RustVmmBackend<B> {
+    fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
+        Err(MigratableError::Unsupported)
+    }
+}
+
+impl<B: ServerBackend + Send> Transportable for RustVmmBackend<B> {}
+
+impl<B: ServerBackend + Send> Migratable for RustVmmBackend<B> {}
+
+impl<B: ServerBackend + Send> Lifecycle for RustVmmBackend<B> {
+    fn reset(&mut self, reason: ResetReason) {
+        if let Err(e) = self.backend.reset() {
+            log::warn!("backend reset ({reason:?}) failed: {e}");
+        }
+    }
+
+    fn dma_unmapping(&mut self, address: u64, size: u64) {
+        if let Err(e) = self
+            .backend
+            .dma_unmap(DmaUnmapFlags::empty(), address, size)
+        {
+            log::warn!("backend dma_unmap failed: {e}");
         }
     }
 }

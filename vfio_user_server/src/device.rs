@@ -2,9 +2,16 @@
 //!
 //! The server validates every message, keeps the DMA table and the
 //! interrupt eventfds itself, and calls a [`Device`] only with requests
-//! that are already in range. PCI devices normally implement
-//! [`crate::pci::PciDevice`] and are wrapped by [`crate::pci::PciAdapter`],
-//! which implements this trait.
+//! that are already in range. Everything else the server tells a device
+//! (resets, guest memory going away, interrupt masks, readiness of its own
+//! fds, work left after a reply, and pause, resume, snapshot and restore)
+//! goes through one trait, [`Lifecycle`], whose migration half is Cloud
+//! Hypervisor's [`Migratable`] family.
+//!
+//! PCI devices normally implement [`crate::pci::PciDevice`] (which
+//! requires [`Lifecycle`]) and are wrapped by [`crate::pci::PciAdapter`],
+//! which implements [`Device`] and hands the server the wrapped device as
+//! its [`Lifecycle`] ([`AsLifecycle`]), without forwarding each hook.
 
 use std::os::fd::RawFd;
 
@@ -12,8 +19,8 @@ use thiserror::Error;
 
 use crate::guest_memory::GuestMemoryHandle;
 use crate::irq::{IrqIndexInfo, Irqs};
-use crate::vm_migration::{MigratableError, Snapshot};
 use crate::message_dma::MessageDma;
+use crate::vm_migration::{Migratable, MigratableError, Snapshot};
 
 /// Errors a device returns for one access.
 #[derive(Debug, Error)]
@@ -72,6 +79,64 @@ pub enum ResetReason {
     LostConnection,
 }
 
+/// Readiness an fd is watched for, or found with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Interest {
+    /// Readable.
+    pub read: bool,
+    /// Writable.
+    pub write: bool,
+}
+
+impl Interest {
+    /// Not watched at all: the fd leaves the epoll set, so a level that
+    /// stays up (a TAP with packets but no receive buffers) costs nothing.
+    pub const NONE: Interest = Interest {
+        read: false,
+        write: false,
+    };
+    /// Readable.
+    pub const READ: Interest = Interest {
+        read: true,
+        write: false,
+    };
+    /// Writable (e.g. after a write returned EAGAIN).
+    pub const WRITE: Interest = Interest {
+        read: false,
+        write: true,
+    };
+    /// Readable and writable.
+    pub const READ_WRITE: Interest = Interest {
+        read: true,
+        write: true,
+    };
+
+    /// Whether nothing is watched.
+    pub fn is_none(self) -> bool {
+        !self.read && !self.write
+    }
+}
+
+/// One of a device's own fds (a back-end completion, a TAP queue, a timer)
+/// and what the event loop should watch it for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WatchedFd {
+    /// The fd; the device keeps it open for as long as it lists it.
+    pub fd: RawFd,
+    /// What to watch it for; [`Interest::NONE`] pauses it.
+    pub interest: Interest,
+}
+
+impl WatchedFd {
+    /// `fd`, watched for readability.
+    pub fn readable(fd: RawFd) -> Self {
+        WatchedFd {
+            fd,
+            interest: Interest::READ,
+        }
+    }
+}
+
 /// Handles the server gives a device when it is created.
 #[derive(Clone)]
 pub struct DeviceContext {
@@ -93,12 +158,90 @@ impl Default for DeviceContext {
     }
 }
 
-/// A device served over vfio-user.
+/// What the server tells a device besides register accesses. Called from
+/// the event loop thread.
+///
+/// Pause, resume and snapshot come from Cloud Hypervisor's traits
+/// ([`crate::vm_migration::Pausable`],
+/// [`crate::vm_migration::Snapshottable`]); the server and the daemon
+/// drive a device through them, and through [`Lifecycle::restore`], which
+/// Cloud Hypervisor does in its constructors instead. A device that keeps
+/// state the guest relies on says so with [`Lifecycle::migratable`];
+/// [`crate::vm_migration::Snapshottable::id`] names the kind of state, and
+/// a snapshot is only restored into a device with the same id.
+pub trait Lifecycle: Migratable {
+    /// Resets the device to its power-on state (DEVICE_RESET, or the
+    /// client left).
+    fn reset(&mut self, reason: ResetReason);
+
+    /// Replaces the device state with `snapshot` (taken by
+    /// [`crate::vm_migration::Snapshottable::snapshot`] of a device with
+    /// the same id); the device is paused. Nothing may be applied when it
+    /// fails.
+    fn restore(&mut self, _snapshot: &Snapshot) -> Result<(), MigratableError> {
+        Err(MigratableError::Unsupported)
+    }
+
+    /// Whether pause, snapshot and restore keep everything the guest
+    /// relies on (advertises the migration feature to the client).
+    fn migratable(&self) -> bool {
+        false
+    }
+
+    /// Called before the DMA range `[address, address + size)` is
+    /// unmapped: finish or stop using it.
+    fn dma_unmapping(&mut self, _address: u64, _size: u64) {}
+
+    /// Called after a SET_IRQS mask or unmask of `[start, start+count)`.
+    fn irq_mask_changed(&mut self, _index: u32, _start: u32, _count: u32, _masked: bool) {}
+
+    /// A request queued on [`DeviceContext::message_dma`] finished: the
+    /// data of a read (empty for a write), or an errno.
+    fn message_dma_done(&mut self, _id: u64, _result: Result<Vec<u8>, i32>) {}
+
+    /// The device's own fds and what to watch them for. The event loop
+    /// reads this after every burst of events and applies changes, so a
+    /// device pauses an fd (a TAP while the guest posted no receive
+    /// buffers) or asks for writability (after EAGAIN) by changing its
+    /// list. An fd must stay open while it is listed.
+    fn watched_fds(&self) -> &[WatchedFd] {
+        &[]
+    }
+
+    /// `fd` from [`Lifecycle::watched_fds`] is ready as `ready` says.
+    fn handle_event(&mut self, _fd: RawFd, _ready: Interest) {}
+
+    /// Does work an access deferred, such as the queue processing a
+    /// doorbell write asked for: the server calls it after it has sent its
+    /// replies, so the client is not held up by the work. Returns whether
+    /// work is left; the event loop then calls again soon, without
+    /// sleeping, after serving its other fds. Each call should do a
+    /// bounded amount of work.
+    fn run_deferred(&mut self) -> bool {
+        false
+    }
+}
+
+/// Hands out the [`Lifecycle`] of a device: the device itself for every
+/// type that implements [`Lifecycle`]; the wrapped device for adapters
+/// such as [`crate::pci::PciAdapter`].
+pub trait AsLifecycle {
+    /// The device's lifecycle.
+    fn lifecycle(&mut self) -> &mut dyn Lifecycle;
+}
+
+impl<T: Lifecycle> AsLifecycle for T {
+    fn lifecycle(&mut self) -> &mut dyn Lifecycle {
+        self
+    }
+}
+
+/// A device served over vfio-user: its regions and interrupts.
 ///
 /// Every method is called from the event loop thread with a request the
 /// server already validated against [`Device::region`] (index exists, the
 /// access lies within the region and is at most `max_data_xfer_size`).
-pub trait Device: Send {
+pub trait Device: AsLifecycle + Send {
     /// Whether DEVICE_RESET is advertised (`VFIO_DEVICE_FLAGS_RESET`).
     fn resettable(&self) -> bool {
         true
@@ -121,12 +264,6 @@ pub trait Device: Send {
     /// Writes `data` at `offset` of region `index`.
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
 
-    /// Resets the device to its power-on state.
-    fn reset(&mut self, reason: ResetReason);
-
-    /// Called before a DMA range is unmapped: stop using it.
-    fn dma_unmapping(&mut self, _address: u64, _size: u64) {}
-
     /// Whether [`Device::dma_mapped`] and [`Device::irqs_set`] want the
     /// raw requests (devices that keep their own tables, such as
     /// `vfio_user::ServerBackend` implementations).
@@ -147,63 +284,4 @@ pub trait Device: Send {
 
     /// A SET_IRQS succeeded; `fds` are duplicates of the client's fds.
     fn irqs_set(&mut self, _set: &crate::wire::IrqSet, _fds: Vec<std::fs::File>) {}
-
-    /// Called after a SET_IRQS mask or unmask of `[start, start+count)`.
-    fn irq_mask_changed(&mut self, _index: u32, _start: u32, _count: u32, _masked: bool) {}
-
-    /// A request queued on [`DeviceContext::message_dma`] finished: the
-    /// data of a read (empty for a write), or an errno.
-    fn message_dma_done(&mut self, _id: u64, _result: Result<Vec<u8>, i32>) {}
-
-    /// fds the device wants the event loop to watch (queue kicks, timers,
-    /// back-end completions); readiness calls [`Device::handle_event`].
-    fn event_fds(&self) -> Vec<RawFd> {
-        Vec::new()
-    }
-
-    /// `fd` from [`Device::event_fds`] is readable.
-    fn handle_event(&mut self, _fd: RawFd) {}
-
-    /// Does work an access deferred, such as the queue processing a
-    /// doorbell write asked for: the server calls it after it has sent its
-    /// replies, so the client is not held up by the work. Returns whether
-    /// work is left; the event loop then calls again soon, without
-    /// sleeping, after serving its other fds. Each call should do a
-    /// bounded amount of work.
-    fn run_deferred(&mut self) -> bool {
-        false
-    }
-
-    /// Stops all device activity (no DMA, no interrupts) until
-    /// [`Device::resume`]; in-flight requests are completed first.
-    fn pause(&mut self) -> Result<(), MigratableError> {
-        Err(MigratableError::Unsupported)
-    }
-
-    /// Resumes after [`Device::pause`].
-    fn resume(&mut self) -> Result<(), MigratableError> {
-        Err(MigratableError::Unsupported)
-    }
-
-    /// Captures the device state (the device is paused).
-    fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
-        Err(MigratableError::Unsupported)
-    }
-
-    /// Replaces the device state with `snapshot` (the device is paused).
-    fn restore(&mut self, _snapshot: &Snapshot) -> Result<(), MigratableError> {
-        Err(MigratableError::Unsupported)
-    }
-
-    /// Whether pause/snapshot/restore are implemented (advertises the
-    /// migration feature).
-    fn migratable(&self) -> bool {
-        false
-    }
-
-    /// The kind of device recorded in snapshots; a snapshot is only
-    /// restored into a device of the same kind.
-    fn snapshot_kind(&self) -> String {
-        String::from("device")
-    }
 }

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use log::{error, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::server::{Interest, Server};
+use crate::device::{Interest, WatchedFd};
+use crate::server::Server;
 
 /// Something else the loop watches: a readable fd and what to do then.
 pub trait EventHandler: Send {
@@ -73,6 +74,9 @@ impl Token {
 struct Registered {
     conn_fd: Option<RawFd>,
     interest: Interest,
+    /// The device's fds as the epoll set has them (an fd with
+    /// [`Interest::NONE`] is not in the set).
+    device_fds: Vec<WatchedFd>,
     /// The server's interrupt unmask eventfd as watched: its generation
     /// and our duplicate of it. The duplicate is what epoll watches, so
     /// that it can be removed after the server has closed its own.
@@ -135,6 +139,62 @@ fn watch_irq_unmask(epoll: RawFd, i: usize, server: &Server, reg: &mut Registere
     }
 }
 
+fn epoll_bits(interest: Interest) -> u32 {
+    let mut bits = 0;
+    if interest.read {
+        bits |= epoll::Events::EPOLLIN.bits();
+    }
+    if interest.write {
+        bits |= epoll::Events::EPOLLOUT.bits();
+    }
+    bits
+}
+
+/// Makes the epoll set watch the device fds of server `i` as `wanted`
+/// says, given that it watches them as `current` says (updated). An fd
+/// whose interest is [`Interest::NONE`] leaves the set, so that nothing,
+/// not even a hang-up, wakes the loop for it.
+fn watch_device_fds(
+    epoll: RawFd,
+    i: usize,
+    wanted: &[WatchedFd],
+    current: &mut Vec<WatchedFd>,
+) -> io::Result<()> {
+    use epoll::ControlOptions::{EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD};
+    let was = |fd: RawFd| {
+        current
+            .iter()
+            .find(|w| w.fd == fd)
+            .map_or(Interest::NONE, |w| w.interest)
+    };
+    let mut result = Ok(());
+    // fds no longer listed leave the set (if they are still open).
+    for old in current.iter() {
+        if !old.interest.is_none() && !wanted.iter().any(|w| w.fd == old.fd) {
+            let _ = ctl(epoll, EPOLL_CTL_DEL, old.fd, 0, Token::DeviceFd(i, old.fd));
+        }
+    }
+    for w in wanted {
+        let before = was(w.fd);
+        let token = Token::DeviceFd(i, w.fd);
+        let r = if before == w.interest {
+            Ok(())
+        } else if before.is_none() {
+            ctl(epoll, EPOLL_CTL_ADD, w.fd, epoll_bits(w.interest), token)
+        } else if w.interest.is_none() {
+            ctl(epoll, EPOLL_CTL_DEL, w.fd, 0, token)
+        } else {
+            ctl(epoll, EPOLL_CTL_MOD, w.fd, epoll_bits(w.interest), token)
+        };
+        if r.is_err() && result.is_ok() {
+            result = r;
+        }
+    }
+    current.clear();
+    current.extend_from_slice(wanted);
+    result
+}
+
 impl EventLoop {
     /// Creates an empty loop.
     pub fn new() -> io::Result<EventLoop> {
@@ -171,30 +231,26 @@ impl EventLoop {
     }
 
     /// Adds a server; returns its index.
-    pub fn add_server(&mut self, server: Server) -> io::Result<usize> {
+    pub fn add_server(&mut self, mut server: Server) -> io::Result<usize> {
         let idx = self.servers.len();
         let add = || epoll::ControlOptions::EPOLL_CTL_ADD;
-        let inn = epoll::Events::EPOLLIN.bits();
         ctl(
             self.epoll,
             add(),
             server.listener_fd(),
-            inn,
+            epoll::Events::EPOLLIN.bits(),
             Token::Listener(idx),
         )?;
-        for fd in server.device_event_fds() {
-            ctl(self.epoll, add(), fd, inn, Token::DeviceFd(idx, fd))?;
-        }
         let irq_unmask = (server.irq_unmask_generation(), None);
-        self.servers.push(server);
-        self.registered.push(Registered {
+        let mut reg = Registered {
             conn_fd: None,
-            interest: Interest {
-                read: false,
-                write: false,
-            },
+            interest: Interest::NONE,
+            device_fds: Vec::new(),
             irq_unmask,
-        });
+        };
+        watch_device_fds(self.epoll, idx, server.device_watched_fds(), &mut reg.device_fds)?;
+        self.servers.push(server);
+        self.registered.push(reg);
         Ok(idx)
     }
 
@@ -269,7 +325,13 @@ impl EventLoop {
                     }
                     Token::DeviceFd(i, fd) => {
                         if let Some(s) = self.servers.get_mut(i) {
-                            s.handle_device_event(fd);
+                            let hup =
+                                bits.intersects(epoll::Events::EPOLLHUP | epoll::Events::EPOLLERR);
+                            let ready = Interest {
+                                read: bits.contains(epoll::Events::EPOLLIN) || hup,
+                                write: bits.contains(epoll::Events::EPOLLOUT) || hup,
+                            };
+                            s.handle_device_event(fd, ready);
                         }
                     }
                     Token::Handler(i) => {
@@ -295,29 +357,30 @@ impl EventLoop {
         }
     }
 
-    /// Brings the epoll set in line with each server's connection state.
+    /// Brings the epoll set in line with each server's connection state
+    /// and its device's fd interest.
     fn update_registrations(&mut self) {
         for (i, (s, reg)) in self
             .servers
-            .iter()
+            .iter_mut()
             .zip(self.registered.iter_mut())
             .enumerate()
         {
             if s.irq_unmask_generation() != reg.irq_unmask.0 {
                 watch_irq_unmask(self.epoll, i, s, reg);
             }
+            let wanted = s.device_watched_fds();
+            if wanted != reg.device_fds.as_slice() {
+                if let Err(e) = watch_device_fds(self.epoll, i, wanted, &mut reg.device_fds) {
+                    error!("epoll_ctl for the fds of device {i}: {e}");
+                }
+            }
             let fd = s.connection_fd();
             let interest = s.interest();
             if fd == reg.conn_fd && interest == reg.interest {
                 continue;
             }
-            let mut bits = epoll::Events::EPOLLRDHUP.bits();
-            if interest.read {
-                bits |= epoll::Events::EPOLLIN.bits();
-            }
-            if interest.write {
-                bits |= epoll::Events::EPOLLOUT.bits();
-            }
+            let bits = epoll::Events::EPOLLRDHUP.bits() | epoll_bits(interest);
             let res = match (reg.conn_fd, fd) {
                 (Some(_), None) => {
                     // The fd is already closed, which removed it from epoll.

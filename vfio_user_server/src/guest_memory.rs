@@ -366,6 +366,19 @@ pub fn take_dirty_bitmap(
     Some(bitmap)
 }
 
+/// Marks `[gpa, gpa + len)` dirty, for writes made behind vm-memory's
+/// back (the kernel's, or a device's through raw pointers); the parts
+/// outside guest memory are ignored.
+pub fn mark_dirty(memory: &GuestMemory, gpa: u64, len: u64) {
+    use vm_memory::bitmap::Bitmap;
+    let Ok(len) = usize::try_from(len) else {
+        return;
+    };
+    for slice in memory.get_slices(GuestAddress(gpa), len).flatten() {
+        slice.bitmap().mark_dirty(0, slice.len());
+    }
+}
+
 /// Clears every dirty bit.
 pub fn clear_dirty(memory: &GuestMemory) {
     for region in memory.iter() {

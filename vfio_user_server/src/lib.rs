@@ -14,7 +14,6 @@ pub mod compat;
 pub mod device;
 pub mod event_loop;
 pub mod irq;
-mod mig;
 pub mod guest_memory;
 pub mod message_dma;
 pub mod pci;
@@ -25,7 +24,9 @@ pub mod state_stream;
 pub mod vm_migration;
 pub mod wire;
 
-pub use device::{Device, DeviceContext, DeviceError, RegionDescription, RegionMmap, ResetReason};
+pub use device::{
+    AsLifecycle, Device, DeviceContext, DeviceError, Interest, Lifecycle, RegionDescription,
+    RegionMmap, ResetReason, WatchedFd,
+};
 pub use event_loop::{EventLoop, StopHandle};
-pub use mig::MigState;
-pub use server::{Server, ServerConfig, ServerError};
+pub use server::{MigState, Server, ServerConfig, ServerError};

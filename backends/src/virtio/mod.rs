@@ -3,7 +3,8 @@
 //! A device model implements [`VirtioDevice`]: it declares its type, queues,
 //! features and configuration space, and processes its queues when asked.
 //! [`VirtioPciDevice`] wraps it into a
-//! [`vfio_user_server::pci::PciDevice`]: it owns the virtqueues, negotiates
+//! [`vfio_user_server::pci::PciDevice`] built on the PCI function core: it
+//! owns the virtqueues, negotiates
 //! features, keeps the device status, raises interrupts (MSI-X or INTx) and
 //! saves and restores the transport state for migration.
 
@@ -12,6 +13,7 @@ mod pci;
 use std::os::fd::RawFd;
 
 use thiserror::Error;
+use vfio_user_server::device::{Interest, WatchedFd};
 use vfio_user_server::vm_migration::{MigratableError, Snapshot};
 use virtio_queue::Queue;
 
@@ -111,23 +113,22 @@ pub trait VirtioDevice: Send {
         }
     }
 
-    /// An id for logs and snapshots.
-    fn id(&self) -> Option<String> {
-        None
+    /// The device's own fds (back-end completions, TAP queues) and what
+    /// the event loop should watch them for; see
+    /// [`vfio_user_server::Lifecycle::watched_fds`]. A device changes its
+    /// interest by changing what it returns.
+    fn watched_fds(&self) -> &[WatchedFd] {
+        &[]
     }
 
-    /// fds the device wants watched (back-end completions, tap devices).
-    fn event_fds(&self) -> Vec<RawFd> {
-        Vec::new()
-    }
-
-    /// `fd` from [`VirtioDevice::event_fds`] is readable. Returns the
-    /// indices of the queues that got used entries; the transport
-    /// interrupts for them and looks at their rings again. Only called
-    /// while the device is active and not paused.
+    /// `fd` from [`VirtioDevice::watched_fds`] is ready as `ready` says.
+    /// Returns the indices of the queues that got used entries; the
+    /// transport interrupts for them and looks at their rings again. Only
+    /// called while the device is active and not paused.
     fn handle_event(
         &mut self,
         _fd: RawFd,
+        _ready: Interest,
         _queues: &mut [Queue],
         _mem: &GuestMemory,
     ) -> Vec<usize> {

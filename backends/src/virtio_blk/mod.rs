@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use log::{debug, warn};
 use thiserror::Error;
-use vfio_user_server::device::DeviceContext;
+use vfio_user_server::device::{DeviceContext, Interest, WatchedFd};
 use vfio_user_server::guest_memory::GuestMemoryHandle;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -126,6 +126,8 @@ pub struct VirtioBlk {
     workers: Option<IoWorkers>,
     /// What is in flight on the I/O threads.
     async_io: AsyncIo,
+    /// The I/O threads' completion eventfd, watched by the event loop.
+    completion_fd: Option<WatchedFd>,
 }
 
 /// A request handed to the I/O threads.
@@ -260,7 +262,11 @@ impl VirtioBlk {
                     .map_err(VirtioBlkError::IoThreads)?,
             ),
         };
+        let completion_fd = workers
+            .as_ref()
+            .map(|w| WatchedFd::readable(w.completion_fd()));
         Ok(VirtioBlk {
+            completion_fd,
             backend,
             num_queues: config.num_queues,
             queue_size: qs,
@@ -786,14 +792,17 @@ impl VirtioDevice for VirtioBlk {
         Ok(taken)
     }
 
-    fn event_fds(&self) -> Vec<RawFd> {
-        self.workers
-            .as_ref()
-            .map(|w| vec![w.completion_fd()])
-            .unwrap_or_default()
+    fn watched_fds(&self) -> &[WatchedFd] {
+        self.completion_fd.as_slice()
     }
 
-    fn handle_event(&mut self, fd: RawFd, queues: &mut [Queue], mem: &GuestMemory) -> Vec<usize> {
+    fn handle_event(
+        &mut self,
+        fd: RawFd,
+        _ready: Interest,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+    ) -> Vec<usize> {
         if self.workers.as_ref().map(IoWorkers::completion_fd) != Some(fd) {
             return Vec::new();
         }
@@ -806,10 +815,6 @@ impl VirtioDevice for VirtioBlk {
         };
         workers.drain();
         self.complete(queues, mem)
-    }
-
-    fn id(&self) -> Option<String> {
-        Some("virtio-blk".to_string())
     }
 }
 

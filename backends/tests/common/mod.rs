@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use backends::storage::BlockBackend;
 use backends::virtio_blk::{VirtioBlkConfig, VirtioBlkPci};
-use vfio_user_server::device::{Device, DeviceContext};
+use vfio_user_server::device::{AsLifecycle, Device, DeviceContext, Interest};
 use vfio_user_server::guest_memory::{GuestMemory, GuestMemoryHandle};
 use vfio_user_server::irq::Irqs;
 use vfio_user_server::pci::PciAdapter;
@@ -553,13 +553,15 @@ impl Driver {
     /// calls it after every burst of messages).
     pub fn run_deferred(&mut self) {
         loop {
-            while self.adapter.run_deferred() {}
+            while self.adapter.lifecycle().run_deferred() {}
             if self.adapter.device().device().in_flight() == 0 {
                 return;
             }
             // Requests on I/O threads: wait for their completion fd and
             // complete them, as the event loop does.
-            for fd in self.adapter.event_fds() {
+            let fds: Vec<_> = self.adapter.lifecycle().watched_fds().to_vec();
+            for w in fds {
+                let fd = w.fd;
                 let mut pfd = libc::pollfd {
                     fd,
                     events: libc::POLLIN,
@@ -568,7 +570,7 @@ impl Driver {
                 // SAFETY: polling one valid fd.
                 let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
                 assert_eq!(n, 1, "I/O threads never completed");
-                self.adapter.handle_event(fd);
+                self.adapter.lifecycle().handle_event(fd, Interest::READ);
             }
         }
     }

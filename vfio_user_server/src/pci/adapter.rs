@@ -3,41 +3,79 @@
 //! Regions follow the VFIO PCI layout: BAR0-5 are the BARs the device
 //! declared, ROM and VGA are absent, CONFIG is the device's config space.
 //! BAR accesses reach the device with the address it got from the
-//! [`BarAllocator`], never with what the guest programmed.
-
-use std::os::fd::RawFd;
-use std::sync::{Arc, Barrier};
+//! [`BarAllocator`], never with what the guest programmed. The interrupt
+//! layout and the size of the configuration space are read from the
+//! device's configuration space, as the kernel's vfio-pci reads them from
+//! the hardware.
 
 use super::{BarAllocator, PciBarConfiguration, PciBarRegionType, PciDevice, PciDeviceError};
-use crate::device::{Device, DeviceError, RegionDescription, ResetReason};
+use crate::device::{AsLifecycle, Device, DeviceError, Lifecycle, RegionDescription};
 use crate::irq::IrqIndexInfo;
-use crate::vm_migration::{
-    Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable,
-};
 use crate::wire::PCI_CONFIG_REGION_INDEX;
 
 const NUM_BARS: usize = 6;
+/// Standard header registers the adapter reads.
+const STATUS_COMMAND_REG: usize = 0x04 / 4;
+const CAPABILITY_POINTER_REG: usize = 0x34 / 4;
+const INTERRUPT_REG: usize = 0x3c / 4;
+const STATUS_CAPABILITY_LIST: u32 = 1 << (16 + 4);
+/// Capability ids the layout depends on.
+const CAP_ID_MSI: u32 = 0x05;
+const CAP_ID_PCI_EXPRESS: u32 = 0x10;
+const CAP_ID_MSIX: u32 = 0x11;
+/// A well-formed list has at most 48 capabilities (0x40..0x100, 4 bytes
+/// each at least); a device whose list loops is read no further.
+const MAX_CAPABILITIES: usize = 48;
 
 /// Serves a [`PciDevice`] over vfio-user.
-///
-/// A barrier returned by a config or BAR write is waited on before the
-/// access completes, as a Cloud Hypervisor vCPU thread would.
 pub struct PciAdapter<D: PciDevice> {
     device: D,
     bars: Vec<PciBarConfiguration>,
     by_index: [Option<PciBarConfiguration>; NUM_BARS],
+    irq_layout: Vec<IrqIndexInfo>,
+    config_space_size: u64,
 }
 
-/// Waits on a barrier the device handed back, as a Cloud Hypervisor vCPU
-/// would.
-fn wait(barrier: Option<Arc<Barrier>>) {
-    if let Some(b) = barrier {
-        b.wait();
+/// What the configuration space says about interrupts and its own size.
+struct ConfigLayout {
+    intx: bool,
+    msi_vectors: u32,
+    msix_vectors: u32,
+    pcie: bool,
+}
+
+/// Walks the capability list of `device` as a driver would.
+fn read_layout(device: &mut dyn PciDevice) -> ConfigLayout {
+    let mut layout = ConfigLayout {
+        intx: (device.read_config_register(INTERRUPT_REG) >> 8) & 0xff != 0,
+        msi_vectors: 0,
+        msix_vectors: 0,
+        pcie: false,
+    };
+    if device.read_config_register(STATUS_COMMAND_REG) & STATUS_CAPABILITY_LIST == 0 {
+        return layout;
     }
+    let mut at = (device.read_config_register(CAPABILITY_POINTER_REG) & 0xfc) as usize;
+    for _ in 0..MAX_CAPABILITIES {
+        if !(0x40..0x100).contains(&at) {
+            break;
+        }
+        let header = device.read_config_register(at / 4);
+        let control = header >> 16;
+        match header & 0xff {
+            CAP_ID_MSI => layout.msi_vectors = 1 << ((control >> 1) & 0x7).min(5),
+            CAP_ID_MSIX => layout.msix_vectors = (control & 0x7ff) + 1,
+            CAP_ID_PCI_EXPRESS => layout.pcie = true,
+            _ => {}
+        }
+        at = ((header >> 8) & 0xfc) as usize;
+    }
+    layout
 }
 
 impl<D: PciDevice> PciAdapter<D> {
-    /// Wraps `device`, letting it allocate its BARs once. Fails with
+    /// Wraps `device`, letting it allocate its BARs once, and reads its
+    /// interrupt layout from its configuration space. Fails with
     /// [`PciDeviceError::InvalidBar`] for an index out of range, a size that
     /// is not a power of two, or two BARs on the same index.
     pub fn new(mut device: D) -> Result<Self, PciDeviceError> {
@@ -62,10 +100,17 @@ impl<D: PciDevice> PciAdapter<D> {
                 _ => return Err(PciDeviceError::InvalidBar(bar.idx)),
             }
         }
+        let layout = read_layout(&mut device);
         Ok(PciAdapter {
             device,
             bars,
             by_index,
+            irq_layout: IrqIndexInfo::pci_layout(
+                layout.intx,
+                layout.msi_vectors,
+                layout.msix_vectors,
+            ),
+            config_space_size: if layout.pcie { 4096 } else { 256 },
         })
     }
 
@@ -98,10 +143,8 @@ impl<D: PciDevice> PciAdapter<D> {
     fn config_write(&mut self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         let mut at = 0;
         for (reg, byte, len) in config_chunks(offset, data.len())? {
-            let barrier = self
-                .device
+            self.device
                 .write_config_register(reg, byte as u64, &data[at..at + len]);
-            wait(barrier);
             at += len;
         }
         Ok(())
@@ -132,38 +175,18 @@ fn config_chunks(
     }))
 }
 
-/// Cloud Hypervisor's migration traits, over the device's own hooks.
-impl<D: PciDevice> Pausable for PciAdapter<D> {
-    fn pause(&mut self) -> Result<(), MigratableError> {
-        self.device.pause()
-    }
-
-    fn resume(&mut self) -> Result<(), MigratableError> {
-        self.device.resume()
+/// The server drives the wrapped device's lifecycle directly.
+impl<D: PciDevice> AsLifecycle for PciAdapter<D> {
+    fn lifecycle(&mut self) -> &mut dyn Lifecycle {
+        &mut self.device
     }
 }
-
-impl<D: PciDevice> Snapshottable for PciAdapter<D> {
-    fn id(&self) -> String {
-        self.device
-            .id()
-            .unwrap_or_else(|| self.device.snapshot_kind())
-    }
-
-    fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
-        self.device.snapshot()
-    }
-}
-
-impl<D: PciDevice> Transportable for PciAdapter<D> {}
-
-impl<D: PciDevice> Migratable for PciAdapter<D> {}
 
 impl<D: PciDevice> Device for PciAdapter<D> {
     fn region(&self, index: u32) -> RegionDescription {
         if index == PCI_CONFIG_REGION_INDEX {
             return RegionDescription {
-                size: self.device.config_space_size(),
+                size: self.config_space_size,
                 read: true,
                 write: true,
                 mmap: None,
@@ -181,11 +204,7 @@ impl<D: PciDevice> Device for PciAdapter<D> {
     }
 
     fn irq_layout(&self) -> Vec<IrqIndexInfo> {
-        IrqIndexInfo::pci_layout(
-            self.device.has_intx(),
-            self.device.msi_vectors(),
-            self.device.msix_vectors(),
-        )
+        self.irq_layout.clone()
     }
 
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
@@ -202,79 +221,28 @@ impl<D: PciDevice> Device for PciAdapter<D> {
             return self.config_write(offset, data);
         }
         let bar = self.bar(index).ok_or(DeviceError::InvalidAccess)?;
-        wait(self.device.write_bar(bar.addr, offset, data));
+        self.device.write_bar(bar.addr, offset, data);
         Ok(())
-    }
-
-    fn reset(&mut self, reason: ResetReason) {
-        self.device.reset(reason);
-    }
-
-    fn dma_unmapping(&mut self, address: u64, size: u64) {
-        self.device.dma_unmapping(address, size);
-    }
-
-    fn irq_mask_changed(&mut self, index: u32, start: u32, count: u32, masked: bool) {
-        self.device.irq_mask_changed(index, start, count, masked);
-    }
-
-    fn event_fds(&self) -> Vec<RawFd> {
-        self.device.event_fds()
-    }
-
-    fn handle_event(&mut self, fd: RawFd) {
-        self.device.handle_event(fd);
-    }
-
-    fn run_deferred(&mut self) -> bool {
-        self.device.run_deferred()
-    }
-
-    fn pause(&mut self) -> Result<(), MigratableError> {
-        self.device.pause()
-    }
-
-    fn resume(&mut self) -> Result<(), MigratableError> {
-        self.device.resume()
-    }
-
-    fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
-        self.device.snapshot()
-    }
-
-    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigratableError> {
-        self.device.restore(snapshot)
-    }
-
-    fn migratable(&self) -> bool {
-        self.device.migratable()
-    }
-
-    fn snapshot_kind(&self) -> String {
-        self.device.snapshot_kind()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::any::Any;
-
     use super::*;
+    use crate::device::ResetReason;
     use crate::irq::Irqs;
     use crate::pci::{
-        MsixCap, MsixTable, PciBarPrefetchable, PciConfiguration, PciConfigurationParams,
-        PciExpressCap, PmCap,
+        PciBarPrefetchable, PciConfigurationParams, PciExpressCap, PciFunction, PmCap,
     };
+    use crate::vm_migration::{Migratable, Pausable, Snapshottable, Transportable};
     use crate::wire::{PCI_MSIX_IRQ_INDEX, PCI_ROM_REGION_INDEX, PCI_VGA_REGION_INDEX};
 
     const MSIX_VECTORS: u16 = 8;
     const PBA_OFFSET: u64 = 0x1000;
 
     struct TestDevice {
-        config: PciConfiguration,
-        msix: MsixTable,
+        pci: PciFunction,
         irqs: Irqs,
-        bars: Vec<PciBarConfiguration>,
         bar0: Vec<u8>,
         bar4: Vec<u8>,
         accesses: Vec<(u64, u64, usize)>,
@@ -282,46 +250,22 @@ mod tests {
 
     impl TestDevice {
         fn new() -> Self {
-            let mut config = PciConfiguration::new(PciConfigurationParams {
-                vendor_id: 0x1234,
-                device_id: 0x5678,
-                revision_id: 2,
-                class_code: 0xff,
-                subclass: 0,
-                prog_if: 0,
-                subsystem_vendor_id: 0x1234,
-                subsystem_id: 1,
-                pcie: true,
-                interrupt_pin: 1,
-            });
-            config
-                .add_capability(&MsixCap::new(MSIX_VECTORS, 2, 0, 2, PBA_OFFSET as u32))
-                .unwrap();
-            config.add_capability(&PciExpressCap::endpoint()).unwrap();
-            config.add_capability(&PmCap::new()).unwrap();
             let irqs = Irqs::default();
-            irqs.configure(&IrqIndexInfo::pci_layout(true, 0, MSIX_VECTORS.into()));
-            TestDevice {
-                config,
-                msix: MsixTable::new(MSIX_VECTORS),
-                irqs,
-                bars: Vec::new(),
-                bar0: vec![0; 0x1000],
-                bar4: vec![0; 0x100],
-                accesses: Vec::new(),
-            }
-        }
-
-        fn bar_index(&self, base: u64) -> Option<usize> {
-            self.bars.iter().find(|b| b.addr == base).map(|b| b.idx)
-        }
-    }
-
-    impl PciDevice for TestDevice {
-        fn allocate_bars(
-            &mut self,
-            allocator: &mut BarAllocator,
-        ) -> Result<Vec<PciBarConfiguration>, PciDeviceError> {
+            let mut pci = PciFunction::new(
+                PciConfigurationParams {
+                    vendor_id: 0x1234,
+                    device_id: 0x5678,
+                    revision_id: 2,
+                    class_code: 0xff,
+                    subclass: 0,
+                    prog_if: 0,
+                    subsystem_vendor_id: 0x1234,
+                    subsystem_id: 1,
+                    pcie: true,
+                    interrupt_pin: 1,
+                },
+                irqs.clone(),
+            );
             let np = PciBarPrefetchable::NotPrefetchable;
             for (idx, size, t, p) in [
                 (0, 0x1000, PciBarRegionType::Memory32BitRegion, np),
@@ -333,71 +277,70 @@ mod tests {
                 ),
                 (4, 0x100, PciBarRegionType::IoRegion, np),
             ] {
-                let addr = allocator
-                    .allocate(size)
-                    .ok_or(PciDeviceError::InvalidBar(idx))?;
-                let bar = PciBarConfiguration::new(idx, size, t, p).set_address(addr);
-                self.config.add_pci_bar(&bar)?;
-                self.bars.push(bar);
+                pci.add_bar(PciBarConfiguration::new(idx, size, t, p))
+                    .unwrap();
             }
-            Ok(self.bars.clone())
+            pci.add_msix(MSIX_VECTORS, 2, 0, PBA_OFFSET).unwrap();
+            pci.add_capability(&PciExpressCap::endpoint()).unwrap();
+            pci.add_capability(&PmCap::new()).unwrap();
+            irqs.configure(&IrqIndexInfo::pci_layout(true, 0, MSIX_VECTORS.into()));
+            TestDevice {
+                pci,
+                irqs,
+                bar0: vec![0; 0x1000],
+                bar4: vec![0; 0x100],
+                accesses: Vec::new(),
+            }
+        }
+    }
+
+    impl Pausable for TestDevice {}
+    impl Snapshottable for TestDevice {}
+    impl Transportable for TestDevice {}
+    impl Migratable for TestDevice {}
+
+    impl Lifecycle for TestDevice {
+        fn reset(&mut self, _reason: ResetReason) {
+            self.pci.reset();
+        }
+    }
+
+    impl PciDevice for TestDevice {
+        fn allocate_bars(
+            &mut self,
+            allocator: &mut BarAllocator,
+        ) -> Result<Vec<PciBarConfiguration>, PciDeviceError> {
+            self.pci.allocate_bars(allocator)
         }
 
-        fn write_config_register(
-            &mut self,
-            reg_idx: usize,
-            offset: u64,
-            data: &[u8],
-        ) -> Option<Arc<Barrier>> {
-            self.config.write_config_register(reg_idx, offset, data);
-            None
+        fn write_config_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
+            self.pci.write_config_register(reg_idx, offset, data);
         }
 
         fn read_config_register(&mut self, reg_idx: usize) -> u32 {
-            self.config.read_reg(reg_idx)
+            self.pci.read_config_register(reg_idx)
         }
 
         fn read_bar(&mut self, base: u64, offset: u64, data: &mut [u8]) {
             self.accesses.push((base, offset, data.len()));
             let o = offset as usize;
-            match self.bar_index(base) {
+            match self.pci.bar_index(base) {
+                Some(bar) if self.pci.read_bar(bar, offset, data) => {}
                 Some(0) => data.copy_from_slice(&self.bar0[o..o + data.len()]),
                 Some(4) => data.copy_from_slice(&self.bar4[o..o + data.len()]),
-                Some(2) if offset >= PBA_OFFSET => {
-                    self.msix.read_pba(offset - PBA_OFFSET, data, &self.irqs)
-                }
-                Some(2) => self.msix.read_table(offset, data),
                 _ => data.fill(0xff),
             }
         }
 
-        fn write_bar(&mut self, base: u64, offset: u64, data: &[u8]) -> Option<Arc<Barrier>> {
+        fn write_bar(&mut self, base: u64, offset: u64, data: &[u8]) {
             self.accesses.push((base, offset, data.len()));
             let o = offset as usize;
-            match self.bar_index(base) {
+            match self.pci.bar_index(base) {
+                Some(bar) if self.pci.write_bar(bar, offset, data) => {}
                 Some(0) => self.bar0[o..o + data.len()].copy_from_slice(data),
                 Some(4) => self.bar4[o..o + data.len()].copy_from_slice(data),
-                Some(2) if offset < PBA_OFFSET => self.msix.write_table(offset, data),
                 _ => {}
             }
-            None
-        }
-
-        fn as_any_mut(&mut self) -> &mut dyn Any {
-            self
-        }
-
-        fn config_space_size(&self) -> u64 {
-            self.config.size()
-        }
-
-        fn msix_vectors(&self) -> u32 {
-            MSIX_VECTORS.into()
-        }
-
-        fn reset(&mut self, _reason: ResetReason) {
-            self.config.reset();
-            self.msix.reset();
         }
     }
 
@@ -506,17 +449,17 @@ mod tests {
         assert_eq!(cfg_read(&mut a, msix) >> 16, 7);
         assert_eq!(cfg_read(&mut a, msix + 4), 2);
         assert_eq!(cfg_read(&mut a, msix + 8), 0x1002);
-        assert!(!a.device().config.msix_enabled());
+        assert!(!a.device().pci.config().msix_enabled());
         // Enable through a 2-byte write of the message control.
         let control = (cfg_read(&mut a, msix) >> 16) as u16 | 0x8000;
         a.region_write(PCI_CONFIG_REGION_INDEX, msix + 2, &control.to_le_bytes())
             .unwrap();
-        assert!(a.device().config.msix_enabled());
-        assert!(!a.device().config.msix_function_masked());
+        assert!(a.device().pci.config().msix_enabled());
+        assert!(!a.device().pci.config().msix_function_masked());
         // Table size is read-only.
         assert_eq!(cfg_read(&mut a, msix) >> 16, 0x8007);
-        a.reset(ResetReason::Command);
-        assert!(!a.device().config.msix_enabled());
+        a.lifecycle().reset(ResetReason::Command);
+        assert!(!a.device().pci.config().msix_enabled());
     }
 
     #[test]
@@ -581,7 +524,6 @@ mod tests {
         assert_eq!(a.device().bar4[0x10..0x12], [9, 8]);
         // MSI-X table write/read and a PBA read through BAR2.
         a.region_write(2, 0x1c, &0u32.to_le_bytes()).unwrap();
-        assert!(!a.device().msix.vector_masked(1));
         a.device().irqs.trigger(PCI_MSIX_IRQ_INDEX, 3).unwrap();
         let mut q = [0u8; 8];
         a.region_read(2, PBA_OFFSET, &mut q).unwrap();
@@ -612,19 +554,20 @@ mod tests {
         ) -> Result<Vec<PciBarConfiguration>, PciDeviceError> {
             Ok(self.0.clone())
         }
-        fn write_config_register(&mut self, _: usize, _: u64, _: &[u8]) -> Option<Arc<Barrier>> {
-            None
-        }
+        fn write_config_register(&mut self, _: usize, _: u64, _: &[u8]) {}
         fn read_config_register(&mut self, _: usize) -> u32 {
             0
         }
         fn read_bar(&mut self, _: u64, _: u64, _: &mut [u8]) {}
-        fn write_bar(&mut self, _: u64, _: u64, _: &[u8]) -> Option<Arc<Barrier>> {
-            None
-        }
-        fn as_any_mut(&mut self) -> &mut dyn Any {
-            self
-        }
+        fn write_bar(&mut self, _: u64, _: u64, _: &[u8]) {}
+    }
+
+    impl Pausable for BadBars {}
+    impl Snapshottable for BadBars {}
+    impl Transportable for BadBars {}
+    impl Migratable for BadBars {}
+    impl Lifecycle for BadBars {
+        fn reset(&mut self, _reason: ResetReason) {}
     }
 
     #[test]

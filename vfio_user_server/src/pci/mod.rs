@@ -1,23 +1,21 @@
-//! PCI devices: a Cloud-Hypervisor-shaped [`PciDevice`] trait, config space
-//! emulation ([`PciConfiguration`]) and the [`PciAdapter`] that serves any
-//! `PciDevice` over vfio-user.
+//! PCI devices: a Cloud-Hypervisor-shaped [`PciDevice`] trait, the PCI
+//! function core devices embed ([`PciFunction`]: config space emulation
+//! with [`PciConfiguration`], BARs, MSI-X with [`MsixTable`], MSI, INTx),
+//! and the [`PciAdapter`] that serves any `PciDevice` over vfio-user.
 
 mod adapter;
 mod configuration;
+mod function;
 mod msix;
 
 pub use adapter::PciAdapter;
 pub use configuration::*;
+pub use function::{InterruptMode, PciFunction, PciFunctionState};
 pub use msix::*;
-
-use std::any::Any;
-use std::os::fd::RawFd;
-use std::sync::{Arc, Barrier};
 
 use thiserror::Error;
 
-use crate::device::{RegionMmap, ResetReason};
-use crate::vm_migration::{MigratableError, Snapshot};
+use crate::device::{Lifecycle, RegionMmap};
 
 /// Errors of the PCI layer.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -118,10 +116,21 @@ impl BarAllocator {
     }
 }
 
-/// A PCI device in Cloud Hypervisor's shape, plus the hooks a vfio-user
-/// server needs (reset, shared-memory BARs, event fds, migration).
-pub trait PciDevice: Send {
-    /// Declares the BARs, taking their addresses from `allocator`.
+/// A PCI device in Cloud Hypervisor's shape, served by [`PciAdapter`].
+///
+/// The five methods are those of Cloud Hypervisor's `pci::PciDevice`,
+/// minus what a vfio-user server never uses: accesses are synchronous (the
+/// server replies once the call returns), so there are no barriers for a
+/// vCPU to wait on, and BARs never move (the VMM owns guest addresses). A
+/// device normally embeds a [`PciFunction`] and answers the configuration
+/// accesses, BAR allocation and the MSI-X windows through it. The adapter
+/// reads the interrupt layout (INTx pin, MSI and MSI-X capabilities) and
+/// the configuration space size (PCI Express or not) from the
+/// configuration space itself, as the kernel's vfio-pci does; everything
+/// else the server tells the device goes through [`Lifecycle`].
+pub trait PciDevice: Lifecycle {
+    /// Declares the BARs, taking their addresses from `allocator`; called
+    /// once, by [`PciAdapter::new`].
     fn allocate_bars(
         &mut self,
         allocator: &mut BarAllocator,
@@ -129,12 +138,7 @@ pub trait PciDevice: Send {
 
     /// Writes `data` at byte `offset` of the 32-bit config register
     /// `reg_idx`.
-    fn write_config_register(
-        &mut self,
-        reg_idx: usize,
-        offset: u64,
-        data: &[u8],
-    ) -> Option<Arc<Barrier>>;
+    fn write_config_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]);
 
     /// Reads the 32-bit config register `reg_idx`.
     fn read_config_register(&mut self, reg_idx: usize) -> u32;
@@ -143,97 +147,11 @@ pub trait PciDevice: Send {
     fn read_bar(&mut self, base: u64, offset: u64, data: &mut [u8]);
 
     /// Writes to the BAR allocated at `base`.
-    fn write_bar(&mut self, base: u64, offset: u64, data: &[u8]) -> Option<Arc<Barrier>>;
-
-    /// Relocation notice (kept for Cloud Hypervisor compatibility).
-    fn move_bar(&mut self, _old_base: u64, _new_base: u64) -> Result<(), std::io::Error> {
-        Ok(())
-    }
-
-    /// For downcasting.
-    fn as_any_mut(&mut self) -> &mut dyn Any;
-
-    /// Device id for logs and snapshots.
-    fn id(&self) -> Option<String> {
-        None
-    }
-
-    /// Size of the config space: 256 (conventional) or 4096 (PCIe).
-    fn config_space_size(&self) -> u64 {
-        256
-    }
-
-    /// Resets the device to power-on state.
-    fn reset(&mut self, _reason: ResetReason) {}
+    fn write_bar(&mut self, base: u64, offset: u64, data: &[u8]);
 
     /// Shared-memory backing of BAR `idx`, offered to the client as sparse
     /// mmap areas.
     fn bar_mmap(&self, _idx: usize) -> Option<RegionMmap> {
         None
-    }
-
-    /// Number of MSI-X vectors (0: none).
-    fn msix_vectors(&self) -> u32 {
-        0
-    }
-
-    /// Number of MSI vectors (0: none).
-    fn msi_vectors(&self) -> u32 {
-        0
-    }
-
-    /// Whether the device has an INTx pin.
-    fn has_intx(&self) -> bool {
-        true
-    }
-
-    /// Called before a DMA range disappears.
-    fn dma_unmapping(&mut self, _address: u64, _size: u64) {}
-
-    /// SET_IRQS mask/unmask notification.
-    fn irq_mask_changed(&mut self, _index: u32, _start: u32, _count: u32, _masked: bool) {}
-
-    /// fds for the event loop to watch.
-    fn event_fds(&self) -> Vec<RawFd> {
-        Vec::new()
-    }
-
-    /// `fd` is readable.
-    fn handle_event(&mut self, _fd: RawFd) {}
-
-    /// Work deferred by a BAR access, run after the reply went out (see
-    /// [`crate::Device::run_deferred`]); returns whether work is left.
-    fn run_deferred(&mut self) -> bool {
-        false
-    }
-
-    /// Kind of device recorded in snapshots (e.g. `"virtio-blk"`).
-    fn snapshot_kind(&self) -> String {
-        String::from("pci-device")
-    }
-
-    /// Whether the migration hooks below are implemented.
-    fn migratable(&self) -> bool {
-        false
-    }
-
-    /// Stops device activity, draining in-flight requests.
-    fn pause(&mut self) -> Result<(), MigratableError> {
-        Err(MigratableError::Unsupported)
-    }
-
-    /// Resumes device activity.
-    fn resume(&mut self) -> Result<(), MigratableError> {
-        Err(MigratableError::Unsupported)
-    }
-
-    /// Device-model state (config space is saved by the adapter).
-    fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
-        Err(MigratableError::Unsupported)
-    }
-
-    /// Restores device-model state.
-    fn restore(&mut self, _snapshot: &Snapshot) -> Result<(), MigratableError> {
-        Err(MigratableError::Unsupported)
     }
 }

@@ -5,11 +5,13 @@
 
 use log::{debug, info};
 
-use crate::device::Device;
-use crate::guest_memory::{clear_dirty, take_dirty_bitmap, DmaRange, GuestMemory, DIRTY_PAGE_SIZE};
+use super::connection::Reply;
+use super::saved_state::{load_stream, save_stream};
+use crate::device::Lifecycle;
+use crate::guest_memory::{
+    clear_dirty, mark_dirty, take_dirty_bitmap, DmaRange, GuestMemory, DIRTY_PAGE_SIZE,
+};
 use crate::irq::Irqs;
-use crate::server::Reply;
-use crate::server::{load_device_state, save_device_state};
 use crate::wire::*;
 
 /// Most tracked 4 KiB pages one DMA_LOGGING_REPORT may cover (256 GiB).
@@ -73,7 +75,7 @@ impl MigState {
 /// the control socket holds it paused.
 pub(crate) struct DeviceSide<'a> {
     /// The device.
-    pub device: &'a mut dyn Device,
+    pub device: &'a mut dyn Lifecycle,
     /// Its interrupt state (saved with it).
     pub irqs: &'a Irqs,
     /// Paused through the control socket: never resumed by migration.
@@ -122,7 +124,12 @@ impl MigrationState {
     /// Client gone: back to RUNNING, streams dropped, logging off. A device
     /// the migration state stopped is resumed, unless the control socket
     /// holds it paused (`held`).
-    pub(crate) fn reset(&mut self, device: &mut dyn Device, held: bool) {
+    pub(crate) fn reset(&mut self, device: &mut dyn Lifecycle, held: bool) {
+        if self.logging.is_some() {
+            if let Err(e) = device.stop_dirty_log() {
+                log::warn!("stopping the device's dirty log: {e}");
+            }
+        }
         if self.device_stopped() && !held {
             let _ = device.resume();
         }
@@ -240,13 +247,21 @@ impl MigrationState {
                 }
                 if self.logging.is_none() {
                     clear_dirty(mem);
+                    if let Err(e) = side.device.start_dirty_log() {
+                        log::warn!("the device cannot log dirty pages: {e}");
+                        return Reply::Err(libc::EIO);
+                    }
                 }
                 self.logging = Some(page);
                 info!("dirty page logging started ({page} byte pages)");
                 Reply::data(payload.to_vec())
             }
             (DEVICE_FEATURE_DMA_LOGGING_STOP, _) => {
-                self.logging = None;
+                if self.logging.take().is_some() {
+                    if let Err(e) = side.device.stop_dirty_log() {
+                        log::warn!("stopping the device's dirty log: {e}");
+                    }
+                }
                 Reply::data(payload.to_vec())
             }
             (DEVICE_FEATURE_DMA_LOGGING_REPORT, _) => {
@@ -283,6 +298,19 @@ impl MigrationState {
                     || (f.argsz as u64) < (DeviceFeature::SIZE + 24) as u64 + bitmap_len
                 {
                     return Reply::Err(libc::EINVAL);
+                }
+                // Pages the device wrote behind vm-memory's back join the
+                // bitmaps first, so none is lost to a report elsewhere.
+                match side.device.dirty_log() {
+                    Ok(table) => {
+                        for r in &table.data {
+                            mark_dirty(mem, r.gpa, r.length);
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!("the device's dirty log: {e}");
+                        return Reply::Err(libc::EIO);
+                    }
                 }
                 let Some(bitmap) = take_dirty_bitmap(mem, iova, length, page) else {
                     return Reply::Err(libc::EINVAL);
@@ -329,22 +357,39 @@ impl MigrationState {
                 }
             }
             (Running, PreCopy) => {
+                if let Err(e) = device.start_migration() {
+                    return Err(fail(self, e.to_string()));
+                }
                 // Everything the device has is saved in STOP_COPY; nothing
                 // is worth sending while it still runs.
                 self.out.clear();
                 self.out_pos = 0;
             }
-            (PreCopy, Running) | (StopCopy, Stop) => {
+            (PreCopy, Running) => {
                 self.out = Vec::new();
                 self.out_pos = 0;
             }
+            (StopCopy, Stop) => {
+                self.out = Vec::new();
+                self.out_pos = 0;
+                // The client read the state (or gave up on it): the
+                // source's part of the migration is over.
+                if let Err(e) = device.complete_migration() {
+                    return Err(fail(self, e.to_string()));
+                }
+            }
             (PreCopy, StopCopy) | (Stop, StopCopy) => {
+                if from == Stop {
+                    if let Err(e) = device.start_migration() {
+                        return Err(fail(self, e.to_string()));
+                    }
+                }
                 if from == PreCopy {
                     if let Err(e) = device.pause() {
                         return Err(fail(self, e.to_string()));
                     }
                 }
-                match save_device_state(device, irqs) {
+                match save_stream(device, irqs) {
                     Ok(b) => {
                         self.out = b;
                         self.out_pos = 0;
@@ -355,7 +400,7 @@ impl MigrationState {
             (Stop, Resuming) => self.incoming.clear(),
             (Resuming, Stop) => {
                 let bytes = std::mem::take(&mut self.incoming);
-                if let Err(e) = load_device_state(device, irqs, &bytes) {
+                if let Err(e) = load_stream(device, irqs, &bytes) {
                     // The device keeps its previous state; a bad stream is
                     // refused, not half-applied.
                     log::warn!("refusing migration stream: {e}");

@@ -1,0 +1,43 @@
+//! Server settings.
+
+use crate::guest_memory::DmaLimits;
+use crate::wire::{RegionAccess, DEFAULT_MAX_DATA_XFER_SIZE, HEADER_SIZE};
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Largest REGION_READ/WRITE, MIG_DATA size we receive.
+    pub max_data_xfer_size: u32,
+    /// DMA limits.
+    pub dma_limits: DmaLimits,
+    /// Advertise and accept REGION_WRITE_MULTI.
+    pub write_multiple: bool,
+    /// Mode of the socket file.
+    pub socket_mode: u32,
+    /// Largest migration stream accepted in RESUMING (and largest snapshot
+    /// file read).
+    pub max_migration_bytes: usize,
+    /// Replies queued for a client that does not read before we stop
+    /// reading it.
+    pub max_queued_reply_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_data_xfer_size: DEFAULT_MAX_DATA_XFER_SIZE,
+            dma_limits: DmaLimits::default(),
+            write_multiple: true,
+            socket_mode: 0o600,
+            max_migration_bytes: 256 << 20,
+            max_queued_reply_bytes: 4 << 20,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Largest message we accept: a region write of the maximum size.
+    pub fn max_msg_size(&self) -> usize {
+        HEADER_SIZE + RegionAccess::SIZE + self.max_data_xfer_size as usize
+    }
+}

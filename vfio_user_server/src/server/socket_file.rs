@@ -1,0 +1,139 @@
+//! The listening socket and the file it is bound to: a stale socket left
+//! by a killed server is taken over, anything else at the path is refused,
+//! the socket appears at its path only once it listens (with its mode
+//! already set), and the file goes away with the server.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use log::info;
+use thiserror::Error;
+
+/// Errors setting up a server.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// The socket path is taken.
+    #[error("socket path {0} already exists")]
+    PathExists(PathBuf),
+    /// bind/listen failed.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(PathBuf, #[source] io::Error),
+    /// Setting permissions failed.
+    #[error("cannot set permissions of {0}: {1}")]
+    Permissions(PathBuf, #[source] io::Error),
+    /// Socket I/O failed.
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A non-blocking listening socket, and the path it is bound to if we
+/// bound it (removed on drop).
+pub(super) struct SocketFile {
+    listener: UnixListener,
+    path: Option<PathBuf>,
+}
+
+impl SocketFile {
+    /// Binds `path`, which must not exist unless it is a socket nobody
+    /// listens on, with permissions `mode`.
+    pub(super) fn bind(path: &Path, mode: u32) -> Result<SocketFile, ServerError> {
+        if let Ok(meta) = path.symlink_metadata() {
+            // A socket nobody listens on is what a killed server leaves
+            // behind: take it over. Anything else is somebody's file.
+            use std::os::unix::fs::FileTypeExt;
+            let stale = meta.file_type().is_socket()
+                && UnixStream::connect(path)
+                    .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused);
+            if !stale {
+                return Err(ServerError::PathExists(path.to_path_buf()));
+            }
+            info!("removing stale socket {}", path.display());
+            std::fs::remove_file(path).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
+        }
+        // Bind and listen under a temporary name, then move the socket into
+        // place: a client that sees the path can connect at once.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let listener =
+            UnixListener::bind(&tmp).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
+        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| ServerError::Permissions(path.to_path_buf(), e))
+            .and_then(|()| rename_noreplace(&tmp, path));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let mut s = Self::from_listener(listener)?;
+        s.path = Some(path.to_path_buf());
+        Ok(s)
+    }
+
+    /// Uses a socket that already listens (its file, if any, is the
+    /// caller's).
+    pub(super) fn from_listener(listener: UnixListener) -> Result<SocketFile, ServerError> {
+        listener.set_nonblocking(true)?;
+        Ok(SocketFile {
+            listener,
+            path: None,
+        })
+    }
+
+    /// The listening socket.
+    pub(super) fn listener(&self) -> &UnixListener {
+        &self.listener
+    }
+
+    /// The listening socket's fd.
+    pub(super) fn fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    /// The path, if we bound it.
+    pub(super) fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Renames `from` to `to`, failing if `to` exists.
+fn rename_noreplace(from: &Path, to: &Path) -> Result<(), ServerError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+    let (Ok(f), Ok(t)) = (c(from), c(to)) else {
+        return Err(ServerError::Bind(
+            to.to_path_buf(),
+            io::ErrorKind::InvalidInput.into(),
+        ));
+    };
+    // SAFETY: two valid NUL-terminated paths; no memory is retained.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EEXIST) {
+        Err(ServerError::PathExists(to.to_path_buf()))
+    } else {
+        Err(ServerError::Bind(to.to_path_buf(), e))
+    }
+}
