@@ -1,288 +1,426 @@
-//! Command-line parsing of `vfio-user-device`.
+//! Command line of `vfio-user-device`: one subcommand per device kind (see
+//! [`crate::devices`]), the options every kind shares, and the `api` client.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 
-use backends::storage::MAX_IO_THREADS;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{value_parser, Args, CommandFactory, Parser, Subcommand};
+use log::LevelFilter;
 use thiserror::Error;
 
-/// Usage text.
-pub const USAGE: &str = "\
-usage: vfio-user-device virtio-blk --socket PATH [options]
-       vfio-user-device api --api-socket PATH pause|resume|status|snapshot FILE
+use crate::devices::DeviceKind;
 
-Serves a virtio-blk PCI device over vfio-user on the UNIX socket PATH, for
-Cloud Hypervisor (--user-device socket=PATH) or QEMU 10.1+
-(-device '{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"PATH\"}}').
-Guest memory must be shared with this process (see the start-up text).
-
-options:
-  --socket PATH        socket to listen on (a stale socket left by a killed
-                       daemon is replaced; any other existing file is refused)
-  --disk FILE          raw image to serve (default: a 64 MiB in-memory disk)
-  --readonly           refuse guest writes
-  --direct             open the image with O_DIRECT
-  --num-queues N       request queues (default 1, at most 16)
-  --queue-size N       descriptors per queue, a power of two (default 256, at most 1024)
-  --socket-mode MODE   octal permissions of the socket (default 600)
-  --busy-poll-us N     keep polling N µs after each burst of messages before
-                       sleeping (lower latency, more CPU; default 0 = off)
-  --io-threads N       run reads, writes and flushes on N threads, so that
-                       requests that wait for the disk overlap (for --direct
-                       or slow storage; default 0 = on the event loop)
-  --api-socket PATH    control socket for pause, resume, snapshot, status
-  --restore FILE       start from a snapshot taken with `api ... snapshot`
-  -h, --help           this text
-
-Logging: RUST_LOG=debug|info|warn (default info).";
-
-/// Errors in the command line.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum CliError {
-    /// Help was asked for.
-    #[error("help requested")]
-    Help,
-    /// Missing or unknown device kind.
-    #[error("expected a device kind (virtio-blk)")]
-    NoDevice,
-    /// Unknown device kind.
-    #[error("unknown device kind '{0}' (expected virtio-blk)")]
-    UnknownDevice(String),
-    /// Unknown option.
-    #[error("unknown option '{0}'")]
-    UnknownOption(String),
-    /// Option without its value.
-    #[error("option {0} needs a value")]
-    MissingValue(String),
-    /// Value that does not parse or is out of range.
-    #[error("invalid value '{1}' for {0}: {2}")]
-    BadValue(String, String, String),
-    /// --socket is required.
-    #[error("--socket PATH is required")]
-    NoSocket,
+/// Serves a PCI device over vfio-user on a UNIX socket, for Cloud Hypervisor
+/// (--user-device socket=PATH) or QEMU 10.1+
+/// (-device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"PATH"}}').
+/// Guest memory must be shared with this process (see the start-up text).
+#[derive(Debug, Parser)]
+// Help is not wrapped to the terminal (that needs another dependency): the
+// longer texts are broken by hand and kept verbatim.
+#[command(
+    name = "vfio-user-device",
+    version,
+    verbatim_doc_comment,
+    disable_help_subcommand = true,
+    // Like the hand-written parser this replaces: a repeated option wins.
+    args_override_self = true
+)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
 }
 
-/// Parsed options.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Options {
-    /// Socket path.
+/// The daemon's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// One subcommand per device kind.
+    #[command(flatten)]
+    Device(DeviceKind),
+    /// Sends a command to a running daemon's --api-socket and prints its reply
+    Api(ApiArgs),
+}
+
+/// Options every device kind takes, flattened into each kind's subcommand.
+#[derive(Clone, Debug, PartialEq, Eq, Args)]
+#[command(next_help_heading = "Common options")]
+pub struct CommonOptions {
+    /// Socket to listen on (a stale socket left by a killed daemon
+    /// is replaced; any other existing file is refused)
+    #[arg(long, value_name = "PATH", verbatim_doc_comment)]
     pub socket: PathBuf,
-    /// Image file, or None for the in-memory disk.
-    pub disk: Option<PathBuf>,
-    /// Read-only disk.
-    pub readonly: bool,
-    /// O_DIRECT.
-    pub direct: bool,
-    /// Number of request queues.
-    pub num_queues: u16,
-    /// Queue size.
-    pub queue_size: u16,
-    /// Socket file mode.
+    /// Octal permissions of the socket
+    #[arg(long, value_name = "MODE", default_value = "600", value_parser = parse_socket_mode)]
     pub socket_mode: u32,
-    /// Control socket.
+    /// Control socket for pause, resume, snapshot, status (see `api`)
+    #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
-    /// Snapshot to start from.
+    /// Start from a snapshot taken with `api ... snapshot`
+    #[arg(long, value_name = "FILE")]
     pub restore: Option<PathBuf>,
-    /// Busy-poll window of the event loop, in microseconds.
+    /// Keep polling N µs after each burst of messages before
+    /// sleeping (lower latency, more CPU; 0 = off)
+    #[arg(
+        long,
+        value_name = "N",
+        verbatim_doc_comment,
+        default_value_t = 0,
+        value_parser = value_parser!(u32).range(0..=1_000_000)
+    )]
     pub busy_poll_us: u32,
-    /// I/O threads of the device (0: I/O on the event loop).
-    pub io_threads: usize,
+    /// Log level on stderr: error, warn, info, debug or trace
+    /// (default: RUST_LOG, else info)
+    #[arg(
+        long,
+        value_name = "LEVEL",
+        verbatim_doc_comment,
+        hide_possible_values = true,
+        value_parser = PossibleValuesParser::new(["error", "warn", "info", "debug", "trace"])
+            .try_map(|s| s.parse::<LevelFilter>())
+    )]
+    pub log_level: Option<LevelFilter>,
 }
 
-/// An `api` client invocation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ApiCall {
-    /// The daemon's control socket.
-    pub socket: PathBuf,
-    /// Command name.
-    pub command: String,
-    /// Snapshot file for `snapshot`.
-    pub path: Option<String>,
+/// `api --api-socket PATH COMMAND`.
+#[derive(Clone, Debug, PartialEq, Eq, Args)]
+pub struct ApiArgs {
+    /// The daemon's control socket (its --api-socket)
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// What to ask.
+    #[command(subcommand)]
+    pub command: ApiCommand,
 }
 
-/// Parses `api --api-socket PATH COMMAND [FILE]`.
-pub fn parse_api(args: &[String]) -> Result<ApiCall, CliError> {
-    let mut socket = None;
-    let mut rest = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "-h" | "--help" => return Err(CliError::Help),
-            "--api-socket" => {
-                socket = Some(PathBuf::from(
-                    it.next().ok_or_else(|| CliError::MissingValue(a.clone()))?,
-                ))
-            }
-            _ => rest.push(a.clone()),
+/// The commands of the control socket.
+#[derive(Clone, Debug, PartialEq, Eq, Subcommand)]
+pub enum ApiCommand {
+    /// Pauses the device (no DMA, no interrupts), before a snapshot
+    Pause,
+    /// Resumes the device after pause
+    Resume,
+    /// Prints whether the device is paused and connected, and its migration state
+    Status,
+    /// Writes the paused device's state to FILE, for --restore
+    Snapshot {
+        /// Snapshot file to write (replaced as a whole)
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+impl ApiCommand {
+    /// The command's name on the control socket.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ApiCommand::Pause => "pause",
+            ApiCommand::Resume => "resume",
+            ApiCommand::Status => "status",
+            ApiCommand::Snapshot { .. } => "snapshot",
         }
     }
-    let socket = socket.ok_or_else(|| CliError::MissingValue("--api-socket".into()))?;
-    match rest.as_slice() {
-        [c] if c == "pause" || c == "resume" || c == "status" => Ok(ApiCall {
-            socket,
-            command: c.clone(),
-            path: None,
-        }),
-        [c, f] if c == "snapshot" => Ok(ApiCall {
-            socket,
-            command: c.clone(),
-            path: Some(f.clone()),
-        }),
-        [c, ..] => Err(CliError::UnknownOption(c.clone())),
-        [] => Err(CliError::BadValue(
-            "api".into(),
-            String::new(),
-            "pause, resume, status or snapshot FILE".into(),
-        )),
+
+    /// The file the command names, if any.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ApiCommand::Snapshot { file } => Some(file),
+            _ => None,
+        }
     }
 }
 
-fn number<T: std::str::FromStr>(
-    opt: &str,
-    v: &str,
-    ok: impl Fn(&T) -> bool,
-    why: &str,
-) -> Result<T, CliError> {
-    match v.parse::<T>() {
-        Ok(n) if ok(&n) => Ok(n),
-        _ => Err(CliError::BadValue(opt.into(), v.into(), why.into())),
-    }
+/// How the command line failed to give something to run.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CliError {
+    /// Help or the version was asked for: print this text and exit 0.
+    #[error("help requested")]
+    Help(String),
+    /// The command line is wrong: one line for the operator.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn parse_socket_mode(v: &str) -> Result<u32, String> {
+    u32::from_str_radix(v, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| "an octal mode, at most 777".to_string())
 }
 
 /// Parses the arguments after the program name.
-pub fn parse(args: &[String]) -> Result<Options, CliError> {
-    let mut it = args.iter();
-    let kind = match it.next() {
-        None => return Err(CliError::NoDevice),
-        Some(a) if a == "-h" || a == "--help" => return Err(CliError::Help),
-        Some(a) => a,
-    };
-    if kind != "virtio-blk" {
-        return Err(CliError::UnknownDevice(kind.clone()));
+pub fn parse<I, T>(args: I) -> Result<Cli, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let argv = std::iter::once(OsString::from("vfio-user-device")).chain(args.iter().cloned());
+    Cli::try_parse_from(argv).map_err(|e| match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => CliError::Help(e.to_string()),
+        _ => CliError::Invalid(one_line(
+            &e,
+            args.first().map(|a| a.to_string_lossy()).as_deref(),
+        )),
+    })
+}
+
+/// The device kinds, for messages.
+fn kinds() -> String {
+    let cmd = DeviceKind::augment_subcommands(clap::Command::new("kinds"));
+    let names: Vec<&str> = cmd.get_subcommands().map(|c| c.get_name()).collect();
+    names.join(", ")
+}
+
+fn strings(e: &clap::Error, kind: ContextKind) -> Vec<String> {
+    match e.get(kind) {
+        Some(ContextValue::String(s)) => vec![s.clone()],
+        Some(ContextValue::Strings(v)) => v.clone(),
+        _ => Vec::new(),
     }
-    let mut o = Options {
-        socket: PathBuf::new(),
-        disk: None,
-        readonly: false,
-        direct: false,
-        num_queues: 1,
-        queue_size: 256,
-        socket_mode: 0o600,
-        api_socket: None,
-        restore: None,
-        busy_poll_us: 0,
-        io_threads: 0,
-    };
-    let mut socket = None;
-    while let Some(a) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| CliError::MissingValue(a.clone()))
+}
+
+/// Renders a clap error as one line: clap's own text spans several lines
+/// (tips, usage) and callers print it after the program name.
+fn one_line(e: &clap::Error, first: Option<&str>) -> String {
+    let cmd = Cli::command();
+    let Some(sub) = first.and_then(|f| cmd.find_subcommand(f)) else {
+        // The first word is what is wrong: it must name a kind or `api`.
+        let kinds = kinds();
+        return match first {
+            None => format!("expected a device kind ({kinds})"),
+            Some(f) if f.starts_with('-') => {
+                format!("expected a device kind ({kinds}) before '{f}'")
+            }
+            Some(f) => format!("unknown device kind '{f}' (expected {kinds})"),
         };
-        match a.as_str() {
-            "-h" | "--help" => return Err(CliError::Help),
-            "--socket" => socket = Some(PathBuf::from(value()?)),
-            "--disk" => o.disk = Some(PathBuf::from(value()?)),
-            "--readonly" => o.readonly = true,
-            "--direct" => o.direct = true,
-            "--num-queues" => {
-                o.num_queues = number(a, &value()?, |n: &u16| (1..=16).contains(n), "1 to 16")?
+    };
+    let name = sub.get_name();
+    let commands = || {
+        let names: Vec<&str> = sub.get_subcommands().map(|c| c.get_name()).collect();
+        names.join(", ")
+    };
+    match e.kind() {
+        ErrorKind::MissingRequiredArgument => {
+            format!("missing {}", strings(e, ContextKind::InvalidArg).join(", "))
+        }
+        // The derive asks for help when a subcommand comes with nothing.
+        ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            format!("expected a command after '{name}' ({})", commands())
+        }
+        ErrorKind::InvalidSubcommand => format!(
+            "unknown command '{}' after '{name}' (expected {})",
+            strings(e, ContextKind::InvalidSubcommand).join(" "),
+            commands()
+        ),
+        kind => {
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or_default();
+            let mut line = line.strip_prefix("error: ").unwrap_or(line).to_string();
+            let suggested = strings(e, ContextKind::SuggestedArg);
+            if kind == ErrorKind::UnknownArgument && !suggested.is_empty() {
+                line.push_str(&format!(" (did you mean '{}'?)", suggested.join(" ")));
             }
-            "--queue-size" => {
-                o.queue_size = number(
-                    a,
-                    &value()?,
-                    |n: &u16| n.is_power_of_two() && (2..=1024).contains(n),
-                    "a power of two from 2 to 1024",
-                )?
-            }
-            "--api-socket" => o.api_socket = Some(PathBuf::from(value()?)),
-            "--busy-poll-us" => {
-                o.busy_poll_us = number(a, &value()?, |n: &u32| *n <= 1_000_000, "0 to 1000000")?
-            }
-            "--io-threads" => {
-                o.io_threads = number(a, &value()?, |n: &usize| *n <= MAX_IO_THREADS, "0 to 64")?
-            }
-            "--restore" => o.restore = Some(PathBuf::from(value()?)),
-            "--socket-mode" => {
-                let v = value()?;
-                o.socket_mode = u32::from_str_radix(&v, 8)
-                    .ok()
-                    .filter(|m| *m <= 0o777)
-                    .ok_or_else(|| CliError::BadValue(a.clone(), v.clone(), "octal mode".into()))?;
-            }
-            _ => return Err(CliError::UnknownOption(a.clone())),
+            line
         }
     }
-    o.socket = socket.ok_or(CliError::NoSocket)?;
-    Ok(o)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio_blk::VirtioBlkArgs;
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
+    fn parse_line(s: &str) -> Result<Cli, CliError> {
+        parse(s.split_whitespace())
+    }
+
+    fn blk(s: &str) -> VirtioBlkArgs {
+        match parse_line(s) {
+            Ok(Cli {
+                command: Command::Device(DeviceKind::VirtioBlk(a)),
+            }) => a,
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+
+    fn api(s: &str) -> ApiArgs {
+        match parse_line(s) {
+            Ok(Cli {
+                command: Command::Api(a),
+            }) => a,
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+
+    /// The one-line error for `s`.
+    fn error(s: &str) -> String {
+        match parse_line(s) {
+            Err(CliError::Invalid(e)) => {
+                assert_eq!(e.lines().count(), 1, "{s}: {e}");
+                e
+            }
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+
+    fn help(s: &str) -> String {
+        match parse_line(s) {
+            Err(CliError::Help(h)) => h,
+            other => panic!("{s}: {other:?}"),
+        }
     }
 
     #[test]
-    fn parses_and_refuses() {
-        let o = parse(&args(
-            "virtio-blk --socket /tmp/s --num-queues 2 --readonly",
-        ))
-        .unwrap();
-        assert_eq!(o.socket, PathBuf::from("/tmp/s"));
-        assert_eq!(o.num_queues, 2);
-        assert!(o.readonly);
-        assert_eq!(o.disk, None);
-        assert_eq!(parse(&args("virtio-blk")), Err(CliError::NoSocket));
-        assert_eq!(parse(&args("")), Err(CliError::NoDevice));
-        assert!(matches!(
-            parse(&args("net --socket x")),
-            Err(CliError::UnknownDevice(_))
-        ));
-        assert!(matches!(
-            parse(&args("virtio-blk --socket x --bogus")),
-            Err(CliError::UnknownOption(_))
-        ));
-        assert!(matches!(
-            parse(&args("virtio-blk --socket")),
-            Err(CliError::MissingValue(_))
-        ));
-        assert!(matches!(
-            parse(&args("virtio-blk --socket x --queue-size 100")),
-            Err(CliError::BadValue(..))
-        ));
-        assert!(matches!(
-            parse(&args("virtio-blk --socket x --num-queues 0")),
-            Err(CliError::BadValue(..))
-        ));
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_a_valid_line() {
+        let a = blk("virtio-blk --socket /tmp/s --num-queues 2 --readonly");
+        assert_eq!(a.common.socket, PathBuf::from("/tmp/s"));
+        assert_eq!(a.num_queues, 2);
+        assert!(a.readonly);
+        assert!(!a.direct);
+        assert_eq!(a.disk, None);
+        assert_eq!(a.queue_size, 256);
+        assert_eq!(a.io_threads, 0);
+        assert_eq!(a.common.socket_mode, 0o600);
+        assert_eq!(a.common.busy_poll_us, 0);
+        assert_eq!(a.common.api_socket, None);
+        assert_eq!(a.common.restore, None);
+        assert_eq!(a.common.log_level, None);
+        let a = blk("virtio-blk --socket s --disk d --direct --api-socket a --restore r");
+        assert_eq!(a.disk, Some(PathBuf::from("d")));
+        assert!(a.direct);
+        assert_eq!(a.common.api_socket, Some(PathBuf::from("a")));
+        assert_eq!(a.common.restore, Some(PathBuf::from("r")));
+        // As before: the last of a repeated option wins.
         assert_eq!(
-            parse(&args("virtio-blk --socket x --socket-mode 660"))
-                .unwrap()
+            blk("virtio-blk --socket a --socket b").common.socket,
+            PathBuf::from("b")
+        );
+    }
+
+    #[test]
+    fn refuses_with_one_line() {
+        assert!(error("virtio-blk").contains("--socket"));
+        assert_eq!(error(""), "expected a device kind (virtio-blk)");
+        assert_eq!(
+            error("net --socket x"),
+            "unknown device kind 'net' (expected virtio-blk)"
+        );
+        assert!(error("--socket x").contains("device kind"));
+        let e = error("virtio-blk --socket x --bogus");
+        assert!(e.contains("'--bogus'"), "{e}");
+        let e = error("virtio-blk --socket");
+        assert!(e.contains("--socket") && e.contains("value"), "{e}");
+        let e = error("virtio-blk --socket x --queue-size 100");
+        assert!(
+            e.contains("--queue-size") && e.contains("'100'") && e.contains("power of two"),
+            "{e}"
+        );
+        let e = error("virtio-blk --socket x --num-queues 0");
+        assert!(e.contains("--num-queues") && e.contains("'0'"), "{e}");
+        let e = error("virtio-blk --socket x --socket-mode 1777");
+        assert!(e.contains("--socket-mode") && e.contains("'1777'"), "{e}");
+        assert!(error("virtio-blk --socket x --socket-mode rw").contains("octal"));
+    }
+
+    #[test]
+    fn socket_mode_is_octal() {
+        assert_eq!(
+            blk("virtio-blk --socket x --socket-mode 660")
+                .common
                 .socket_mode,
             0o660
         );
-        assert_eq!(parse(&args("--help")), Err(CliError::Help));
+    }
+
+    #[test]
+    fn help_is_not_an_error() {
+        for line in ["--help", "-h"] {
+            let h = help(line);
+            assert!(h.contains("virtio-blk") && h.contains("api"), "{h}");
+        }
+        for line in [
+            "virtio-blk --help",
+            "virtio-blk -h",
+            "virtio-blk --socket x --help",
+        ] {
+            let h = help(line);
+            for opt in [
+                "--socket",
+                "--disk",
+                "--io-threads",
+                "--busy-poll-us",
+                "--log-level",
+            ] {
+                assert!(h.contains(opt), "{line}: no {opt} in {h}");
+            }
+        }
+        assert!(help("api --help").contains("--api-socket"));
+        assert!(help("api snapshot --help").contains("FILE"));
+    }
+
+    #[test]
+    fn busy_poll_range() {
         assert_eq!(
-            parse(&args("virtio-blk --socket x --busy-poll-us 50"))
-                .unwrap()
+            blk("virtio-blk --socket x --busy-poll-us 50")
+                .common
                 .busy_poll_us,
             50
         );
-        assert!(parse(&args("virtio-blk --socket x --busy-poll-us -1")).is_err());
+        assert!(error("virtio-blk --socket x --busy-poll-us -1").contains("-1"));
+        assert!(error("virtio-blk --socket x --busy-poll-us 1000001").contains("--busy-poll-us"));
+    }
+
+    #[test]
+    fn io_threads_range() {
+        assert_eq!(blk("virtio-blk --socket x --io-threads 4").io_threads, 4);
+        let e = error("virtio-blk --socket x --io-threads 65");
+        assert!(e.contains("--io-threads") && e.contains("'65'"), "{e}");
+    }
+
+    #[test]
+    fn log_level() {
         assert_eq!(
-            parse(&args("virtio-blk --socket x --io-threads 4"))
-                .unwrap()
-                .io_threads,
-            4
+            blk("virtio-blk --socket x --log-level debug")
+                .common
+                .log_level,
+            Some(LevelFilter::Debug)
         );
-        assert!(parse(&args("virtio-blk --socket x --io-threads 65")).is_err());
-        let a = parse_api(&args("--api-socket /a snapshot /f")).unwrap();
-        assert_eq!(a.command, "snapshot");
-        assert_eq!(a.path.as_deref(), Some("/f"));
-        assert!(parse_api(&args("--api-socket /a frobnicate")).is_err());
-        assert!(parse_api(&args("pause")).is_err());
+        for (name, level) in [
+            ("error", LevelFilter::Error),
+            ("warn", LevelFilter::Warn),
+            ("info", LevelFilter::Info),
+            ("trace", LevelFilter::Trace),
+        ] {
+            let line = format!("virtio-blk --socket x --log-level {name}");
+            assert_eq!(blk(&line).common.log_level, Some(level));
+        }
+        let e = error("virtio-blk --socket x --log-level loud");
+        assert!(e.contains("--log-level") && e.contains("'loud'"), "{e}");
+    }
+
+    #[test]
+    fn api_commands() {
+        let a = api("api --api-socket /a snapshot /f");
+        assert_eq!(a.api_socket, PathBuf::from("/a"));
+        assert_eq!(a.command.name(), "snapshot");
+        assert_eq!(a.command.path(), Some(Path::new("/f")));
+        for c in ["pause", "resume", "status"] {
+            let a = api(&format!("api --api-socket /a {c}"));
+            assert_eq!(a.command.name(), c);
+            assert_eq!(a.command.path(), None);
+        }
+        let e = error("api --api-socket /a frobnicate");
+        assert!(e.contains("frobnicate") && e.contains("pause"), "{e}");
+        assert!(error("api pause").contains("--api-socket"));
+        assert!(error("api --api-socket /a").contains("snapshot"));
+        assert!(error("api").contains("snapshot"));
+        assert!(error("api --api-socket /a snapshot").contains("FILE"));
     }
 }

@@ -3,12 +3,15 @@
 
 mod api;
 mod cli;
-mod device;
+mod devices;
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use log::info;
+use cli::Command;
+use devices::DeviceKind;
+use log::{info, LevelFilter};
 use vfio_user_server::{EventLoop, Server, ServerConfig};
 
 /// The stop eventfd, for the signal handler.
@@ -37,22 +40,14 @@ fn install_signal_handlers(stop_fd: i32) {
 /// Largest snapshot file read by `--restore`.
 const MAX_SNAPSHOT_BYTES: u64 = 256 << 20;
 
-fn run_api(args: &[String]) -> Result<(), String> {
-    let call = match cli::parse_api(args) {
-        Ok(c) => c,
-        Err(cli::CliError::Help) => {
-            println!("{}", cli::USAGE);
-            return Ok(());
-        }
-        Err(e) => return Err(format!("{e} (see --help)")),
-    };
-    let mut req = serde_json::json!({ "command": call.command });
-    if let Some(p) = call.path {
+fn run_api(args: &cli::ApiArgs) -> Result<(), String> {
+    let mut req = serde_json::json!({ "command": args.command.name() });
+    if let Some(p) = args.command.path() {
         // The daemon may run in another directory.
-        let abs = std::path::absolute(&p).map_err(|e| format!("bad path {p}: {e}"))?;
+        let abs = std::path::absolute(p).map_err(|e| format!("bad path {}: {e}", p.display()))?;
         req["path"] = serde_json::Value::String(abs.display().to_string());
     }
-    let reply = api::call(&call.socket, &req)?;
+    let reply = api::call(&args.api_socket, &req)?;
     println!("{reply}");
     if reply.get("ok").and_then(serde_json::Value::as_bool) == Some(true) {
         Ok(())
@@ -79,20 +74,10 @@ fn read_snapshot(path: &std::path::Path) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-fn run(args: &[String]) -> Result<(), String> {
-    if args.first().map(String::as_str) == Some("api") {
-        return run_api(&args[1..]);
-    }
-    let opts = match cli::parse(args) {
-        Ok(o) => o,
-        Err(cli::CliError::Help) => {
-            println!("{}", cli::USAGE);
-            return Ok(());
-        }
-        Err(e) => return Err(format!("{e} (see --help)")),
-    };
+fn serve(kind: &DeviceKind) -> Result<(), String> {
+    let opts = kind.common();
     let snapshot = opts.restore.as_deref().map(read_snapshot).transpose()?;
-    let built = device::build(&opts)?;
+    let built = kind.build()?;
     let config = ServerConfig {
         socket_mode: opts.socket_mode,
         ..ServerConfig::default()
@@ -148,10 +133,46 @@ fn print_attach_help(socket: &std::path::Path, description: &str) {
     println!("Stop with Ctrl-C (SIGINT) or SIGTERM.");
 }
 
+/// Sets up logging to stderr: `level` if given, else RUST_LOG (default info).
+fn init_logging(level: Option<LevelFilter>) {
+    let mut builder = match level {
+        Some(level) => {
+            // The option wins over RUST_LOG, module directives included.
+            let mut b = env_logger::Builder::from_env(
+                env_logger::Env::new().write_style(env_logger::DEFAULT_WRITE_STYLE_ENV),
+            );
+            b.filter_level(level);
+            b
+        }
+        None => env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")),
+    };
+    builder.init();
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(&args) {
+    let cli = match cli::parse(std::env::args_os().skip(1)) {
+        Ok(cli) => cli,
+        Err(cli::CliError::Help(text)) => {
+            // A closed stdout (`| head`) is not worth a panic.
+            let _ = write!(std::io::stdout(), "{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("vfio-user-device: {e} (see --help)");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match &cli.command {
+        Command::Api(args) => {
+            init_logging(None);
+            run_api(args)
+        }
+        Command::Device(kind) => {
+            init_logging(kind.common().log_level);
+            serve(kind)
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vfio-user-device: {e}");

@@ -87,3 +87,53 @@ fn prints_attach_commands_and_stops_on_sigterm() {
     assert!(status.success());
     assert!(!sock.exists(), "socket left behind");
 }
+
+#[test]
+fn help_exits_zero_on_stdout() {
+    for args in [
+        &["--help"][..],
+        &["virtio-blk", "--help"],
+        &["virtio-blk", "-h"],
+    ] {
+        let out = bin().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        assert!(out.stderr.is_empty(), "{args:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains("virtio-blk"), "{args:?}: {text}");
+        if args.len() > 1 {
+            assert!(text.contains("--disk"), "{args:?}: {text}");
+            assert!(text.contains("--socket"), "{args:?}: {text}");
+        }
+    }
+}
+
+/// Runs the daemon with `args` after `virtio-blk --socket S` and RUST_LOG
+/// set to `rust_log`, stops it with SIGTERM and returns its stderr.
+fn log_of(rust_log: &str, args: &[&str]) -> String {
+    let dir = TempDir::new().unwrap();
+    let sock = dir.as_path().join("blk.sock");
+    let child = bin()
+        .args(["virtio-blk", "--socket", sock.to_str().unwrap()])
+        .args(args)
+        .env("RUST_LOG", rust_log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_for_socket(&sock);
+    // SAFETY: sending SIGTERM to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{args:?}");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn log_level_wins_over_rust_log() {
+    // The daemon logs "stopping; removing SOCKET" at info level.
+    assert!(log_of("info", &[]).contains("stopping"));
+    assert!(!log_of("warn", &[]).contains("stopping"));
+    assert!(!log_of("info", &["--log-level", "warn"]).contains("stopping"));
+    assert!(log_of("error", &["--log-level", "info"]).contains("stopping"));
+    assert!(fails(&["virtio-blk", "--socket", "s", "--log-level", "loud"]).contains("--log-level"));
+}
