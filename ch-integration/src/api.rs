@@ -12,6 +12,7 @@ use std::time::Duration;
 use log::{info, warn};
 use serde_json::{json, Value};
 use vfio_user_server::event_loop::EventHandler;
+use vfio_user_server::vm_migration::{Pausable, Snapshottable, Transportable};
 use vfio_user_server::Server;
 
 /// Longest request line accepted.
@@ -61,11 +62,11 @@ impl ApiServer {
 fn execute(req: &Value, server: &mut Server) -> Value {
     let fail = |e: String| json!({"ok": false, "error": e});
     match req.get("command").and_then(Value::as_str) {
-        Some("pause") => match server.pause() {
+        Some("pause") => match Pausable::pause(server) {
             Ok(()) => json!({"ok": true}),
             Err(e) => fail(e.to_string()),
         },
-        Some("resume") => match server.resume() {
+        Some("resume") => match Pausable::resume(server) {
             Ok(()) => json!({"ok": true}),
             Err(e) => fail(e.to_string()),
         },
@@ -80,32 +81,22 @@ fn execute(req: &Value, server: &mut Server) -> Value {
             let Some(path) = req.get("path").and_then(Value::as_str) else {
                 return fail("snapshot needs a \"path\"".into());
             };
-            match server.snapshot() {
-                Ok(bytes) => match write_atomically(Path::new(path), &bytes) {
-                    Ok(()) => {
-                        info!("snapshot of {} bytes written to {path}", bytes.len());
-                        json!({"ok": true, "bytes": bytes.len()})
-                    }
-                    Err(e) => fail(format!("cannot write {path}: {e}")),
-                },
+            let url = format!("file://{path}");
+            match server
+                .snapshot()
+                .and_then(|snapshot| server.send(&snapshot, &url))
+            {
+                Ok(()) => {
+                    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                    info!("snapshot of {bytes} bytes written to {path}");
+                    json!({"ok": true, "bytes": bytes})
+                }
                 Err(e) => fail(e.to_string()),
             }
         }
         Some(other) => fail(format!("unknown command '{other}'")),
         None => fail("missing \"command\"".into()),
     }
-}
-
-/// Writes `bytes` to `path` via a synced temporary file and a rename, so a
-/// crash never leaves a half-written snapshot under the final name.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 impl EventHandler for ApiServer {

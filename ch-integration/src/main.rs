@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use cli::Command;
 use devices::DeviceKind;
 use log::{info, LevelFilter};
+use vfio_user_server::vm_migration::{Snapshottable, Transportable};
 use vfio_user_server::{EventLoop, Server, ServerConfig};
 
 /// The stop eventfd, for the signal handler.
@@ -37,9 +38,6 @@ fn install_signal_handlers(stop_fd: i32) {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
 }
 
-/// Largest snapshot file read by `--restore`.
-const MAX_SNAPSHOT_BYTES: u64 = 256 << 20;
-
 fn run_api(args: &cli::ApiArgs) -> Result<(), String> {
     let mut req = serde_json::json!({ "command": args.command.name() });
     if let Some(p) = args.command.path() {
@@ -60,23 +58,8 @@ fn run_api(args: &cli::ApiArgs) -> Result<(), String> {
     }
 }
 
-fn read_snapshot(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    let f = std::fs::File::open(path)
-        .map_err(|e| format!("cannot open snapshot {}: {e}", path.display()))?;
-    let mut bytes = Vec::new();
-    f.take(MAX_SNAPSHOT_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read snapshot {}: {e}", path.display()))?;
-    if bytes.len() as u64 > MAX_SNAPSHOT_BYTES {
-        return Err(format!("snapshot {} is too large", path.display()));
-    }
-    Ok(bytes)
-}
-
 fn serve(kind: &DeviceKind) -> Result<(), String> {
     let opts = kind.common();
-    let snapshot = opts.restore.as_deref().map(read_snapshot).transpose()?;
     let built = kind.build()?;
     let config = ServerConfig {
         socket_mode: opts.socket_mode,
@@ -84,11 +67,13 @@ fn serve(kind: &DeviceKind) -> Result<(), String> {
     };
     let mut server =
         Server::new(&opts.socket, built.device, built.ctx, config).map_err(|e| e.to_string())?;
-    if let (Some(bytes), Some(path)) = (snapshot, &opts.restore) {
+    if let Some(path) = &opts.restore {
         // Refused as a whole before any client can attach; dropping the
         // server on error removes its socket.
+        let url = format!("file://{}", path.display());
         server
-            .restore(&bytes)
+            .recv(&url, &server.id())
+            .and_then(|snapshot| server.restore(&snapshot))
             .map_err(|e| format!("cannot restore from {}: {e}", path.display()))?;
         info!("restored device state from {}", path.display());
     }

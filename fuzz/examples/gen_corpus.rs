@@ -321,9 +321,10 @@ fn device(kind: u8) -> Box<dyn Device> {
 /// A real migration stream of a freshly built device `kind`.
 fn stream_of(kind: u8) -> Vec<u8> {
     let mut d = device(kind);
+    let d = d.lifecycle();
     d.pause().unwrap();
     let snap = d.snapshot().unwrap();
-    encode_stream(&d.snapshot_kind(), &snap).unwrap()
+    encode_stream(&d.id(), &snap).unwrap()
 }
 
 fn desc(addr: u64, len: u32, flags: u16, next: u16) -> Vec<u8> {

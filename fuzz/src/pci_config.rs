@@ -31,16 +31,14 @@
 //! the top of their range: shift:u8 down:u8 / down:u8 (overrides 0 and 1)
 //! ```
 
-use std::any::Any;
-use std::sync::{Arc, Barrier};
-
-use vfio_user_server::device::Device;
+use vfio_user_server::device::{Device, Lifecycle, ResetReason};
 use vfio_user_server::irq::{IrqIndexInfo, Irqs};
 use vfio_user_server::pci::{
     BarAllocator, MsiCap, MsixCap, MsixTable, PciAdapter, PciBarConfiguration, PciBarPrefetchable,
     PciBarRegionType, PciCapability, PciCapabilityId, PciConfiguration, PciConfigurationParams,
     PciDevice, PciDeviceError, PciExpressCap, PmCap,
 };
+use vfio_user_server::vm_migration::{Migratable, Pausable, Snapshottable, Transportable};
 use vfio_user_server::wire::{PCI_CONFIG_REGION_INDEX, PCI_MSIX_IRQ_INDEX};
 
 use crate::{Reader, Writer};
@@ -106,14 +104,8 @@ impl PciDevice for CfgDevice {
     ) -> Result<Vec<PciBarConfiguration>, PciDeviceError> {
         Ok(self.bars.clone())
     }
-    fn write_config_register(
-        &mut self,
-        reg_idx: usize,
-        offset: u64,
-        data: &[u8],
-    ) -> Option<Arc<Barrier>> {
+    fn write_config_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
         self.config.write_config_register(reg_idx, offset, data);
-        None
     }
     fn read_config_register(&mut self, reg_idx: usize) -> u32 {
         self.config.read_reg(reg_idx)
@@ -121,14 +113,16 @@ impl PciDevice for CfgDevice {
     fn read_bar(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    fn write_bar(&mut self, _base: u64, _offset: u64, _data: &[u8]) -> Option<Arc<Barrier>> {
-        None
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-    fn config_space_size(&self) -> u64 {
-        self.config.size()
+    fn write_bar(&mut self, _base: u64, _offset: u64, _data: &[u8]) {}
+}
+
+impl Pausable for CfgDevice {}
+impl Snapshottable for CfgDevice {}
+impl Transportable for CfgDevice {}
+impl Migratable for CfgDevice {}
+impl Lifecycle for CfgDevice {
+    fn reset(&mut self, _reason: ResetReason) {
+        self.config.reset();
     }
 }
 

@@ -16,18 +16,18 @@
 //! - Migration: pause, resume, snapshot and restore of config space, MSI-X
 //!   table and the BAR0 registers.
 
-use std::any::Any;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Barrier};
 
-use vfio_user_server::device::{DeviceContext, RegionMmap, ResetReason};
-use vfio_user_server::vm_migration::{MigratableError, Snapshot};
+use vfio_user_server::device::{DeviceContext, Lifecycle, RegionMmap, ResetReason};
 use vfio_user_server::pci::{
-    BarAllocator, MsiCap, MsixCap, MsixTable, MsixTableState, PciBarConfiguration,
-    PciBarPrefetchable, PciBarRegionType, PciConfiguration, PciConfigurationParams,
-    PciConfigurationState, PciDevice, PciDeviceError, PciExpressCap, PmCap,
+    BarAllocator, PciBarConfiguration, PciBarPrefetchable, PciBarRegionType,
+    PciConfigurationParams, PciDevice, PciDeviceError, PciExpressCap, PciFunction,
+    PciFunctionState, PmCap,
+};
+use vfio_user_server::vm_migration::{
+    Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable,
 };
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
@@ -84,9 +84,7 @@ pub const OP_MSG_WRITE: u8 = 5;
 /// The device.
 pub struct TestDevice {
     ctx: DeviceContext,
-    config: PciConfiguration,
-    msix: MsixTable,
-    bars: Vec<PciBarConfiguration>,
+    pci: PciFunction,
     bar0: Vec<u8>,
     bar1: File,
     paused: bool,
@@ -96,45 +94,45 @@ impl TestDevice {
     /// A device using the guest memory and interrupts of `ctx`; with
     /// `pcie` a PCI Express function (4 KiB config space).
     pub fn new(ctx: DeviceContext, pcie: bool) -> Self {
-        let mut config = PciConfiguration::new(PciConfigurationParams {
-            vendor_id: 0x1234,
-            device_id: 0x11e8,
-            revision_id: 1,
-            class_code: 0xff,
-            subclass: 0,
-            prog_if: 0,
-            subsystem_vendor_id: 0x1234,
-            subsystem_id: 1,
-            pcie,
-            interrupt_pin: 1,
-        });
-        if pcie {
-            config.add_capability(&PciExpressCap::endpoint()).unwrap();
+        let mut pci = PciFunction::new(
+            PciConfigurationParams {
+                vendor_id: 0x1234,
+                device_id: 0x11e8,
+                revision_id: 1,
+                class_code: 0xff,
+                subclass: 0,
+                prog_if: 0,
+                subsystem_vendor_id: 0x1234,
+                subsystem_id: 1,
+                pcie,
+                interrupt_pin: 1,
+            },
+            ctx.irqs.clone(),
+        );
+        use PciBarRegionType::*;
+        let np = PciBarPrefetchable::NotPrefetchable;
+        for (idx, size, t) in [
+            (0, BAR0_SIZE, Memory32BitRegion),
+            (1, BAR1_SIZE, Memory32BitRegion),
+            (2, BAR2_SIZE, Memory64BitRegion),
+            (4, BAR4_SIZE, IoRegion),
+        ] {
+            pci.add_bar(PciBarConfiguration::new(idx, size, t, np))
+                .unwrap();
         }
-        config.add_capability(&PmCap::new()).unwrap();
-        config.add_capability(&MsiCap::new(1, true)).unwrap();
-        config
-            .add_capability(&MsixCap::new(
-                MSIX_VECTORS,
-                0,
-                MSIX_TABLE as u32,
-                0,
-                MSIX_PBA as u32,
-            ))
-            .unwrap();
+        if pcie {
+            pci.add_capability(&PciExpressCap::endpoint()).unwrap();
+        }
+        pci.add_capability(&PmCap::new()).unwrap();
+        pci.add_msi(1, true).unwrap();
+        pci.add_msix(MSIX_VECTORS, 0, MSIX_TABLE, MSIX_PBA).unwrap();
         TestDevice {
             ctx,
-            config,
-            msix: MsixTable::new(MSIX_VECTORS),
-            bars: Vec::new(),
+            pci,
             bar0: vec![0; BAR0_SIZE as usize],
             bar1: crate::memfd(c"fuzz-bar1", BAR1_SIZE),
             paused: false,
         }
-    }
-
-    fn bar_index(&self, base: u64) -> Option<usize> {
-        self.bars.iter().find(|b| b.addr == base).map(|b| b.idx)
     }
 
     fn reg_u64(&self, off: u64) -> u64 {
@@ -190,10 +188,11 @@ impl TestDevice {
     }
 
     fn bar0_read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= MSIX_PBA {
-            self.msix.read_pba(offset - MSIX_PBA, data, &self.ctx.irqs);
-        } else if offset >= MSIX_TABLE {
-            self.msix.read_table(offset - MSIX_TABLE, data);
+        if offset >= MSIX_TABLE {
+            // The function core's MSI-X table and PBA (zeros elsewhere).
+            if !self.pci.read_bar(0, offset, data) {
+                data.fill(0);
+            }
         } else {
             let o = offset as usize;
             data.copy_from_slice(&self.bar0[o..o + data.len()]);
@@ -201,10 +200,9 @@ impl TestDevice {
     }
 
     fn bar0_write(&mut self, offset: u64, data: &[u8]) {
-        if offset >= MSIX_PBA {
-            // The PBA is read only.
-        } else if offset >= MSIX_TABLE {
-            self.msix.write_table(offset - MSIX_TABLE, data);
+        if offset >= MSIX_TABLE {
+            // The function core's MSI-X table (the PBA is read only).
+            self.pci.write_bar(0, offset, data);
         } else if offset == REG_DOORBELL {
             self.doorbell(data[0]);
         } else {
@@ -223,8 +221,7 @@ impl TestDevice {
 
     fn snapshot_json(&self) -> serde_json::Value {
         serde_json::json!({
-            "config": serde_json::to_value(self.config.state()).unwrap(),
-            "msix": serde_json::to_value(self.msix.state()).unwrap(),
+            "pci": serde_json::to_value(self.pci.state()).unwrap(),
             // The registers; the scratch area is not device state.
             "regs": self.bar0[..SCRATCH as usize],
         })
@@ -236,41 +233,20 @@ impl PciDevice for TestDevice {
         &mut self,
         allocator: &mut BarAllocator,
     ) -> Result<Vec<PciBarConfiguration>, PciDeviceError> {
-        use PciBarRegionType::*;
-        let np = PciBarPrefetchable::NotPrefetchable;
-        for (idx, size, t) in [
-            (0, BAR0_SIZE, Memory32BitRegion),
-            (1, BAR1_SIZE, Memory32BitRegion),
-            (2, BAR2_SIZE, Memory64BitRegion),
-            (4, BAR4_SIZE, IoRegion),
-        ] {
-            let addr = allocator
-                .allocate(size)
-                .ok_or(PciDeviceError::InvalidBar(idx))?;
-            let bar = PciBarConfiguration::new(idx, size, t, np).set_address(addr);
-            self.config.add_pci_bar(&bar)?;
-            self.bars.push(bar);
-        }
-        Ok(self.bars.clone())
+        self.pci.allocate_bars(allocator)
     }
 
-    fn write_config_register(
-        &mut self,
-        reg_idx: usize,
-        offset: u64,
-        data: &[u8],
-    ) -> Option<Arc<Barrier>> {
-        self.config.write_config_register(reg_idx, offset, data);
-        None
+    fn write_config_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
+        self.pci.write_config_register(reg_idx, offset, data);
     }
 
     fn read_config_register(&mut self, reg_idx: usize) -> u32 {
-        self.config.read_reg(reg_idx)
+        self.pci.read_config_register(reg_idx)
     }
 
     // The server has checked offset + len against the BAR size.
     fn read_bar(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-        match self.bar_index(base) {
+        match self.pci.bar_index(base) {
             Some(0) => self.bar0_read(offset, data),
             Some(1) => {
                 data.fill(0);
@@ -284,30 +260,14 @@ impl PciDevice for TestDevice {
         }
     }
 
-    fn write_bar(&mut self, base: u64, offset: u64, data: &[u8]) -> Option<Arc<Barrier>> {
-        match self.bar_index(base) {
+    fn write_bar(&mut self, base: u64, offset: u64, data: &[u8]) {
+        match self.pci.bar_index(base) {
             Some(0) => self.bar0_write(offset, data),
             Some(1) => {
                 let _ = self.bar1.write_at(data, offset);
             }
             _ => {}
         }
-        None
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-
-    fn config_space_size(&self) -> u64 {
-        self.config.size()
-    }
-
-    fn reset(&mut self, _reason: ResetReason) {
-        self.config.reset();
-        self.msix.reset();
-        self.bar0.fill(0);
-        self.paused = false;
     }
 
     fn bar_mmap(&self, idx: usize) -> Option<RegionMmap> {
@@ -317,23 +277,9 @@ impl PciDevice for TestDevice {
             areas: BAR1_AREAS.to_vec(),
         })
     }
+}
 
-    fn msix_vectors(&self) -> u32 {
-        MSIX_VECTORS.into()
-    }
-
-    fn msi_vectors(&self) -> u32 {
-        1
-    }
-
-    fn snapshot_kind(&self) -> String {
-        "fuzz-test-device".into()
-    }
-
-    fn migratable(&self) -> bool {
-        true
-    }
-
+impl Pausable for TestDevice {
     fn pause(&mut self) -> Result<(), MigratableError> {
         self.paused = true;
         Ok(())
@@ -343,29 +289,44 @@ impl PciDevice for TestDevice {
         self.paused = false;
         Ok(())
     }
+}
+
+impl Snapshottable for TestDevice {
+    fn id(&self) -> String {
+        "fuzz-test-device".into()
+    }
 
     fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
         Snapshot::new_from_state(&self.snapshot_json())
+    }
+}
+
+impl Transportable for TestDevice {}
+
+impl Migratable for TestDevice {}
+
+impl Lifecycle for TestDevice {
+    fn reset(&mut self, _reason: ResetReason) {
+        self.pci.reset();
+        self.bar0.fill(0);
+        self.paused = false;
+    }
+
+    fn migratable(&self) -> bool {
+        true
     }
 
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigratableError> {
         let bad = |e: String| MigratableError::Restore(e);
         let v: serde_json::Value = snapshot.to_state()?;
-        let config: PciConfigurationState =
-            serde_json::from_value(v["config"].clone()).map_err(|e| bad(e.to_string()))?;
-        let msix: MsixTableState =
-            serde_json::from_value(v["msix"].clone()).map_err(|e| bad(e.to_string()))?;
+        let pci: PciFunctionState =
+            serde_json::from_value(v["pci"].clone()).map_err(|e| bad(e.to_string()))?;
         let regs: Vec<u8> =
             serde_json::from_value(v["regs"].clone()).map_err(|e| bad(e.to_string()))?;
         if regs.len() != SCRATCH as usize {
             return Err(bad("register block size".into()));
         }
-        let mut c = self.config.clone();
-        c.set_state(&config).map_err(|e| bad(e.to_string()))?;
-        let mut m = self.msix.clone();
-        m.set_state(&msix).map_err(|e| bad(e.to_string()))?;
-        self.config = c;
-        self.msix = m;
+        self.pci.set_state(&pci).map_err(|e| bad(e.to_string()))?;
         self.bar0.fill(0);
         self.bar0[..SCRATCH as usize].copy_from_slice(&regs);
         Ok(())

@@ -237,4 +237,3 @@ impl Lifecycle for TestDevice {
             .push((index, start, count, masked));
     }
 }
-

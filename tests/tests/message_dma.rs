@@ -12,8 +12,7 @@ use vfio_user_server::irq::IrqIndexInfo;
 use vfio_user_server::message_dma::MessageDma;
 use vfio_user_server::vm_migration::{Migratable, Pausable, Snapshottable, Transportable};
 use vfio_user_server::{
-    Device, DeviceContext, DeviceError, Interest, Lifecycle, RegionDescription, ResetReason,
-    WatchedFd,
+    Device, DeviceContext, DeviceError, Lifecycle, RegionDescription, ResetReason,
 };
 
 /// Guest address of the fd-less map the device DMAs into.

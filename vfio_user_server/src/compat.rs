@@ -6,10 +6,10 @@ use std::fs::File;
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, ServerBackend, ServerRegion};
 
 use crate::device::{Device, DeviceError, Lifecycle, RegionDescription, RegionMmap, ResetReason};
+use crate::irq::IrqIndexInfo;
 use crate::vm_migration::{
     Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable,
 };
-use crate::irq::IrqIndexInfo;
 use crate::wire::{IrqSet, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE};
 
 /// A `vfio_user::ServerBackend` with the region and IRQ tables that

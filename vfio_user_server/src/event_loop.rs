@@ -248,7 +248,12 @@ impl EventLoop {
             device_fds: Vec::new(),
             irq_unmask,
         };
-        watch_device_fds(self.epoll, idx, server.device_watched_fds(), &mut reg.device_fds)?;
+        watch_device_fds(
+            self.epoll,
+            idx,
+            server.device_watched_fds(),
+            &mut reg.device_fds,
+        )?;
         self.servers.push(server);
         self.registered.push(reg);
         Ok(idx)

@@ -13,8 +13,8 @@
 pub mod compat;
 pub mod device;
 pub mod event_loop;
-pub mod irq;
 pub mod guest_memory;
+pub mod irq;
 pub mod message_dma;
 pub mod pci;
 pub mod server;

@@ -14,10 +14,11 @@ use crate::irq::IrqIndexInfo;
 use crate::wire::PCI_CONFIG_REGION_INDEX;
 
 const NUM_BARS: usize = 6;
-/// Standard header registers the adapter reads.
-const STATUS_COMMAND_REG: usize = 0x04 / 4;
-const CAPABILITY_POINTER_REG: usize = 0x34 / 4;
-const INTERRUPT_REG: usize = 0x3c / 4;
+/// Standard header registers the adapter reads (dword indices of 0x04,
+/// 0x34 and 0x3c).
+const STATUS_COMMAND_REG: usize = 1;
+const CAPABILITY_POINTER_REG: usize = 13;
+const INTERRUPT_REG: usize = 15;
 const STATUS_CAPABILITY_LIST: u32 = 1 << (16 + 4);
 /// Capability ids the layout depends on.
 const CAP_ID_MSI: u32 = 0x05;

@@ -160,7 +160,9 @@ impl PciFunction {
         if self.msi_vectors != 0 || vectors == 0 || vectors > 32 {
             return Err(PciDeviceError::InvalidCapability);
         }
-        let offset = self.config.add_capability(&MsiCap::new(vectors, is_64bit))?;
+        let offset = self
+            .config
+            .add_capability(&MsiCap::new(vectors, is_64bit))?;
         self.msi_vectors = vectors.next_power_of_two();
         Ok(offset)
     }

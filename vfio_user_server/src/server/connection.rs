@@ -124,6 +124,11 @@ pub(super) struct Message<'a> {
     pub(super) truncated: bool,
 }
 
+/// What handles each complete message: the reply to queue, with the header
+/// it answers, if one is due.
+pub(super) type MessageHandler<'h> =
+    dyn FnMut(&mut Session, Message<'_>) -> Option<(Header, Reply)> + 'h;
+
 /// The attached client.
 pub(super) struct Connection {
     stream: UnixStream,
@@ -201,7 +206,7 @@ impl Connection {
     /// framing of fds.
     pub(super) fn read_messages(
         &mut self,
-        handle: &mut dyn FnMut(&mut Session, Message<'_>) -> Option<(Header, Reply)>,
+        handle: &mut MessageHandler<'_>,
     ) -> bool {
         for _ in 0..READS_PER_WAKEUP {
             if self.tx_bytes >= self.max_queued_reply_bytes {
@@ -272,7 +277,7 @@ impl Connection {
     /// Handles every complete message in the receive buffer.
     fn process_buffer(
         &mut self,
-        handle: &mut dyn FnMut(&mut Session, Message<'_>) -> Option<(Header, Reply)>,
+        handle: &mut MessageHandler<'_>,
     ) {
         let mut consumed = 0;
         loop {
@@ -397,11 +402,7 @@ impl Connection {
                 // those on their own so the client wakes while the bulk
                 // data is still being copied.
                 let head_end = out.payload.len().min(RegionAccess::SIZE);
-                send_with_fds(
-                    fd,
-                    &[&out.head[out.sent..], &out.payload[..head_end]],
-                    fds,
-                )
+                send_with_fds(fd, &[&out.head[out.sent..], &out.payload[..head_end]], fds)
             } else if out.sent < HEADER_SIZE {
                 send_with_fds(fd, &[&out.head[out.sent..], &out.payload], fds)
             } else {

@@ -248,11 +248,7 @@ impl Server {
     /// first connection; also used to serve a socketpair directly).
     pub fn attach(&mut self, stream: UnixStream) -> io::Result<()> {
         let config = &self.served.config;
-        let conn = Connection::new(
-            stream,
-            config.max_msg_size(),
-            config.max_queued_reply_bytes,
-        )?;
+        let conn = Connection::new(stream, config.max_msg_size(), config.max_queued_reply_bytes)?;
         info!("client attached on {:?}", self.path());
         self.conn = Some(conn);
         Ok(())

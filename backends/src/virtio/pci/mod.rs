@@ -795,9 +795,9 @@ mod tests {
     use super::common_config::offset as common;
     use super::*;
     use crate::virtio::VirtioError;
+    use vfio_user_server::irq::IrqIndexInfo;
     use vfio_user_server::pci::PciAdapter;
     use vfio_user_server::Device;
-    use vfio_user_server::irq::IrqIndexInfo;
 
     /// A device that refuses to activate and counts events.
     struct Dummy {
