@@ -1,9 +1,12 @@
-//! A device registers its own fds (a back-end completion, a timer) in the
-//! server's event loop: readiness reaches `Device::handle_event` on the
-//! loop thread, and the device can raise an interrupt from there.
+//! A device registers its own fds (a back-end completion, a timer, a TAP)
+//! in the server's event loop: readiness reaches `Lifecycle::handle_event`
+//! on the loop thread, the device can raise an interrupt from there, and it
+//! can stop and restart watching an fd.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use integration_tests::*;
 use vfio_user_server::irq::IrqIndexInfo;
@@ -108,4 +111,155 @@ fn device_fds_are_served_by_the_loop() {
         == 3));
     // The client's connection is unaffected.
     c.ping();
+}
+
+/// A device whose fd stays readable (a TAP with packets waiting while the
+/// guest posted no receive buffers): it takes one event, then stops
+/// watching the fd until a BAR write says buffers arrived. With `pause`
+/// false it keeps watching without reading, as a device that cannot
+/// change its interest would.
+struct LevelDevice {
+    level: EventFd,
+    watched: [WatchedFd; 1],
+    pause: bool,
+    events: Arc<AtomicU64>,
+}
+
+impl Device for LevelDevice {
+    fn region(&self, index: u32) -> RegionDescription {
+        let size = match index {
+            0 => 0x1000,
+            7 => 256,
+            _ => 0,
+        };
+        RegionDescription {
+            size,
+            read: size > 0,
+            write: size > 0,
+            mmap: None,
+        }
+    }
+
+    fn irq_layout(&self) -> Vec<IrqIndexInfo> {
+        IrqIndexInfo::pci_layout(true, 0, 1)
+    }
+
+    fn region_read(&mut self, _i: u32, _o: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        data.fill(0);
+        Ok(())
+    }
+
+    fn region_write(&mut self, index: u32, _o: u64, _d: &[u8]) -> Result<(), DeviceError> {
+        if index == 0 {
+            // "Receive buffers posted": watch the fd again.
+            self.watched[0].interest = Interest::READ;
+        }
+        Ok(())
+    }
+}
+
+impl Pausable for LevelDevice {}
+impl Snapshottable for LevelDevice {}
+impl Transportable for LevelDevice {}
+impl Migratable for LevelDevice {}
+
+impl Lifecycle for LevelDevice {
+    fn reset(&mut self, _reason: ResetReason) {}
+
+    fn watched_fds(&self) -> &[WatchedFd] {
+        &self.watched
+    }
+
+    fn handle_event(&mut self, fd: RawFd, ready: Interest) {
+        assert_eq!(fd, self.level.as_raw_fd());
+        assert!(ready.read);
+        self.events.fetch_add(1, Ordering::SeqCst);
+        if self.pause {
+            // Nothing to put the data in: stop watching, leave it unread.
+            self.watched[0].interest = Interest::NONE;
+        }
+    }
+}
+
+/// CPU time the thread behind `join` has used.
+fn thread_cpu(join: &std::thread::JoinHandle<std::io::Result<()>>) -> Duration {
+    use std::os::unix::thread::JoinHandleExt;
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: the thread is alive (joined only after the test), and
+    // `clock` is a valid out-pointer.
+    let r = unsafe { libc::pthread_getcpuclockid(join.as_pthread_t(), &mut clock) };
+    assert_eq!(r, 0);
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and out-pointer.
+    assert_eq!(unsafe { libc::clock_gettime(clock, &mut ts) }, 0);
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Starts a `LevelDevice` whose fd is readable from the start.
+fn level_device(pause: bool) -> (TestServer, RawClient, Arc<AtomicU64>) {
+    let level = EventFd::new(EFD_NONBLOCK).unwrap();
+    level.write(1).unwrap();
+    let events = Arc::new(AtomicU64::new(0));
+    let dev = LevelDevice {
+        watched: [WatchedFd::readable(level.as_raw_fd())],
+        level,
+        pause,
+        events: events.clone(),
+    };
+    let s = spawn_devices(
+        vec![(Box::new(dev) as Box<dyn Device>, DeviceContext::default())],
+        Default::default(),
+    );
+    let c = RawClient::connect_negotiated(s.path());
+    (s, c, events)
+}
+
+const WINDOW: Duration = Duration::from_millis(400);
+
+#[test]
+fn a_device_that_stops_reading_a_readable_fd_lets_the_loop_sleep() {
+    let (s, mut c, events) = level_device(true);
+    let join = s.join.as_ref().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || events
+        .load(Ordering::SeqCst)
+        == 1));
+    for round in 1..=2u64 {
+        let cpu = thread_cpu(join);
+        std::thread::sleep(WINDOW);
+        let used = thread_cpu(join) - cpu;
+        // The fd is still readable, but out of the epoll set: no event,
+        // and the loop sleeps (a spinning loop would use the whole window).
+        assert_eq!(events.load(Ordering::SeqCst), round);
+        assert!(used < WINDOW / 8, "loop used {used:?} of {WINDOW:?}");
+        // Watching again delivers the level at once, once.
+        let reply = c.call(
+            integration_tests::proto::cmd::REGION_WRITE,
+            &payload::region_access(0, 0, 4, &[1; 4]),
+        );
+        assert!(!reply.is_error());
+        assert!(wait_until(Duration::from_secs(5), || events
+            .load(Ordering::SeqCst)
+            == round + 1));
+    }
+    c.ping();
+}
+
+/// The measurement above can fail: a device that keeps watching a level
+/// it does not consume makes the loop spin.
+#[test]
+fn a_device_that_keeps_watching_an_unread_fd_makes_the_loop_spin() {
+    let (s, _c, events) = level_device(false);
+    let join = s.join.as_ref().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || events
+        .load(Ordering::SeqCst)
+        > 0));
+    let cpu = thread_cpu(join);
+    let before = events.load(Ordering::SeqCst);
+    std::thread::sleep(WINDOW);
+    let used = thread_cpu(join) - cpu;
+    assert!(events.load(Ordering::SeqCst) - before > 100);
+    assert!(used > WINDOW / 8, "loop used only {used:?}");
 }
