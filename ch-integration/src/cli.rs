@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::error::{ContextKind, ContextValue, ErrorKind};
@@ -70,6 +71,17 @@ pub struct CommonOptions {
         value_parser = value_parser!(u32).range(0..=1_000_000)
     )]
     pub busy_poll_us: u32,
+    /// Seconds a client has after connecting to finish VERSION before it
+    /// is dropped, so a silent connection cannot hold the device (0 = no
+    /// limit; a negotiated client never times out)
+    #[arg(
+        long,
+        value_name = "SECS",
+        verbatim_doc_comment,
+        default_value = "5",
+        value_parser = parse_timeout
+    )]
+    pub handshake_timeout: Duration,
     /// Log level on stderr: error, warn, info, debug or trace
     /// (default: RUST_LOG, else info)
     #[arg(
@@ -227,6 +239,14 @@ fn one_line(e: &clap::Error, first: Option<&str>) -> String {
     }
 }
 
+/// Parses a number of seconds (decimals allowed), at most an hour.
+fn parse_timeout(v: &str) -> Result<Duration, String> {
+    match v.parse::<f64>() {
+        Ok(s) if (0.0..=3600.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        _ => Err("seconds from 0 to 3600".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +383,22 @@ mod tests {
         }
         assert!(help("api --help").contains("--api-socket"));
         assert!(help("api snapshot --help").contains("FILE"));
+    }
+
+    #[test]
+    fn handshake_timeout() {
+        let t = |line: &str| blk(line).common.handshake_timeout;
+        assert_eq!(t("virtio-blk --socket x"), Duration::from_secs(5));
+        assert_eq!(
+            t("virtio-blk --socket x --handshake-timeout 0.25"),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            t("virtio-blk --socket x --handshake-timeout 0"),
+            Duration::ZERO
+        );
+        assert!(error("virtio-blk --socket x --handshake-timeout -1").contains("-1"));
+        assert!(error("virtio-blk --socket x --handshake-timeout soon").contains("seconds"));
     }
 
     #[test]

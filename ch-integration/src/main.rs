@@ -63,6 +63,7 @@ fn serve(kind: &DeviceKind) -> Result<(), String> {
     let built = kind.build()?;
     let config = ServerConfig {
         socket_mode: opts.socket_mode,
+        handshake_timeout: (!opts.handshake_timeout.is_zero()).then_some(opts.handshake_timeout),
         ..ServerConfig::default()
     };
     let mut server =

@@ -90,7 +90,19 @@ fn check_daemon_after(daemon: &mut Daemon) {
         problems.is_empty(),
         "daemon warnings/errors:\n{problems:#?}"
     );
+    assert_no_map_over_a_map(daemon);
     daemon.assert_serves_new_client();
+}
+
+/// QEMU never maps a range twice without unmapping it in between (a map
+/// over a map is EEXIST, exact duplicates included).
+fn assert_no_map_over_a_map(daemon: &Daemon) {
+    assert_eq!(
+        daemon.log_count("overlaps an existing map"),
+        0,
+        "QEMU mapped over a map; log:\n{}",
+        daemon.log()
+    );
 }
 
 /// Stops the daemon with SIGTERM: it exits 0 and removes its socket.

@@ -376,6 +376,16 @@ impl RawClient {
         })
     }
 
+    /// A client on a socket already connected.
+    pub fn from_stream(stream: UnixStream) -> io::Result<RawClient> {
+        stream.set_read_timeout(Some(RECV_TIMEOUT))?;
+        stream.set_write_timeout(Some(RECV_TIMEOUT))?;
+        Ok(RawClient {
+            stream,
+            next_id: 0x100,
+        })
+    }
+
     /// Connects and negotiates the version.
     pub fn connect_negotiated(path: &Path) -> RawClient {
         let mut c = RawClient::connect(path).expect("connect");

@@ -287,12 +287,16 @@ impl EventLoop {
             let spinning = deferred_left
                 || (!self.busy_poll.is_zero()
                     && idle_since.is_none_or(|t| t.elapsed() < self.busy_poll));
-            let n = match epoll::wait(self.epoll, if spinning { 0 } else { -1 }, &mut events) {
+            let timeout = if spinning { 0 } else { self.sleep_limit_ms() };
+            let n = match epoll::wait(self.epoll, timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
             if n == 0 && !deferred_left {
+                if self.expire_handshakes() {
+                    self.update_registrations();
+                }
                 idle_since.get_or_insert_with(std::time::Instant::now);
                 continue;
             }
@@ -358,8 +362,34 @@ impl EventLoop {
                 deferred_left |= s.run_deferred();
                 s.check_guest_memory();
             }
+            self.expire_handshakes();
             self.update_registrations();
         }
+    }
+
+    /// How long the loop may sleep: until the next VERSION deadline of a
+    /// client (rounded up to whole milliseconds), or forever (-1).
+    fn sleep_limit_ms(&self) -> i32 {
+        let Some(deadline) = self
+            .servers
+            .iter()
+            .filter_map(Server::handshake_deadline)
+            .min()
+        else {
+            return -1;
+        };
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+    }
+
+    /// Drops the clients whose VERSION deadline passed; whether any was.
+    fn expire_handshakes(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let mut expired = false;
+        for s in self.servers.iter_mut() {
+            expired |= s.expire_handshake(now);
+        }
+        expired
     }
 
     /// Brings the epoll set in line with each server's connection state

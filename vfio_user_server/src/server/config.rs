@@ -1,5 +1,7 @@
 //! Server settings.
 
+use std::time::Duration;
+
 use crate::guest_memory::DmaLimits;
 use crate::wire::{RegionAccess, DEFAULT_MAX_DATA_XFER_SIZE, HEADER_SIZE};
 
@@ -20,7 +22,14 @@ pub struct ServerConfig {
     /// Replies queued for a client that does not read before we stop
     /// reading it.
     pub max_queued_reply_bytes: usize,
+    /// How long a client has after connecting to finish VERSION before it
+    /// is dropped (`None`: forever). A negotiated client never times out.
+    pub handshake_timeout: Option<Duration>,
 }
+
+/// Default of [`ServerConfig::handshake_timeout`]: VMMs send VERSION as
+/// soon as they connect.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -31,6 +40,7 @@ impl Default for ServerConfig {
             socket_mode: 0o600,
             max_migration_bytes: 256 << 20,
             max_queued_reply_bytes: 4 << 20,
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
         }
     }
 }

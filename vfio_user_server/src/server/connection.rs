@@ -11,6 +11,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use log::{debug, warn};
 
@@ -139,6 +140,8 @@ pub(super) struct Connection {
     read_state: ReadState,
     tx: VecDeque<Outgoing>,
     tx_bytes: usize,
+    /// When the connection was accepted (for the VERSION deadline).
+    pub(super) accepted: Instant,
     max_msg_size: usize,
     max_queued_reply_bytes: usize,
     /// The client as the protocol sees it.
@@ -163,6 +166,7 @@ impl Connection {
             read_state: ReadState::Message,
             tx: VecDeque::new(),
             tx_bytes: 0,
+            accepted: Instant::now(),
             max_msg_size,
             max_queued_reply_bytes,
             session: Session {

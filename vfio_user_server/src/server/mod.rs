@@ -27,6 +27,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use log::{info, warn};
 use vmm_sys_util::eventfd::EventFd;
@@ -40,7 +41,7 @@ use crate::vm_migration::{
     Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable,
 };
 
-pub use self::config::ServerConfig;
+pub use self::config::{ServerConfig, DEFAULT_HANDSHAKE_TIMEOUT};
 pub use self::migration::MigState;
 pub use self::saved_state::IRQS_SNAPSHOT_ID;
 pub use self::socket_file::ServerError;
@@ -214,21 +215,18 @@ impl Server {
     }
 
     /// Accepts pending connections: the first becomes the client, any
-    /// other is closed at once (one client per device).
+    /// other is closed at once (one client per device). Whether a client
+    /// is already there is decided on its socket, not on bookkeeping: one
+    /// that hung up (perhaps before it finished VERSION) gives way.
     pub fn accept(&mut self) -> io::Result<bool> {
-        if self.conn.as_ref().is_some_and(Connection::peer_hung_up) {
-            // The client hung up but its input is not worked through yet
-            // (more than one wake-up's worth). Finish it instead of refusing
-            // a client that reconnects at once (Cloud Hypervisor on guest
-            // reboot); the new connection waits in the backlog until the
-            // next wake-up, when the loop has forgotten the old fd.
-            self.handle_connection_event(true, true);
-            return Ok(false);
-        }
         let mut attached = false;
         loop {
             match self.socket.listener().accept() {
                 Ok((stream, _)) => {
+                    // The new socket is held open while the old one closes,
+                    // so the two never share an fd number in the loop's
+                    // epoll set.
+                    self.finish_if_hung_up();
                     if self.conn.is_some() {
                         warn!("refusing a second client on {:?}", self.path());
                         drop(stream);
@@ -244,6 +242,25 @@ impl Server {
         }
     }
 
+    /// If the client hung up, works through what it sent before (its
+    /// messages still count, as the device is only reset when it is gone)
+    /// and drops it.
+    fn finish_if_hung_up(&mut self) {
+        // What a client sent is bounded by the socket buffer: a few rounds
+        // reach its EOF (or a failed reply) unless it only shut down its
+        // sending side and stopped reading; it goes then too.
+        const ROUNDS: usize = 16;
+        if !self.conn.as_ref().is_some_and(Connection::peer_hung_up) {
+            return;
+        }
+        for _ in 0..ROUNDS {
+            if !self.handle_connection_event(true, true) {
+                return;
+            }
+        }
+        self.disconnect();
+    }
+
     /// Makes `stream` the client connection (what `accept` does with the
     /// first connection; also used to serve a socketpair directly).
     pub fn attach(&mut self, stream: UnixStream) -> io::Result<()> {
@@ -252,6 +269,34 @@ impl Server {
         info!("client attached on {:?}", self.path());
         self.conn = Some(conn);
         Ok(())
+    }
+
+    /// When the attached client must have finished VERSION, if it has
+    /// not yet (none once it has, or with no deadline configured).
+    pub fn handshake_deadline(&self) -> Option<Instant> {
+        let timeout = self.served.config.handshake_timeout?;
+        self.conn
+            .as_ref()
+            .filter(|c| !c.session.negotiated)
+            .map(|c| c.accepted + timeout)
+    }
+
+    /// Drops a client that did not finish VERSION by its deadline (one that
+    /// connects and says nothing would otherwise hold the device from every
+    /// real VMM). Returns whether it was dropped.
+    pub fn expire_handshake(&mut self, now: Instant) -> bool {
+        match self.handshake_deadline() {
+            Some(deadline) if now >= deadline => {
+                warn!(
+                    "client on {:?} did not negotiate within {:?}: dropping it",
+                    self.path(),
+                    self.served.config.handshake_timeout.unwrap_or_default()
+                );
+                self.disconnect();
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Drops the client: DMA maps and interrupt fds go, the device is
