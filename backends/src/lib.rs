@@ -30,6 +30,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod net;
 pub mod storage;
 pub mod virtio;
 pub mod virtio_blk;
