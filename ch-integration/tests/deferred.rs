@@ -9,6 +9,10 @@
 
 mod common;
 
+#[allow(dead_code)]
+#[path = "../../vfio_user_server/examples/dma_copy.rs"]
+mod dma_copy;
+
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -296,4 +300,58 @@ fn stopping_for_migration_completes_io_in_flight() {
     in_flight_read_completes_before(d, &disk, |d| {
         mig::set_state_ok(d.raw(), mig::STOP);
     });
+}
+
+/// A device the migration state stops does no deferred work until it runs
+/// again: a doorbell of the DMA copy example rung in STOP copies nothing
+/// and raises nothing until RUNNING.
+#[test]
+fn migration_stop_holds_deferred_work() {
+    use integration_tests::proto::{CONFIG_REGION, IRQ_ACTION_TRIGGER, IRQ_DATA_EVENTFD, IRQ_INTX};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    let dir = TempDir::new().unwrap();
+    let socket = dir.as_path().join("dma.sock");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = socket.clone();
+    let thread = std::thread::spawn(move || {
+        dma_copy::serve(&path, |stop| tx.send(stop).unwrap()).map_err(|e| e.to_string())
+    });
+    let stop = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+
+    let mut c = RawClient::connect_negotiated(&socket);
+    let ram = integration_tests::memfd("guest-ram", 0x2000);
+    ram.write_all_at(&pattern(0x1000), 0).unwrap();
+    c.dma_map(0, GUEST_BASE, 0x2000, Some(ram.as_raw_fd())).ok();
+    let intx = integration_tests::eventfd();
+    let trigger = IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER;
+    c.set_irqs(trigger, IRQ_INTX, 0, 1, &[], &[intx.as_raw_fd()])
+        .ok();
+    c.write_ok(CONFIG_REGION, 4, &[0x06, 0]); // memory, bus master
+    c.write_ok(0, 0x00, &GUEST_BASE.to_le_bytes()); // SRC
+    c.write_ok(0, 0x08, &(GUEST_BASE + 0x1000).to_le_bytes()); // DST
+    c.write_ok(0, 0x10, &0x1000u32.to_le_bytes()); // LEN
+
+    mig::set_state_ok(&mut c, mig::STOP);
+    c.write_ok(0, 0x14, &[1]); // DOORBELL
+    c.ping();
+    assert_eq!(integration_tests::eventfd_wait(&intx, 200), None);
+    assert_eq!(c.read_ok(0, 0x14, 4), [1, 0, 0, 0], "copy not pending");
+    let mut dst = vec![0u8; 0x1000];
+    ram.read_exact_at(&mut dst, 0x1000).unwrap();
+    assert!(dst.iter().all(|&b| b == 0), "copied while stopped");
+
+    mig::set_state_ok(&mut c, mig::RUNNING);
+    assert_eq!(integration_tests::eventfd_wait(&intx, 5000), Some(1));
+    assert_eq!(
+        c.read_ok(0, 0x18, 8),
+        [0, 0, 0, 0, 1, 0, 0, 0],
+        "STATUS, COUNT"
+    );
+    ram.read_exact_at(&mut dst, 0x1000).unwrap();
+    assert_eq!(dst, pattern(0x1000));
+    drop(c);
+    stop.stop();
+    assert_eq!(thread.join().unwrap(), Ok(()));
 }

@@ -213,10 +213,11 @@ pub trait Lifecycle: Migratable {
 
     /// Does work an access deferred, such as the queue processing a
     /// doorbell write asked for: the server calls it after it has sent its
-    /// replies, so the client is not held up by the work. Returns whether
-    /// work is left; the event loop then calls again soon, without
-    /// sleeping, after serving its other fds. Each call should do a
-    /// bounded amount of work.
+    /// replies, so the client is not held up by the work, and only while a
+    /// client is attached and the device is not paused (nor stopped by the
+    /// migration state). Returns whether work is left; the event loop then
+    /// calls again soon, without sleeping, after serving its other fds.
+    /// Each call should do a bounded amount of work.
     fn run_deferred(&mut self) -> bool {
         false
     }

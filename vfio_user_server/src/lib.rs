@@ -1,13 +1,4 @@
-//! A vfio-user device server.
-//!
-//! The crate speaks the whole vfio-user protocol on behalf of a device
-//! model: [`wire`] encodes and decodes every message, [`server`] runs the
-//! per-client protocol state machine, [`event_loop`] serves any number of
-//! devices, each on its own socket, from one epoll loop. Guest memory
-//! ([`guest_memory`]) and interrupts ([`irq`]) are kept by the server and handed to
-//! devices as bounds-checked handles. [`pci`] exports any device written
-//! against a Cloud-Hypervisor-shaped `PciDevice` trait, and [`compat`] runs
-//! a device written for the published `vfio_user::ServerBackend` trait.
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
 pub mod compat;

@@ -5,7 +5,7 @@
 //! `DeviceContext`); the server sends it from the event loop once the
 //! current command is handled (never from inside a handler, where the
 //! client may be blocked waiting for our reply), matches the client's reply
-//! by message id and hands the result to [`crate::Device::message_dma_done`].
+//! by message id and hands the result to [`crate::Lifecycle::message_dma_done`].
 //! Cloud Hypervisor's client cannot receive server commands; it always maps
 //! memory with fds, so it never sees one.
 

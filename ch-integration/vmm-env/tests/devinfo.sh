@@ -1,5 +1,6 @@
 # Prints what the guest sees of its PCI, virtio and block devices (for docs and
-# debugging; always passes). Parameters: none.
+# debugging; always passes). Parameters: vt.bars=all prints the resources of every
+# PCI function (default: virtio functions only).
 # Results:
 #   pci=<BDF> vendor=<0x....> device=<0x....> subsystem=<0x....:0x....> class=<0x......> driver=<name|none>
 #   pci_bar=<BDF> <start> <end> <flags>            (one per non-empty resource)
@@ -15,7 +16,7 @@ for d in /sys/bus/pci/devices/*; do
     drv=none
     [ -e "$d/driver" ] && drv=$(basename "$(readlink "$d/driver")")
     result pci "$bdf vendor=$(cat "$d/vendor") device=$(cat "$d/device") subsystem=$(cat "$d/subsystem_vendor"):$(cat "$d/subsystem_device") class=$(cat "$d/class") driver=$drv"
-    [ "$(cat "$d/vendor")" = 0x1af4 ] || continue
+    [ "${VT_BARS:-virtio}" = all ] || [ "$(cat "$d/vendor")" = 0x1af4 ] || continue
     while read -r start end flags; do
         [ "$start" = 0x0000000000000000 ] && [ "$end" = 0x0000000000000000 ] && continue
         result pci_bar "$bdf $start $end $flags"

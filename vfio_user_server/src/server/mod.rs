@@ -2,14 +2,14 @@
 //!
 //! The server is driven by [`crate::event_loop::EventLoop`] and never
 //! blocks. Its jobs, one module each:
-//! - [`socket_file`]: the listening socket and its file;
-//! - [`connection`]: the client's byte stream (framing, fds, the reply
+//! - `socket_file`: the listening socket and its file;
+//! - `connection`: the client's byte stream (framing, fds, the reply
 //!   queue);
-//! - [`commands`] and [`version`]: the client's commands, validated and
-//!   dispatched to the device ([`served_device`] holds the device and what
+//! - `commands` and `version`: the client's commands, validated and
+//!   dispatched to the device (`served_device` holds the device and what
 //!   the server keeps for it);
-//! - [`message_dma_pump`]: our DMA_READ/DMA_WRITE commands;
-//! - [`migration`] and [`saved_state`]: migration v2 and the device state
+//! - `message_dma_pump`: our DMA_READ/DMA_WRITE commands;
+//! - `migration` and `saved_state`: migration v2 and the device state
 //!   it moves; pause, resume, snapshot and restore are Cloud Hypervisor's
 //!   traits, implemented here for the whole served device.
 
@@ -182,10 +182,10 @@ impl Server {
 
     /// Runs the device's deferred work
     /// ([`crate::device::Lifecycle::run_deferred`]) while a client is
-    /// attached and the device is not paused; returns whether work is
-    /// left.
+    /// attached and the device is not paused (by [`Pausable::pause`], or
+    /// by a migration state that stops it); returns whether work is left.
     pub fn run_deferred(&mut self) -> bool {
-        if self.conn.is_none() || self.served.paused {
+        if self.conn.is_none() || self.served.paused || self.served.mig.device_stopped() {
             return false;
         }
         let more = self.served.lifecycle().run_deferred();
