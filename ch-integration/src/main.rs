@@ -7,36 +7,12 @@ mod devices;
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicI32, Ordering};
 
 use cli::Command;
 use devices::DeviceKind;
 use log::{info, LevelFilter};
 use vfio_user_server::vm_migration::{Snapshottable, Transportable};
 use vfio_user_server::{EventLoop, Server, ServerConfig};
-
-/// The stop eventfd, for the signal handler.
-static STOP_FD: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_signal(_sig: libc::c_int) {
-    let fd = STOP_FD.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; the buffer is a live u64.
-        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-    }
-}
-
-fn install_signal_handlers(stop_fd: i32) {
-    STOP_FD.store(stop_fd, Ordering::Relaxed);
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only performs an async-signal-safe write.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
-    // A client vanishing mid-write must be an error, not a death.
-    // SAFETY: ignoring SIGPIPE has no preconditions.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-}
 
 fn run_api(args: &cli::ApiArgs) -> Result<(), String> {
     let mut req = serde_json::json!({ "command": args.command.name() });
@@ -93,7 +69,10 @@ fn serve(kind: &DeviceKind) -> Result<(), String> {
             .add_handler(Box::new(api))
             .map_err(|e| format!("cannot watch the api socket: {e}"))?;
     }
-    install_signal_handlers(event_loop.stop_handle().raw_fd());
+    event_loop
+        .stop_handle()
+        .stop_on_termination_signals()
+        .map_err(|e| format!("cannot handle signals: {e}"))?;
     print_attach_help(&opts.socket, &built.description);
     event_loop
         .run()

@@ -19,7 +19,6 @@
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use vfio_user_server::guest_memory::GuestMemoryHandle;
 use vfio_user_server::pci::{
@@ -217,32 +216,13 @@ pub fn serve(
     Ok(event_loop.run()?)
 }
 
-/// The stop handle for the signal handler; never dropped, so that its
-/// eventfd stays open for as long as a signal may come.
-static STOP: OnceLock<StopHandle> = OnceLock::new();
-
-extern "C" fn on_signal(_signal: libc::c_int) {
-    // An atomic load and a write(2) to the eventfd: async-signal-safe.
-    if let Some(stop) = STOP.get() {
-        stop.stop();
-    }
-}
-
-fn stop_on_signals(stop: StopHandle) {
-    let _ = STOP.set(stop);
-    let handler = on_signal as *const () as libc::sighandler_t;
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only does async-signal-safe work; signal(2)
-        // cannot fail for these two signals.
-        unsafe { libc::signal(signal, handler) };
-    }
-}
-
 fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let socket = PathBuf::from(std::env::args_os().nth(1).ok_or("usage: dma_copy SOCKET")?);
     serve(&socket, |stop| {
-        stop_on_signals(stop);
+        if let Err(e) = stop.stop_on_termination_signals() {
+            log::warn!("signals will not stop the server: {e}");
+        }
         let s = std::path::absolute(&socket).unwrap_or_else(|_| socket.clone());
         let s = s.display();
         println!("dma_copy: serving {s}; Ctrl-C or SIGTERM stops. Attach (guest RAM shared):");

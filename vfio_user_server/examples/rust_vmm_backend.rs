@@ -16,7 +16,6 @@ use std::io::{self, Write};
 use std::mem::size_of;
 use std::ops::Range;
 use std::path::Path;
-use std::sync::OnceLock;
 
 use vfio_bindings::bindings::vfio::{
     vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_SET_ACTION_TRIGGER,
@@ -241,27 +240,6 @@ pub fn serve(
     Ok(event_loop.run()?)
 }
 
-/// The loop's stop handle for the signal handler; never dropped, so its
-/// eventfd stays open for as long as a signal may come.
-static STOP: OnceLock<StopHandle> = OnceLock::new();
-
-extern "C" fn on_signal(_signal: libc::c_int) {
-    // An atomic load and a write(2) to the eventfd: async-signal-safe.
-    if let Some(stop) = STOP.get() {
-        stop.stop();
-    }
-}
-
-fn stop_on_signals(stop: StopHandle) {
-    let _ = STOP.set(stop);
-    let handler = on_signal as *const () as libc::sighandler_t;
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only does async-signal-safe work; signal(2)
-        // cannot fail for these two signals.
-        unsafe { libc::signal(signal, handler) };
-    }
-}
-
 fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let socket = std::env::args_os()
@@ -269,7 +247,9 @@ fn main() -> Result<(), Box<dyn Error + Send + Sync>> {
         .ok_or("usage: rust_vmm_backend SOCKET")?;
     let socket = std::path::PathBuf::from(socket);
     serve(&socket, |stop| {
-        stop_on_signals(stop);
+        if let Err(e) = stop.stop_on_termination_signals() {
+            log::warn!("signals will not stop the server: {e}");
+        }
         let s = std::path::absolute(&socket).unwrap_or_else(|_| socket.clone());
         let s = s.display();
         println!("rust_vmm_backend: serving {s}; Ctrl-C or SIGTERM stops. Attach with:");

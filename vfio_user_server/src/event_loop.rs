@@ -3,7 +3,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use log::{error, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -32,6 +32,38 @@ impl StopHandle {
     /// The raw eventfd (async-signal-safe to `write` to).
     pub fn raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()
+    }
+
+    /// Makes SIGINT and SIGTERM stop the loop, and ignores SIGPIPE (a
+    /// client vanishing mid-write is an error, not a death). Once per
+    /// process: a second call fails with `AlreadyExists`.
+    pub fn stop_on_termination_signals(&self) -> io::Result<()> {
+        SIGNAL_STOP
+            .set(self.clone())
+            .map_err(|_| io::Error::from(io::ErrorKind::AlreadyExists))?;
+        let handler = stop_on_signal as *const () as libc::sighandler_t;
+        for (signal, action) in [
+            (libc::SIGINT, handler),
+            (libc::SIGTERM, handler),
+            (libc::SIGPIPE, libc::SIG_IGN),
+        ] {
+            // SAFETY: the handler does async-signal-safe work only.
+            if unsafe { libc::signal(signal, action) } == libc::SIG_ERR {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The stop handle the termination signals use: set once and never
+/// dropped, so its eventfd stays open for as long as a signal may come.
+static SIGNAL_STOP: OnceLock<StopHandle> = OnceLock::new();
+
+extern "C" fn stop_on_signal(_signal: libc::c_int) {
+    // An atomic load and a write(2) to the eventfd: async-signal-safe.
+    if let Some(stop) = SIGNAL_STOP.get() {
+        stop.stop();
     }
 }
 
