@@ -204,10 +204,7 @@ impl Connection {
     /// `handle`, queueing the reply it returns (none for a message that
     /// needs none). Returns false once the client is gone or broke the
     /// framing of fds.
-    pub(super) fn read_messages(
-        &mut self,
-        handle: &mut MessageHandler<'_>,
-    ) -> bool {
+    pub(super) fn read_messages(&mut self, handle: &mut MessageHandler<'_>) -> bool {
         for _ in 0..READS_PER_WAKEUP {
             if self.tx_bytes >= self.max_queued_reply_bytes {
                 return true;
@@ -275,10 +272,7 @@ impl Connection {
     }
 
     /// Handles every complete message in the receive buffer.
-    fn process_buffer(
-        &mut self,
-        handle: &mut MessageHandler<'_>,
-    ) {
+    fn process_buffer(&mut self, handle: &mut MessageHandler<'_>) {
         let mut consumed = 0;
         loop {
             let avail = self.rx_len - consumed;
