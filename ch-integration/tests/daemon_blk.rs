@@ -83,7 +83,7 @@ fn io_requests_reach_the_image_with(extra: &[&str]) {
     let f = drv.init(BLK_WANT, 128);
     assert!(f & VERSION_1 != 0);
     assert!(f & BLK_RO == 0);
-    let capacity = u64::from_le_bytes(drv.device_config(0, 8).try_into().unwrap());
+    let capacity = drv.device_config(0, 8);
     assert_eq!(capacity, IMAGE_SIZE / 512);
 
     // Read what the host wrote.
@@ -130,12 +130,16 @@ fn io_requests_reach_the_image_with(extra: &[&str]) {
     assert_eq!(st, VIRTIO_BLK_S_IOERR);
     let (st, _) = drv.blk_request(0, VIRTIO_BLK_T_IN, u64::MAX / 512, &[], 512);
     assert_eq!(st, VIRTIO_BLK_S_IOERR);
-    let hdr = drv.ram.alloc(16, 16);
-    drv.ram.write_u32(hdr, VIRTIO_BLK_T_IN);
-    drv.ram.write_u64(hdr + 8, 0);
-    let status = drv.ram.alloc(1, 1);
-    drv.ram.write(status, &[0xff]);
-    drv.push(0, &[(hdr, 16, false), (0x10, 512, true), (status, 1, true)]);
+    let hdr = drv.blk_header(VIRTIO_BLK_T_IN, 0);
+    let status = drv.blk_status_buffer();
+    drv.push(
+        0,
+        &[
+            Desc::readable(hdr, 16),
+            Desc::writable(0x10, 512),
+            Desc::writable(status, 1),
+        ],
+    );
     drv.kick(0);
     drv.wait_used(0, 1);
     assert_eq!(drv.ram.read(status, 1)[0], VIRTIO_BLK_S_IOERR);
@@ -203,7 +207,7 @@ fn reset_and_reinitialise() {
         VIRTIO_BLK_S_OK
     );
     // ...and through DEVICE_RESET.
-    drv.client.reset().unwrap();
+    drv.transport.reset().unwrap();
     assert_eq!(drv.status(), 0);
     drv.init(BLK_WANT, 32);
     assert_eq!(
@@ -233,7 +237,7 @@ fn disconnect_in_flight_then_reconnect_is_consistent_with(extra: &[&str]) {
             drv.blk_submit(0, VIRTIO_BLK_T_OUT, 8 * i, &[0xab; 4096], 0);
         }
         drv.kick(0);
-        drv.client.shutdown().unwrap();
+        drv.transport.shutdown().unwrap();
     }
     // A new client (a rebooted guest) finds a fresh device and a
     // consistent disk: every 4 KiB block is either all old or all new.
@@ -311,7 +315,7 @@ fn in_memory_default_disk() {
     let daemon = Daemon::start(&[]);
     let mut drv = VirtioDriver::connect(&daemon.socket);
     drv.init(BLK_WANT, 64);
-    let capacity = u64::from_le_bytes(drv.device_config(0, 8).try_into().unwrap());
+    let capacity = drv.device_config(0, 8);
     assert_eq!(capacity, (64 << 20) / 512);
     let w = pattern(3, 4096);
     assert_eq!(

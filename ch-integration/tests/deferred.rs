@@ -288,7 +288,7 @@ fn dma_unmap_waits_for_io_in_flight() {
     let served = Loop::serve_with(vec![disk.clone()], 1);
     let d = VirtioDriver::connect(served.socket(0));
     in_flight_read_completes_before(d, &disk, |d| {
-        d.client.dma_unmap(GUEST_BASE, GUEST_SIZE).unwrap();
+        d.transport.dma_unmap(GUEST_BASE, GUEST_SIZE).unwrap();
     });
 }
 

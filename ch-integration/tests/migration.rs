@@ -307,7 +307,7 @@ fn migrate_busy_blk_between_daemons_with(extra: &[&str]) {
     drv.wait_used_idx(1, drv.queues[1].next_avail);
 
     // The source goes away; the same driver continues on the destination.
-    let old = drv.replace_client(dst_client);
+    let old = drv.replace_transport(dst_client);
     drop(old);
     assert_eq!(io.in_flight_on(0), 4 + 3 + 2);
     assert_eq!(io.in_flight_on(1), 2 + 2);

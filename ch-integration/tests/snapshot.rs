@@ -153,11 +153,11 @@ fn snapshot_restore_via_api_with(extra: &[&str]) {
     drop(old);
     assert_eq!(api_ok(&api_sock, &["status"])["connected"], true);
     assert_eq!(drv.status(), STATUS_LIVE);
-    assert_eq!(drv.common_read_u64(0x20), drv.queues[0].desc);
-    assert_eq!(drv.common_read_u64(0x28), drv.queues[0].avail);
-    assert_eq!(drv.common_read_u64(0x30), drv.queues[0].used);
-    assert_eq!(drv.common_read(0x1c, 2), [1, 0], "queue enabled");
-    assert_eq!(drv.common_read(0x1a, 2), [1, 0], "queue vector");
+    assert_eq!(drv.common_read(0x20, 8), drv.queues[0].desc);
+    assert_eq!(drv.common_read(0x28, 8), drv.queues[0].avail);
+    assert_eq!(drv.common_read(0x30, 8), drv.queues[0].used);
+    assert_eq!(drv.common_read(0x1c, 2), 1, "queue enabled");
+    assert_eq!(drv.common_read(0x1a, 2), 1, "queue vector");
 
     // The request made available before the snapshot is served, once, as
     // soon as the client can take interrupts (its SET_IRQS), with no new
@@ -337,7 +337,7 @@ fn api_pause_survives_device_reset() {
     drv.init(BLK_WANT, 64);
     api_ok(&api_sock, &["pause"]);
     // A DEVICE_RESET and a new set-up while paused: still no DMA.
-    drv.client.reset().unwrap();
+    drv.transport.reset().unwrap();
     drv.init(BLK_WANT, 64);
     let h = drv.blk_submit(0, VIRTIO_BLK_T_IN, 0, &[], 512);
     drv.kick(0);

@@ -357,7 +357,7 @@ impl Driver {
                 return;
             }
             pfds.push(libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&self.virtio.queues[q].eventfd),
+                fd: std::os::fd::AsRawFd::as_raw_fd(self.virtio.queue_interrupt(q).eventfd()),
                 events: libc::POLLIN,
                 revents: 0,
             });
@@ -365,7 +365,7 @@ impl Driver {
         // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds.
         unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 1000) };
         for &q in queues {
-            let _ = self.virtio.queues[q].eventfd.read();
+            let _ = self.virtio.queue_interrupt(q).eventfd().read();
         }
     }
 
