@@ -2,6 +2,9 @@
 //!
 //! - [`storage`]: the [`storage::BlockBackend`] trait with a raw file and an
 //!   in-memory implementation.
+//! - [`guest_sg`]: scatter-gather lists of guest memory, translated once.
+//! - [`block_io`]: block I/O between those lists and a back end, on the
+//!   caller's thread or on I/O threads, for any storage device model.
 //! - [`virtio`]: a virtio 1.x modern PCI transport that turns any
 //!   [`virtio::VirtioDevice`] into a [`vfio_user_server::pci::PciDevice`].
 //! - [`virtio_blk`]: a virtio block device over a `BlockBackend`.
@@ -30,6 +33,8 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod block_io;
+pub mod guest_sg;
 pub mod net;
 pub mod storage;
 pub mod virtio;

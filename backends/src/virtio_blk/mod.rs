@@ -7,7 +7,7 @@
 //!
 //! With [`VirtioBlkConfig::io_threads`] at 0 every request runs on the
 //! event loop thread while its queue is processed. Otherwise `IN`, `OUT`
-//! and `FLUSH` go to a pool of that many I/O threads ([`IoWorkers`]): the
+//! and `FLUSH` go to a pool of that many I/O threads ([`BlockIo`]): the
 //! event loop parses the next requests while earlier ones are read or
 //! written, and completes them (status, used ring, interrupt) when the
 //! pool reports back. The rare `GET_ID`, `DISCARD` and `WRITE_ZEROES`, and
@@ -29,11 +29,11 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 use self::request::*;
-use crate::storage::{BlockBackend, IoBuf, IoDone, IoJob, IoOp, IoWorkers, BLOCK_ID_BYTES};
+use crate::block_io::{BlockIo, BlockOp};
+use crate::storage::{BlockBackend, BLOCK_ID_BYTES};
 use crate::virtio::{
     GuestMemory, VirtioDevice, VirtioError, VirtioPciDevice, VirtioPciError, MAX_QUEUES,
 };
@@ -53,10 +53,6 @@ pub const BLK_MAX_DISCARD_SEG: u32 = 32;
 /// `discard_sector_alignment` (4 KiB).
 pub const BLK_DISCARD_SECTOR_ALIGNMENT: u32 = 8;
 
-/// Most guest buffers handed to the back end in one vectored call. Small,
-/// as the arrays holding them are initialised per request, and most
-/// requests have one or two data buffers.
-const IO_BATCH: usize = 8;
 /// Size of the configuration space we expose (up to `unused1`).
 const CONFIG_SIZE: usize = 0x3c;
 
@@ -111,7 +107,6 @@ impl Default for VirtioBlkConfig {
 
 /// A virtio block device model.
 pub struct VirtioBlk {
-    backend: Arc<dyn BlockBackend>,
     num_queues: u16,
     queue_size: u16,
     read_only: bool,
@@ -122,68 +117,23 @@ pub struct VirtioBlk {
     acked_features: u64,
     /// Guest memory, whose mapping requests in flight keep alive.
     memory: GuestMemoryHandle,
-    /// The I/O threads, if requests run off the event loop.
-    workers: Option<IoWorkers>,
-    /// What is in flight on the I/O threads.
-    async_io: AsyncIo,
+    /// The back end, and the requests in flight on its I/O threads.
+    io: BlockIo<Completion>,
+    /// Requests in flight per queue, at most the queue's size: a driver
+    /// that re-posts heads it has in flight cannot make it grow further.
+    per_queue: Vec<usize>,
     /// The I/O threads' completion eventfd, watched by the event loop.
     completion_fd: Option<WatchedFd>,
 }
 
-/// A request handed to the I/O threads.
-struct InFlight {
+/// What completing a request handed to the I/O threads needs.
+struct Completion {
     /// Queue index.
     queue: usize,
     /// Head of its chain.
     head: u16,
     /// Guest address of its status byte.
     status: GuestAddress,
-    /// The guest buffers a read fills (empty unless `IN`), for the dirty
-    /// log.
-    read_into: Vec<(GuestAddress, usize)>,
-    /// Bytes read on success (0 unless `IN`).
-    read_len: u64,
-    /// Keeps the guest memory of its buffers mapped.
-    memory: Arc<GuestMemory>,
-}
-
-/// Requests in flight on the I/O threads, and storage kept for reuse.
-#[derive(Default)]
-struct AsyncIo {
-    /// By token; `None` where free.
-    slots: Vec<Option<InFlight>>,
-    /// Free tokens.
-    free: Vec<usize>,
-    /// Jobs of the batch being taken off a queue.
-    jobs: Vec<IoJob>,
-    /// Results being completed.
-    done: Vec<IoDone>,
-    /// Emptied `InFlight::read_into` vectors, kept for their storage.
-    spare_ranges: Vec<Vec<(GuestAddress, usize)>>,
-    /// Job buffer vectors of finished requests.
-    spare_bufs: SpareBufs,
-    /// Requests in flight per queue, at most the queue's size: a driver
-    /// that re-posts heads it has in flight cannot make it grow further.
-    per_queue: Vec<usize>,
-}
-
-/// Emptied job buffer vectors, kept for their storage.
-#[derive(Default)]
-struct SpareBufs(Vec<Vec<IoBuf<'static>>>);
-
-// SAFETY: every vector in it is empty (`put` clears them), so no buffer
-// pointer crosses threads through it.
-unsafe impl Send for SpareBufs {}
-
-impl SpareBufs {
-    fn take(&mut self) -> Vec<IoBuf<'static>> {
-        self.0.pop().unwrap_or_default()
-    }
-
-    fn put(&mut self, mut v: Vec<IoBuf<'static>>) {
-        v.clear();
-        self.0.push(v);
-    }
 }
 
 /// What a parsed request needs.
@@ -255,19 +205,11 @@ impl VirtioBlk {
         put(0x30, &BLK_MAX_DISCARD_SECTORS.to_le_bytes());
         put(0x34, &BLK_MAX_DISCARD_SEG.to_le_bytes());
 
-        let workers = match config.io_threads {
-            0 => None,
-            n => Some(
-                IoWorkers::new(backend.clone(), n, "virtio-blk")
-                    .map_err(VirtioBlkError::IoThreads)?,
-            ),
-        };
-        let completion_fd = workers
-            .as_ref()
-            .map(|w| WatchedFd::readable(w.completion_fd()));
+        let io = BlockIo::new(backend, config.io_threads, "virtio-blk")
+            .map_err(VirtioBlkError::IoThreads)?;
+        let completion_fd = io.completion_fd().map(WatchedFd::readable);
         Ok(VirtioBlk {
             completion_fd,
-            backend,
             num_queues: config.num_queues,
             queue_size: qs,
             read_only,
@@ -277,11 +219,8 @@ impl VirtioBlk {
             avail_features: features,
             acked_features: 0,
             memory,
-            workers,
-            async_io: AsyncIo {
-                per_queue: vec![0; usize::from(config.num_queues)],
-                ..AsyncIo::default()
-            },
+            io,
+            per_queue: vec![0; usize::from(config.num_queues)],
         })
     }
 
@@ -297,7 +236,7 @@ impl VirtioBlk {
 
     /// Requests handed to the I/O threads and not completed yet.
     pub fn in_flight(&self) -> usize {
-        self.async_io.slots.iter().filter(|s| s.is_some()).count()
+        self.io.in_flight()
     }
 
     fn acked(&self, feature: u32) -> bool {
@@ -309,8 +248,8 @@ impl VirtioBlk {
     /// could not be written).
     fn execute(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
         let head = chain.head_index();
-        let mut req = Request::default();
-        if !parse_request(head, chain, mem, &mut req) {
+        let mut req = Request::new(mem);
+        if !parse_request(head, chain, &mut req) {
             return 0;
         }
         let (status, written) = match self.plan(&req) {
@@ -370,7 +309,7 @@ impl VirtioBlk {
 
     /// Reads `len` bytes at `offset` into the writable buffers of `req`.
     fn read(&self, req: &Request<'_>, offset: u64, len: u64) -> (u8, u64) {
-        match transfer(&*self.backend, &req.writable, 0, len, offset, true) {
+        match self.io.read(&req.writable, 0, len, offset) {
             Ok(()) => (S_OK, len),
             Err(e) => {
                 warn!("virtio-blk: read at {offset:#x}: {e}");
@@ -384,14 +323,10 @@ impl VirtioBlk {
     /// Writes `len` bytes of the readable buffers of `req` (after the
     /// header) at `offset`.
     fn write(&self, req: &Request<'_>, offset: u64, len: u64) -> u8 {
-        if let Err(e) = transfer(
-            &*self.backend,
-            &req.readable,
-            OUTHDR_SIZE,
-            len,
-            offset,
-            false,
-        ) {
+        if let Err(e) = self
+            .io
+            .write(&req.readable, OUTHDR_SIZE, len, offset, false)
+        {
             warn!("virtio-blk: write at {offset:#x}: {e}");
             return S_IOERR;
         }
@@ -401,9 +336,9 @@ impl VirtioBlk {
         S_OK
     }
 
-    /// Starts one chain of queue `queue` on the I/O threads, queueing its
-    /// job in `self.async_io.jobs`; returns the used length if it
-    /// completed at once instead.
+    /// Starts one chain of queue `queue` on the I/O threads (its job is
+    /// submitted with the batch); returns the used length if it completed
+    /// at once instead.
     fn start(
         &mut self,
         queue: usize,
@@ -412,149 +347,92 @@ impl VirtioBlk {
         keep: &Arc<GuestMemory>,
     ) -> Option<u32> {
         let head = chain.head_index();
-        let mut req = Request::default();
-        if !parse_request(head, chain, mem, &mut req) {
+        let mut req = Request::new(mem);
+        if !parse_request(head, chain, &mut req) {
             return Some(0);
         }
         let Some(status) = req.status.as_ref().map(|s| s.addr) else {
             // `parse_request` checked there is one.
             return Some(0);
         };
-        let mut bufs = self.async_io.spare_bufs.take();
-        let mut read_into = self.async_io.spare_ranges.pop().unwrap_or_default();
-        let mut collect = |sg: &SgList<'_>, at: u64, len: u64, read: bool| {
-            sg.for_each(at, len, |piece| {
-                let b = IoBuf::from(piece.slice);
-                // SAFETY: the piece lies in the guest memory `keep` maps;
-                // the request holds `keep` until its result is collected,
-                // and guest memory is only accessed as raw bytes.
-                bufs.push(unsafe { IoBuf::from_raw_parts(b.as_ptr(), b.len()) });
-                if read {
-                    read_into.push((piece.addr, piece.slice.len()));
-                }
-                Ok(())
-            })
+        let op = match self.plan(&req) {
+            Plan::Done(status, written) => return Some(req.finish(status, written)),
+            Plan::Read { offset, len } => BlockOp::Read {
+                sg: &req.writable,
+                sg_offset: 0,
+                len,
+                disk_offset: offset,
+            },
+            Plan::Write { offset, len } => BlockOp::Write {
+                sg: &req.readable,
+                sg_offset: OUTHDR_SIZE,
+                len,
+                disk_offset: offset,
+                flush: !self.acked(VIRTIO_BLK_F_FLUSH),
+            },
+            Plan::Flush => BlockOp::Flush,
         };
-        // The data to move, if any: (disk offset, length, into the guest).
-        let data = match self.plan(&req) {
-            Plan::Done(status, written) => Err(req.finish(status, written)),
-            Plan::Read { offset, len } => Ok(Some((offset, len, true))),
-            Plan::Write { offset, len } => Ok(Some((offset, len, false))),
-            Plan::Flush => Ok(None),
-        };
-        let data = data.and_then(|data| {
-            let collected = match data {
-                Some((_, len, true)) => collect(&req.writable, 0, len, true),
-                Some((_, len, false)) => collect(&req.readable, OUTHDR_SIZE, len, false),
-                None => Ok(()),
-            };
-            collected
-                .map(|()| data)
-                .map_err(|e| fail_start(&req, head, e))
-        });
-        let (op, read_len) = match data {
-            Ok(Some((offset, len, true))) => (IoOp::Read { offset, bufs }, len),
-            Ok(Some((offset, _, false))) => {
-                let flush = !self.acked(VIRTIO_BLK_F_FLUSH);
-                (
-                    IoOp::Write {
-                        offset,
-                        bufs,
-                        flush,
-                    },
-                    0,
-                )
-            }
-            Ok(None) => {
-                self.async_io.spare_bufs.put(bufs);
-                (IoOp::Flush, 0)
-            }
-            Err(len) => {
-                // Not started: the vectors go back to the pools.
-                self.async_io.spare_bufs.put(bufs);
-                read_into.clear();
-                self.async_io.spare_ranges.push(read_into);
-                return Some(len);
-            }
-        };
-        let token = match self.async_io.free.pop() {
-            Some(t) => t,
-            None => {
-                self.async_io.slots.push(None);
-                self.async_io.slots.len() - 1
-            }
-        };
-        if let Some(n) = self.async_io.per_queue.get_mut(queue) {
-            *n += 1;
-        }
-        self.async_io.slots[token] = Some(InFlight {
+        let completion = Completion {
             queue,
             head,
             status,
-            read_into,
-            read_len,
-            memory: keep.clone(),
-        });
-        self.async_io.jobs.push(IoJob {
-            token: token as u64,
-            op,
-        });
-        None
+        };
+        match self.io.start(op, keep, completion) {
+            Ok(()) => {
+                if let Some(n) = self.per_queue.get_mut(queue) {
+                    *n += 1;
+                }
+                None
+            }
+            Err((_, e)) => Some(fail_start(&req, head, e)),
+        }
     }
 
-    /// Completes the requests whose results the I/O threads filed; returns
-    /// the queues that got used entries.
-    fn complete(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> Vec<usize> {
-        let Some(workers) = &self.workers else {
-            return Vec::new();
-        };
-        let mut done = std::mem::take(&mut self.async_io.done);
-        workers.collect(&mut done);
+    /// Completes the requests whose results the I/O threads filed (all of
+    /// them, once they have run, if `drain`); returns the queues that got
+    /// used entries.
+    fn complete(&mut self, queues: &mut [Queue], mem: &GuestMemory, drain: bool) -> Vec<usize> {
         let mut used = Vec::new();
-        for d in done.drain(..) {
-            let token = d.token as usize;
-            self.async_io.spare_bufs.put(d.bufs);
-            let Some(mut f) = self.async_io.slots.get_mut(token).and_then(Option::take) else {
-                continue;
-            };
-            self.async_io.free.push(token);
-            if let Some(n) = self.async_io.per_queue.get_mut(f.queue) {
+        let per_queue = &mut self.per_queue;
+        let finish = |c: Completion, result: io::Result<u64>| {
+            if let Some(n) = per_queue.get_mut(c.queue) {
                 *n = n.saturating_sub(1);
             }
-            mark_read_dirty(&f);
-            let (status, written) = match d.result {
-                Ok(()) => (S_OK, f.read_len),
+            let (status, written) = match result {
+                Ok(read) => (S_OK, read),
                 Err(e) => {
-                    warn!("virtio-blk: chain {}: {e}", f.head);
+                    warn!("virtio-blk: chain {}: {e}", c.head);
                     (S_IOERR, 0)
                 }
             };
             // `write_obj` marks the byte dirty; `written` is bounded as in
             // `Request::finish`.
-            let len = match mem.write_obj(status, f.status) {
+            let len = match mem.write_obj(status, c.status) {
                 Ok(()) => u32::try_from(written + 1).unwrap_or(u32::MAX),
                 Err(e) => {
-                    warn!("virtio-blk: chain {}: cannot write status: {e}", f.head);
+                    warn!("virtio-blk: chain {}: cannot write status: {e}", c.head);
                     0
                 }
             };
-            if let Some(q) = queues.get_mut(f.queue) {
-                if let Err(e) = q.add_used(mem, f.head, len) {
-                    warn!("virtio-blk: cannot complete chain {}: {e}", f.head);
+            if let Some(q) = queues.get_mut(c.queue) {
+                if let Err(e) = q.add_used(mem, c.head, len) {
+                    warn!("virtio-blk: cannot complete chain {}: {e}", c.head);
                 }
-                if !used.contains(&f.queue) {
-                    used.push(f.queue);
+                if !used.contains(&c.queue) {
+                    used.push(c.queue);
                 }
             }
-            f.read_into.clear();
-            self.async_io.spare_ranges.push(f.read_into);
+        };
+        if drain {
+            self.io.drain_and_collect(finish);
+        } else {
+            self.io.collect(finish);
         }
-        self.async_io.done = done;
         used
     }
 
     fn flush(&self) -> u8 {
-        match self.backend.flush() {
+        match self.io.flush() {
             Ok(()) => S_OK,
             Err(e) => {
                 warn!("virtio-blk: flush: {e}");
@@ -591,10 +469,11 @@ impl VirtioBlk {
             }
         }
         for (offset, len) in ranges {
+            let backend = self.io.backend();
             let r = if zero {
-                self.backend.write_zeroes(offset, len)
+                backend.write_zeroes(offset, len)
             } else {
-                self.backend.discard(offset, len)
+                backend.discard(offset, len)
             };
             if let Err(e) = r {
                 warn!("virtio-blk: discard/write-zeroes at {offset:#x}: {e}");
@@ -614,10 +493,9 @@ impl VirtioBlk {
 fn parse_request<'m>(
     head: u16,
     chain: DescriptorChain<&'m GuestMemory>,
-    mem: &'m GuestMemory,
     req: &mut Request<'m>,
 ) -> bool {
-    match req.parse(chain, mem, BLK_MAX_CHAIN_DESCRIPTORS) {
+    match req.parse(chain, BLK_MAX_CHAIN_DESCRIPTORS) {
         Ok(()) => true,
         Err(e) => {
             warn!("virtio-blk: chain {head}: {e}");
@@ -631,63 +509,6 @@ fn parse_request<'m>(
 fn fail_start(req: &Request<'_>, head: u16, e: io::Error) -> u32 {
     warn!("virtio-blk: chain {head}: {e}");
     req.finish(S_IOERR, 0)
-}
-
-/// Marks the pages a read on the I/O threads wrote as dirty: the back end
-/// wrote them behind vm-memory's back (whatever the outcome). The mapping
-/// the request kept is the one written to.
-fn mark_read_dirty(f: &InFlight) {
-    for &(addr, len) in &f.read_into {
-        for slice in f.memory.get_slices(addr, len).flatten() {
-            slice.bitmap().mark_dirty(0, slice.len());
-        }
-    }
-}
-
-/// Moves `len` bytes between `[sg_offset, sg_offset + len)` of `sg` and the
-/// back end at `disk_offset`: into guest memory (`to_guest`, a read) or
-/// from it (a write), straight between the back end and the guest's pages.
-/// Guest memory read into is marked dirty, even if the transfer fails.
-fn transfer(
-    backend: &dyn BlockBackend,
-    sg: &SgList<'_>,
-    sg_offset: u64,
-    len: u64,
-    disk_offset: u64,
-    to_guest: bool,
-) -> io::Result<()> {
-    let mut iov = [IoBuf::empty(); IO_BATCH];
-    let mut count = 0;
-    let mut pos = disk_offset;
-    let run = |iov: &[IoBuf<'_>], pos: &mut u64| -> io::Result<()> {
-        let bytes: u64 = iov.iter().map(|b| b.len() as u64).sum();
-        let r = if to_guest {
-            backend.read_vectored_at(iov, *pos)
-        } else {
-            backend.write_vectored_at(iov, *pos)
-        };
-        *pos += bytes;
-        r
-    };
-    sg.for_each(sg_offset, len, |piece| {
-        if count == IO_BATCH {
-            run(&iov, &mut pos)?;
-            count = 0;
-        }
-        if to_guest {
-            // The back end writes the pages behind vm-memory's back. The
-            // dirty log is only read on this thread, so marking them
-            // before the read is as good as after it.
-            piece.slice.bitmap().mark_dirty(0, piece.slice.len());
-        }
-        iov[count] = IoBuf::from(piece.slice);
-        count += 1;
-        Ok(())
-    })?;
-    if count > 0 {
-        run(&iov[..count], &mut pos)?;
-    }
-    Ok(())
 }
 
 impl VirtioDevice for VirtioBlk {
@@ -722,26 +543,10 @@ impl VirtioDevice for VirtioBlk {
 
     fn reset(&mut self) {
         self.acked_features = 0;
-        if let Some(workers) = &self.workers {
-            // Wait for what is in flight, and forget it: the driver gave the
-            // rings up.
-            workers.drain();
-            workers.collect(&mut self.async_io.done);
-            for d in self.async_io.done.drain(..) {
-                self.async_io.spare_bufs.put(d.bufs);
-            }
-            for (token, slot) in self.async_io.slots.iter_mut().enumerate() {
-                if let Some(mut f) = slot.take() {
-                    // The reads did land in guest memory: the dirty log
-                    // must say so even though nobody is told.
-                    mark_read_dirty(&f);
-                    f.read_into.clear();
-                    self.async_io.spare_ranges.push(f.read_into);
-                    self.async_io.free.push(token);
-                }
-            }
-            self.async_io.per_queue.fill(0);
-        }
+        // Wait for what is in flight, and forget it: the driver gave the
+        // rings up. Its reads still go to the dirty log.
+        self.io.forget_all();
+        self.per_queue.fill(0);
     }
 
     fn process_queue(
@@ -754,16 +559,14 @@ impl VirtioDevice for VirtioBlk {
         // Requests go to the I/O threads only if the memory they parse is
         // the mapping the device keeps alive for them.
         let keep = self
-            .workers
-            .is_some()
+            .io
+            .has_io_threads()
             .then(|| self.memory.memory().into_inner())
             .filter(|keep| std::ptr::eq(&**keep, mem));
         let in_flight_max = usize::from(queue.size());
         let mut taken = 0;
         while taken < budget {
-            if keep.is_some()
-                && self.async_io.per_queue.get(index).copied().unwrap_or(0) >= in_flight_max
-            {
+            if keep.is_some() && self.per_queue.get(index).copied().unwrap_or(0) >= in_flight_max {
                 // Full: the transport looks again when some complete.
                 break;
             }
@@ -783,12 +586,7 @@ impl VirtioDevice for VirtioBlk {
                 warn!("virtio-blk: cannot complete chain {head}: {e}");
             }
         }
-        if let Some(workers) = &self.workers {
-            // SAFETY: every job's buffers lie in guest memory whose mapping
-            // its `InFlight` keeps alive until the result is collected, and
-            // guest memory is only accessed as raw bytes.
-            unsafe { workers.submit(&mut self.async_io.jobs) };
-        }
+        self.io.submit();
         Ok(taken)
     }
 
@@ -803,18 +601,14 @@ impl VirtioDevice for VirtioBlk {
         queues: &mut [Queue],
         mem: &GuestMemory,
     ) -> Vec<usize> {
-        if self.workers.as_ref().map(IoWorkers::completion_fd) != Some(fd) {
+        if self.io.completion_fd() != Some(fd) {
             return Vec::new();
         }
-        self.complete(queues, mem)
+        self.complete(queues, mem, false)
     }
 
     fn quiesce(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> Vec<usize> {
-        let Some(workers) = &self.workers else {
-            return Vec::new();
-        };
-        workers.drain();
-        self.complete(queues, mem)
+        self.complete(queues, mem, true)
     }
 }
 

@@ -1,29 +1,20 @@
-//! Parsing and execution of virtio-blk requests.
+//! Parsing of virtio-blk requests.
 //!
 //! A request is a descriptor chain: device-readable buffers holding the
 //! 16-byte `virtio_blk_outhdr` and any data to write, then device-writable
 //! buffers for data to read and, in their last byte, the status. Buffers
-//! are treated as scatter-gather lists without framing assumptions. Every
-//! guest address is checked against guest memory before use; a malformed
-//! request fails with `VIRTIO_BLK_S_IOERR` and never panics.
+//! are treated as scatter-gather lists ([`SgList`]) without framing
+//! assumptions. Every guest address is checked against guest memory before
+//! use; a malformed request fails with `VIRTIO_BLK_S_IOERR` and never
+//! panics.
 
-use std::io;
-
-use smallvec::SmallVec;
 use thiserror::Error;
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::bitmap::MS;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::guest_sg::{Segment, SgList};
 use crate::virtio::GuestMemory;
-
-/// A piece of guest memory, with its dirty bitmap.
-pub(super) type GuestSlice<'m> = VolatileSlice<'m, MS<'m, GuestMemory>>;
-
-fn invalid<E: std::error::Error + Send + Sync + 'static>(e: E) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, e)
-}
 
 /// Size of `struct virtio_blk_outhdr`.
 pub(super) const OUTHDR_SIZE: u64 = 16;
@@ -41,141 +32,9 @@ pub(super) const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 /// Unsupported request.
 pub(super) const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
-/// Segments kept inline (without allocating) per list: a usual request
-/// has one or two buffers in each direction.
-const INLINE_SEGMENTS: usize = 4;
-
-/// A translated guest buffer, or the piece of one that lies in one
-/// guest memory region.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Segment<'m> {
-    /// Guest address of its first byte.
-    pub(super) addr: GuestAddress,
-    /// Its memory.
-    pub(super) slice: GuestSlice<'m>,
-}
-
-/// Guest buffers addressed as one contiguous byte range. Each buffer is
-/// translated once, when it is added; nothing after that looks guest
-/// memory up again.
-#[derive(Debug, Default)]
-pub(super) struct SgList<'m> {
-    segments: SmallVec<[Segment<'m>; INLINE_SEGMENTS]>,
-    len: u64,
-}
-
-impl<'m> SgList<'m> {
-    /// Appends the guest buffer `[addr, addr + len)`; `false` if part of
-    /// it lies outside `mem` (then only the part before that is added).
-    pub(super) fn push_buffer(
-        &mut self,
-        mem: &'m GuestMemory,
-        addr: GuestAddress,
-        len: u32,
-    ) -> bool {
-        if len == 0 {
-            return true;
-        }
-        // One region lookup in the usual case; the slice iterator only for
-        // buffers that cross regions (or are outside guest memory).
-        if let Ok(slice) = mem.get_slice(addr, len as usize) {
-            self.push(Segment { addr, slice });
-            return true;
-        }
-        let mut at = addr;
-        for slice in mem.get_slices(addr, len as usize) {
-            let Ok(slice) = slice else {
-                return false;
-            };
-            self.push(Segment { addr: at, slice });
-            at = GuestAddress(at.0.wrapping_add(slice.len() as u64));
-        }
-        true
-    }
-
-    fn push(&mut self, segment: Segment<'m>) {
-        self.len += segment.slice.len() as u64;
-        self.segments.push(segment);
-    }
-
-    /// Total length in bytes.
-    pub(super) fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Removes the last byte of the list and returns it, if any.
-    fn pop_last_byte(&mut self) -> Option<Segment<'m>> {
-        let last = self.segments.last_mut()?;
-        let n = last.slice.len() - 1;
-        let byte = Segment {
-            addr: GuestAddress(last.addr.0.wrapping_add(n as u64)),
-            slice: last.slice.subslice(n, 1).ok()?,
-        };
-        if n == 0 {
-            self.segments.pop();
-        } else {
-            last.slice = last.slice.subslice(0, n).ok()?;
-        }
-        self.len -= 1;
-        Some(byte)
-    }
-
-    /// Calls `f` with the pieces of `[offset, offset + len)` of the list,
-    /// in order; fails if the range exceeds the list.
-    pub(super) fn for_each<F>(&self, offset: u64, len: u64, mut f: F) -> io::Result<()>
-    where
-        F: FnMut(Segment<'m>) -> io::Result<()>,
-    {
-        let end = offset
-            .checked_add(len)
-            .filter(|e| *e <= self.len)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
-        let mut seg_start = 0u64;
-        let mut pos = offset;
-        for seg in &self.segments {
-            if pos >= end {
-                break;
-            }
-            let seg_end = seg_start + seg.slice.len() as u64;
-            if pos < seg_end {
-                // Both below the segment's length, a usize.
-                let skip = (pos - seg_start) as usize;
-                let n = (seg_end.min(end) - pos) as usize;
-                f(Segment {
-                    addr: GuestAddress(seg.addr.0.wrapping_add(skip as u64)),
-                    slice: seg.slice.subslice(skip, n).map_err(invalid)?,
-                })?;
-                pos += n as u64;
-            }
-            seg_start = seg_end;
-        }
-        Ok(())
-    }
-
-    /// Copies `buf.len()` bytes at `offset` of the list into `buf`.
-    pub(super) fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let mut at = 0;
-        self.for_each(offset, buf.len() as u64, |piece| {
-            at += piece.slice.copy_to(&mut buf[at..]);
-            Ok(())
-        })
-    }
-
-    /// Copies `buf` to `offset` of the list, marking it dirty.
-    pub(super) fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        let mut at = 0;
-        self.for_each(offset, buf.len() as u64, |piece| {
-            // `copy_from` marks the bytes it writes dirty.
-            piece.slice.copy_from(&buf[at..]);
-            at += piece.slice.len();
-            Ok(())
-        })
-    }
-}
-
 /// A chain, split into its device-readable and device-writable buffers
 /// and translated.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Request<'m> {
     /// Device-readable buffers: the header, then any data to write.
     pub(super) readable: SgList<'m>,
@@ -200,18 +59,24 @@ pub(super) enum BadChain {
 }
 
 impl<'m> Request<'m> {
+    /// An empty request, to parse a chain of `mem` into.
+    pub(super) fn new(mem: &'m GuestMemory) -> Self {
+        Request {
+            readable: SgList::new(mem),
+            writable: SgList::new(mem),
+            status: None,
+            malformed: false,
+        }
+    }
+
     /// Splits and translates `descriptors` (at most `max` of them) into
     /// this request, which must be empty (parsing in place spares moving
     /// the request around: it holds its lists inline).
-    pub(super) fn parse<I>(
-        &mut self,
-        descriptors: I,
-        mem: &'m GuestMemory,
-        max: usize,
-    ) -> Result<(), BadChain>
+    pub(super) fn parse<I>(&mut self, descriptors: I, max: usize) -> Result<(), BadChain>
     where
         I: Iterator<Item = Descriptor>,
     {
+        let mem = self.readable.memory();
         let mut seen_writable = false;
         // The last non-empty device-writable buffer holds the status.
         let mut last_writable = None;
@@ -229,7 +94,7 @@ impl<'m> Request<'m> {
                 self.malformed |= seen_writable;
                 &mut self.readable
             };
-            self.malformed |= !list.push_buffer(mem, desc.addr(), desc.len());
+            self.malformed |= !list.push_buffer(desc.addr(), desc.len());
         }
         let (addr, len) = last_writable.ok_or(BadChain::NoStatus)?;
         let status_addr = addr
@@ -246,7 +111,7 @@ impl<'m> Request<'m> {
                     slice,
                 })
         } else {
-            self.writable.pop_last_byte()
+            self.writable.split_last_byte()
         };
         match self.status {
             Some(_) => Ok(()),
@@ -355,56 +220,6 @@ mod tests {
         .unwrap()
     }
 
-    #[test]
-    fn sg_list_spans_segments() {
-        let m = mem();
-        let mut sg = SgList::default();
-        assert!(sg.push_buffer(&m, GuestAddress(0x1ffc), 4));
-        assert!(sg.push_buffer(&m, GuestAddress(0x3000), 0));
-        assert!(sg.push_buffer(&m, GuestAddress(0x3000), 8));
-        assert_eq!(sg.len(), 12);
-        sg.write_at(2, &[1, 2, 3, 4, 5]).unwrap();
-        let mut b = [0u8; 12];
-        sg.read_at(0, &mut b).unwrap();
-        assert_eq!(b, [0, 0, 1, 2, 3, 4, 5, 0, 0, 0, 0, 0]);
-        assert!(sg.read_at(11, &mut [0u8; 2]).is_err());
-        assert!(sg.read_at(u64::MAX, &mut [0u8; 2]).is_err());
-        sg.read_at(12, &mut []).unwrap();
-        assert!(sg.write_at(12, &[1]).is_err());
-        let last = sg.pop_last_byte().unwrap();
-        assert_eq!(last.addr, GuestAddress(0x3007));
-        assert_eq!(sg.len(), 11);
-        assert!(sg.read_at(11, &mut [0u8; 1]).is_err());
-        // Outside guest memory.
-        assert!(!sg.push_buffer(&m, GuestAddress(0x2000), 1));
-        assert!(!sg.push_buffer(&m, GuestAddress(u64::MAX - 1), 16));
-    }
-
-    #[test]
-    fn a_buffer_across_regions_is_split() {
-        let m = vm_memory::GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[
-            (GuestAddress(0x1000), 0x1000),
-            (GuestAddress(0x2000), 0x1000),
-        ])
-        .unwrap();
-        let mut sg = SgList::default();
-        assert!(sg.push_buffer(&m, GuestAddress(0x1ff0), 0x20));
-        assert_eq!(sg.segments.len(), 2);
-        assert_eq!(sg.segments[1].addr, GuestAddress(0x2000));
-        sg.write_at(0x0e, &[7, 8, 9, 10]).unwrap();
-        let mut b = [0u8; 4];
-        m.read_slice(&mut b, GuestAddress(0x1ffe)).unwrap();
-        assert_eq!(b, [7, 8, 9, 10]);
-        // The last byte of a buffer split across regions.
-        let status = sg.pop_last_byte().unwrap();
-        assert_eq!(status.addr, GuestAddress(0x200f));
-        status.slice.write_obj(0xaa_u8, 0).unwrap();
-        assert_eq!(m.read_obj::<u8>(GuestAddress(0x200f)).unwrap(), 0xaa);
-        assert_eq!(sg.len(), 0x1f);
-        // A buffer that runs off the end of guest memory.
-        assert!(!sg.push_buffer(&m, GuestAddress(0x2ff0), 0x20));
-    }
-
     fn desc(addr: u64, len: u32, write: bool) -> Descriptor {
         let flags = if write {
             virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16
@@ -418,8 +233,8 @@ mod tests {
     fn requests_are_split_and_the_status_is_the_last_writable_byte() {
         let m = mem();
         let parse = |d: &[Descriptor]| {
-            let mut r = Request::default();
-            r.parse(d.iter().copied(), &m, 4).map(|()| r)
+            let mut r = Request::new(&m);
+            r.parse(d.iter().copied(), 4).map(|()| r)
         };
         // Header, data, separate status.
         let r = parse(&[

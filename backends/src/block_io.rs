@@ -1,0 +1,745 @@
+//! Block I/O between guest scatter-gather lists and a [`BlockBackend`].
+//!
+//! A [`BlockIo`] moves data straight between a back end and the guest pages
+//! of an [`SgList`], with no copy in between, and keeps guest memory's dirty
+//! log right: pages the back end reads into are marked dirty.
+//!
+//! - Synchronous transfers ([`BlockIo::read`], [`BlockIo::write`],
+//!   [`BlockIo::flush`]) run on the caller's thread.
+//! - With I/O threads ([`IoWorkers`]), a device starts requests
+//!   ([`BlockIo::start`]) while it takes them off its queues, hands each
+//!   batch to the threads at once ([`BlockIo::submit`]) and goes on; when
+//!   [`BlockIo::completion_fd`] becomes readable it collects the results
+//!   ([`BlockIo::collect`]) and completes its requests. What a device needs
+//!   to complete one (a virtqueue head, a frame context) travels with the
+//!   request as its completion value, the engine's type parameter.
+//!
+//! A request in flight keeps an `Arc` of the guest memory mapping its
+//! buffers lie in, so unmapping guest memory cannot pull the pages from
+//! under an I/O thread. A steady stream of requests does not allocate: the
+//! vectors of finished requests and their tokens are reused.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use vfio_user_server::guest_memory::GuestMemory;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::guest_sg::SgList;
+use crate::storage::{BlockBackend, IoBuf, IoDone, IoJob, IoOp, IoWorkers};
+
+/// Most guest buffers handed to the back end in one synchronous vectored
+/// call. Small, as the arrays holding them are initialised per call, and
+/// most requests have one or two data buffers.
+const IO_BATCH: usize = 8;
+
+/// Guest ranges `(address, length)` a read fills.
+type GuestRanges = Vec<(GuestAddress, usize)>;
+
+/// A request to run on the I/O threads ([`BlockIo::start`]).
+#[derive(Clone, Copy, Debug)]
+pub enum BlockOp<'a, 'm> {
+    /// Read `len` bytes at `disk_offset` into `[sg_offset, sg_offset + len)`
+    /// of `sg`.
+    Read {
+        /// Destination buffers.
+        sg: &'a SgList<'m>,
+        /// Offset of the destination in `sg`.
+        sg_offset: u64,
+        /// Bytes to read.
+        len: u64,
+        /// Disk offset.
+        disk_offset: u64,
+    },
+    /// Write `[sg_offset, sg_offset + len)` of `sg` at `disk_offset`, then
+    /// flush if `flush` (write-through).
+    Write {
+        /// Source buffers.
+        sg: &'a SgList<'m>,
+        /// Offset of the source in `sg`.
+        sg_offset: u64,
+        /// Bytes to write.
+        len: u64,
+        /// Disk offset.
+        disk_offset: u64,
+        /// Flush after writing.
+        flush: bool,
+    },
+    /// Make every write durable ([`BlockBackend::flush`]).
+    Flush,
+}
+
+/// A request handed to the I/O threads.
+struct InFlight<C> {
+    /// What its owner needs to complete it.
+    completion: C,
+    /// The guest buffers a read fills (empty unless a read), for the dirty
+    /// log.
+    read_into: GuestRanges,
+    /// Bytes read on success (0 unless a read).
+    read_len: u64,
+    /// Keeps the guest memory of its buffers mapped.
+    memory: Arc<GuestMemory>,
+}
+
+/// Emptied job buffer vectors, kept for their storage.
+#[derive(Default)]
+struct SpareBufs(Vec<Vec<IoBuf<'static>>>);
+
+// SAFETY: every vector in it is empty (`put` clears them), so no buffer
+// pointer crosses threads through it.
+unsafe impl Send for SpareBufs {}
+
+impl SpareBufs {
+    fn take(&mut self) -> Vec<IoBuf<'static>> {
+        self.0.pop().unwrap_or_default()
+    }
+
+    fn put(&mut self, mut v: Vec<IoBuf<'static>>) {
+        // A flush's vector is empty: it would only make a later read or
+        // write allocate.
+        if v.capacity() > 0 {
+            v.clear();
+            self.0.push(v);
+        }
+    }
+}
+
+/// Block I/O on a back end, on the caller's thread or on I/O threads; `C`
+/// is what a request started on the I/O threads carries to its completion.
+pub struct BlockIo<C> {
+    /// The I/O threads, if any. Declared first so that it is dropped first:
+    /// dropping it waits for the jobs in flight, whose buffers the mappings
+    /// in `slots` keep valid until then.
+    workers: Option<IoWorkers>,
+    backend: Arc<dyn BlockBackend>,
+    /// Requests in flight, by token; `None` where free. Every token is
+    /// either in use or in `free`.
+    slots: Vec<Option<InFlight<C>>>,
+    /// Free tokens.
+    free: Vec<usize>,
+    /// Jobs started and not yet submitted.
+    jobs: Vec<IoJob>,
+    /// Results being completed.
+    done: Vec<IoDone>,
+    /// Emptied `InFlight::read_into` vectors, kept for their storage.
+    spare_ranges: Vec<GuestRanges>,
+    /// Job buffer vectors of finished requests.
+    spare_bufs: SpareBufs,
+}
+
+impl<C> BlockIo<C> {
+    /// Block I/O on `backend` with `io_threads` I/O threads (at most
+    /// [`crate::storage::MAX_IO_THREADS`]), named after `name`; with 0,
+    /// only the synchronous transfers are available.
+    pub fn new(backend: Arc<dyn BlockBackend>, io_threads: usize, name: &str) -> io::Result<Self> {
+        let workers = match io_threads {
+            0 => None,
+            n => Some(IoWorkers::new(backend.clone(), n, name)?),
+        };
+        Ok(BlockIo {
+            workers,
+            backend,
+            slots: Vec::new(),
+            free: Vec::new(),
+            jobs: Vec::new(),
+            done: Vec::new(),
+            spare_ranges: Vec::new(),
+            spare_bufs: SpareBufs::default(),
+        })
+    }
+
+    /// The back end.
+    pub fn backend(&self) -> &Arc<dyn BlockBackend> {
+        &self.backend
+    }
+
+    /// Whether requests can be started on I/O threads.
+    pub fn has_io_threads(&self) -> bool {
+        self.workers.is_some()
+    }
+
+    /// Reads `len` bytes at `disk_offset` into `[sg_offset, sg_offset +
+    /// len)` of `sg`, on this thread. The guest memory read into is marked
+    /// dirty, even if the read fails; it is marked before the read, which
+    /// is right as long as the dirty log is read on this thread (the event
+    /// loop's).
+    pub fn read(
+        &self,
+        sg: &SgList<'_>,
+        sg_offset: u64,
+        len: u64,
+        disk_offset: u64,
+    ) -> io::Result<()> {
+        transfer(&*self.backend, sg, sg_offset, len, disk_offset, true)
+    }
+
+    /// Writes `[sg_offset, sg_offset + len)` of `sg` at `disk_offset`, on
+    /// this thread, then flushes if `flush` (write-through).
+    pub fn write(
+        &self,
+        sg: &SgList<'_>,
+        sg_offset: u64,
+        len: u64,
+        disk_offset: u64,
+        flush: bool,
+    ) -> io::Result<()> {
+        transfer(&*self.backend, sg, sg_offset, len, disk_offset, false)?;
+        if flush {
+            self.backend.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Makes every write durable, on this thread.
+    pub fn flush(&self) -> io::Result<()> {
+        self.backend.flush()
+    }
+
+    /// Starts `op` on the I/O threads; its job runs once submitted
+    /// ([`BlockIo::submit`]) and its result comes back with `completion`
+    /// from [`BlockIo::collect`]. `memory` must be the guest memory the
+    /// buffers of `op` were translated in ([`SgList::memory`]); the request
+    /// keeps it mapped until its result is collected.
+    ///
+    /// Fails, handing `completion` back, if there are no I/O threads, if
+    /// the range exceeds the list or if the list is of other memory.
+    pub fn start(
+        &mut self,
+        op: BlockOp<'_, '_>,
+        memory: &Arc<GuestMemory>,
+        completion: C,
+    ) -> Result<(), (C, io::Error)> {
+        if self.workers.is_none() {
+            return Err((completion, io::Error::other("no I/O threads")));
+        }
+        let (data, read) = match op {
+            BlockOp::Read {
+                sg, sg_offset, len, ..
+            } => (Some((sg, sg_offset, len)), true),
+            BlockOp::Write {
+                sg, sg_offset, len, ..
+            } => (Some((sg, sg_offset, len)), false),
+            BlockOp::Flush => (None, false),
+        };
+        // A flush moves no data: its vectors stay empty, unallocated.
+        let mut bufs = Vec::new();
+        let mut read_into = Vec::new();
+        if let Some((sg, sg_offset, len)) = data {
+            if !std::ptr::eq(sg.memory(), &**memory) {
+                let e = io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "buffers outside the guest memory kept mapped",
+                );
+                return Err((completion, e));
+            }
+            bufs = self.spare_bufs.take();
+            if read {
+                read_into = self.spare_ranges.pop().unwrap_or_default();
+            }
+            let gathered = sg.for_each(sg_offset, len, |piece| {
+                let b = IoBuf::from(piece.slice);
+                // SAFETY: the piece lies in the guest memory `memory` maps
+                // (the list's memory, checked above); the request holds
+                // `memory` until its result is collected, and guest memory
+                // is only accessed as raw bytes.
+                bufs.push(unsafe { IoBuf::from_raw_parts(b.as_ptr(), b.len()) });
+                if read {
+                    read_into.push((piece.addr, piece.slice.len()));
+                }
+                Ok(())
+            });
+            if let Err(e) = gathered {
+                // Not started: the vectors go back to the pools.
+                self.spare_bufs.put(bufs);
+                self.put_ranges(read_into);
+                return Err((completion, e));
+            }
+        }
+        let (op, read_len) = match op {
+            BlockOp::Read {
+                len, disk_offset, ..
+            } => (
+                IoOp::Read {
+                    offset: disk_offset,
+                    bufs,
+                },
+                len,
+            ),
+            BlockOp::Write {
+                disk_offset, flush, ..
+            } => (
+                IoOp::Write {
+                    offset: disk_offset,
+                    bufs,
+                    flush,
+                },
+                0,
+            ),
+            BlockOp::Flush => (IoOp::Flush, 0),
+        };
+        let token = match self.free.pop() {
+            Some(t) => t,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        self.slots[token] = Some(InFlight {
+            completion,
+            read_into,
+            read_len,
+            memory: memory.clone(),
+        });
+        self.jobs.push(IoJob {
+            token: token as u64,
+            op,
+        });
+        Ok(())
+    }
+
+    /// Keeps the storage of an `InFlight::read_into` vector for later reads.
+    fn put_ranges(&mut self, mut v: GuestRanges) {
+        // Writes and flushes have none: an empty vector would only make a
+        // later read allocate.
+        if v.capacity() > 0 {
+            v.clear();
+            self.spare_ranges.push(v);
+        }
+    }
+
+    /// Hands the requests started since the last call to the I/O threads,
+    /// as one batch.
+    pub fn submit(&mut self) {
+        if let Some(workers) = &self.workers {
+            // SAFETY: every job was made by `start`, from buffers that lie
+            // in the guest memory its slot keeps mapped until the result is
+            // collected (or, in `forget_all` and on drop, until the threads
+            // are idle), and guest memory is only accessed as raw bytes.
+            unsafe { workers.submit(&mut self.jobs) };
+        }
+    }
+
+    /// Readable when results can be collected, if there are I/O threads;
+    /// for the event loop.
+    pub fn completion_fd(&self) -> Option<RawFd> {
+        self.workers.as_ref().map(IoWorkers::completion_fd)
+    }
+
+    /// Requests started and not collected yet.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Hands the results the I/O threads filed to `f`, with their
+    /// completion values: the bytes read into guest memory, or the error.
+    /// The guest memory a read wrote is marked dirty first, whatever the
+    /// outcome.
+    pub fn collect<F>(&mut self, mut f: F)
+    where
+        F: FnMut(C, io::Result<u64>),
+    {
+        let Some(workers) = &self.workers else {
+            return;
+        };
+        let mut done = std::mem::take(&mut self.done);
+        workers.collect(&mut done);
+        for d in done.drain(..) {
+            let token = d.token as usize;
+            self.spare_bufs.put(d.bufs);
+            let Some(r) = self.slots.get_mut(token).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(token);
+            mark_read_dirty(&r);
+            self.put_ranges(r.read_into);
+            f(r.completion, d.result.map(|()| r.read_len));
+        }
+        self.done = done;
+    }
+
+    /// Submits what is pending, waits until every request started has run,
+    /// then collects them all ([`BlockIo::collect`]); for pausing the device
+    /// or unmapping guest memory.
+    pub fn drain_and_collect<F>(&mut self, f: F)
+    where
+        F: FnMut(C, io::Result<u64>),
+    {
+        self.submit();
+        if let Some(workers) = &self.workers {
+            workers.drain();
+        }
+        self.collect(f);
+    }
+
+    /// Submits what is pending, waits until every request started has run,
+    /// and drops their completion values without handing out their results
+    /// (a reset: nobody is waiting any more). Their reads did land in guest
+    /// memory, so those pages are still marked dirty.
+    pub fn forget_all(&mut self) {
+        self.submit();
+        let Some(workers) = &self.workers else {
+            return;
+        };
+        workers.drain();
+        workers.collect(&mut self.done);
+        for d in self.done.drain(..) {
+            self.spare_bufs.put(d.bufs);
+        }
+        for token in 0..self.slots.len() {
+            if let Some(r) = self.slots[token].take() {
+                mark_read_dirty(&r);
+                self.put_ranges(r.read_into);
+                self.free.push(token);
+            }
+        }
+    }
+}
+
+/// Marks the pages a read on the I/O threads wrote as dirty: the back end
+/// wrote them behind vm-memory's back (whatever the outcome). The mapping
+/// the request kept is the one written to.
+fn mark_read_dirty<C>(r: &InFlight<C>) {
+    for &(addr, len) in &r.read_into {
+        for slice in r.memory.get_slices(addr, len).flatten() {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
+    }
+}
+
+/// Moves `len` bytes between `[sg_offset, sg_offset + len)` of `sg` and the
+/// back end at `disk_offset`: into guest memory (`to_guest`, a read) or
+/// from it (a write), straight between the back end and the guest's pages.
+/// Guest memory read into is marked dirty, even if the transfer fails.
+fn transfer(
+    backend: &dyn BlockBackend,
+    sg: &SgList<'_>,
+    sg_offset: u64,
+    len: u64,
+    disk_offset: u64,
+    to_guest: bool,
+) -> io::Result<()> {
+    let mut iov = [IoBuf::empty(); IO_BATCH];
+    let mut count = 0;
+    let mut pos = disk_offset;
+    let run = |iov: &[IoBuf<'_>], pos: &mut u64| -> io::Result<()> {
+        let bytes: u64 = iov.iter().map(|b| b.len() as u64).sum();
+        let r = if to_guest {
+            backend.read_vectored_at(iov, *pos)
+        } else {
+            backend.write_vectored_at(iov, *pos)
+        };
+        *pos += bytes;
+        r
+    };
+    sg.for_each(sg_offset, len, |piece| {
+        if count == IO_BATCH {
+            run(&iov, &mut pos)?;
+            count = 0;
+        }
+        if to_guest {
+            // The back end writes the pages behind vm-memory's back. The
+            // dirty log is only read on this thread, so marking them
+            // before the read is as good as after it.
+            piece.slice.bitmap().mark_dirty(0, piece.slice.len());
+        }
+        iov[count] = IoBuf::from(piece.slice);
+        count += 1;
+        Ok(())
+    })?;
+    if count > 0 {
+        run(&iov[..count], &mut pos)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use vm_memory::bitmap::AtomicBitmap;
+    use vm_memory::{Bytes, GuestMemoryRegion};
+
+    use super::*;
+    use crate::storage::MemoryDisk;
+
+    const PAGE: u64 = 4096;
+
+    /// Two regions of 16 pages with a hole between them.
+    fn guest() -> Arc<GuestMemory> {
+        Arc::new(
+            vm_memory::GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[
+                (GuestAddress(0x10000), 0x10000),
+                (GuestAddress(0x30000), 0x10000),
+            ])
+            .unwrap(),
+        )
+    }
+
+    fn dirty(mem: &GuestMemory, addr: u64) -> bool {
+        let (region, off) = mem.to_region_addr(GuestAddress(addr)).unwrap();
+        region.bitmap().dirty_at(off.0 as usize)
+    }
+
+    fn disk(len: usize) -> Arc<MemoryDisk> {
+        let data = (0..len).map(|i| (i / 512) as u8).collect();
+        Arc::new(MemoryDisk::from_vec(data, false))
+    }
+
+    /// A list of `n` one-page buffers, every other page of the first region
+    /// and then of the second.
+    fn scattered(mem: &GuestMemory, n: u64) -> SgList<'_> {
+        let mut sg = SgList::new(mem);
+        for i in 0..n {
+            let base = if i < 8 {
+                0x10000
+            } else {
+                0x30000 - 8 * 2 * PAGE
+            };
+            assert!(sg.push_buffer(GuestAddress(base + i * 2 * PAGE), PAGE as u32));
+        }
+        sg
+    }
+
+    #[test]
+    fn synchronous_transfers_move_data_and_mark_reads_dirty() {
+        let mem = guest();
+        let d = disk(1 << 20);
+        let io: BlockIo<()> = BlockIo::new(d.clone(), 0, "test").unwrap();
+        assert!(!io.has_io_threads() && io.completion_fd().is_none());
+        // More pieces than one vectored call takes.
+        let sg = scattered(&mem, 12);
+        io.read(&sg, 100, 11 * PAGE, 3 * 512).unwrap();
+        let mut b = [0u8; 2];
+        mem.read_slice(&mut b, GuestAddress(0x10000 + 99)).unwrap();
+        assert_eq!(b, [0, 3]);
+        // Byte 100 + 11 pages of the list is in its last page.
+        mem.read_slice(&mut b, GuestAddress(0x30000 + 6 * PAGE + 99))
+            .unwrap();
+        assert_eq!(b, [(3 + 88 - 1) as u8, 0]);
+        for i in 0..12 {
+            let base = if i < 8 { 0x10000 } else { 0x30000 - 16 * PAGE };
+            assert!(dirty(&mem, base + i * 2 * PAGE), "page {i}");
+            assert!(!dirty(&mem, base + i * 2 * PAGE + PAGE), "gap {i}");
+        }
+
+        // Written back one sector further, with a flush.
+        io.write(&sg, 100, 11 * PAGE, 4 * 512, true).unwrap();
+        let mut want = vec![0u8; 11 * PAGE as usize];
+        sg.read_at(100, &mut want).unwrap();
+        assert_eq!(d.contents()[4 * 512..][..want.len()], want[..]);
+        assert_eq!(d.flush_count(), 1);
+        io.write(&sg, 0, 512, 0, false).unwrap();
+        io.flush().unwrap();
+        assert_eq!(d.flush_count(), 2);
+
+        // Past the list or the disk.
+        assert!(io.read(&sg, 1, 12 * PAGE, 0).is_err());
+        assert!(io.write(&sg, 0, 512, 1 << 20, true).is_err());
+        assert_eq!(d.flush_count(), 2);
+        assert!(io.read(&sg, 0, 512, (1 << 20) - 511).is_err());
+    }
+
+    #[test]
+    fn results_come_back_with_their_completion_values() {
+        let mem = guest();
+        let d = disk(1 << 20);
+        let mut io: BlockIo<u32> = BlockIo::new(d.clone(), 2, "test").unwrap();
+        assert!(io.has_io_threads() && io.completion_fd().is_some());
+        let sg = scattered(&mem, 12);
+        let read = |sg_offset, len, disk_offset| BlockOp::Read {
+            sg: &sg,
+            sg_offset,
+            len,
+            disk_offset,
+        };
+        // Sectors 1-8 into pages 0-1, sectors 40-47 into page 11.
+        io.start(read(0, 2 * PAGE, 512), &mem, 1).unwrap();
+        io.start(read(11 * PAGE, PAGE, 40 * 512), &mem, 2).unwrap();
+        // Page 2 to sector 1000, with a flush; then a flush alone.
+        let w = BlockOp::Write {
+            sg: &sg,
+            sg_offset: 2 * PAGE,
+            len: PAGE,
+            disk_offset: 1000 * 512,
+            flush: true,
+        };
+        io.start(w, &mem, 3).unwrap();
+        io.start(BlockOp::Flush, &mem, 4).unwrap();
+        // A read past the end of the disk fails on the I/O thread.
+        io.start(read(3 * PAGE, PAGE, 1 << 20), &mem, 5).unwrap();
+        assert_eq!(io.in_flight(), 5);
+        let mut got = Vec::new();
+        io.drain_and_collect(|c, r| got.push((c, r.map_err(|e| e.kind()))));
+        got.sort_by_key(|g| g.0);
+        assert_eq!(got.len(), 5);
+        assert_eq!(got[0], (1, Ok(2 * PAGE)));
+        assert_eq!(got[1], (2, Ok(PAGE)));
+        assert_eq!(got[2], (3, Ok(0)));
+        assert_eq!(got[3], (4, Ok(0)));
+        assert_eq!(got[4].0, 5);
+        assert!(got[4].1.is_err());
+        assert_eq!(io.in_flight(), 0);
+        assert_eq!(d.flush_count(), 2);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10000)).unwrap(), 1);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0x10000 + 2 * PAGE))
+                .unwrap(),
+            9
+        );
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0x30000 + 6 * PAGE))
+                .unwrap(),
+            40
+        );
+        assert_eq!(d.contents()[1000 * 512..][..PAGE as usize], [0u8; 4096]);
+        // The reads are in the dirty log (the failed one too: the back end
+        // may have written some of it); nothing else is.
+        for (addr, want) in [
+            (0x10000, true),
+            (0x10000 + 2 * PAGE, true),
+            (0x30000 + 6 * PAGE, true),
+            (0x10000 + 6 * PAGE, true),
+            (0x10000 + 4 * PAGE, false),
+            (0x10000 + PAGE, false),
+        ] {
+            assert_eq!(dirty(&mem, addr), want, "{addr:#x}");
+        }
+        // Nothing more to collect.
+        io.collect(|_, _| panic!("collected twice"));
+    }
+
+    #[test]
+    fn requests_that_cannot_start_hand_their_completion_back() {
+        let mem = guest();
+        let other = guest();
+        let d = disk(1 << 16);
+        let sg = scattered(&mem, 2);
+        let read = BlockOp::Read {
+            sg: &sg,
+            sg_offset: 0,
+            len: 2 * PAGE,
+            disk_offset: 0,
+        };
+        let mut sync: BlockIo<u8> = BlockIo::new(d.clone(), 0, "test").unwrap();
+        assert_eq!(sync.start(read, &mem, 7).unwrap_err().0, 7);
+        assert_eq!(sync.in_flight(), 0);
+        let mut io: BlockIo<u8> = BlockIo::new(d, 1, "test").unwrap();
+        // Buffers of other memory than the one kept mapped.
+        let (c, e) = io.start(read, &other, 8).unwrap_err();
+        assert_eq!((c, e.kind()), (8, io::ErrorKind::InvalidInput));
+        // Past the end of the list.
+        let long = BlockOp::Write {
+            sg: &sg,
+            sg_offset: 1,
+            len: 2 * PAGE,
+            disk_offset: 0,
+            flush: false,
+        };
+        assert_eq!(io.start(long, &mem, 9).unwrap_err().0, 9);
+        assert_eq!(io.in_flight(), 0);
+        io.drain_and_collect(|_, _| panic!("nothing was started"));
+    }
+
+    /// Counts the completion values dropped.
+    struct Counted(Arc<AtomicUsize>);
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn forget_all_tells_nobody_and_still_marks_reads_dirty() {
+        let mem = guest();
+        let d = disk(1 << 16);
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let mut io = BlockIo::new(d, 2, "test").unwrap();
+        let sg = scattered(&mem, 4);
+        for i in 0..4 {
+            let op = BlockOp::Read {
+                sg: &sg,
+                sg_offset: i * PAGE,
+                len: PAGE,
+                disk_offset: i * PAGE,
+            };
+            if io.start(op, &mem, Counted(dropped.clone())).is_err() {
+                panic!("read {i} did not start");
+            }
+            // Half of them submitted, half still pending.
+            if i == 1 {
+                io.submit();
+            }
+        }
+        io.start(BlockOp::Flush, &mem, Counted(dropped.clone()))
+            .map_err(|(_, e)| e)
+            .unwrap();
+        assert_eq!(io.in_flight(), 5);
+        io.forget_all();
+        assert_eq!(dropped.load(Ordering::SeqCst), 5);
+        assert_eq!(io.in_flight(), 0);
+        for i in 0..4 {
+            assert!(dirty(&mem, 0x10000 + i * 2 * PAGE), "page {i}");
+        }
+        io.collect(|_, _| panic!("forgotten requests completed"));
+        // The memory kept mapped is let go.
+        assert_eq!(Arc::strong_count(&mem), 1);
+        // Nothing in flight: nothing to forget.
+        io.forget_all();
+        assert_eq!(dropped.load(Ordering::SeqCst), 5);
+    }
+
+    #[test]
+    fn tokens_and_vectors_are_reused() {
+        let mem = guest();
+        let d = disk(1 << 16);
+        let mut io: BlockIo<u64> = BlockIo::new(d, 2, "test").unwrap();
+        let sg = scattered(&mem, 8);
+        let mut completed = 0u64;
+        for round in 0..200u64 {
+            for i in 0..8 {
+                let op = match (round + i) % 3 {
+                    0 => BlockOp::Read {
+                        sg: &sg,
+                        sg_offset: i * PAGE,
+                        len: PAGE,
+                        disk_offset: i * PAGE,
+                    },
+                    1 => BlockOp::Write {
+                        sg: &sg,
+                        sg_offset: i * PAGE,
+                        len: PAGE,
+                        disk_offset: i * PAGE,
+                        flush: false,
+                    },
+                    _ => BlockOp::Flush,
+                };
+                io.start(op, &mem, round * 8 + i)
+                    .map_err(|(_, e)| e)
+                    .unwrap();
+            }
+            io.submit();
+            let mut seen = 0u8;
+            io.drain_and_collect(|c, r| {
+                assert!(r.is_ok());
+                assert_eq!(c / 8, round);
+                seen |= 1 << (c % 8);
+                completed += 1;
+            });
+            assert_eq!(seen, 0xff);
+            assert_eq!(io.in_flight(), 0);
+        }
+        assert_eq!(completed, 1600);
+        // Never more tokens, buffer vectors or range vectors than requests
+        // in flight at once.
+        assert_eq!(io.slots.len(), 8);
+        assert_eq!(io.free.len(), 8);
+        assert!(io.spare_bufs.0.len() <= 8);
+        assert!(io.spare_bufs.0.iter().all(|v| v.capacity() > 0));
+        assert!(io.spare_ranges.len() <= 8);
+        assert_eq!(Arc::strong_count(&mem), 1);
+    }
+}
