@@ -39,6 +39,7 @@ pub mod net;
 pub mod storage;
 pub mod virtio;
 pub mod virtio_blk;
+pub mod virtio_net;
 
 pub use storage::{BlockBackend, MemoryDisk, RawFile, RawFileOptions};
 pub use virtio::{VirtioDevice, VirtioPciDevice};

@@ -73,7 +73,7 @@ fn serve(kind: &DeviceKind) -> Result<(), String> {
         .stop_handle()
         .stop_on_termination_signals()
         .map_err(|e| format!("cannot handle signals: {e}"))?;
-    print_attach_help(&opts.socket, &built.description);
+    print_attach_help(&opts.socket, &built.description, &built.notes);
     event_loop
         .run()
         .map_err(|e| format!("event loop failed: {e}"))?;
@@ -83,10 +83,13 @@ fn serve(kind: &DeviceKind) -> Result<(), String> {
     Ok(())
 }
 
-fn print_attach_help(socket: &std::path::Path, description: &str) {
+fn print_attach_help(socket: &std::path::Path, description: &str, notes: &[String]) {
     let abs = std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
     let s = abs.display();
     println!("vfio-user-device: serving {description} on {s}");
+    for note in notes {
+        println!("{note}");
+    }
     println!("Attach Cloud Hypervisor (guest memory must be shared):");
     println!(
         "  cloud-hypervisor --kernel vmlinux --cmdline 'console=ttyS0 root=/dev/vda' \\\n    --memory size=1G,shared=on --user-device socket={s}"

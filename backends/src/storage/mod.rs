@@ -98,6 +98,16 @@ impl<'a> IoBuf<'a> {
     }
 }
 
+impl<'a> From<&'a mut [u8]> for IoBuf<'a> {
+    /// Memory of our own (a bounce buffer), borrowed for as long as the
+    /// buffer is used.
+    fn from(buf: &'a mut [u8]) -> Self {
+        // SAFETY: the exclusive borrow keeps every other user away from
+        // the memory for 'a, and it is valid, writable memory.
+        unsafe { IoBuf::from_raw_parts(buf.as_mut_ptr(), buf.len()) }
+    }
+}
+
 impl<'a, B: BitmapSlice> From<VolatileSlice<'a, B>> for IoBuf<'a> {
     /// The memory of `slice`. Writes through the buffer are not recorded in
     /// the slice's dirty bitmap: the caller marks them with

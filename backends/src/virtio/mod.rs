@@ -135,6 +135,13 @@ pub trait VirtioDevice: Send {
         Vec::new()
     }
 
+    /// Whether the device configuration space changed since the last call
+    /// (a link went down, the guest must announce itself); the transport
+    /// then raises the configuration interrupt. Asked after every event.
+    fn take_config_change(&mut self) -> bool {
+        false
+    }
+
     /// Waits for the requests in flight (those the device completes from
     /// [`VirtioDevice::handle_event`]) and completes them. The transport
     /// calls it before pausing and before guest memory is unmapped.

@@ -3,6 +3,7 @@
 //! [`DeviceKind`] variant, which is also its subcommand.
 
 pub mod virtio_blk;
+pub mod virtio_net;
 
 use clap::Subcommand;
 use vfio_user_server::{Device, DeviceContext};
@@ -17,6 +18,16 @@ pub struct Built {
     pub ctx: DeviceContext,
     /// One line for the operator.
     pub description: String,
+    /// More lines for the operator (what to set up on the host).
+    pub notes: Vec<String>,
+}
+
+/// Parses a queue size: a power of two from 2 to 1024.
+pub fn parse_queue_size(v: &str) -> Result<u16, String> {
+    v.parse::<u16>()
+        .ok()
+        .filter(|n| n.is_power_of_two() && (2..=1024).contains(n))
+        .ok_or_else(|| "not a power of two from 2 to 1024".to_string())
 }
 
 /// The device kinds, one subcommand each.
@@ -24,6 +35,8 @@ pub struct Built {
 pub enum DeviceKind {
     /// Serves a virtio-blk PCI device: a raw image, or an in-memory disk
     VirtioBlk(virtio_blk::VirtioBlkArgs),
+    /// Serves a virtio-net PCI device on a host TAP interface
+    VirtioNet(virtio_net::VirtioNetArgs),
 }
 
 impl DeviceKind {
@@ -31,6 +44,7 @@ impl DeviceKind {
     pub fn common(&self) -> &CommonOptions {
         match self {
             DeviceKind::VirtioBlk(args) => &args.common,
+            DeviceKind::VirtioNet(args) => &args.common,
         }
     }
 
@@ -38,6 +52,7 @@ impl DeviceKind {
     pub fn build(&self) -> Result<Built, String> {
         match self {
             DeviceKind::VirtioBlk(args) => virtio_blk::build(args),
+            DeviceKind::VirtioNet(args) => virtio_net::build(args),
         }
     }
 }

@@ -10,7 +10,7 @@ use clap::{value_parser, Args};
 use vfio_user_server::pci::PciAdapter;
 use vfio_user_server::DeviceContext;
 
-use super::Built;
+use super::{parse_queue_size, Built};
 use crate::cli::CommonOptions;
 
 /// Size of the default in-memory disk.
@@ -53,13 +53,6 @@ pub struct VirtioBlkArgs {
     /// The options every kind takes.
     #[command(flatten)]
     pub common: CommonOptions,
-}
-
-fn parse_queue_size(v: &str) -> Result<u16, String> {
-    v.parse::<u16>()
-        .ok()
-        .filter(|n| n.is_power_of_two() && (2..=1024).contains(n))
-        .ok_or_else(|| "not a power of two from 2 to 1024".to_string())
 }
 
 /// Builds the virtio-blk device described by `args`.
@@ -112,6 +105,7 @@ pub fn build(args: &VirtioBlkArgs) -> Result<Built, String> {
                 n => format!("{n} I/O thread(s)"),
             }
         ),
+        notes: Vec::new(),
     })
 }
 

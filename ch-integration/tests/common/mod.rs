@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod netns;
+
 pub use integration_tests::virtio_driver::*;
 pub use integration_tests::{payload, proto, RawClient, Reply};
 use vmm_sys_util::tempdir::TempDir;

@@ -416,6 +416,9 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             self.signal_used(index, mem);
             self.kick(index);
         }
+        if self.device.take_config_change() {
+            self.notify_config_change();
+        }
     }
 
     /// Marks queue `index` for processing by [`PciDevice::run_deferred`].

@@ -1,0 +1,314 @@
+//! The daemon serving virtio-net on a TAP in a network namespace the test
+//! makes, driven as Cloud Hypervisor drives it (the published
+//! `vfio_user::Client`): frames cross the TAP both ways, byte for byte.
+//! Frames only ever go to the test's own namespace.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::netns::{NetNs, PacketSocket};
+use common::*;
+use vmm_sys_util::tempdir::TempDir;
+
+/// The guest's MAC.
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc];
+const MAC_TEXT: &str = "52:54:00:aa:bb:cc";
+/// An EtherType for local experiments: nothing in the namespace answers.
+const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+/// virtio-net feature bits the driver asks for.
+const F_MAC: u64 = 1 << 5;
+const F_MTU: u64 = 1 << 3;
+const F_STATUS: u64 = 1 << 16;
+const F_CTRL_VQ: u64 = 1 << 17;
+const F_MRG_RXBUF: u64 = 1 << 15;
+/// Queues: receive 0, transmit 1 (one pair).
+const RX: usize = 0;
+const TX: usize = 1;
+const HDR: usize = 12;
+
+struct NetDaemon {
+    child: Child,
+    socket: PathBuf,
+    _dir: TempDir,
+}
+
+impl Drop for NetDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the daemon inside `ns` on its TAP `vtap0`.
+fn start(ns: &NetNs, args: &[&str]) -> NetDaemon {
+    let dir = TempDir::new().unwrap();
+    let socket = dir.as_path().join("net.sock");
+    let child = ns
+        .exec(env!("CARGO_BIN_EXE_vfio-user-device"))
+        .args([
+            "virtio-net",
+            "--tap",
+            "vtap0",
+            "--mac",
+            MAC_TEXT,
+            "--socket",
+        ])
+        .arg(&socket)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&socket);
+    NetDaemon {
+        child,
+        socket,
+        _dir: dir,
+    }
+}
+
+/// An Ethernet frame to `dst` from `src` carrying `payload`.
+fn frame(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ETHERTYPE);
+    f.extend_from_slice(payload);
+    f
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+/// A namespace with TAP `vtap0` (its own MAC from the kernel), the daemon
+/// on it, and the driver attached with `features` and MSI-X.
+fn setup(args: &[&str], features: u64) -> Option<(NetNs, NetDaemon, VirtioDriver, PacketSocket)> {
+    let ns = NetNs::new()?;
+    ns.add_tap("vtap0", false, None);
+    let daemon = start(&ns, args);
+    let packets = ns.packet_socket("vtap0");
+    let mut drv = VirtioDriver::connect(&daemon.socket);
+    drv.init(VIRTIO_F_VERSION_1 | features, 64);
+    Some((ns, daemon, drv, packets))
+}
+
+fn device_mac(drv: &mut VirtioDriver) -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    for (i, b) in mac.iter_mut().enumerate() {
+        *b = drv.device_config(i as u64, 1) as u8;
+    }
+    mac
+}
+
+/// Posts `n` receive chains of `len` bytes each (in `pieces` buffers).
+fn post_rx(drv: &mut VirtioDriver, n: usize, len: u32, pieces: u32) -> Vec<(u16, Vec<u64>)> {
+    let mut posted = Vec::new();
+    for _ in 0..n {
+        let bufs: Vec<u64> = (0..pieces)
+            .map(|_| drv.ram.alloc(u64::from(len / pieces), 8))
+            .collect();
+        let descs: Vec<Desc> = bufs
+            .iter()
+            .map(|&a| Desc::writable(a, len / pieces))
+            .collect();
+        let head = drv.push(RX, &descs);
+        posted.push((head, bufs));
+    }
+    drv.kick(RX);
+    posted
+}
+
+/// The bytes of a receive chain `(head, buffers)` that the device wrote.
+fn rx_bytes(drv: &VirtioDriver, bufs: &[u64], piece: u32, len: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &b in bufs {
+        out.extend(drv.ram.read(b, piece as usize));
+    }
+    out.truncate(len as usize);
+    out
+}
+
+#[test]
+fn config_space_has_our_mac_the_tap_mtu_and_link_up() {
+    let Some((_ns, _d, mut drv, _p)) = setup(&[], F_MAC | F_MTU | F_STATUS) else {
+        return;
+    };
+    assert_eq!(device_mac(&mut drv), MAC);
+    assert_eq!(drv.device_config(6, 2) & 1, 1, "link up");
+    assert_eq!(drv.device_config(10, 2), 1500, "the TAP's MTU");
+}
+
+#[test]
+fn a_frame_split_over_descriptors_leaves_the_tap_whole() {
+    let Some((_ns, _d, mut drv, packets)) = setup(&[], F_MAC) else {
+        return;
+    };
+    let dst = [0x02, 0, 0, 0, 0, 0x01];
+    let expected = frame(dst, MAC, &pattern(1000, 7));
+    // Header, Ethernet header and payload in three buffers.
+    let hdr = drv.ram.alloc(HDR as u64, 8);
+    drv.ram.write(hdr, &[0; HDR]);
+    let eth = drv.ram.alloc(14, 8);
+    drv.ram.write(eth, &expected[..14]);
+    let body = drv.ram.alloc(1000, 8);
+    drv.ram.write(body, &expected[14..]);
+    drv.push(
+        TX,
+        &[
+            Desc::readable(hdr, HDR as u32),
+            Desc::readable(eth, 14),
+            Desc::readable(body, 1000),
+        ],
+    );
+    drv.kick(TX);
+    assert_eq!(drv.wait_used(TX, 1).len(), 1);
+    let got = packets
+        .recv_matching(Duration::from_secs(5), |f| {
+            f.get(12..14) == Some(&ETHERTYPE[..])
+        })
+        .expect("the frame never came out of the TAP");
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn a_frame_sent_into_the_tap_reaches_the_guest_buffers() {
+    for (features, pieces) in [(F_MAC, 1), (F_MAC, 3), (F_MAC | F_MRG_RXBUF, 1)] {
+        let Some((_ns, _d, mut drv, packets)) = setup(&[], features) else {
+            return;
+        };
+        // Nothing waits yet: posting buffers uses none of them.
+        let posted = post_rx(&mut drv, 4, 3 * 1024, pieces);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            drv.poll_used(RX).is_empty(),
+            "a buffer used without a frame"
+        );
+        let sent = frame(MAC, [0x02, 0, 0, 0, 0, 0x02], &pattern(1400, 3));
+        packets.send(&sent);
+        let used = drv.wait_used(RX, 1);
+        let (head, len) = used[0];
+        assert_eq!(head, posted[0].0, "the first buffer posted is used first");
+        assert_eq!(len as usize, HDR + sent.len());
+        let bytes = rx_bytes(&drv, &posted[0].1, 3 * 1024 / pieces, len);
+        // num_buffers is 1, the rest of the header as the TAP wrote it.
+        assert_eq!(&bytes[10..12], &1u16.to_le_bytes(), "num_buffers");
+        assert_eq!(
+            &bytes[HDR..],
+            &sent[..],
+            "features {features:#x}, {pieces} piece(s)"
+        );
+    }
+}
+
+#[test]
+fn a_frame_too_big_for_the_buffer_is_dropped_and_the_buffer_reused() {
+    let Some((_ns, _d, mut drv, packets)) = setup(&[], F_MAC) else {
+        return;
+    };
+    // One small buffer: a 1000-byte frame does not fit and is dropped, as
+    // is one a byte too long...
+    let posted = post_rx(&mut drv, 1, 256, 1);
+    packets.send(&frame(MAC, [0x02, 0, 0, 0, 0, 0x02], &pattern(1000, 1)));
+    packets.send(&frame(
+        MAC,
+        [0x02, 0, 0, 0, 0, 0x02],
+        &pattern(256 - HDR - 14 + 1, 1),
+    ));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        drv.poll_used(RX).is_empty(),
+        "a truncated frame was delivered"
+    );
+    // ...and the buffer is not lost: the next frame, which fills it
+    // exactly, lands in it.
+    let small = frame(MAC, [0x02, 0, 0, 0, 0, 0x02], &pattern(256 - HDR - 14, 2));
+    packets.send(&small);
+    let used = drv.wait_used(RX, 1);
+    assert_eq!(used[0], (posted[0].0, (HDR + small.len()) as u32));
+    assert_eq!(
+        &rx_bytes(&drv, &posted[0].1, 256, used[0].1)[HDR..],
+        &small[..]
+    );
+}
+
+#[test]
+fn every_control_command_gets_an_answer() {
+    let Some((_ns, _d, mut drv, _p)) = setup(&[], F_MAC | F_CTRL_VQ) else {
+        return;
+    };
+    let ctrl = 2;
+    // (class, command, data, expected ack): RX and VLAN tolerated, an
+    // offload change without CTRL_GUEST_OFFLOADS acked refused, MQ without
+    // MQ refused, an unknown class refused.
+    for (class, cmd, data, ack) in [
+        (0u8, 0u8, vec![1u8], 0u8),
+        (0, 1, vec![0], 0),
+        (2, 0, vec![0, 1], 0),
+        (1, 0, vec![0; 8], 0),
+        (3, 0, vec![], 0),
+        (5, 0, vec![0; 8], 1),
+        (4, 0, vec![1, 0], 1),
+        (9, 9, vec![], 1),
+    ] {
+        let head_buf = drv.ram.alloc(2 + data.len() as u64, 8);
+        let mut bytes = vec![class, cmd];
+        bytes.extend(&data);
+        drv.ram.write(head_buf, &bytes);
+        let ack_buf = drv.ram.alloc(1, 8);
+        drv.ram.write(ack_buf, &[0xee]);
+        drv.push(
+            ctrl,
+            &[
+                Desc::readable(head_buf, bytes.len() as u32),
+                Desc::writable(ack_buf, 1),
+            ],
+        );
+        drv.kick(ctrl);
+        let used = drv.wait_used(ctrl, 1);
+        assert_eq!(used[0].1, 1);
+        assert_eq!(
+            drv.ram.read(ack_buf, 1)[0],
+            ack,
+            "class {class} command {cmd}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_tap_or_a_queue_count_it_cannot_serve_is_a_clear_error() {
+    let Some(ns) = NetNs::new() else {
+        return;
+    };
+    ns.add_tap("vtap0", false, None);
+    let run = |args: &[&str]| {
+        let out = ns
+            .exec(env!("CARGO_BIN_EXE_vfio-user-device"))
+            .args(["virtio-net", "--socket", "/nonexistent/s.sock"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let missing = run(&["--tap", "nope0"]);
+    assert!(
+        missing.contains("nope0") && missing.contains("does not exist"),
+        "{missing}"
+    );
+    assert!(!Path::new(&format!("/run/netns/{}", ns.name))
+        .join("nope0")
+        .exists());
+    let out = ns
+        .exec("ip")
+        .args(["link", "show", "nope0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a TAP was created by trying");
+    let mq = run(&["--tap", "vtap0", "--num-queue-pairs", "2"]);
+    assert!(mq.contains("multi_queue"), "{mq}");
+}
