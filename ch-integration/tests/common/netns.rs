@@ -100,10 +100,8 @@ impl NetNs {
         std::thread::spawn(move || {
             let ns = std::fs::File::open(&path).expect("open netns");
             // SAFETY: a valid namespace fd; this thread is ours.
-            assert_eq!(
-                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-                0
-            );
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
             PacketSocket::bind(&ifname)
         })
         .join()
@@ -208,10 +206,7 @@ impl PacketSocket {
                 )
             };
             // Frames we sent ourselves show up as outgoing: skip them.
-            if n > 0
-                && from.sll_pkttype != libc::PACKET_OUTGOING as u8
-                && wanted(&buf[..n as usize])
-            {
+            if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING && wanted(&buf[..n as usize]) {
                 return Some(buf[..n as usize].to_vec());
             }
         }
