@@ -635,24 +635,36 @@ impl VmRun {
 // ---------------------------------------------------------------------------
 // the daemon
 
-/// `vfio-user-device virtio-blk --socket DIR/vfu.sock ARGS...`, with
-/// `RUST_LOG=debug` and its stderr appended to `DIR/daemon.log`.
-/// Killed on drop.
+/// `vfio-user-device KIND --socket DIR/vfu.sock ARGS...` (virtio-blk
+/// unless told), with `RUST_LOG=debug` and its stderr appended to
+/// `DIR/daemon.log`. Killed on drop.
 pub struct Daemon {
     child: Option<Child>,
     pub socket: PathBuf,
     pub log_path: PathBuf,
+    /// What runs the daemon (e.g. `ip netns exec NS`), if anything.
+    launcher: Vec<String>,
+    kind: String,
     args: Vec<String>,
     status: Option<ExitStatus>,
 }
 
 impl Daemon {
     pub fn start(dir: &Path, args: &[&str]) -> Daemon {
+        Self::start_kind(dir, &[], "virtio-blk", args)
+    }
+
+    /// Starts device kind `kind` through `launcher` (a command that execs
+    /// its arguments, so the daemon keeps its PID).
+    pub fn start_kind(dir: &Path, launcher: &[&str], kind: &str, args: &[&str]) -> Daemon {
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
         let mut d = Daemon {
             child: None,
             socket: dir.join("vfu.sock"),
             log_path: dir.join("daemon.log"),
-            args: args.iter().map(|s| s.to_string()).collect(),
+            launcher: owned(launcher),
+            kind: kind.to_string(),
+            args: owned(args),
             status: None,
         };
         d.spawn();
@@ -666,8 +678,16 @@ impl Daemon {
             .open(&self.log_path)
             .expect("daemon log");
         let out = File::create(self.log_path.with_file_name("daemon.out")).expect("daemon.out");
-        let mut child = Command::new(DAEMON)
-            .arg("virtio-blk")
+        let mut cmd = match self.launcher.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(DAEMON);
+                c
+            }
+            None => Command::new(DAEMON),
+        };
+        let mut child = cmd
+            .arg(&self.kind)
             .arg("--socket")
             .arg(&self.socket)
             .args(&self.args)
@@ -815,7 +835,7 @@ impl Daemon {
                         Ok(()) => {
                             assert_eq!(
                                 id,
-                                [0xf4, 0x1a, 0x42, 0x10],
+                                pci_id(&self.kind),
                                 "vendor/device ID read by a new client"
                             );
                             return;
@@ -831,6 +851,14 @@ impl Daemon {
             "daemon does not serve a new client ({last}); log:\n{}",
             self.log()
         );
+    }
+}
+
+/// Vendor and device id (config space bytes 0..4) of a device kind.
+fn pci_id(kind: &str) -> [u8; 4] {
+    match kind {
+        "virtio-net" => [0xf4, 0x1a, 0x41, 0x10],
+        _ => [0xf4, 0x1a, 0x42, 0x10],
     }
 }
 
