@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 
 use vfio_user_server::guest_memory::GuestMemoryHandle;
 use vfio_user_server::pci::{
-    BarAllocator, PciAdapter, PciBarConfiguration, PciBarPrefetchable, PciBarRegionType,
-    PciConfigurationParams, PciDevice, PciDeviceError, PciFunction,
+    PciAdapter, PciBarConfiguration, PciBarPrefetchable, PciBarRegionType, PciConfigurationParams,
+    PciDevice, PciDeviceError, PciFunction,
 };
 use vfio_user_server::vm_migration::{
     Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable,
@@ -105,34 +105,18 @@ impl DmaCopy {
 /// BAR 0 is the only BAR, so `base` is its address, and the server checked
 /// that accesses lie within it.
 impl PciDevice for DmaCopy {
-    fn allocate_bars(
-        &mut self,
-        allocator: &mut BarAllocator,
-    ) -> Result<Vec<PciBarConfiguration>, PciDeviceError> {
-        self.pci.allocate_bars(allocator)
-    }
-
-    fn write_config_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
-        self.pci.write_config_register(reg_idx, offset, data);
-    }
-
-    fn read_config_register(&mut self, reg_idx: usize) -> u32 {
-        self.pci.read_config_register(reg_idx)
+    /// Config space, BARs and the MSI-X table are the function's.
+    fn pci_function(&mut self) -> Option<&mut PciFunction> {
+        Some(&mut self.pci)
     }
 
     fn read_bar(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
-        // The MSI-X table and PBA are the function's.
-        if !self.pci.read_bar(0, offset, data) {
-            for (at, byte) in (offset as usize..).zip(data) {
-                *byte = self.regs.get(at).copied().unwrap_or(0);
-            }
+        for (at, byte) in (offset as usize..).zip(data) {
+            *byte = self.regs.get(at).copied().unwrap_or(0);
         }
     }
 
     fn write_bar(&mut self, _base: u64, offset: u64, data: &[u8]) {
-        if self.pci.write_bar(0, offset, data) {
-            return;
-        }
         for (at, &byte) in (offset as usize..).zip(data) {
             match at {
                 ..DOORBELL => self.regs[at] = byte,

@@ -213,7 +213,11 @@ impl<D: PciDevice> Device for PciAdapter<D> {
             return self.config_read(offset, data);
         }
         let bar = self.bar(index).ok_or(DeviceError::InvalidAccess)?;
-        self.device.read_bar(bar.addr, offset, data);
+        // The MSI-X table and PBA are the function's.
+        let msix = self.device.pci_function();
+        if !msix.is_some_and(|f| f.read_bar(bar.idx, offset, data)) {
+            self.device.read_bar(bar.addr, offset, data);
+        }
         Ok(())
     }
 
@@ -222,7 +226,10 @@ impl<D: PciDevice> Device for PciAdapter<D> {
             return self.config_write(offset, data);
         }
         let bar = self.bar(index).ok_or(DeviceError::InvalidAccess)?;
-        self.device.write_bar(bar.addr, offset, data);
+        let msix = self.device.pci_function();
+        if !msix.is_some_and(|f| f.write_bar(bar.idx, offset, data)) {
+            self.device.write_bar(bar.addr, offset, data);
+        }
         Ok(())
     }
 }
@@ -307,26 +314,14 @@ mod tests {
     }
 
     impl PciDevice for TestDevice {
-        fn allocate_bars(
-            &mut self,
-            allocator: &mut BarAllocator,
-        ) -> Result<Vec<PciBarConfiguration>, PciDeviceError> {
-            self.pci.allocate_bars(allocator)
-        }
-
-        fn write_config_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
-            self.pci.write_config_register(reg_idx, offset, data);
-        }
-
-        fn read_config_register(&mut self, reg_idx: usize) -> u32 {
-            self.pci.read_config_register(reg_idx)
+        fn pci_function(&mut self) -> Option<&mut PciFunction> {
+            Some(&mut self.pci)
         }
 
         fn read_bar(&mut self, base: u64, offset: u64, data: &mut [u8]) {
             self.accesses.push((base, offset, data.len()));
             let o = offset as usize;
             match self.pci.bar_index(base) {
-                Some(bar) if self.pci.read_bar(bar, offset, data) => {}
                 Some(0) => data.copy_from_slice(&self.bar0[o..o + data.len()]),
                 Some(4) => data.copy_from_slice(&self.bar4[o..o + data.len()]),
                 _ => data.fill(0xff),
@@ -337,7 +332,6 @@ mod tests {
             self.accesses.push((base, offset, data.len()));
             let o = offset as usize;
             match self.pci.bar_index(base) {
-                Some(bar) if self.pci.write_bar(bar, offset, data) => {}
                 Some(0) => self.bar0[o..o + data.len()].copy_from_slice(data),
                 Some(4) => self.bar4[o..o + data.len()].copy_from_slice(data),
                 _ => {}
@@ -523,12 +517,17 @@ mod tests {
         assert_eq!(d, [9, 8]);
         assert_eq!(a.device().bar0[0x100..0x104], [1, 2, 3, 4]);
         assert_eq!(a.device().bar4[0x10..0x12], [9, 8]);
-        // MSI-X table write/read and a PBA read through BAR2.
+        // MSI-X table write/read and a PBA read through BAR2: served by the
+        // function, the device never sees them; the rest of BAR2 does.
         a.region_write(2, 0x1c, &0u32.to_le_bytes()).unwrap();
+        let mut e = [0xffu8; 4];
+        a.region_read(2, 0x1c, &mut e).unwrap();
+        assert_eq!(e, [0; 4]);
         a.device().irqs.trigger(PCI_MSIX_IRQ_INDEX, 3).unwrap();
         let mut q = [0u8; 8];
         a.region_read(2, PBA_OFFSET, &mut q).unwrap();
         assert_eq!(u64::from_le_bytes(q), 1 << 3);
+        a.region_read(2, 0x8000, &mut q).unwrap();
         assert_eq!(
             a.device().accesses,
             [
@@ -536,8 +535,7 @@ mod tests {
                 (bases[2], 0x10, 2),
                 (bases[0], 0x100, 4),
                 (bases[2], 0x10, 2),
-                (bases[1], 0x1c, 4),
-                (bases[1], PBA_OFFSET, 8),
+                (bases[1], 0x8000, 8),
             ]
         );
         // Absent BARs are refused.

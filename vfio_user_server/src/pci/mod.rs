@@ -29,6 +29,9 @@ pub enum PciDeviceError {
     /// Bad capability.
     #[error("invalid capability")]
     InvalidCapability,
+    /// The device has no [`PciFunction`] and declares no BARs of its own.
+    #[error("the device has no PCI function and does not allocate BARs")]
+    NoFunction,
 }
 
 /// Kind of address space a BAR lives in.
@@ -118,35 +121,60 @@ impl BarAllocator {
 
 /// A PCI device in Cloud Hypervisor's shape, served by [`PciAdapter`].
 ///
-/// The five methods are those of Cloud Hypervisor's `pci::PciDevice`,
-/// minus what a vfio-user server never uses: accesses are synchronous (the
+/// The methods are those of Cloud Hypervisor's `pci::PciDevice`, minus
+/// what a vfio-user server never uses: accesses are synchronous (the
 /// server replies once the call returns), so there are no barriers for a
-/// vCPU to wait on, and BARs never move (the VMM owns guest addresses). A
-/// device normally embeds a [`PciFunction`] and answers the configuration
-/// accesses, BAR allocation and the MSI-X windows through it. The adapter
-/// reads the interrupt layout (INTx pin, MSI and MSI-X capabilities) and
-/// the configuration space size (PCI Express or not) from the
-/// configuration space itself, as the kernel's vfio-pci does; everything
+/// vCPU to wait on, and BARs never move (the VMM owns guest addresses).
+///
+/// A device normally embeds a [`PciFunction`] and returns it from
+/// [`PciDevice::pci_function`]: then the configuration space, the BAR
+/// allocation and the MSI-X table and PBA are the function's (the adapter
+/// serves the MSI-X windows before the device sees an access), and the
+/// device implements only its own BAR registers. A device with its own
+/// configuration space (a port from Cloud Hypervisor) implements
+/// `allocate_bars` and the configuration accesses instead. Either way the
+/// adapter reads the interrupt layout (INTx pin, MSI and MSI-X
+/// capabilities) and the configuration space size (PCI Express or not)
+/// from the configuration space, as the kernel's vfio-pci does; everything
 /// else the server tells the device goes through [`Lifecycle`].
 pub trait PciDevice: Lifecycle {
+    /// The PCI function core the device embeds, if it does.
+    fn pci_function(&mut self) -> Option<&mut PciFunction> {
+        None
+    }
+
     /// Declares the BARs, taking their addresses from `allocator`; called
-    /// once, by [`PciAdapter::new`].
+    /// once, by [`PciAdapter::new`]. By default, the function's BARs.
     fn allocate_bars(
         &mut self,
         allocator: &mut BarAllocator,
-    ) -> Result<Vec<PciBarConfiguration>, PciDeviceError>;
+    ) -> Result<Vec<PciBarConfiguration>, PciDeviceError> {
+        self.pci_function()
+            .ok_or(PciDeviceError::NoFunction)?
+            .allocate_bars(allocator)
+    }
 
     /// Writes `data` at byte `offset` of the 32-bit config register
-    /// `reg_idx`.
-    fn write_config_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]);
+    /// `reg_idx`. By default, to the function's configuration space.
+    fn write_config_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
+        if let Some(f) = self.pci_function() {
+            f.write_config_register(reg_idx, offset, data);
+        }
+    }
 
-    /// Reads the 32-bit config register `reg_idx`.
-    fn read_config_register(&mut self, reg_idx: usize) -> u32;
+    /// Reads the 32-bit config register `reg_idx`. By default, from the
+    /// function's configuration space.
+    fn read_config_register(&mut self, reg_idx: usize) -> u32 {
+        self.pci_function()
+            .map_or(0, |f| f.read_config_register(reg_idx))
+    }
 
-    /// Reads from the BAR allocated at `base`.
+    /// Reads from the BAR allocated at `base` (outside the MSI-X windows
+    /// of the function, if it has one).
     fn read_bar(&mut self, base: u64, offset: u64, data: &mut [u8]);
 
-    /// Writes to the BAR allocated at `base`.
+    /// Writes to the BAR allocated at `base` (outside the MSI-X windows of
+    /// the function, if it has one).
     fn write_bar(&mut self, base: u64, offset: u64, data: &[u8]);
 
     /// Shared-memory backing of BAR `idx`, offered to the client as sparse

@@ -29,7 +29,7 @@ use thiserror::Error;
 use vfio_user_server::device::{DeviceContext, Interest, Lifecycle, ResetReason, WatchedFd};
 use vfio_user_server::guest_memory::GuestMemoryHandle;
 use vfio_user_server::pci::{
-    BarAllocator, PciBarConfiguration, PciBarPrefetchable, PciBarRegionType, PciCapability,
+    PciBarConfiguration, PciBarPrefetchable, PciBarRegionType, PciCapability,
     PciConfigurationParams, PciDevice, PciDeviceError, PciExpressCap, PciFunction,
     PciFunctionState, PmCap,
 };
@@ -749,12 +749,11 @@ impl<D: VirtioDevice + 'static> Lifecycle for VirtioPciDevice<D> {
     }
 }
 
+/// Config space is the function's, with the virtio PCI-config-access
+/// capability's data register as a window into the BAR.
 impl<D: VirtioDevice + 'static> PciDevice for VirtioPciDevice<D> {
-    fn allocate_bars(
-        &mut self,
-        allocator: &mut BarAllocator,
-    ) -> Result<Vec<PciBarConfiguration>, PciDeviceError> {
-        self.pci.allocate_bars(allocator)
+    fn pci_function(&mut self) -> Option<&mut PciFunction> {
+        Some(&mut self.pci)
     }
 
     fn write_config_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
