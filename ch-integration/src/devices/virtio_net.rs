@@ -117,11 +117,14 @@ pub fn build(args: &VirtioNetArgs) -> Result<Built, String> {
         device: Box::new(adapter),
         ctx,
         description: format!(
-            "virtio-net on TAP {name} (guest MAC {}, MTU {mtu}), {pairs} queue pair(s) of {}, \
-             offloads {}",
+            "virtio-net on TAP {name} (guest MAC {}, MTU {mtu}), {pairs} queue pair(s) of {}, {}",
             format_mac(&mac),
             args.queue_size,
-            if args.no_offloads { "off" } else { "on" }
+            if args.no_offloads {
+                "no offloads"
+            } else {
+                "checksum and TSO offloads"
+            }
         ),
         notes,
     })
