@@ -312,3 +312,69 @@ fn a_missing_tap_or_a_queue_count_it_cannot_serve_is_a_clear_error() {
     let mq = run(&["--tap", "vtap0", "--num-queue-pairs", "2"]);
     assert!(mq.contains("multi_queue"), "{mq}");
 }
+
+#[test]
+fn snapshot_restore_keeps_the_nic_and_asks_the_guest_to_announce_itself() {
+    const F_GUEST_ANNOUNCE: u64 = 1 << 21;
+    let Some(ns) = NetNs::new() else {
+        return;
+    };
+    ns.add_tap("vtap0", false, None);
+    let dir = TempDir::new().unwrap();
+    let api = dir.as_path().join("api.sock");
+    let snap = dir.as_path().join("net.snap");
+    let api_s = api.to_str().unwrap().to_string();
+    let mut daemon = start(&ns, &["--api-socket", &api_s]);
+    let packets = ns.packet_socket("vtap0");
+    let mut drv = VirtioDriver::connect(&daemon.socket);
+    drv.init(
+        VIRTIO_F_VERSION_1 | F_MAC | F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE,
+        64,
+    );
+    let posted = post_rx(&mut drv, 2, 2048, 1);
+    assert_eq!(drv.device_config(6, 2), 1, "link up, nothing to announce");
+
+    api_ok(&api, &["pause"]);
+    api_ok(&api, &["snapshot", snap.to_str().unwrap()]);
+    let s = stream::decode(&std::fs::read(&snap).unwrap());
+    assert_eq!(s.kind, "virtio-net");
+
+    // A new daemon from the snapshot, on the same TAP; the VMM reconnects
+    // with the same guest memory and interrupts.
+    let _ = daemon.child.kill();
+    let _ = daemon.child.wait();
+    std::fs::remove_file(&api).unwrap();
+    let snap_s = snap.to_str().unwrap().to_string();
+    let restored = start(&ns, &["--restore", &snap_s]);
+    drop(drv.reconnect(vfio_user::Client::new(&restored.socket).expect("reconnect")));
+    assert_eq!(device_mac(&mut drv), MAC);
+    // The guest is told to announce itself (configuration interrupt, status
+    // bit) and acknowledges it through the control queue.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !drv.msix[0].fired() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no configuration interrupt"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(drv.device_config(6, 2), 3, "link up and announce");
+    let cmd = drv.ram.alloc(2, 8);
+    drv.ram.write(cmd, &[3, 0]);
+    let ack = drv.ram.alloc(1, 8);
+    drv.push(2, &[Desc::readable(cmd, 2), Desc::writable(ack, 1)]);
+    drv.kick(2);
+    drv.wait_used(2, 1);
+    assert_eq!(drv.ram.read(ack, 1), [0]);
+    assert_eq!(drv.device_config(6, 2), 1, "announce acknowledged");
+    // The receive buffers posted before the snapshot take the next frame.
+    let sent = frame(MAC, [0x02, 0, 0, 0, 0, 0x03], &pattern(300, 9));
+    packets.send(&sent);
+    let used = drv.wait_used(RX, 1);
+    assert_eq!(used[0].0, posted[0].0);
+    assert_eq!(
+        &rx_bytes(&drv, &posted[0].1, 2048, used[0].1)[HDR..],
+        &sent[..]
+    );
+    drop(restored);
+}
