@@ -18,10 +18,20 @@
 //! buffers lie in, so unmapping guest memory cannot pull the pages from
 //! under an I/O thread. A steady stream of requests does not allocate: the
 //! vectors of finished requests and their tokens are reused.
+//!
+//! What a device does when the back end fails a request is its
+//! [`ErrorPolicy`], as QEMU's `werror`/`rerror`: report the error to the
+//! guest, or stop, keeping the failed requests in an [`ErrorStop`] until
+//! the device is resumed, which retries them. Only failed requests look at
+//! the policy; completing one that succeeded costs nothing more.
 
+use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
+use std::str::FromStr;
 use std::sync::Arc;
+
+use log::{debug, warn};
 
 use vfio_user_server::guest_memory::GuestMemory;
 use vm_memory::bitmap::Bitmap;
@@ -37,6 +47,152 @@ const IO_BATCH: usize = 8;
 
 /// Guest ranges `(address, length)` a read fills.
 type GuestRanges = Vec<(GuestAddress, usize)>;
+
+/// What a storage device does with a request its back end failed, in the
+/// spirit of QEMU's `werror`/`rerror`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ErrorPolicy {
+    /// Fail the request: the guest gets an I/O error for it (virtio-blk
+    /// `VIRTIO_BLK_S_IOERR`) and the device goes on.
+    #[default]
+    Report,
+    /// Keep the request without completing it and stop taking requests
+    /// until the device is resumed, which retries the kept requests first:
+    /// a disk that filled up and was given room again loses no write.
+    /// Only storage errors ([`is_storage_error`]) stop the device; a
+    /// request that is wrong in itself still fails at once.
+    Stop,
+}
+
+impl ErrorPolicy {
+    /// Whether a request that failed with `error` is kept for a retry,
+    /// stopping the device, instead of failed.
+    pub fn stops_on(self, error: &io::Error) -> bool {
+        self == ErrorPolicy::Stop && is_storage_error(error)
+    }
+
+    /// The policy's name, as [`FromStr`] parses it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorPolicy::Report => "report",
+            ErrorPolicy::Stop => "stop",
+        }
+    }
+}
+
+impl fmt::Display for ErrorPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ErrorPolicy {
+    type Err = String;
+
+    /// `report` or `stop`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "report" => Ok(ErrorPolicy::Report),
+            "stop" => Ok(ErrorPolicy::Stop),
+            _ => Err(format!("'{s}' is not an error policy (report or stop)")),
+        }
+    }
+}
+
+/// Whether `error`, returned by a back end, says the storage failed (EIO,
+/// ENOSPC, EDQUOT, EROFS, a read past the end of an image file that
+/// shrank, ...), something fixing the storage and retrying can cure. The
+/// other errors say the request itself cannot be done (a range outside the
+/// image or outside the guest's buffers: `InvalidInput`; an operation the
+/// storage does not support: `Unsupported`), which no retry changes.
+pub fn is_storage_error(error: &io::Error) -> bool {
+    !matches!(
+        error.kind(),
+        io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported
+    )
+}
+
+/// The requests a device stopped on a storage error keeps
+/// ([`ErrorPolicy::Stop`]), oldest first, and why it stopped.
+///
+/// `R` is what the device needs to run a request again (a virtqueue and
+/// head, a frame context). The device takes no new requests while
+/// [`ErrorStop::is_stopped`]; [`ErrorStop::resume`] hands the kept ones
+/// back to be retried before anything else.
+#[derive(Debug)]
+pub struct ErrorStop<R> {
+    held: Vec<R>,
+    reason: Option<String>,
+}
+
+impl<R> Default for ErrorStop<R> {
+    fn default() -> Self {
+        ErrorStop {
+            held: Vec::new(),
+            reason: None,
+        }
+    }
+}
+
+impl<R> ErrorStop<R> {
+    /// Keeps `request`, whose operation `what` (e.g. "write of 4096 bytes
+    /// at 0x1000") failed with `error`. The first request kept stops the
+    /// device: it is logged as a warning naming `device`, saying how to go
+    /// on; those failing after it, while it is stopped, at debug level.
+    pub fn hold(&mut self, device: &str, request: R, what: &dyn fmt::Display, error: &io::Error) {
+        if self.reason.is_none() {
+            warn!(
+                "{device}: stopped on a storage error: {what}: {error}; the request is kept and \
+                 no more are taken: fix the storage, then resume the device (the daemon's \
+                 `api --api-socket PATH resume`) to retry it"
+            );
+            self.reason = Some(format!("{what}: {error}"));
+        } else {
+            debug!("{device}: also kept while stopped: {what}: {error}");
+        }
+        self.held.push(request);
+    }
+
+    /// Whether the device is stopped: it must take no new requests.
+    pub fn is_stopped(&self) -> bool {
+        self.reason.is_some()
+    }
+
+    /// The error the device stopped on, if it is stopped.
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.as_deref()
+    }
+
+    /// The requests kept, oldest first.
+    pub fn held(&self) -> &[R] {
+        &self.held
+    }
+
+    /// Lets the device run again: forgets why it stopped and hands back
+    /// the kept requests, oldest first, to be retried before any new one.
+    pub fn resume(&mut self) -> Vec<R> {
+        self.reason = None;
+        std::mem::take(&mut self.held)
+    }
+
+    /// Forgets the kept requests and the stop (a reset: nobody waits for
+    /// them any more).
+    pub fn clear(&mut self) {
+        self.reason = None;
+        self.held.clear();
+    }
+
+    /// Stops on `reason`, keeping `held` (a device restored from a
+    /// snapshot taken while stopped); nothing held means not stopped.
+    pub fn restore(&mut self, reason: String, held: Vec<R>) {
+        if held.is_empty() {
+            self.clear();
+        } else {
+            self.reason = Some(reason);
+            self.held = held;
+        }
+    }
+}
 
 /// A request to run on the I/O threads ([`BlockIo::start`]).
 #[derive(Clone, Copy, Debug)]
@@ -690,6 +846,70 @@ mod tests {
         // Nothing in flight: nothing to forget.
         io.forget_all();
         assert_eq!(dropped.load(Ordering::SeqCst), 5);
+    }
+
+    #[test]
+    fn policies_stop_only_on_storage_errors() {
+        assert_eq!("report".parse(), Ok(ErrorPolicy::Report));
+        assert_eq!("stop".parse(), Ok(ErrorPolicy::Stop));
+        assert!("ignore"
+            .parse::<ErrorPolicy>()
+            .unwrap_err()
+            .contains("report or stop"));
+        assert_eq!(ErrorPolicy::default(), ErrorPolicy::Report);
+        assert_eq!(ErrorPolicy::Stop.to_string(), "stop");
+        let storage = [
+            io::Error::from_raw_os_error(libc::EIO),
+            io::Error::from_raw_os_error(libc::ENOSPC),
+            io::Error::from_raw_os_error(libc::EDQUOT),
+            io::Error::from_raw_os_error(libc::EROFS),
+            io::Error::from_raw_os_error(libc::EACCES),
+            io::Error::from(io::ErrorKind::UnexpectedEof),
+        ];
+        for e in &storage {
+            assert!(is_storage_error(e), "{e}");
+            assert!(ErrorPolicy::Stop.stops_on(e), "{e}");
+            assert!(!ErrorPolicy::Report.stops_on(e), "{e}");
+        }
+        // What the request got wrong, as the back ends and guest_sg say it.
+        let request = [
+            crate::storage::check_range(4096, 4096, 1).unwrap_err(),
+            io::Error::from_raw_os_error(libc::EINVAL),
+            io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+        ];
+        for e in &request {
+            assert!(!is_storage_error(e), "{e}");
+            assert!(!ErrorPolicy::Stop.stops_on(e), "{e}");
+        }
+    }
+
+    #[test]
+    fn an_error_stop_keeps_requests_until_resumed() {
+        let mut stop: ErrorStop<u32> = ErrorStop::default();
+        assert!(!stop.is_stopped() && stop.reason().is_none());
+        let enospc = io::Error::from_raw_os_error(libc::ENOSPC);
+        stop.hold("dev", 7, &"write of 512 bytes at 0x200", &enospc);
+        assert!(stop.is_stopped());
+        let reason = stop.reason().unwrap().to_string();
+        assert!(
+            reason.starts_with("write of 512 bytes at 0x200: "),
+            "{reason}"
+        );
+        assert!(reason.contains("No space left"), "{reason}");
+        // Later failures are kept too; the first one says why.
+        stop.hold("dev", 3, &"flush", &io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(stop.held(), [7, 3]);
+        assert_eq!(stop.reason(), Some(reason.as_str()));
+        assert_eq!(stop.resume(), [7, 3]);
+        assert!(!stop.is_stopped() && stop.held().is_empty());
+        assert!(stop.resume().is_empty());
+        // A snapshot's requests come back stopped; none is no stop.
+        stop.restore("why".into(), vec![1, 2]);
+        assert_eq!((stop.reason(), stop.held()), (Some("why"), &[1, 2][..]));
+        stop.clear();
+        assert!(!stop.is_stopped() && stop.held().is_empty());
+        stop.restore("why".into(), Vec::new());
+        assert!(!stop.is_stopped());
     }
 
     #[test]

@@ -5,10 +5,12 @@
 //! interrupts, in guest RAM of two regions with a hole between them.
 
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use backends::storage::{BlockBackend, MemoryDisk, RawFile, RawFileOptions};
+use backends::block_io::ErrorPolicy;
+use backends::storage::{BlockBackend, IoBuf, MemoryDisk, RawFile, RawFileOptions};
 use backends::virtio_blk::{VirtioBlkConfig, VirtioBlkPci};
 use integration_tests::virtio_driver::common_cfg as cc;
 use integration_tests::virtio_driver::device_status::{
@@ -100,6 +102,10 @@ on_io_threads!(
     full_reset_through_adapter,
     pause_defers_and_resume_processes,
     snapshot_restore,
+    storage_errors_are_reported_by_default,
+    storage_errors_stop_the_device_until_resumed,
+    a_stopped_device_is_snapshotted_with_its_kept_requests,
+    a_reset_forgets_the_kept_requests,
 );
 
 fn ready(disk: Arc<MemoryDisk>) -> Driver {
@@ -1221,4 +1227,437 @@ fn reposted_heads_do_not_grow_the_requests_in_flight() {
     d.wait_used_idx(0, 32);
     assert_eq!(d.used_idx(0), 32);
     assert_eq!(blk(&mut d).device().in_flight(), 0);
+}
+
+/// The back-end calls a [`FaultyDisk`] fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Call {
+    Read,
+    Write,
+    Flush,
+    WriteZeroes,
+}
+
+/// Calls of `call` touching `[start, end)` of the disk (any flush) fail
+/// with `errno`, `times` more times (`None`: until cleared).
+#[derive(Clone, Debug)]
+struct Fault {
+    call: Call,
+    start: u64,
+    end: u64,
+    errno: i32,
+    times: Option<usize>,
+}
+
+/// A real raw image whose calls fail where the test says: a wrapper at the
+/// `BlockBackend` interface, which is where the errors of `RawFile` (a
+/// failed `pwritev`, `fdatasync`, ...) reach the device, on the event loop
+/// and on the I/O threads alike.
+struct FaultyDisk {
+    inner: RawFile,
+    faults: Mutex<Vec<Fault>>,
+    /// Calls failed so far.
+    failed: AtomicUsize,
+}
+
+impl FaultyDisk {
+    fn new(inner: RawFile) -> Self {
+        FaultyDisk {
+            inner,
+            faults: Mutex::new(Vec::new()),
+            failed: AtomicUsize::new(0),
+        }
+    }
+
+    /// Fails `call`s on sectors `[sector, sector + sectors)` with `errno`.
+    fn fail(&self, call: Call, sector: u64, sectors: u64, errno: i32, times: Option<usize>) {
+        self.faults.lock().unwrap().push(Fault {
+            call,
+            start: sector * 512,
+            end: (sector + sectors) * 512,
+            errno,
+            times,
+        });
+    }
+
+    /// No more faults: the storage is fixed.
+    fn clear(&self) {
+        self.faults.lock().unwrap().clear();
+    }
+
+    fn failed(&self) -> usize {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// The error for a `call` on `[offset, offset + len)`, if one is due.
+    fn check(&self, call: Call, offset: u64, len: u64) -> std::io::Result<()> {
+        let mut faults = self.faults.lock().unwrap();
+        let due = faults.iter_mut().find(|f| {
+            f.call == call
+                && (call == Call::Flush || (offset < f.end && offset + len > f.start))
+                && f.times != Some(0)
+        });
+        let Some(f) = due else { return Ok(()) };
+        if let Some(n) = &mut f.times {
+            *n -= 1;
+        }
+        self.failed.fetch_add(1, Ordering::SeqCst);
+        Err(std::io::Error::from_raw_os_error(f.errno))
+    }
+}
+
+fn bufs_len(bufs: &[IoBuf<'_>]) -> u64 {
+    bufs.iter().map(|b| b.len() as u64).sum()
+}
+
+impl BlockBackend for FaultyDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.check(Call::Read, offset, buf.len() as u64)?;
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.check(Call::Write, offset, buf.len() as u64)?;
+        self.inner.write_at(buf, offset)
+    }
+    fn read_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> std::io::Result<()> {
+        self.check(Call::Read, offset, bufs_len(bufs))?;
+        self.inner.read_vectored_at(bufs, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> std::io::Result<()> {
+        self.check(Call::Write, offset, bufs_len(bufs))?;
+        self.inner.write_vectored_at(bufs, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.check(Call::Flush, 0, 0)?;
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.check(Call::WriteZeroes, offset, len)?;
+        self.inner.write_zeroes(offset, len)
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+    fn id(&self) -> String {
+        "faulty".into()
+    }
+}
+
+/// What the image holds before the tests write to it.
+fn image_pattern() -> Vec<u8> {
+    pattern(DISK_SIZE as usize, 11)
+}
+
+/// A raw image holding [`image_pattern`], behind a [`FaultyDisk`].
+fn faulty_disk() -> (Arc<FaultyDisk>, TempFile) {
+    let tmp = TempFile::new().unwrap();
+    tmp.as_file().write_all_at(&image_pattern(), 0).unwrap();
+    let file = RawFile::open(tmp.as_path(), RawFileOptions::default()).unwrap();
+    (Arc::new(FaultyDisk::new(file)), tmp)
+}
+
+/// A driver of a device over `disk` with `on_error` (on the I/O threads
+/// of the `on_io_threads` re-runs), its queue of 16 set up.
+fn faulty_driver(disk: &Arc<FaultyDisk>, on_error: ErrorPolicy) -> Driver {
+    let config = VirtioBlkConfig {
+        on_error,
+        io_threads: IO_THREADS.with(|t| t.get()),
+        ..Default::default()
+    };
+    let mut d = connect(disk.clone(), config);
+    d.init(ALL & !VIRTIO_RING_F_EVENT_IDX, 16);
+    d
+}
+
+fn image_at(tmp: &TempFile, sector: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    tmp.as_file().read_exact_at(&mut b, sector * 512).unwrap();
+    b
+}
+
+/// Why the device stopped, as the server would learn it.
+fn stopped_on_error(d: &mut Driver) -> Option<String> {
+    d.transport.device().lifecycle().stopped_on_error()
+}
+
+/// Lets the device work until it is stopped on an error with `kept`
+/// requests kept and nothing on its I/O threads; returns why it stopped.
+#[track_caller]
+fn wait_stopped(d: &mut Driver, kept: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        d.settle();
+        let dev = blk(d).device();
+        let (now_kept, in_flight) = (dev.kept(), dev.in_flight());
+        if let Some(why) = stopped_on_error(d) {
+            if now_kept == kept && in_flight == 0 {
+                return why;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not stopped with {kept} kept: {:?}, {now_kept} kept, {in_flight} in flight",
+            stopped_on_error(d)
+        );
+        d.transport.wait(&[], Duration::from_millis(1));
+    }
+}
+
+/// Resumes the device (as the control socket does: the server's resume
+/// reaches the device's lifecycle) and lets it retry.
+fn resume(d: &mut Driver) {
+    d.transport.device().lifecycle().resume().unwrap();
+    d.settle();
+}
+
+/// Queues a write of `data` at `sector` on queue 0 without kicking.
+fn queue_write(d: &mut Driver, sector: u64, data: &[u8]) -> BlkReq {
+    d.blk_submit_req(0, VIRTIO_BLK_T_OUT, sector, data, 0)
+}
+
+#[test]
+fn storage_errors_are_reported_by_default() {
+    let (disk, tmp) = faulty_disk();
+    let mut d = faulty_driver(&disk, ErrorPolicy::Report);
+    let original = image_pattern();
+    // EIO on writes to sectors 8-15, until the storage is fixed.
+    disk.fail(Call::Write, 8, 8, libc::EIO, None);
+    let data = pattern(4096, 1);
+    assert_eq!(write_sectors(&mut d, 0, 8, &data), VIRTIO_BLK_S_IOERR);
+    assert_eq!(image_at(&tmp, 8, 4096), original[8 * 512..][..4096]);
+    // The device goes on: the next request, elsewhere, succeeds.
+    assert_eq!(write_sectors(&mut d, 0, 40, &data), VIRTIO_BLK_S_OK);
+    assert_eq!(image_at(&tmp, 40, 4096), data);
+    // Every failing request fails, each on its own.
+    assert_eq!(write_sectors(&mut d, 0, 12, &data), VIRTIO_BLK_S_IOERR);
+    assert_eq!(disk.failed(), 2);
+
+    // EIO on a read, once: IOERR, then the same read succeeds.
+    disk.fail(Call::Read, 100, 1, libc::EIO, Some(1));
+    let (status, _) = read_sectors(&mut d, 0, 96, 4096);
+    assert_eq!(status, VIRTIO_BLK_S_IOERR);
+    assert_eq!(
+        read_sectors(&mut d, 0, 96, 4096),
+        (VIRTIO_BLK_S_OK, original[96 * 512..][..4096].to_vec())
+    );
+
+    // A failed flush, and a failed write-zeroes.
+    disk.fail(Call::Flush, 0, 0, libc::EIO, Some(1));
+    assert_eq!(
+        request(&mut d, 0, VIRTIO_BLK_T_FLUSH, 0, &[]).0,
+        VIRTIO_BLK_S_IOERR
+    );
+    assert_eq!(
+        request(&mut d, 0, VIRTIO_BLK_T_FLUSH, 0, &[]).0,
+        VIRTIO_BLK_S_OK
+    );
+    disk.fail(Call::WriteZeroes, 200, 8, libc::ENOSPC, Some(1));
+    let seg = dwz(&mut d, &[(200, 8, 0)]);
+    assert_eq!(
+        segments_request(&mut d, VIRTIO_BLK_T_WRITE_ZEROES, seg, 16),
+        VIRTIO_BLK_S_IOERR
+    );
+    assert_eq!(image_at(&tmp, 200, 4096), original[200 * 512..][..4096]);
+
+    disk.clear();
+    assert_eq!(write_sectors(&mut d, 0, 8, &data), VIRTIO_BLK_S_OK);
+    assert_eq!(image_at(&tmp, 8, 4096), data);
+    assert_eq!(stopped_on_error(&mut d), None);
+    assert_eq!(blk(&mut d).device().kept(), 0);
+}
+
+#[test]
+fn storage_errors_stop_the_device_until_resumed() {
+    let (disk, tmp) = faulty_disk();
+    let mut d = faulty_driver(&disk, ErrorPolicy::Stop);
+    let original = image_pattern();
+    // A request the guest got wrong still fails at once: no stop.
+    let (status, _) = read_sectors(&mut d, 0, DISK_SIZE / 512, 512);
+    assert_eq!(status, VIRTIO_BLK_S_IOERR);
+    assert_eq!(stopped_on_error(&mut d), None);
+
+    // Three writes in one batch; the storage is full where the second goes.
+    disk.fail(Call::Write, 8, 8, libc::ENOSPC, None);
+    let (a, b, c) = (pattern(4096, 1), pattern(4096, 2), pattern(4096, 3));
+    let wa = queue_write(&mut d, 100, &a);
+    let wb = queue_write(&mut d, 8, &b);
+    let wc = queue_write(&mut d, 120, &c);
+    d.kick(0);
+    let why = wait_stopped(&mut d, 1);
+    assert!(
+        why.starts_with("write of 4096 bytes at 0x1000: ") && why.contains("No space left"),
+        "{why}"
+    );
+    // The failed write is neither completed nor written: its status byte
+    // is untouched. The one before it completed; the one after it either
+    // completed (on I/O threads, started with the batch) or waits on the
+    // ring (taken one at a time: the device stopped before it).
+    let done: Vec<u16> = d.poll_used(0).iter().map(|u| u.0).collect();
+    assert!(
+        done.contains(&wa.head) && !done.contains(&wb.head),
+        "{done:?}"
+    );
+    assert_eq!(d.ram.read_u8(wb.status), 0xff);
+    assert_eq!(image_at(&tmp, 8, 4096), original[8 * 512..][..4096]);
+    assert_eq!(image_at(&tmp, 100, 4096), a);
+    let on_threads = IO_THREADS.with(|t| t.get()) > 0;
+    assert_eq!(done.contains(&wc.head), on_threads, "{done:?}");
+
+    // Nothing more is taken off the ring while stopped.
+    let wd = queue_write(&mut d, 140, &pattern(4096, 4));
+    d.kick(0);
+    d.settle();
+    assert!(d.poll_used(0).is_empty());
+    assert_eq!(image_at(&tmp, 140, 4096), original[140 * 512..][..4096]);
+
+    // Resumed before the storage is fixed: the retry fails, and stops it
+    // again. (On I/O threads the ring goes on while the retry runs, so the
+    // write behind it may be done by then.)
+    resume(&mut d);
+    wait_stopped(&mut d, 1);
+    let more: Vec<u16> = d.poll_used(0).iter().map(|u| u.0).collect();
+    assert!(
+        more.is_empty() || (on_threads && more == [wd.head]),
+        "{more:?}"
+    );
+    assert_eq!(d.ram.read_u8(wb.status), 0xff);
+    assert_eq!(disk.failed(), 2);
+
+    // Fixed, then resumed: the kept write goes first, then the ring.
+    disk.clear();
+    resume(&mut d);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while [&wb, &wc, &wd]
+        .iter()
+        .any(|r| d.ram.read_u8(r.status) == 0xff)
+    {
+        assert!(Instant::now() < deadline, "the kept write never completed");
+        d.transport.wait(&[], Duration::from_millis(1));
+    }
+    d.poll_used(0);
+    for req in [&wa, &wb, &wc, &wd] {
+        assert_eq!(d.take_result(0, req.head).0, VIRTIO_BLK_S_OK);
+    }
+    assert_eq!(image_at(&tmp, 8, 4096), b);
+    assert_eq!(image_at(&tmp, 120, 4096), c);
+    assert_eq!(image_at(&tmp, 140, 4096), pattern(4096, 4));
+    assert_eq!(stopped_on_error(&mut d), None);
+    assert!(d.poll_used(0).is_empty());
+
+    // EIO on a read, once: kept, then read again with the right bytes.
+    disk.fail(Call::Read, 300, 8, libc::EIO, Some(1));
+    let r = d.blk_submit_req(0, VIRTIO_BLK_T_IN, 300, &[], 4096);
+    d.kick(0);
+    let why = wait_stopped(&mut d, 1);
+    assert!(why.starts_with("read of 4096 bytes at 0x25800: "), "{why}");
+    assert!(why.contains("Input/output error"), "{why}");
+    assert!(d.poll_used(0).is_empty());
+    resume(&mut d);
+    assert_eq!(
+        d.blk_complete(0, r.head),
+        (VIRTIO_BLK_S_OK, original[300 * 512..][..4096].to_vec())
+    );
+
+    // A flush, and a write-zeroes (done on the event loop in both modes).
+    disk.fail(Call::Flush, 0, 0, libc::EIO, Some(1));
+    let f = d.blk_submit_req(0, VIRTIO_BLK_T_FLUSH, 0, &[], 0);
+    d.kick(0);
+    assert!(wait_stopped(&mut d, 1).starts_with("flush: "));
+    resume(&mut d);
+    assert_eq!(d.blk_complete(0, f.head).0, VIRTIO_BLK_S_OK);
+    disk.fail(Call::WriteZeroes, 200, 8, libc::ENOSPC, Some(1));
+    let seg = dwz(&mut d, &[(200, 8, 0)]);
+    let z = d.blk_submit_descs(0, VIRTIO_BLK_T_WRITE_ZEROES, 0, &[Desc::readable(seg, 16)]);
+    d.kick(0);
+    assert!(wait_stopped(&mut d, 1).starts_with("write-zeroes of 4096 bytes at 0x19000: "));
+    assert_eq!(image_at(&tmp, 200, 4096), original[200 * 512..][..4096]);
+    resume(&mut d);
+    assert_eq!(d.blk_complete(0, z.head).0, VIRTIO_BLK_S_OK);
+    assert_eq!(image_at(&tmp, 200, 4096), vec![0u8; 4096]);
+    assert_eq!(stopped_on_error(&mut d), None);
+    assert_eq!(disk.failed(), 5);
+}
+
+#[test]
+fn a_stopped_device_is_snapshotted_with_its_kept_requests() {
+    let (disk, tmp) = faulty_disk();
+    let mut d = faulty_driver(&disk, ErrorPolicy::Stop);
+    // A snapshot of a device that runs has no state of the device's own.
+    d.transport.device().lifecycle().pause().unwrap();
+    let snap = d.transport.device().lifecycle().snapshot().unwrap();
+    assert!(snap.snapshots.is_empty(), "{snap:?}");
+    d.transport.device().lifecycle().resume().unwrap();
+
+    disk.fail(Call::Write, 8, 8, libc::ENOSPC, None);
+    let data = pattern(4096, 9);
+    let w = queue_write(&mut d, 8, &data);
+    d.kick(0);
+    wait_stopped(&mut d, 1);
+    d.transport.device().lifecycle().pause().unwrap();
+    let snap = d.transport.device().lifecycle().snapshot().unwrap();
+    assert_eq!(snap.snapshots.len(), 1, "{snap:?}");
+
+    // The target finds room on the same image (the storage was fixed
+    // meanwhile): restored, it is stopped on the same error until it runs,
+    // then retries the kept write.
+    disk.clear();
+    let config = VirtioBlkConfig {
+        on_error: ErrorPolicy::Stop,
+        io_threads: IO_THREADS.with(|t| t.get()),
+        ..Default::default()
+    };
+    let mut target = device(disk.clone(), config);
+    target.device().lifecycle().pause().unwrap();
+    target.device().lifecycle().restore(&snap).unwrap();
+    let why = target.device().lifecycle().stopped_on_error();
+    assert!(why.is_some_and(|w| w.contains("No space left")));
+    target.device().lifecycle().resume().unwrap();
+    for irq in &mut d.msix {
+        irq.take();
+    }
+    let _source = d.reconnect(target);
+    assert_eq!(d.blk_complete(0, w.head).0, VIRTIO_BLK_S_OK);
+    assert_eq!(image_at(&tmp, 8, 4096), data);
+    assert_eq!(stopped_on_error(&mut d), None);
+    assert!(d.msix[1].fired());
+    // And it goes on with the ring.
+    assert_eq!(write_sectors(&mut d, 0, 16, &data), VIRTIO_BLK_S_OK);
+
+    // A device with fewer queues than the kept requests name refuses it.
+    let mut bad = snap.clone();
+    let state = bad.snapshots.values_mut().next().unwrap();
+    let data = state.snapshot_data.as_mut().unwrap();
+    data.state = data.state.replace("\"queue\":0", "\"queue\":5");
+    let mut other = device(disk.clone(), VirtioBlkConfig::default());
+    other.device().lifecycle().pause().unwrap();
+    let e = other.device().lifecycle().restore(&bad).unwrap_err();
+    assert!(e.to_string().contains("queue 5"), "{e}");
+}
+
+#[test]
+fn a_reset_forgets_the_kept_requests() {
+    let (disk, tmp) = faulty_disk();
+    let mut d = faulty_driver(&disk, ErrorPolicy::Stop);
+    disk.fail(Call::Write, 8, 8, libc::EIO, None);
+    queue_write(&mut d, 8, &pattern(4096, 5));
+    d.kick(0);
+    wait_stopped(&mut d, 1);
+    // The driver resets the device: nobody waits for the kept write.
+    d.set_status(0);
+    assert_eq!(stopped_on_error(&mut d), None);
+    assert_eq!(blk(&mut d).device().kept(), 0);
+    disk.clear();
+    d.init(ALL & !VIRTIO_RING_F_EVENT_IDX, 16);
+    let data = pattern(4096, 6);
+    assert_eq!(write_sectors(&mut d, 0, 8, &data), VIRTIO_BLK_S_OK);
+    assert_eq!(image_at(&tmp, 8, 4096), data);
+    // Nor does a resume bring it back.
+    resume(&mut d);
+    assert!(d.poll_used(0).is_empty());
 }

@@ -1,6 +1,7 @@
 //! The control socket (`--api-socket`): one JSON request per connection,
-//! one JSON reply line. Commands: `pause`, `resume`, `snapshot` (with a
-//! `path`), `status`.
+//! one JSON reply line. Commands: `pause`, `resume` (also of a device
+//! stopped on a storage error, which retries what failed), `snapshot`
+//! (with a `path`), `status` (with `stopped_on_error` and the `stop_error`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -70,13 +71,18 @@ fn execute(req: &Value, server: &mut Server) -> Value {
             Ok(()) => json!({"ok": true}),
             Err(e) => fail(e.to_string()),
         },
-        Some("status") => json!({
-            "ok": true,
-            "paused": server.paused(),
-            "connected": server.connected(),
-            "migration_state": format!("{:?}", server.migration_state()),
-            "socket": server.path().map(|p| p.display().to_string()),
-        }),
+        Some("status") => {
+            let stopped_on = server.stopped_on_error();
+            json!({
+                "ok": true,
+                "paused": server.paused(),
+                "stopped_on_error": stopped_on.is_some(),
+                "stop_error": stopped_on,
+                "connected": server.connected(),
+                "migration_state": format!("{:?}", server.migration_state()),
+                "socket": server.path().map(|p| p.display().to_string()),
+            })
+        }
         Some("snapshot") => {
             let Some(path) = req.get("path").and_then(Value::as_str) else {
                 return fail("snapshot needs a \"path\"".into());

@@ -111,9 +111,13 @@ pub struct ApiArgs {
 pub enum ApiCommand {
     /// Pauses the device (no DMA, no interrupts), before a snapshot
     Pause,
-    /// Resumes the device after pause
+    /// Resumes the device after pause, or after it stopped on a storage
+    /// error (--on-error stop), retrying the requests that failed
+    #[command(verbatim_doc_comment)]
     Resume,
-    /// Prints whether the device is paused and connected, and its migration state
+    /// Prints whether the device is paused, stopped on an error (and
+    /// which), connected, and its migration state
+    #[command(verbatim_doc_comment)]
     Status,
     /// Writes the paused device's state to FILE, for --restore
     Snapshot {
@@ -234,6 +238,11 @@ fn one_line(e: &clap::Error, first: Option<&str>) -> String {
             if kind == ErrorKind::UnknownArgument && !suggested.is_empty() {
                 line.push_str(&format!(" (did you mean '{}'?)", suggested.join(" ")));
             }
+            // clap lists the possible values on a line of their own.
+            let valid = strings(e, ContextKind::ValidValue);
+            if kind == ErrorKind::InvalidValue && !valid.is_empty() {
+                line.push_str(&format!(" (expected {})", valid.join(", ")));
+            }
             line
         }
     }
@@ -251,6 +260,7 @@ fn parse_timeout(v: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
     use crate::devices::virtio_blk::VirtioBlkArgs;
+    use backends::block_io::ErrorPolicy;
 
     fn parse_line(s: &str) -> Result<Cli, CliError> {
         parse(s.split_whitespace())
@@ -327,10 +337,10 @@ mod tests {
     #[test]
     fn refuses_with_one_line() {
         assert!(error("virtio-blk").contains("--socket"));
-        assert_eq!(error(""), "expected a device kind (virtio-blk)");
+        assert_eq!(error(""), "expected a device kind (virtio-blk, virtio-net)");
         assert_eq!(
             error("net --socket x"),
-            "unknown device kind 'net' (expected virtio-blk)"
+            "unknown device kind 'net' (expected virtio-blk, virtio-net)"
         );
         assert!(error("--socket x").contains("device kind"));
         let e = error("virtio-blk --socket x --bogus");
@@ -411,6 +421,25 @@ mod tests {
         );
         assert!(error("virtio-blk --socket x --busy-poll-us -1").contains("-1"));
         assert!(error("virtio-blk --socket x --busy-poll-us 1000001").contains("--busy-poll-us"));
+    }
+
+    #[test]
+    fn on_error_policy() {
+        assert_eq!(blk("virtio-blk --socket x").on_error, ErrorPolicy::Report);
+        assert_eq!(
+            blk("virtio-blk --socket x --on-error stop").on_error,
+            ErrorPolicy::Stop
+        );
+        assert_eq!(
+            blk("virtio-blk --socket x --on-error report").on_error,
+            ErrorPolicy::Report
+        );
+        let e = error("virtio-blk --socket x --on-error ignore");
+        assert!(
+            e.contains("--on-error") && e.contains("'ignore'") && e.contains("stop"),
+            "{e}"
+        );
+        assert!(help("virtio-blk --help").contains("--on-error <POLICY>"));
     }
 
     #[test]

@@ -8,11 +8,14 @@
 //! the Debian archive is unreachable, each test prints
 //! `SKIP vm tests: <reason>` and passes. At most two VMs run at once.
 
+mod common;
 mod vm;
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::small_fs::{in_private_mount_ns, SmallFs};
 use vm::qmp::{find_pci_device, Json, Qmp};
 use vm::{random_bytes, sha256_hex, Daemon, Vm, VmSpec};
 use vmm_sys_util::tempdir::TempDir;
@@ -507,4 +510,198 @@ fn vm_daemon_killed() {
     check_blk_run(&run, &original, &img);
     check_daemon_after(&mut daemon);
     stop_daemon(&mut daemon);
+}
+
+/// The guest's disk image for the full-disk tests: sparse, on a tmpfs
+/// with little room, and the daemon serving it with `policy`.
+struct FullDisk {
+    /// Unmounted before `dir` goes.
+    fs: SmallFs,
+    daemon: Daemon,
+    img: PathBuf,
+    api: PathBuf,
+    /// What the host wrote at the start of the image.
+    data: Vec<u8>,
+    /// Holds the sockets, the daemon's log and the tmpfs; removed last.
+    _dir: TempDir,
+}
+
+/// Size of the full-disk tests' image.
+const FULL_IMAGE: u64 = 32 * MIB as u64;
+/// Its tmpfs.
+const FULL_TMPFS: u64 = 4 * MIB as u64;
+/// Where and how much the guest writes: a hole, twice the room left.
+const FULL_W_OFF: usize = 8 * MIB;
+const FULL_W_LEN: usize = 256 * 1024;
+const FULL_ROOM: u64 = 128 * 1024;
+
+impl FullDisk {
+    /// Call from [`in_private_mount_ns`].
+    fn start(policy: &str) -> FullDisk {
+        let dir = TempDir::new().expect("tempdir");
+        let fs = SmallFs::mount(&dir.as_path().join("fs"), FULL_TMPFS);
+        let img = fs.dir.join("disk.img");
+        let data = random_bytes(MIB);
+        let f = std::fs::File::create(&img).expect("image");
+        f.set_len(FULL_IMAGE).expect("image size");
+        f.write_all_at(&data, 0).expect("image data");
+        let api = dir.as_path().join("api.sock");
+        let daemon = Daemon::start(
+            dir.as_path(),
+            &[
+                "--disk",
+                path_str(&img),
+                "--on-error",
+                policy,
+                "--api-socket",
+                path_str(&api),
+            ],
+        );
+        FullDisk {
+            fs,
+            daemon,
+            img,
+            api,
+            data,
+            _dir: dir,
+        }
+    }
+
+    /// The guest's test: write at [`FULL_W_OFF`], then read the start.
+    fn spec(&self, expect_write: &str) -> VmSpec {
+        VmSpec::new("disk-full")
+            .param("offset", FULL_W_OFF)
+            .param("count", FULL_W_LEN)
+            .param("read_offset", 0)
+            .param("read_len", 65536)
+            .param("expect_write", expect_write)
+            .vfio_user(&self.daemon.socket, "vfu0")
+    }
+
+    fn status(&self) -> serde_json::Value {
+        vm::api(&self.api, &["status"])
+    }
+
+    /// The image's bytes at the guest's write.
+    fn written(&self) -> Vec<u8> {
+        let mut b = vec![0u8; FULL_W_LEN];
+        std::fs::File::open(&self.img)
+            .expect("image")
+            .read_exact_at(&mut b, FULL_W_OFF as u64)
+            .expect("read image");
+        b
+    }
+}
+
+/// A guest writes to a disk that is full on the host, with
+/// `--on-error report`: its write fails with an I/O error, the kernel
+/// logs it, and the device goes on serving reads.
+#[test]
+fn vm_blk_full_disk_is_reported() {
+    let Some(env) = vm::env() else { return };
+    in_private_mount_ns("vm_blk_full_disk_is_reported", move || {
+        let mut disk = FullDisk::start("report");
+        disk.fs.fill(FULL_ROOM);
+        let run = Vm::start(&env, disk.spec("error")).finish();
+        run.assert_passed();
+        run.expect("size_sectors", &(FULL_IMAGE / 512).to_string());
+        let error = run.result("write_error");
+        assert!(error.contains("Input/output error"), "{error}");
+        let io_errors: u32 = run.result("io_errors").parse().unwrap_or(0);
+        assert!(
+            io_errors >= 1,
+            "no I/O error in the guest's log\n{}",
+            run.report()
+        );
+        eprintln!(
+            "vm_blk_full_disk_is_reported: guest: {error}; kernel: {}",
+            run.result("io_error")
+        );
+        run.expect("read_rc", "0");
+        run.expect("read_sha256", &sha256_hex(&disk.data[..65536]));
+        // Part of the write may have fitted; never all of it.
+        assert_ne!(sha256_hex(&disk.written()), run.result("pattern_sha256"));
+        assert!(
+            disk.daemon.log_count("No space left on device") >= 1,
+            "{}",
+            disk.daemon.log()
+        );
+        assert_eq!(disk.daemon.log_count("stopped on"), 0);
+        assert_eq!(disk.status()["stopped_on_error"], false);
+        assert!(disk
+            .daemon
+            .wait_log_count("client detached", 1, Duration::from_secs(10)));
+        disk.daemon.assert_serves_new_client();
+        stop_daemon(&mut disk.daemon);
+    });
+}
+
+/// The same with `--on-error stop`: the guest's write waits while the
+/// device is stopped; the host grows the tmpfs and resumes the device
+/// through the control socket, and the write completes with the guest's
+/// bytes in the image.
+#[test]
+fn vm_blk_full_disk_stops_until_grown_and_resumed() {
+    let Some(env) = vm::env() else { return };
+    in_private_mount_ns(
+        "vm_blk_full_disk_stops_until_grown_and_resumed",
+        move || {
+            let mut disk = FullDisk::start("stop");
+            disk.fs.fill(FULL_ROOM);
+            let t = Duration::from_secs;
+            let vm = Vm::start(&env, disk.spec("ok"));
+            if vm.wait_result("writing", t(150)).is_none() {
+                panic!("guest never wrote\n{}", vm.kill_and_collect().report());
+            }
+            // The device stops on the write, and says so.
+            let deadline = Instant::now() + t(60);
+            let status = loop {
+                let v = disk.status();
+                if v["stopped_on_error"] == true {
+                    break v;
+                }
+                if Instant::now() > deadline {
+                    panic!("never stopped: {v}\n{}", vm.kill_and_collect().report());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let why = status["stop_error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            assert!(why.contains("No space left on device"), "{status}");
+            assert!(disk
+                .daemon
+                .wait_log_count("stopped on a storage error", 1, t(5)));
+            // The guest waits: its write neither fails nor completes.
+            std::thread::sleep(t(3));
+            let console = vm::Markers::parse(&vm.console());
+            assert!(
+                console.get("write_rc").is_none(),
+                "the write ended while the device was stopped: {console:?}"
+            );
+            // Room (`mount -o remount,size=...`), then resume.
+            disk.fs.resize(2 * FULL_TMPFS);
+            vm::api(&disk.api, &["resume"]);
+            let run = vm.finish();
+            run.assert_passed();
+            run.expect("write_rc", "0");
+            run.expect("io_errors", "0");
+            run.expect("read_sha256", &sha256_hex(&disk.data[..65536]));
+            run.expect("readback_match", "1");
+            // The guest's bytes are in the image, from the host's side.
+            assert_eq!(
+                sha256_hex(&disk.written()),
+                run.result("pattern_sha256"),
+                "image bytes at the guest's write"
+            );
+            assert_eq!(disk.status()["stopped_on_error"], false);
+            eprintln!("vm_blk_full_disk_stops_until_grown_and_resumed: stopped on: {why}");
+            assert_eq!(disk.daemon.log_count("stopped on a storage error"), 1);
+            assert_eq!(disk.daemon.log_count("retrying 1 kept request"), 1);
+            assert!(disk.daemon.wait_log_count("client detached", 1, t(10)));
+            disk.daemon.assert_serves_new_client();
+            stop_daemon(&mut disk.daemon);
+        },
+    );
 }

@@ -125,6 +125,7 @@ fn device(read_only: bool) -> (Arc<MemoryDisk>, VirtioBlk) {
         serial: Some("fuzz-serial".into()),
         pcie: false,
         io_threads: 0,
+        on_error: backends::block_io::ErrorPolicy::Report,
     };
     let blk = VirtioBlk::new(
         disk.clone(),

@@ -246,6 +246,7 @@ pub fn build_device(kind: u8, ctx: &DeviceContext) -> Box<dyn Device> {
             serial: None,
             pcie,
             io_threads: 0,
+            on_error: backends::block_io::ErrorPolicy::Report,
         };
         let blk = VirtioBlkPci::new(ctx.clone(), Arc::new(disk), config).unwrap();
         Box::new(PciAdapter::new(blk).unwrap())

@@ -188,6 +188,15 @@ pub trait Lifecycle: Migratable {
         false
     }
 
+    /// Why the device stopped serving its guest by itself, if it did: a
+    /// storage device whose back end failed, under a policy that stops on
+    /// errors, keeps the failed requests and waits. Resuming it
+    /// ([`crate::vm_migration::Pausable::resume`], even when it was not
+    /// paused) retries them and lets it go on. `None` by default.
+    fn stopped_on_error(&self) -> Option<String> {
+        None
+    }
+
     /// Called before the DMA range `[address, address + size)` is
     /// unmapped: finish or stop using it.
     fn dma_unmapping(&mut self, _address: u64, _size: u64) {}

@@ -204,6 +204,26 @@ impl RawFile {
         Ok(())
     }
 
+    /// Fills `buf` from `offset` (within the image), through the page
+    /// cache or `O_DIRECT`.
+    fn read_exact(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match &self.direct {
+            None => self.file.read_exact_at(buf, offset),
+            Some(d) => {
+                let end = offset + buf.len() as u64;
+                let split = self.direct_split(offset, end);
+                let (head, tail) = buf.split_at_mut((split - offset) as usize);
+                if !head.is_empty() {
+                    Self::direct_read(d, head, offset)?;
+                }
+                if !tail.is_empty() {
+                    self.file.read_exact_at(tail, split)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// `O_DIRECT` write, with read-modify-write of unaligned edges.
     fn direct_write(d: &DirectIo, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut bounce = Self::lock(d);
@@ -233,6 +253,27 @@ impl RawFile {
             pos = copy_end;
         }
         Ok(())
+    }
+}
+
+/// A read found the end of the file before the end of the disk: the image
+/// shrank under the device (truncated by someone else). Reads there fail
+/// rather than read zeros, so that data lost with the tail of the image
+/// never passes for data.
+fn shorter_than_disk() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the image file ends before the disk does (truncated?)",
+    )
+}
+
+/// Turns the end-of-file error of `read_exact_at` into
+/// [`shorter_than_disk`].
+fn eof_is_truncation(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        shorter_than_disk()
+    } else {
+        e
     }
 }
 
@@ -276,11 +317,11 @@ fn transfer_once(file: &File, bufs: &[IoBuf<'_>], offset: u64, write: bool) -> i
             if bufs.iter().all(IoBuf::is_empty) {
                 return Ok(0);
             }
-            return Err(io::Error::from(if write {
-                io::ErrorKind::WriteZero
+            return Err(if write {
+                io::Error::from(io::ErrorKind::WriteZero)
             } else {
-                io::ErrorKind::UnexpectedEof
-            }));
+                shorter_than_disk()
+            });
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
@@ -350,20 +391,7 @@ impl BlockBackend for RawFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let len = buf.len() as u64;
         check_range(self.size, offset, len)?;
-        match &self.direct {
-            None => self.file.read_exact_at(buf, offset),
-            Some(d) => {
-                let split = self.direct_split(offset, offset + len);
-                let (head, tail) = buf.split_at_mut((split - offset) as usize);
-                if !head.is_empty() {
-                    Self::direct_read(d, head, offset)?;
-                }
-                if !tail.is_empty() {
-                    self.file.read_exact_at(tail, split)?;
-                }
-                Ok(())
-            }
-        }
+        self.read_exact(buf, offset).map_err(eof_is_truncation)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -582,6 +610,37 @@ mod tests {
         let mut b = vec![0u8; 700];
         t.as_file().read_exact_at(&mut b, size - 700).unwrap();
         assert_eq!(b, pattern(700, 1));
+    }
+
+    #[test]
+    fn reads_past_the_end_of_a_truncated_image_fail() {
+        for direct in [false, true] {
+            let size = 64 << 10;
+            let t = image(size);
+            let Some(f) = open(&t, direct) else { continue };
+            f.write_at(&pattern(size as usize, 2), 0).unwrap();
+            // Someone cuts the image under the device, not on a block
+            // boundary; the device still has the old size.
+            t.as_file().set_len(20000).unwrap();
+            assert_eq!(f.size(), size);
+            let mut b = vec![0u8; 4096];
+            f.read_at(&mut b, 8192).unwrap();
+            assert_eq!(b, pattern(size as usize, 2)[8192..12288]);
+            // Ending past the cut, or starting there: an error, never zeros.
+            for offset in [16384, 32768] {
+                let e = f.read_at(&mut b, offset).unwrap_err();
+                assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+                assert!(e.to_string().contains("truncated"), "{e}");
+                // SAFETY: `b` outlives the buffer.
+                let buf = [unsafe { IoBuf::from_raw_parts(b.as_mut_ptr(), b.len()) }];
+                let e = f.read_vectored_at(&buf, offset).unwrap_err();
+                assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+            }
+            // A write there grows the file again, and reads back.
+            f.write_at(&[7u8; 4096], 32768).unwrap();
+            f.read_at(&mut b, 32768).unwrap();
+            assert_eq!(b, [7u8; 4096]);
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! features, keeps the device status, raises interrupts (MSI-X or INTx) and
 //! saves and restores the transport state for migration.
 
+mod chain;
 mod pci;
 
 use std::os::fd::RawFd;
@@ -17,6 +18,7 @@ use vfio_user_server::device::{Interest, WatchedFd};
 use vfio_user_server::vm_migration::{MigratableError, Snapshot};
 use virtio_queue::Queue;
 
+pub(crate) use chain::ChainWalk;
 pub use pci::{
     VirtioPciDevice, VirtioPciError, COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET, ISR_CFG_OFFSET,
     MAX_QUEUES, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, NOTIFY_CFG_OFFSET, NOTIFY_OFF_MULTIPLIER,
@@ -94,8 +96,10 @@ pub trait VirtioDevice: Send {
     /// a used entry with `queue.add_used` for each it completes now; chains
     /// it leaves in flight are completed from [`VirtioDevice::handle_event`].
     /// Returns how many chains it took off the ring: fewer than `budget`
-    /// means the ring was empty, or the device cannot take more until some
-    /// complete. The transport decides whether to interrupt.
+    /// means the ring was empty, the device cannot take more until some
+    /// complete, or it stopped on an error
+    /// ([`VirtioDevice::stopped_on_error`]). The transport decides whether
+    /// to interrupt.
     fn process_queue(
         &mut self,
         index: usize,
@@ -147,6 +151,23 @@ pub trait VirtioDevice: Send {
     /// calls it before pausing and before guest memory is unmapped.
     /// Returns the indices of the queues that got used entries.
     fn quiesce(&mut self, _queues: &mut [Queue], _mem: &GuestMemory) -> Vec<usize> {
+        Vec::new()
+    }
+
+    /// Why the device stopped taking requests by itself, if it did: a
+    /// storage device whose back end failed under
+    /// [`crate::block_io::ErrorPolicy::Stop`] keeps the failed requests
+    /// and waits to be resumed. The transport then calls
+    /// [`VirtioDevice::retry`].
+    fn stopped_on_error(&self) -> Option<&str> {
+        None
+    }
+
+    /// Retries the requests the device kept when it stopped on an error,
+    /// and takes requests again; called by the transport after it was
+    /// resumed, once guest memory is mapped, before it looks at the rings.
+    /// Returns the indices of the queues that got used entries.
+    fn retry(&mut self, _queues: &mut [Queue], _mem: &GuestMemory) -> Vec<usize> {
         Vec::new()
     }
 

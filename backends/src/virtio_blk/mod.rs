@@ -12,30 +12,43 @@
 //! written, and completes them (status, used ring, interrupt) when the
 //! pool reports back. The rare `GET_ID`, `DISCARD` and `WRITE_ZEROES`, and
 //! requests that fail validation, always complete at once.
+//!
+//! A request the back end fails completes with `VIRTIO_BLK_S_IOERR`, or,
+//! under [`ErrorPolicy::Stop`] ([`VirtioBlkConfig::on_error`]) and a
+//! storage error, is kept: its queue and head go to an [`ErrorStop`], the
+//! device takes no more chains off its rings (those on I/O threads finish,
+//! and are kept too if they fail), and resuming the device walks each kept
+//! chain again from its head and retries it before the rings. A snapshot
+//! of a stopped device holds the kept heads, so the device restored from
+//! it retries them when it runs.
 
 mod request;
 
+use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vfio_user_server::device::{DeviceContext, Interest, WatchedFd};
 use vfio_user_server::guest_memory::GuestMemoryHandle;
+use vfio_user_server::vm_migration::{MigratableError, Snapshot};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
 
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 use self::request::*;
-use crate::block_io::{BlockIo, BlockOp};
+use crate::block_io::{BlockIo, BlockOp, ErrorPolicy, ErrorStop};
 use crate::storage::{BlockBackend, BLOCK_ID_BYTES};
 use crate::virtio::{
-    GuestMemory, VirtioDevice, VirtioError, VirtioPciDevice, VirtioPciError, MAX_QUEUES,
+    ChainWalk, GuestMemory, VirtioDevice, VirtioError, VirtioPciDevice, VirtioPciError, MAX_QUEUES,
 };
 
 /// Largest data segment advertised (`size_max`).
@@ -90,6 +103,9 @@ pub struct VirtioBlkConfig {
     /// Threads running back-end reads, writes and flushes off the event
     /// loop; 0 runs them on the event loop thread.
     pub io_threads: usize,
+    /// What a request the back end fails does: an I/O error for the
+    /// guest, or a stop until the device is resumed.
+    pub on_error: ErrorPolicy,
 }
 
 impl Default for VirtioBlkConfig {
@@ -101,6 +117,7 @@ impl Default for VirtioBlkConfig {
             serial: None,
             pcie: true,
             io_threads: 0,
+            on_error: ErrorPolicy::Report,
         }
     }
 }
@@ -124,6 +141,57 @@ pub struct VirtioBlk {
     per_queue: Vec<usize>,
     /// The I/O threads' completion eventfd, watched by the event loop.
     completion_fd: Option<WatchedFd>,
+    /// What a failed request does.
+    policy: ErrorPolicy,
+    /// The requests kept while stopped on an error, and why.
+    stop: ErrorStop<Kept>,
+}
+
+/// Name of the device in log messages.
+const NAME: &str = "virtio-blk";
+
+/// A request kept while stopped on an error: its chain, to walk again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Kept {
+    /// Queue index.
+    queue: u16,
+    /// Head of its chain.
+    head: u16,
+}
+
+/// The device's own state in a snapshot, only while it is stopped on an
+/// error: the chains it took off the rings and did not complete, which the
+/// device restored from it retries when it runs.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoppedState {
+    /// Why it stopped.
+    stopped_on_error: String,
+    /// The kept chains, oldest first.
+    kept: Vec<Kept>,
+}
+
+/// A back-end operation, for messages.
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Read { offset: u64, len: u64 },
+    Write { offset: u64, len: u64 },
+    Flush,
+    Discard { offset: u64, len: u64 },
+    WriteZeroes { offset: u64, len: u64 },
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Op::Read { offset, len } => write!(f, "read of {len} bytes at {offset:#x}"),
+            Op::Write { offset, len } => write!(f, "write of {len} bytes at {offset:#x}"),
+            Op::Flush => f.write_str("flush"),
+            Op::Discard { offset, len } => write!(f, "discard of {len} bytes at {offset:#x}"),
+            Op::WriteZeroes { offset, len } => {
+                write!(f, "write-zeroes of {len} bytes at {offset:#x}")
+            }
+        }
+    }
 }
 
 /// What completing a request handed to the I/O threads needs.
@@ -134,6 +202,8 @@ struct Completion {
     head: u16,
     /// Guest address of its status byte.
     status: GuestAddress,
+    /// What it does, should it fail.
+    op: Op,
 }
 
 /// What a parsed request needs.
@@ -147,6 +217,19 @@ enum Plan {
     Write { offset: u64, len: u64 },
     /// Flush.
     Flush,
+    /// Done on this thread (a discard or write-zeroes), and the back end
+    /// failed it.
+    Failed(Op, io::Error),
+}
+
+/// What became of a chain taken off a ring.
+enum Outcome {
+    /// Completed: put it in the used ring with this length.
+    Done(u32),
+    /// Handed to the I/O threads.
+    Started,
+    /// Failed and kept for a retry: the device stopped.
+    Kept,
 }
 
 fn bit(b: u32) -> u64 {
@@ -221,6 +304,8 @@ impl VirtioBlk {
             memory,
             io,
             per_queue: vec![0; usize::from(config.num_queues)],
+            policy: config.on_error,
+            stop: ErrorStop::default(),
         })
     }
 
@@ -239,26 +324,52 @@ impl VirtioBlk {
         self.io.in_flight()
     }
 
+    /// Requests kept while the device is stopped on an error.
+    pub fn kept(&self) -> usize {
+        self.stop.held().len()
+    }
+
     fn acked(&self, feature: u32) -> bool {
         self.acked_features & bit(feature) != 0
     }
 
-    /// Executes one chain; returns the number of bytes written to its
-    /// device-writable buffers, status included (0 if the status byte
-    /// could not be written).
-    fn execute(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
-        let head = chain.head_index();
+    /// Executes the chain of queue `queue` with head `head` on this
+    /// thread. Completed, its used length is the number of bytes written
+    /// to its device-writable buffers, status included (0 if the status
+    /// byte could not be written).
+    fn execute<I>(&mut self, queue: usize, head: u16, chain: I, mem: &GuestMemory) -> Outcome
+    where
+        I: Iterator<Item = Descriptor>,
+    {
         let mut req = Request::new(mem);
         if !parse_request(head, chain, &mut req) {
-            return 0;
+            return Outcome::Done(0);
         }
-        let (status, written) = match self.plan(&req) {
-            Plan::Done(status, written) => (status, written),
-            Plan::Read { offset, len } => self.read(&req, offset, len),
-            Plan::Write { offset, len } => (self.write(&req, offset, len), 0),
-            Plan::Flush => (self.flush(), 0),
+        let (op, result) = match self.plan(&req) {
+            Plan::Done(status, written) => return Outcome::Done(req.finish(status, written)),
+            Plan::Read { offset, len } => (
+                Op::Read { offset, len },
+                self.io.read(&req.writable, 0, len, offset).map(|()| len),
+            ),
+            Plan::Write { offset, len } => (
+                Op::Write { offset, len },
+                self.write(&req, offset, len).map(|()| 0),
+            ),
+            Plan::Flush => (Op::Flush, self.io.flush().map(|()| 0)),
+            Plan::Failed(op, e) => (op, Err(e)),
         };
-        req.finish(status, written)
+        match result {
+            Ok(written) => Outcome::Done(req.finish(S_OK, written)),
+            Err(e) => {
+                if keep(self.policy, &mut self.stop, queue, head, op, &e) {
+                    Outcome::Kept
+                } else {
+                    // Some of a read's data may have reached the guest,
+                    // but the driver must not rely on any of it.
+                    Outcome::Done(req.finish(S_IOERR, 0))
+                }
+            }
+        }
     }
 
     /// Checks a request and decides what it needs; requests that need no
@@ -295,10 +406,10 @@ impl VirtioBlk {
                 }
             }
             VIRTIO_BLK_T_DISCARD if self.acked(VIRTIO_BLK_F_DISCARD) => {
-                Plan::Done(self.discard_or_zero(req, false), 0)
+                self.discard_or_zero(req, false)
             }
             VIRTIO_BLK_T_WRITE_ZEROES if self.acked(VIRTIO_BLK_F_WRITE_ZEROES) => {
-                Plan::Done(self.discard_or_zero(req, true), 0)
+                self.discard_or_zero(req, true)
             }
             t => {
                 debug!("virtio-blk: unsupported request type {t}");
@@ -307,85 +418,91 @@ impl VirtioBlk {
         }
     }
 
-    /// Reads `len` bytes at `offset` into the writable buffers of `req`.
-    fn read(&self, req: &Request<'_>, offset: u64, len: u64) -> (u8, u64) {
-        match self.io.read(&req.writable, 0, len, offset) {
-            Ok(()) => (S_OK, len),
-            Err(e) => {
-                warn!("virtio-blk: read at {offset:#x}: {e}");
-                // Some of the data may have reached the guest, but the
-                // driver must not rely on any of it.
-                (S_IOERR, 0)
-            }
-        }
-    }
-
     /// Writes `len` bytes of the readable buffers of `req` (after the
-    /// header) at `offset`.
-    fn write(&self, req: &Request<'_>, offset: u64, len: u64) -> u8 {
-        if let Err(e) = self
-            .io
-            .write(&req.readable, OUTHDR_SIZE, len, offset, false)
-        {
-            warn!("virtio-blk: write at {offset:#x}: {e}");
-            return S_IOERR;
-        }
-        if !self.acked(VIRTIO_BLK_F_FLUSH) {
-            return self.flush();
-        }
-        S_OK
+    /// header) at `offset`, and flushes them if the driver cannot.
+    fn write(&self, req: &Request<'_>, offset: u64, len: u64) -> io::Result<()> {
+        let write_through = !self.acked(VIRTIO_BLK_F_FLUSH);
+        self.io
+            .write(&req.readable, OUTHDR_SIZE, len, offset, write_through)
     }
 
-    /// Starts one chain of queue `queue` on the I/O threads (its job is
-    /// submitted with the batch); returns the used length if it completed
-    /// at once instead.
-    fn start(
+    /// Starts the chain of queue `queue` with head `head` on the I/O
+    /// threads (its job is submitted with the batch), or completes it at
+    /// once.
+    fn start<I>(
         &mut self,
         queue: usize,
-        chain: DescriptorChain<&GuestMemory>,
+        head: u16,
+        chain: I,
         mem: &GuestMemory,
-        keep: &Arc<GuestMemory>,
-    ) -> Option<u32> {
-        let head = chain.head_index();
+        keep_mapped: &Arc<GuestMemory>,
+    ) -> Outcome
+    where
+        I: Iterator<Item = Descriptor>,
+    {
         let mut req = Request::new(mem);
         if !parse_request(head, chain, &mut req) {
-            return Some(0);
+            return Outcome::Done(0);
         }
         let Some(status) = req.status.as_ref().map(|s| s.addr) else {
             // `parse_request` checked there is one.
-            return Some(0);
+            return Outcome::Done(0);
         };
-        let op = match self.plan(&req) {
-            Plan::Done(status, written) => return Some(req.finish(status, written)),
-            Plan::Read { offset, len } => BlockOp::Read {
-                sg: &req.writable,
-                sg_offset: 0,
-                len,
-                disk_offset: offset,
-            },
-            Plan::Write { offset, len } => BlockOp::Write {
-                sg: &req.readable,
-                sg_offset: OUTHDR_SIZE,
-                len,
-                disk_offset: offset,
-                flush: !self.acked(VIRTIO_BLK_F_FLUSH),
-            },
-            Plan::Flush => BlockOp::Flush,
+        let (op, block_op) = match self.plan(&req) {
+            Plan::Done(status, written) => return Outcome::Done(req.finish(status, written)),
+            Plan::Failed(op, e) => {
+                return if keep(self.policy, &mut self.stop, queue, head, op, &e) {
+                    Outcome::Kept
+                } else {
+                    Outcome::Done(req.finish(S_IOERR, 0))
+                };
+            }
+            Plan::Read { offset, len } => (
+                Op::Read { offset, len },
+                BlockOp::Read {
+                    sg: &req.writable,
+                    sg_offset: 0,
+                    len,
+                    disk_offset: offset,
+                },
+            ),
+            Plan::Write { offset, len } => (
+                Op::Write { offset, len },
+                BlockOp::Write {
+                    sg: &req.readable,
+                    sg_offset: OUTHDR_SIZE,
+                    len,
+                    disk_offset: offset,
+                    flush: !self.acked(VIRTIO_BLK_F_FLUSH),
+                },
+            ),
+            Plan::Flush => (Op::Flush, BlockOp::Flush),
         };
         let completion = Completion {
             queue,
             head,
             status,
+            op,
         };
-        match self.io.start(op, keep, completion) {
+        match self.io.start(block_op, keep_mapped, completion) {
             Ok(()) => {
                 if let Some(n) = self.per_queue.get_mut(queue) {
                     *n += 1;
                 }
-                None
+                Outcome::Started
             }
-            Err((_, e)) => Some(fail_start(&req, head, e)),
+            Err((_, e)) => Outcome::Done(fail_start(&req, head, e)),
         }
+    }
+
+    /// The guest memory requests handed to the I/O threads keep mapped:
+    /// `mem` itself, if the device has I/O threads and `mem` is the mapping
+    /// it keeps alive for them; otherwise requests run on this thread.
+    fn keep_mapped(&self, mem: &GuestMemory) -> Option<Arc<GuestMemory>> {
+        self.io
+            .has_io_threads()
+            .then(|| self.memory.memory().into_inner())
+            .filter(|keep| std::ptr::eq(&**keep, mem))
     }
 
     /// Completes the requests whose results the I/O threads filed (all of
@@ -394,6 +511,7 @@ impl VirtioBlk {
     fn complete(&mut self, queues: &mut [Queue], mem: &GuestMemory, drain: bool) -> Vec<usize> {
         let mut used = Vec::new();
         let per_queue = &mut self.per_queue;
+        let (policy, stop) = (self.policy, &mut self.stop);
         let finish = |c: Completion, result: io::Result<u64>| {
             if let Some(n) = per_queue.get_mut(c.queue) {
                 *n = n.saturating_sub(1);
@@ -401,7 +519,10 @@ impl VirtioBlk {
             let (status, written) = match result {
                 Ok(read) => (S_OK, read),
                 Err(e) => {
-                    warn!("virtio-blk: chain {}: {e}", c.head);
+                    if keep(policy, stop, c.queue, c.head, c.op, &e) {
+                        // Not completed: the driver keeps waiting for it.
+                        return;
+                    }
                     (S_IOERR, 0)
                 }
             };
@@ -431,23 +552,23 @@ impl VirtioBlk {
         used
     }
 
-    fn flush(&self) -> u8 {
-        match self.io.flush() {
-            Ok(()) => S_OK,
-            Err(e) => {
-                warn!("virtio-blk: flush: {e}");
-                S_IOERR
-            }
+    /// Discards or zeroes the ranges `req` names, on this thread; a
+    /// request that is wrong is done with an error status, one the back end
+    /// fails is [`Plan::Failed`].
+    fn discard_or_zero(&self, req: &Request<'_>, zero: bool) -> Plan {
+        match self.try_discard_or_zero(req, zero) {
+            Ok(status) => Plan::Done(status, 0),
+            Err((op, e)) => Plan::Failed(op, e),
         }
     }
 
-    fn discard_or_zero(&self, req: &Request<'_>, zero: bool) -> u8 {
+    fn try_discard_or_zero(&self, req: &Request<'_>, zero: bool) -> Result<u8, (Op, io::Error)> {
         if self.read_only {
-            return S_IOERR;
+            return Ok(S_IOERR);
         }
         let segments = match read_dwz_segments(&req.readable, BLK_MAX_DISCARD_SEG) {
             Ok(s) => s,
-            Err(status) => return status,
+            Err(status) => return Ok(status),
         };
         let allowed_flags = if zero {
             VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
@@ -457,44 +578,67 @@ impl VirtioBlk {
         let mut ranges = Vec::with_capacity(segments.len());
         for s in &segments {
             if s.flags & !allowed_flags != 0 {
-                return S_UNSUPP;
+                return Ok(S_UNSUPP);
             }
             if s.num_sectors > BLK_MAX_DISCARD_SECTORS {
-                return S_IOERR;
+                return Ok(S_IOERR);
             }
             let len = u64::from(s.num_sectors) << SECTOR_SHIFT;
             match sector_range(s.sector, len, self.capacity) {
                 Some(r) => ranges.push(r),
-                None => return S_IOERR,
+                None => return Ok(S_IOERR),
             }
         }
         for (offset, len) in ranges {
             let backend = self.io.backend();
-            let r = if zero {
-                backend.write_zeroes(offset, len)
+            let (op, r) = if zero {
+                (
+                    Op::WriteZeroes { offset, len },
+                    backend.write_zeroes(offset, len),
+                )
             } else {
-                backend.discard(offset, len)
+                (Op::Discard { offset, len }, backend.discard(offset, len))
             };
-            if let Err(e) = r {
-                warn!("virtio-blk: discard/write-zeroes at {offset:#x}: {e}");
-                return S_IOERR;
-            }
+            r.map_err(|e| (op, e))?;
         }
         if zero && !self.acked(VIRTIO_BLK_F_FLUSH) {
-            return self.flush();
+            self.io.flush().map_err(|e| (Op::Flush, e))?;
         }
-        S_OK
+        Ok(S_OK)
+    }
+}
+
+/// Whether the request on queue `queue` with head `head`, whose `op`
+/// failed with `e`, is kept for a retry in `stop` (stopping the device)
+/// under `policy`; if not, it fails, and that is logged here.
+fn keep(
+    policy: ErrorPolicy,
+    stop: &mut ErrorStop<Kept>,
+    queue: usize,
+    head: u16,
+    op: Op,
+    e: &io::Error,
+) -> bool {
+    // Queue indices are below MAX_QUEUES, which fits a u16.
+    match u16::try_from(queue) {
+        Ok(queue) if policy.stops_on(e) => {
+            stop.hold(NAME, Kept { queue, head }, &op, e);
+            true
+        }
+        _ => {
+            warn!("{NAME}: chain {head}: {op}: {e}");
+            false
+        }
     }
 }
 
 /// Parses the chain with head `head` into the empty `req`; `false`
 /// (logged) if it is too long or has no status byte: it completes with
 /// nothing written.
-fn parse_request<'m>(
-    head: u16,
-    chain: DescriptorChain<&'m GuestMemory>,
-    req: &mut Request<'m>,
-) -> bool {
+fn parse_request<'m, I>(head: u16, chain: I, req: &mut Request<'m>) -> bool
+where
+    I: Iterator<Item = Descriptor>,
+{
     match req.parse(chain, BLK_MAX_CHAIN_DESCRIPTORS) {
         Ok(()) => true,
         Err(e) => {
@@ -543,10 +687,12 @@ impl VirtioDevice for VirtioBlk {
 
     fn reset(&mut self) {
         self.acked_features = 0;
-        // Wait for what is in flight, and forget it: the driver gave the
-        // rings up. Its reads still go to the dirty log.
+        // Wait for what is in flight, and forget it and what was kept on an
+        // error: the driver gave the rings up. Its reads still go to the
+        // dirty log.
         self.io.forget_all();
         self.per_queue.fill(0);
+        self.stop.clear();
     }
 
     fn process_queue(
@@ -556,17 +702,17 @@ impl VirtioDevice for VirtioBlk {
         mem: &GuestMemory,
         budget: usize,
     ) -> Result<usize, VirtioError> {
-        // Requests go to the I/O threads only if the memory they parse is
-        // the mapping the device keeps alive for them.
-        let keep = self
-            .io
-            .has_io_threads()
-            .then(|| self.memory.memory().into_inner())
-            .filter(|keep| std::ptr::eq(&**keep, mem));
+        // Stopped on an error: the rings wait for the resume.
+        if self.stop.is_stopped() {
+            return Ok(0);
+        }
+        let keep_mapped = self.keep_mapped(mem);
         let in_flight_max = usize::from(queue.size());
         let mut taken = 0;
         while taken < budget {
-            if keep.is_some() && self.per_queue.get(index).copied().unwrap_or(0) >= in_flight_max {
+            if keep_mapped.is_some()
+                && self.per_queue.get(index).copied().unwrap_or(0) >= in_flight_max
+            {
                 // Full: the transport looks again when some complete.
                 break;
             }
@@ -575,15 +721,18 @@ impl VirtioDevice for VirtioBlk {
             };
             taken += 1;
             let head = chain.head_index();
-            let len = match &keep {
-                Some(keep) => match self.start(index, chain, mem, keep) {
-                    Some(len) => len,
-                    None => continue,
-                },
-                None => self.execute(chain, mem),
+            let outcome = match &keep_mapped {
+                Some(k) => self.start(index, head, chain, mem, k),
+                None => self.execute(index, head, chain, mem),
             };
-            if let Err(e) = queue.add_used(mem, head, len) {
-                warn!("virtio-blk: cannot complete chain {head}: {e}");
+            match outcome {
+                Outcome::Done(len) => {
+                    if let Err(e) = queue.add_used(mem, head, len) {
+                        warn!("virtio-blk: cannot complete chain {head}: {e}");
+                    }
+                }
+                Outcome::Started => {}
+                Outcome::Kept => break,
             }
         }
         self.io.submit();
@@ -609,6 +758,84 @@ impl VirtioDevice for VirtioBlk {
 
     fn quiesce(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> Vec<usize> {
         self.complete(queues, mem, true)
+    }
+
+    fn stopped_on_error(&self) -> Option<&str> {
+        self.stop.reason()
+    }
+
+    fn retry(&mut self, queues: &mut [Queue], mem: &GuestMemory) -> Vec<usize> {
+        let kept = self.stop.resume();
+        if kept.is_empty() {
+            return Vec::new();
+        }
+        info!("{NAME}: resumed: retrying {} kept request(s)", kept.len());
+        let keep_mapped = self.keep_mapped(mem);
+        let mut used = Vec::new();
+        for Kept { queue, head } in kept {
+            let index = usize::from(queue);
+            let Some(q) = queues.get_mut(index) else {
+                continue;
+            };
+            // The driver has not had the chain back: it is as it was.
+            let chain = ChainWalk::new(q, mem, head);
+            let outcome = match &keep_mapped {
+                Some(k) => self.start(index, head, chain, mem, k),
+                None => self.execute(index, head, chain, mem),
+            };
+            // Failed again: kept again, and the device stopped again.
+            if let Outcome::Done(len) = outcome {
+                if let Err(e) = q.add_used(mem, head, len) {
+                    warn!("{NAME}: cannot complete chain {head}: {e}");
+                }
+                if !used.contains(&index) {
+                    used.push(index);
+                }
+            }
+        }
+        self.io.submit();
+        used
+    }
+
+    fn snapshot(&mut self) -> Result<Option<Snapshot>, MigratableError> {
+        // Only a stopped device has state of its own: its kept requests.
+        let Some(reason) = self.stop.reason() else {
+            return Ok(None);
+        };
+        let state = StoppedState {
+            stopped_on_error: reason.to_string(),
+            kept: self.stop.held().to_vec(),
+        };
+        Snapshot::new_from_state(&state).map(Some)
+    }
+
+    fn restore(&mut self, snapshot: Option<&Snapshot>) -> Result<(), MigratableError> {
+        let Some(snapshot) = snapshot else {
+            self.stop.clear();
+            return Ok(());
+        };
+        let state: StoppedState = snapshot.to_state()?;
+        // At most a ring's worth per queue can have been taken.
+        let most = usize::from(self.num_queues) * usize::from(self.queue_size);
+        if state.kept.len() > most {
+            return Err(MigratableError::Restore(format!(
+                "{} kept requests in the snapshot, at most {most} here",
+                state.kept.len()
+            )));
+        }
+        if let Some(k) = state.kept.iter().find(|k| k.queue >= self.num_queues) {
+            return Err(MigratableError::Restore(format!(
+                "a kept request on queue {}, {} queue(s) here",
+                k.queue, self.num_queues
+            )));
+        }
+        info!(
+            "{NAME}: restored stopped on an error ({}), {} request(s) to retry",
+            state.stopped_on_error,
+            state.kept.len()
+        );
+        self.stop.restore(state.stopped_on_error, state.kept);
+        Ok(())
     }
 }
 

@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use backends::block_io::ErrorPolicy;
 use backends::storage::{BlockBackend, MemoryDisk, RawFile, RawFileOptions, MAX_IO_THREADS};
 use backends::virtio_blk::{VirtioBlkConfig, VirtioBlkPci};
-use clap::builder::RangedU64ValueParser;
+use clap::builder::{PossibleValuesParser, RangedU64ValueParser, TypedValueParser};
 use clap::{value_parser, Args};
 use vfio_user_server::pci::PciAdapter;
 use vfio_user_server::DeviceContext;
@@ -50,6 +51,21 @@ pub struct VirtioBlkArgs {
         value_parser = RangedU64ValueParser::<usize>::new().range(0..=MAX_IO_THREADS as u64)
     )]
     pub io_threads: usize,
+    /// What a failed read, write or flush of the image (EIO, ENOSPC,
+    /// ...) does: report = the guest gets an I/O error; stop = the
+    /// request waits and the device takes no more (`api ... status`
+    /// says why) until `api ... resume` retries it, once the storage
+    /// is fixed (a full disk given room)
+    #[arg(
+        long,
+        value_name = "POLICY",
+        verbatim_doc_comment,
+        hide_possible_values = true,
+        default_value = "report",
+        value_parser = PossibleValuesParser::new(["report", "stop"])
+            .try_map(|s| s.parse::<ErrorPolicy>())
+    )]
+    pub on_error: ErrorPolicy,
     /// The options every kind takes.
     #[command(flatten)]
     pub common: CommonOptions,
@@ -87,25 +103,40 @@ pub fn build(args: &VirtioBlkArgs) -> Result<Built, String> {
             queue_size: args.queue_size,
             read_only: args.readonly,
             io_threads: args.io_threads,
+            on_error: args.on_error,
             ..Default::default()
         },
     )
     .map_err(|e| format!("cannot create virtio-blk: {e}"))?;
     let adapter = PciAdapter::new(blk).map_err(|e| format!("cannot create PCI device: {e}"))?;
     let ro = if args.readonly { ", read-only" } else { "" };
+    let mut notes = Vec::new();
+    if args.on_error == ErrorPolicy::Stop {
+        notes.push(match &args.common.api_socket {
+            Some(api) => format!(
+                "On a storage error the device stops; once the storage is fixed, resume it \
+                 with: vfio-user-device api --api-socket {} resume",
+                api.display()
+            ),
+            None => "On a storage error the device stops, and only the VMM can resume it \
+                     (pass --api-socket to resume it from here)"
+                .to_string(),
+        });
+    }
     Ok(Built {
         device: Box::new(adapter),
         ctx,
         description: format!(
-            "virtio-blk on {what}{ro}, {} queue(s) of {} ({})",
+            "virtio-blk on {what}{ro}, {} queue(s) of {} ({}, on error: {})",
             args.num_queues,
             args.queue_size,
             match args.io_threads {
                 0 => "no I/O threads".to_string(),
                 n => format!("{n} I/O thread(s)"),
-            }
+            },
+            args.on_error
         ),
-        notes: Vec::new(),
+        notes,
     })
 }
 

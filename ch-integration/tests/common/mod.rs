@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod netns;
+pub mod small_fs;
 
 pub use integration_tests::virtio_driver::*;
 pub use integration_tests::{payload, proto, RawClient, Reply};

@@ -854,6 +854,28 @@ impl Daemon {
     }
 }
 
+/// `vfio-user-device api --api-socket API ARGS...`, which must succeed;
+/// returns its JSON reply.
+#[track_caller]
+pub fn api(api_socket: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(DAEMON)
+        .arg("api")
+        .arg("--api-socket")
+        .arg(api_socket)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run vfio-user-device api");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("bad api reply {text:?}: {e}"));
+    assert!(
+        out.status.success() && v["ok"] == true,
+        "api {args:?} failed: {v}"
+    );
+    v
+}
+
 /// Vendor and device id (config space bytes 0..4) of a device kind.
 fn pci_id(kind: &str) -> [u8; 4] {
     match kind {

@@ -97,6 +97,13 @@ impl Server {
         self.served.paused
     }
 
+    /// Why the device stopped by itself, if it did
+    /// ([`crate::device::Lifecycle::stopped_on_error`]); [`Pausable::resume`]
+    /// lets it go on.
+    pub fn stopped_on_error(&mut self) -> Option<String> {
+        self.served.lifecycle().stopped_on_error()
+    }
+
     /// Replaces the device state with `snapshot` (from
     /// [`Snapshottable::snapshot`] of a server of the same kind, or
     /// [`Transportable::recv`]), checking it completely before applying
@@ -342,8 +349,9 @@ impl Pausable for Server {
         self.served.pause()
     }
 
-    /// A device the migration state holds stopped stays stopped until
-    /// that state lets it run.
+    /// Also lets a device that stopped by itself on an error go on,
+    /// retrying what failed. A device the migration state holds stopped
+    /// stays stopped until that state lets it run.
     fn resume(&mut self) -> Result<(), MigratableError> {
         self.served.resume()
     }

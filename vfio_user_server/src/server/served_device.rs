@@ -101,14 +101,18 @@ impl ServedDevice {
         Ok(())
     }
 
-    /// Resumes after [`ServedDevice::pause`]; a device the migration state
-    /// holds stopped stays stopped until that state lets it run.
+    /// Resumes after [`ServedDevice::pause`], or after the device stopped
+    /// by itself on an error ([`Lifecycle::stopped_on_error`]), which
+    /// retries what failed; a device the migration state holds stopped
+    /// stays stopped until that state lets it run.
     pub(super) fn resume(&mut self) -> Result<(), MigratableError> {
         if self.paused {
             if !self.mig.device_stopped() {
                 self.lifecycle().resume()?;
             }
             self.paused = false;
+        } else if !self.mig.device_stopped() && self.lifecycle().stopped_on_error().is_some() {
+            self.lifecycle().resume()?;
         }
         Ok(())
     }

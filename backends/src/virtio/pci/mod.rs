@@ -173,6 +173,9 @@ pub struct VirtioPciDevice<D: VirtioDevice> {
     isr: u8,
     active: bool,
     paused: bool,
+    /// Resumed while the device was stopped on an error: its kept requests
+    /// are retried ([`VirtioDevice::retry`]) before the rings are looked at.
+    retry: bool,
     /// Queues whose doorbell rang (or that must be looked at) since they
     /// were last drained; processed by [`Lifecycle::run_deferred`].
     kicked: Vec<bool>,
@@ -268,6 +271,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             isr: 0,
             active: false,
             paused: false,
+            retry: false,
         })
     }
 
@@ -320,6 +324,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         self.common.reset();
         self.isr = 0;
         self.active = false;
+        self.retry = false;
         self.kicked.fill(false);
     }
 
@@ -391,6 +396,19 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         // If nothing can be taken although the available index says there
         // is more, the ring is broken: wait for the next doorbell.
         !matches!(self.process_batch(index, mem), Some(n) if n > 0)
+    }
+
+    /// Whether the rings of every ready queue lie in guest memory.
+    fn rings_mapped(&self, mem: &GuestMemory) -> bool {
+        self.queues.iter().filter(|q| q.ready()).all(|q| {
+            let n = usize::from(q.size());
+            let mapped = |addr: u64, len: usize| {
+                GuestMemoryBackend::check_range(mem, GuestAddress(addr), len)
+            };
+            mapped(q.desc_table(), 16 * n)
+                && mapped(q.avail_ring(), 6 + 2 * n)
+                && mapped(q.used_ring(), 6 + 8 * n)
+        })
     }
 
     /// Completes the requests the device has in flight.
@@ -618,6 +636,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         self.common.set_state(&s.common, &vectors);
         self.isr = s.isr;
         self.active = false;
+        self.retry = false;
         if s.active {
             self.device
                 .activate(self.common.driver_features)
@@ -629,7 +648,8 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
 }
 
 /// Pause completes the requests in flight, then nothing is taken off the
-/// rings until resume.
+/// rings until resume. Resume also lets a device that stopped on an error
+/// go on, retrying the requests it kept first.
 impl<D: VirtioDevice + 'static> Pausable for VirtioPciDevice<D> {
     fn pause(&mut self) -> Result<(), MigratableError> {
         self.quiesce();
@@ -639,6 +659,9 @@ impl<D: VirtioDevice + 'static> Pausable for VirtioPciDevice<D> {
 
     fn resume(&mut self) -> Result<(), MigratableError> {
         self.paused = false;
+        // The retry runs as deferred work: guest memory may not be mapped
+        // yet (a device restored before its client attached).
+        self.retry |= self.device.stopped_on_error().is_some();
         // Pick up whatever was made available while paused (or before the
         // snapshot this device was restored from).
         self.kick_all();
@@ -688,6 +711,10 @@ impl<D: VirtioDevice + 'static> Lifecycle for VirtioPciDevice<D> {
         true
     }
 
+    fn stopped_on_error(&self) -> Option<String> {
+        self.device.stopped_on_error().map(str::to_string)
+    }
+
     fn dma_unmapping(&mut self, _address: u64, _size: u64) {
         // Requests in flight may use the range: finish them while it is
         // still mapped.
@@ -703,7 +730,7 @@ impl<D: VirtioDevice + 'static> Lifecycle for VirtioPciDevice<D> {
     }
 
     fn run_deferred(&mut self) -> bool {
-        if !self.active || self.paused || !self.kicked.contains(&true) {
+        if !self.active || self.paused || !(self.retry || self.kicked.contains(&true)) {
             return false;
         }
         let memory = self.memory.clone();
@@ -715,6 +742,20 @@ impl<D: VirtioDevice + 'static> Lifecycle for VirtioPciDevice<D> {
         // them reachable (their doorbells may be off in guest memory).
         if mem.num_regions() == 0 {
             return false;
+        }
+        if self.retry {
+            // The requests kept on an error go first, then the rings. A
+            // client maps guest memory a region at a time: a kept chain
+            // walked before its rings are back would be lost.
+            if !self.rings_mapped(mem) {
+                return false;
+            }
+            self.retry = false;
+            for index in self.device.retry(&mut self.queues, mem) {
+                self.signal_used(index, mem);
+            }
+            self.kick_all();
+            return true;
         }
         // One batch per kicked queue, then back to the event loop, which
         // calls again right after serving its fds: a doorbell or config
@@ -807,6 +848,9 @@ mod tests {
         fail: bool,
         resets: usize,
         events: usize,
+        /// Stopped on an error, as a storage device would.
+        stopped: Option<String>,
+        retries: usize,
     }
 
     impl VirtioDevice for Dummy {
@@ -856,6 +900,15 @@ mod tests {
             self.events += 1;
             vec![1, 7]
         }
+        fn stopped_on_error(&self) -> Option<&str> {
+            self.stopped.as_deref()
+        }
+        fn retry(&mut self, queues: &mut [Queue], _mem: &GuestMemory) -> Vec<usize> {
+            assert_eq!(queues.len(), 2);
+            self.retries += 1;
+            self.stopped = None;
+            vec![0]
+        }
     }
 
     fn dummy(fail: bool) -> VirtioPciDevice<Dummy> {
@@ -866,6 +919,8 @@ mod tests {
             fail,
             resets: 0,
             events: 0,
+            stopped: None,
+            retries: 0,
         };
         VirtioPciDevice::with_device(ctx, d, false).unwrap()
     }
@@ -954,6 +1009,56 @@ mod tests {
         d.reset(ResetReason::LostConnection);
         assert_eq!(d.device().resets, 1);
         assert!(!d.is_active());
+    }
+
+    #[test]
+    fn a_device_stopped_on_an_error_retries_once_resumed_and_its_rings_mapped() {
+        use vm_memory::bitmap::AtomicBitmap;
+        let mut d = dummy(false);
+        bring_up(&mut d);
+        // Queue 0 of 8 with its rings at 0x10000.
+        d.common_write(common::QUEUE_SELECT, &0u16.to_le_bytes());
+        d.common_write(common::QUEUE_DESC, &0x10000u64.to_le_bytes());
+        d.common_write(common::QUEUE_DRIVER, &0x10800u64.to_le_bytes());
+        d.common_write(common::QUEUE_DEVICE, &0x11000u64.to_le_bytes());
+        d.common_write(common::QUEUE_ENABLE, &1u16.to_le_bytes());
+        assert!(d.queues[0].ready());
+        d.device_mut().stopped = Some("write: No space left on device".into());
+        assert_eq!(
+            Lifecycle::stopped_on_error(&d).as_deref(),
+            Some("write: No space left on device")
+        );
+        assert!(!d.run_deferred(), "nothing to do before the resume");
+        Pausable::resume(&mut d).unwrap();
+        // No guest memory, then only part of it: the retry waits.
+        assert!(!d.run_deferred());
+        let map = |ranges: &[(u64, usize)]| {
+            let ranges: Vec<_> = ranges.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
+            vm_memory::GuestMemoryMmap::<AtomicBitmap>::from_ranges(&ranges).unwrap()
+        };
+        d.memory.lock().unwrap().replace(map(&[(0, 0x10000)]));
+        assert!(!d.run_deferred());
+        d.memory
+            .lock()
+            .unwrap()
+            .replace(map(&[(0, 0x10000), (0x10000, 0x10000)]));
+        assert_eq!(d.device().retries, 0);
+        assert!(d.run_deferred());
+        assert_eq!(d.device().retries, 1);
+        assert_eq!(Lifecycle::stopped_on_error(&d), None);
+        // Once.
+        while d.run_deferred() {}
+        assert_eq!(d.device().retries, 1);
+        // A resume of a device that is not stopped retries nothing; a reset
+        // forgets a pending retry.
+        Pausable::resume(&mut d).unwrap();
+        while d.run_deferred() {}
+        d.device_mut().stopped = Some("again".into());
+        Pausable::resume(&mut d).unwrap();
+        d.reset(ResetReason::LostConnection);
+        bring_up(&mut d);
+        while d.run_deferred() {}
+        assert_eq!(d.device().retries, 1);
     }
 
     #[test]
