@@ -138,7 +138,7 @@ result intx_interrupts "$(grep -i megasas /proc/interrupts | grep -v MSI |
 problems=0
 # Whole words only ("default" is no fault), and not the driver's own
 # banner lines about its reset and abort support.
-dmesg | grep -iE 'megaraid|megasas|scsi|sd[a-z]* ' | grep -v 'command line' |
+dmesg | grep -iE 'megaraid|megasas|scsi|sd[a-z]* ' | grep -vi 'command line' |
     grep -iE '\<(error|errors|fail|failed|failure|timed out|timeout|not ready|abort|aborted|aborting|reset|resetting|kill|killing|fault|unexpected)\>' |
     grep -vE 'Online Controller Reset|TaskAbort/Reset timeout' > /tmp/problems
 while read -r line; do
