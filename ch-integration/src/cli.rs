@@ -327,7 +327,10 @@ mod tests {
     #[test]
     fn refuses_with_one_line() {
         assert!(error("virtio-blk").contains("--socket"));
-        assert_eq!(error(""), "expected a device kind (virtio-blk, virtio-net, megasas)");
+        assert_eq!(
+            error(""),
+            "expected a device kind (virtio-blk, virtio-net, megasas)"
+        );
         assert_eq!(
             error("net --socket x"),
             "unknown device kind 'net' (expected virtio-blk, virtio-net, megasas)"

@@ -133,9 +133,20 @@ impl Mfi {
         m
     }
 
+    /// Moves to the daemon on `socket`, as a VMM does with a restored
+    /// device: the same guest RAM and MSI-X eventfd, nothing written to
+    /// the device.
+    fn reconnect(&mut self, socket: &Path) {
+        self.client = vfio_user::Client::new(socket).expect("reconnect");
+        self.ram.map_into(&mut self.client);
+        self.client
+            .set_irq_eventfds(MSIX_INDEX, 0, &[self.msix.as_raw_fd()]);
+    }
+
     fn config(&mut self, offset: u64, len: usize) -> u32 {
         let mut b = [0u8; 4];
-        self.client.read_region(CONFIG_REGION, offset, &mut b[..len]);
+        self.client
+            .read_region(CONFIG_REGION, offset, &mut b[..len]);
         u32::from_le_bytes(b)
     }
 
@@ -263,7 +274,14 @@ impl Mfi {
     }
 
     /// The frame of [`Mfi::ld_io`]: its context, address and bytes.
-    fn ld_frame(&mut self, write: bool, target: u8, lba: u64, blocks: u32, buf: u64) -> (u32, u64, Vec<u8>) {
+    fn ld_frame(
+        &mut self,
+        write: bool,
+        target: u8,
+        lba: u64,
+        blocks: u32,
+        buf: u64,
+    ) -> (u32, u64, Vec<u8>) {
         let len = u64::from(blocks) * 512;
         let pages: Vec<(u64, u32)> = (0..len.div_ceil(4096))
             .map(|i| (buf + i * 4096, (len - i * 4096).min(4096) as u32))
@@ -345,7 +363,10 @@ fn probe_sequence_as_linux_sends_it() {
     assert_eq!(m.scsi(1, &[0x12, 0, 0, 0, 36, 0], 36, buf).cmd_status, 0x0c);
     // An unknown opcode: CHECK CONDITION with sense.
     let d = m.scsi(0, &[0xc5, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, 0);
-    assert_eq!((d.cmd_status, d.scsi_status), (STAT_SCSI_DONE_WITH_ERROR, 2));
+    assert_eq!(
+        (d.cmd_status, d.scsi_status),
+        (STAT_SCSI_DONE_WITH_ERROR, 2)
+    );
     assert_eq!((d.sense[2], d.sense[12]), (5, 0x20));
 
     // EVENT_WAIT is held (no reply); a device reset drops it and goes
@@ -401,7 +422,10 @@ fn io_reaches_the_image(extra: &[&str]) {
     // Past the end: LBA OUT OF RANGE in the sense buffer.
     let last = (IMAGE_SIZE / 512) as u32;
     let d = m.ld_io(false, 0, u64::from(last), 1, buf);
-    assert_eq!((d.cmd_status, d.scsi_status), (STAT_SCSI_DONE_WITH_ERROR, 2));
+    assert_eq!(
+        (d.cmd_status, d.scsi_status),
+        (STAT_SCSI_DONE_WITH_ERROR, 2)
+    );
     assert_eq!((d.sense.len(), d.sense[2], d.sense[12]), (18, 5, 0x21));
     // Eight frames posted at once, completed in any order.
     let w = pattern(5, 64 * 512);
@@ -442,7 +466,13 @@ fn two_read_only_disks() {
     let daemon = Daemon::start_kind_in(
         "megasas",
         dir,
-        &["--disk", a.to_str().unwrap(), "--disk", b.to_str().unwrap(), "--readonly"],
+        &[
+            "--disk",
+            a.to_str().unwrap(),
+            "--disk",
+            b.to_str().unwrap(),
+            "--readonly",
+        ],
     );
     let mut m = Mfi::connect(&daemon.socket);
     m.init();
@@ -464,4 +494,87 @@ fn two_read_only_disks() {
     let d = m.scsi(1, &[0x1a, 0, 0x3f, 0, 0xff, 0], 255, buf);
     assert_eq!(d.cmd_status, STAT_OK);
     assert_eq!(m.ram.read(buf + 2, 1)[0] & 0x80, 0x80);
+}
+
+/// The adapter moves to a new daemon through the control socket's snapshot
+/// and `--restore`, as an operator moves a device: the reply queue goes on
+/// where it was, the held EVENT_WAIT and a frame posted while paused come
+/// along, and I/O continues on the same image.
+#[test]
+fn snapshot_moves_the_adapter_to_a_new_daemon() {
+    let dir = TempDir::new().unwrap();
+    let img = image(&dir, "disk.img", 9);
+    let api = dir.as_path().join("api.sock");
+    let snap = dir.as_path().join("megasas.snap");
+    let (img_s, api_s, snap_s) = (
+        img.to_str().unwrap().to_string(),
+        api.to_str().unwrap().to_string(),
+        snap.to_str().unwrap().to_string(),
+    );
+    let mut daemon =
+        Daemon::start_kind_in("megasas", dir, &["--disk", &img_s, "--api-socket", &api_s]);
+    wait_for_socket(&api);
+    let mut m = Mfi::connect(&daemon.socket);
+    m.init();
+    let buf = HIGH + MIB;
+    let w1 = pattern(1, 4096);
+    m.ram.write(buf, &w1);
+    assert_eq!(m.ld_io(true, 0, 64, 8, buf).cmd_status, STAT_OK);
+    // An EVENT_WAIT, held.
+    let (_, wait, mut f) = m.frame(DCMD, 0, 0, 0);
+    f[0x18..0x1c].copy_from_slice(&EVENT_WAIT.to_le_bytes());
+    m.ram.write(wait, &f);
+    m.set_reg(IQP, wait as u32 | 1);
+
+    // Paused, a posted write is queued, not run.
+    api_ok(&api, &["pause"]);
+    let w2 = pattern(2, 4096);
+    m.ram.write(buf + 0x10000, &w2);
+    let (c, addr, f) = m.ld_frame(true, 0, 128, 8, buf + 0x10000);
+    m.ram.write(addr, &f);
+    m.set_reg(IQP, addr as u32 | 1);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        m.ram.read(addr + 2, 1)[0],
+        0xff,
+        "a paused adapter ran a frame"
+    );
+    api_ok(&api, &["snapshot", &snap_s]);
+    let state = stream::decode(&std::fs::read(&snap).unwrap());
+    assert_eq!(state.kind, "megasas");
+    let s = state.state();
+    assert_eq!(s["regs"]["state"], "Operational");
+    assert_eq!(s["event_wait"]["addr"], wait);
+    assert_eq!(s["queued"][0], addr);
+    assert_eq!(s["reply_queue"]["head"], 1);
+
+    // The old daemon dies; a new one starts from the snapshot.
+    daemon.kill();
+    std::fs::remove_file(&api).unwrap();
+    daemon.restart(&[
+        "--disk",
+        &img_s,
+        "--api-socket",
+        &api_s,
+        "--restore",
+        &snap_s,
+    ]);
+    wait_for_socket(&api);
+    m.reconnect(&daemon.socket);
+    // The queued write runs once guest memory is there, and is posted
+    // after the first reply.
+    m.wait_replies(
+        &mut HashSet::from([c]),
+        Instant::now() + Duration::from_secs(10),
+    );
+    assert_eq!(m.ram.read(addr + 2, 1)[0], STAT_OK);
+    assert_eq!(read_image(&img, 128 * 512, 4096), w2);
+    assert_eq!(m.reg(OSP0) >> 28, 0xc, "still OPERATIONAL");
+    // Reads and writes go on; the EVENT_WAIT is still held (never
+    // completed), and a reset drops it.
+    assert_eq!(m.ld_io(false, 0, 64, 8, buf).cmd_status, STAT_OK);
+    assert_eq!(m.ram.read(buf, 4096), w1);
+    assert_eq!(m.ram.read(wait + 2, 1)[0], 0xff);
+    m.client.reset_device();
+    assert_eq!(m.reg(OSP0) >> 28, 0xb);
 }

@@ -75,7 +75,10 @@ fn check_image(run: &VmRun, dev: &str, before: &[u8], after: &[u8]) {
         );
         expected[off..off + COUNT].copy_from_slice(&after[off..off + COUNT]);
     }
-    assert!(after == expected, "{dev}: image changed outside the guest's writes");
+    assert!(
+        after == expected,
+        "{dev}: image changed outside the guest's writes"
+    );
 }
 
 /// The guest-side checks every run shares: one adapter, probed without
@@ -112,7 +115,10 @@ fn check_daemon_after(daemon: &mut Daemon) {
         );
     }
     let problems = daemon.log_problems();
-    assert!(problems.is_empty(), "daemon warnings/errors:\n{problems:#?}");
+    assert!(
+        problems.is_empty(),
+        "daemon warnings/errors:\n{problems:#?}"
+    );
     daemon.assert_serves_new_client();
     let st = daemon.terminate();
     assert_eq!(st.code(), Some(0), "daemon exit on SIGTERM");
@@ -195,7 +201,11 @@ fn vm_megasas_intx() {
     };
     run.expect("msix_vectors", "0");
     let intx: u64 = run.result("intx_interrupts").parse().unwrap_or(0);
-    assert!(intx > 0, "no INTx interrupts in the guest\n{}", run.report());
+    assert!(
+        intx > 0,
+        "no INTx interrupts in the guest\n{}",
+        run.report()
+    );
 }
 
 #[test]

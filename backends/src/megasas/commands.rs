@@ -89,17 +89,59 @@ impl Megasas {
             self.queued.clear();
             return false;
         }
+        let mut waiting = false;
         for _ in 0..budget {
-            let Some(addr) = self.queued.pop_front() else {
+            let Some(&addr) = self.queued.front() else {
                 break;
             };
+            if self.restored_hold && !self.frame_ready(&memory, addr) {
+                // The next message may be the DMA_MAP it waits for: no
+                // point in being called before.
+                waiting = true;
+                break;
+            }
+            self.queued.pop_front();
             self.run_frame(&memory, addr);
+        }
+        if self.queued.is_empty() {
+            self.restored_hold = false;
         }
         for d in &mut self.disks {
             d.submit();
         }
         self.interrupt();
-        !self.queued.is_empty()
+        !waiting && !self.queued.is_empty()
+    }
+
+    /// Whether the frame at `addr`, its SGL, its buffers, its sense buffer
+    /// and the reply queue all lie in guest memory (as mapped so far).
+    fn frame_ready(&self, mem: &GuestMemory, addr: u64) -> bool {
+        let mut raw = [0u8; FRAME_SIZE];
+        if mem.read_slice(&mut raw, GuestAddress(addr)).is_err() {
+            return false;
+        }
+        let frame = Frame::new(raw);
+        let in_memory = |at: u64, len: u64| {
+            usize::try_from(len).is_ok_and(|len| mem.check_range(GuestAddress(at), len))
+        };
+        if let Some(q) = &self.reply_queue {
+            if !in_memory(q.producer, 4) || !in_memory(q.ring, q.ring_len()) {
+                return false;
+            }
+        }
+        let (sgl, limit) = match frame.cmd() {
+            cmd::LD_READ | cmd::LD_WRITE => (
+                offset::IO_SGL,
+                u64::from(frame.data_len()) * u64::from(BLOCK_SIZE),
+            ),
+            cmd::LD_SCSI_IO | cmd::PD_SCSI_IO => (offset::PASS_SGL, u64::from(frame.data_len())),
+            cmd::DCMD => (offset::IO_SGL, u64::from(frame.data_len())),
+            _ => return true,
+        };
+        let sense = frame.cmd() == cmd::DCMD
+            || frame.sense_len() == 0
+            || in_memory(frame.sense_addr(), u64::from(frame.sense_len()));
+        sense && frame_sgl(mem, addr, sgl, &frame, limit).is_ok()
     }
 
     /// Fetches and runs the frame at `addr`.

@@ -150,6 +150,10 @@ pub struct Megasas {
     event_seq: u32,
     /// Replies were posted since the last interrupt.
     replies: bool,
+    /// Frames restored from a snapshot wait until every guest address
+    /// they use is mapped (a client maps guest memory region by region)
+    /// or the driver touches a register (the guest runs again).
+    restored_hold: bool,
     paused: bool,
     watched: Vec<WatchedFd>,
 }
@@ -227,6 +231,7 @@ impl Megasas {
             event_wait: None,
             event_seq: 0,
             replies: false,
+            restored_hold: false,
             paused: false,
             watched,
         })
@@ -282,6 +287,7 @@ impl Megasas {
     /// masked (a doorbell reset, an adapter reset, a device reset).
     fn soft_reset(&mut self) {
         self.abort_all();
+        self.restored_hold = false;
         self.reply_queue = None;
         self.regs.reset();
         self.replies = false;
@@ -325,7 +331,8 @@ impl Megasas {
     }
 
     /// Register access at `offset` of either BAR.
-    fn register_read(&self, offset: u64, data: &mut [u8]) {
+    fn register_read(&mut self, offset: u64, data: &mut [u8]) {
+        self.restored_hold = false;
         data.fill(0);
         let shift = (offset & 3) as usize;
         if shift + data.len() > 4 {
@@ -336,6 +343,7 @@ impl Megasas {
     }
 
     fn register_write(&mut self, offset: u64, data: &[u8]) {
+        self.restored_hold = false;
         // Registers are written whole (a narrower write is zero-extended).
         if offset & 3 != 0 || data.is_empty() || data.len() > 4 {
             return;
@@ -433,6 +441,7 @@ impl Lifecycle for Megasas {
         self.event_seq = state.event_seq;
         self.queued = state.queued.into();
         self.replies = false;
+        self.restored_hold = !self.queued.is_empty();
         Ok(())
     }
 

@@ -87,6 +87,11 @@ impl ReplyQueue {
         Ok(q)
     }
 
+    /// Bytes of the ring.
+    pub fn ring_len(&self) -> u64 {
+        u64::from(self.entries) * self.slot_size()
+    }
+
     fn slot_size(&self) -> u64 {
         if self.context64 {
             8

@@ -802,3 +802,46 @@ fn bad_configurations() {
         Err(MegasasError::Disk(1, _))
     ));
 }
+
+#[test]
+fn restored_frames_wait_for_their_memory() {
+    let mut t = Hba::new(1, MegasasConfig::default());
+    t.init(8, false);
+    let read = ld_frame(false, 0, 3, 1, &[(HIGH, 512)], 5);
+    t.write(FRAME, &read);
+    t.w32(reg::IQP, FRAME as u32);
+    Pausable::pause(&mut t.hba).unwrap();
+    let snap = t.hba.snapshot().unwrap();
+
+    // The new client has mapped the low region only: the frame waits.
+    let low_only = || {
+        let low = vm_memory::GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(
+            GuestAddress(0),
+            0x20_0000,
+        )])
+        .unwrap();
+        low.write_slice(&read, GuestAddress(FRAME)).unwrap();
+        low
+    };
+    let mut u = Hba::new(1, MegasasConfig::default());
+    u.mem.lock().unwrap().replace(low_only());
+    u.hba.restore(&snap).unwrap();
+    assert!(!u.hba.run_deferred());
+    assert_eq!(u.hba.queued_frames(), 1);
+    // The high region arrives: it runs.
+    u.mem.lock().unwrap().replace((*t.mem()).clone());
+    assert!(!u.hba.run_deferred());
+    assert_eq!(u.hba.queued_frames(), 0);
+    assert_eq!(t.frame_status(FRAME), status::OK);
+    assert_eq!(t.read(HIGH, 1)[0], 3);
+
+    // A register access means the guest runs: the frame runs as it is.
+    let mut v = Hba::new(1, MegasasConfig::default());
+    v.mem.lock().unwrap().replace(low_only());
+    v.hba.restore(&snap).unwrap();
+    assert!(!v.hba.run_deferred());
+    assert_eq!(v.r32(reg::OSP0) >> 28, 0xc);
+    assert!(!v.hba.run_deferred());
+    assert_eq!(v.hba.queued_frames(), 0);
+    assert_eq!(v.frame_status(FRAME), status::INVALID_SGL);
+}

@@ -73,8 +73,8 @@ pub fn build(args: &MegasasArgs) -> Result<Built, String> {
         read_only: args.readonly,
         io_threads: args.io_threads,
     };
-    let hba = Megasas::new(&ctx, disks, &config)
-        .map_err(|e| format!("cannot create megasas: {e}"))?;
+    let hba =
+        Megasas::new(&ctx, disks, &config).map_err(|e| format!("cannot create megasas: {e}"))?;
     let adapter = PciAdapter::new(hba).map_err(|e| format!("cannot create PCI device: {e}"))?;
     let ro = if args.readonly { ", read-only" } else { "" };
     Ok(Built {
@@ -138,7 +138,11 @@ mod tests {
     #[test]
     fn builds_on_an_in_memory_disk() {
         let built = super::build(&parse("megasas --socket s")).unwrap();
-        assert!(built.description.contains("64 MiB in-memory"), "{}", built.description);
+        assert!(
+            built.description.contains("64 MiB in-memory"),
+            "{}",
+            built.description
+        );
         let e = super::build(&parse("megasas --socket s --disk /nonexistent/x")).err();
         assert!(e.is_some_and(|e| e.contains("/nonexistent/x")));
     }
