@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 use vfio_user_fuzz::blk_queue::Setup;
 use vfio_user_fuzz::megasas_frames::{self, write_op};
-use vfio_user_fuzz::scsi_cdb;
 use vfio_user_fuzz::pci_config;
+use vfio_user_fuzz::scsi_cdb;
 use vfio_user_fuzz::server_stream::{self, Input, Msg, Size, DEV_BLK, DEV_PCIE, DEV_TEST, FD_NONE};
 use vfio_user_fuzz::test_device as td;
 use vfio_user_fuzz::Writer;
@@ -1452,14 +1452,35 @@ fn megasas_seeds() -> BTreeMap<String, Vec<u8>> {
         (0xc00, mfi_ld(false, 1, 4, 2, mfi::HIGH_BUF, 2)),
         (0x1000, mfi_scsi(&[0, 0, 0, 0, 0, 0], 0, 0, 3)),
         (0x1400, mfi_scsi(&[0x12, 0, 0, 0, 36, 0], 36, 0, 4)),
-        (0x1800, mfi_scsi(&[0x28, 0, 0, 0, 0, 8, 0, 0, 4, 0], 2048, 0, 5)),
+        (
+            0x1800,
+            mfi_scsi(&[0x28, 0, 0, 0, 0, 8, 0, 0, 4, 0], 2048, 0, 5),
+        ),
     ];
     let ops: Vec<(u8, u32)> = std::iter::once(omsk)
         .chain([0x400u64, 0x800, 0xc00, 0x1000, 0x1400, 0x1800].map(iqp))
         .collect();
     let ok = [0x400, 0x800, 0xc00, 0x1000, 0x1400, 0x1800];
-    add("ld_and_scsi_io", Setup { flags: 2, ops: ops.clone() }, &io, &ok, false);
-    add("ld_and_scsi_io_ctx64_snapshot", Setup { flags: 2 | F_SNAPSHOT, ops }, &io, &ok, true);
+    add(
+        "ld_and_scsi_io",
+        Setup {
+            flags: 2,
+            ops: ops.clone(),
+        },
+        &io,
+        &ok,
+        false,
+    );
+    add(
+        "ld_and_scsi_io_ctx64_snapshot",
+        Setup {
+            flags: 2 | F_SNAPSHOT,
+            ops,
+        },
+        &io,
+        &ok,
+        true,
+    );
     // SeaBIOS: LD_GET_LIST and an INQUIRY, polled, through the I/O BAR,
     // before any INIT.
     let bios = [
@@ -1471,10 +1492,29 @@ fn megasas_seeds() -> BTreeMap<String, Vec<u8>> {
         }),
     ];
     let ops = vec![(iqp(0x800).0 | 1, 0x801), (iqp(0xc00).0 | 1, 0xc01)];
-    add("seabios", Setup { flags: 0, ops }, &bios, &[0x800, 0xc00], false);
+    add(
+        "seabios",
+        Setup { flags: 0, ops },
+        &bios,
+        &[0x800, 0xc00],
+        false,
+    );
     // The driver resets the adapter and starts over.
-    let ops = vec![iqp(0x400), iqp(0x1800), idb(7), iqp(0x400), idb(0x20), idb(0x40)];
-    add("doorbell_resets", Setup { flags: 0, ops }, &probe, &[0x400], false);
+    let ops = vec![
+        iqp(0x400),
+        iqp(0x1800),
+        idb(7),
+        iqp(0x400),
+        idb(0x20),
+        idb(0x40),
+    ];
+    add(
+        "doorbell_resets",
+        Setup { flags: 0, ops },
+        &probe,
+        &[0x400],
+        false,
+    );
     // 64-bit SGEs, a read-only disk, a 64-bit frame address.
     let mut f = mfi_scsi(&[0x2a, 0, 0, 0, 0, 1, 0, 0, 1, 0], 512, 0, 7);
     f[0x10] = mfi::SGL64 as u8;
@@ -1488,7 +1528,13 @@ fn megasas_seeds() -> BTreeMap<String, Vec<u8>> {
         write_op(backends::megasas::regs::reg::IQPL, 0x801),
         (18, 0),
     ];
-    add("read_only_sgl64", Setup { flags: 1, ops }, &ro, &[0x400], false);
+    add(
+        "read_only_sgl64",
+        Setup { flags: 1, ops },
+        &ro,
+        &[0x400],
+        false,
+    );
     seeds
 }
 
@@ -1515,7 +1561,11 @@ fn scsi_seeds() -> BTreeMap<String, Vec<u8>> {
         ("inquiry_vpd_b1", 255, &[0x12, 1, 0xb1, 0, 255, 0]),
         ("inquiry_vpd_b2", 255, &[0x12, 1, 0xb2, 0, 255, 0]),
         ("mode_sense_6", 255, &[0x1a, 0, 0x3f, 0, 255, 0]),
-        ("mode_sense_10", 512, &[0x5a, 0x10, 0x3f, 0xff, 0, 0, 0, 2, 0, 0]),
+        (
+            "mode_sense_10",
+            512,
+            &[0x5a, 0x10, 0x3f, 0xff, 0, 0, 0, 2, 0, 0],
+        ),
         ("read_capacity_10", 8, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
         ("read_capacity_16", 32, &rc16),
         ("read_6", 1024, &[0x08, 0, 0, 1, 2, 0]),
@@ -1526,11 +1576,23 @@ fn scsi_seeds() -> BTreeMap<String, Vec<u8>> {
         ("write_12", 512, &[0xaa, 0, 0, 0, 0, 9, 0, 0, 0, 1, 0, 0]),
         ("read_16", 2048, &r16),
         ("write_16", 2048, &w16),
-        ("synchronize_cache_10", 0, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+        (
+            "synchronize_cache_10",
+            0,
+            &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ),
         ("synchronize_cache_16", 0, &s16),
         ("report_luns", 64, &[0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0]),
-        ("rsoc_all", 1024, &[0xa3, 0x0c, 0x80, 0, 0, 0, 0, 0, 4, 0, 0, 0]),
-        ("rsoc_one", 64, &[0xa3, 0x0c, 0x02, 0x9e, 0, 0x10, 0, 0, 0, 64, 0, 0]),
+        (
+            "rsoc_all",
+            1024,
+            &[0xa3, 0x0c, 0x80, 0, 0, 0, 0, 0, 4, 0, 0, 0],
+        ),
+        (
+            "rsoc_one",
+            64,
+            &[0xa3, 0x0c, 0x02, 0x9e, 0, 0x10, 0, 0, 0, 64, 0, 0],
+        ),
         ("start_stop", 0, &[0x1b, 0, 0, 0, 1, 0]),
         ("unknown", 0, &[0x41, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
     ];
@@ -1538,7 +1600,13 @@ fn scsi_seeds() -> BTreeMap<String, Vec<u8>> {
     for &(name, len, cdb) in cdbs {
         seeds.insert(format!("seed_{name}"), scsi_cdb::encode(0, len, cdb));
     }
-    seeds.insert("seed_write_10_read_only".into(), scsi_cdb::encode(1, 2048, &[0x2a, 0, 0, 0, 0, 8, 0, 0, 4, 0]));
-    seeds.insert("seed_read_10_split".into(), scsi_cdb::encode(2, 4096, &[0x28, 0, 0, 0, 0, 8, 0, 0, 8, 0]));
+    seeds.insert(
+        "seed_write_10_read_only".into(),
+        scsi_cdb::encode(1, 2048, &[0x2a, 0, 0, 0, 0, 8, 0, 0, 4, 0]),
+    );
+    seeds.insert(
+        "seed_read_10_split".into(),
+        scsi_cdb::encode(2, 4096, &[0x28, 0, 0, 0, 0, 8, 0, 0, 8, 0]),
+    );
     seeds
 }

@@ -97,7 +97,10 @@ struct Cached {
     devices: [(Vec<Arc<MemoryDisk>>, Megasas, u64, u64); 2],
 }
 
-fn device(memory: &GuestMemoryHandle, read_only: bool) -> (Vec<Arc<MemoryDisk>>, Megasas, u64, u64) {
+fn device(
+    memory: &GuestMemoryHandle,
+    read_only: bool,
+) -> (Vec<Arc<MemoryDisk>>, Megasas, u64, u64) {
     let ctx = DeviceContext {
         memory: memory.clone(),
         ..Default::default()
@@ -134,7 +137,8 @@ fn fill(mem: &GuestMemory, image: &[u8]) {
     let mut rest = image;
     for (start, size) in REGIONS {
         let n = rest.len().min(size);
-        mem.write_slice(&rest[..n], GuestAddress(start)).expect("fill");
+        mem.write_slice(&rest[..n], GuestAddress(start))
+            .expect("fill");
         mem.write_slice(&ZEROS[..size - n], GuestAddress(start + n as u64))
             .expect("fill");
         rest = &rest[n..];

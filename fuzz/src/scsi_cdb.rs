@@ -47,8 +47,11 @@ struct Cached {
 
 fn disk(read_only: bool) -> (Arc<MemoryDisk>, ScsiDisk<()>) {
     let d = Arc::new(MemoryDisk::from_vec(vec![0; DISK_SIZE], read_only).with_id("fuzz"));
-    let s = ScsiDisk::new(d.clone() as Arc<dyn BlockBackend>, &ScsiDiskConfig::default())
-        .expect("disk");
+    let s = ScsiDisk::new(
+        d.clone() as Arc<dyn BlockBackend>,
+        &ScsiDiskConfig::default(),
+    )
+    .expect("disk");
     (d, s)
 }
 
@@ -78,7 +81,11 @@ fn run_with(data: &[u8], cached: &mut Cached) {
     let len = u32::from(r.u16());
     let cdb = r.bytes(32);
     let mem = &cached.mem;
-    let start = if flags & F_SPLIT != 0 { 0x10000 - 0x800 } else { 0 };
+    let start = if flags & F_SPLIT != 0 {
+        0x10000 - 0x800
+    } else {
+        0
+    };
     let mut sg = SgList::new(mem);
     assert!(sg.push_buffer(GuestAddress(start), len));
     let (_, disk) = &mut cached.disks[usize::from(flags & F_READ_ONLY)];
@@ -87,6 +94,9 @@ fn run_with(data: &[u8], cached: &mut Cached) {
         assert!(t.len <= sg.len(), "a transfer beyond the buffer");
     }
     let (_, outcome) = disk.execute(plan, &sg, mem, ()).expect("no I/O threads");
-    assert!(outcome.data_in <= sg.len(), "more data than the buffer holds");
+    assert!(
+        outcome.data_in <= sg.len(),
+        "more data than the buffer holds"
+    );
     assert_eq!(outcome.sense.is_none(), outcome.status() == STATUS_GOOD);
 }
