@@ -12,7 +12,7 @@
 //!
 //! A write of a frame address to the inbound queue port only queues it;
 //! [`Lifecycle::run_deferred`] fetches and runs the frames once the write
-//! is answered ([`commands`]). Frames complete in place (status bytes in
+//! is answered (`commands.rs`). Frames complete in place (status bytes in
 //! the frame) and, unless flagged "don't post", in the reply queue set up
 //! by INIT ([`reply_queue`]), followed by an interrupt. Reads and writes
 //! run on the caller's thread or on each disk's I/O threads; those are
