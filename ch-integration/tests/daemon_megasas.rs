@@ -83,9 +83,10 @@ struct Done {
     sense: Vec<u8>,
 }
 
-/// The test's MFI driver.
-struct Mfi {
-    client: vfio_user::Client,
+/// The test's MFI driver, over the published client or the raw one (for
+/// the migration commands).
+struct Mfi<T: Transport = vfio_user::Client> {
+    client: T,
     ram: GuestRam,
     msix: EventFd,
     /// Frames, one per context (1 KiB apart, as Linux lays them out).
@@ -102,7 +103,26 @@ struct Mfi {
 
 impl Mfi {
     fn connect(socket: &Path) -> Mfi {
-        let mut client = vfio_user::Client::new(socket).expect("vfio_user::Client::new");
+        Mfi::connect_with(vfio_user::Client::new(socket).expect("vfio_user::Client::new"))
+    }
+
+    /// Moves to the daemon on `socket`, as a VMM does with a restored
+    /// device: the same guest RAM and MSI-X eventfd, nothing written to
+    /// the device.
+    fn reconnect(&mut self, socket: &Path) {
+        let client = vfio_user::Client::new(socket).expect("reconnect");
+        self.attach(client);
+    }
+}
+
+impl Mfi<RawClient> {
+    fn connect_raw(socket: &Path) -> Mfi<RawClient> {
+        Mfi::connect_with(RawClient::connect_negotiated(socket))
+    }
+}
+
+impl<T: Transport> Mfi<T> {
+    fn connect_with(mut client: T) -> Mfi<T> {
         let mut ram = GuestRam::with_regions(&[(LOW, 8 * MIB), (HIGH, 8 * MIB)]);
         ram.map_into(&mut client);
         let msix = EventFd::new(EFD_NONBLOCK).unwrap();
@@ -133,14 +153,12 @@ impl Mfi {
         m
     }
 
-    /// Moves to the daemon on `socket`, as a VMM does with a restored
-    /// device: the same guest RAM and MSI-X eventfd, nothing written to
-    /// the device.
-    fn reconnect(&mut self, socket: &Path) {
-        self.client = vfio_user::Client::new(socket).expect("reconnect");
-        self.ram.map_into(&mut self.client);
-        self.client
-            .set_irq_eventfds(MSIX_INDEX, 0, &[self.msix.as_raw_fd()]);
+    /// Continues on `client`, given the same guest RAM and MSI-X eventfd;
+    /// returns the old connection.
+    fn attach(&mut self, mut client: T) -> T {
+        self.ram.map_into(&mut client);
+        client.set_irq_eventfds(MSIX_INDEX, 0, &[self.msix.as_raw_fd()]);
+        std::mem::replace(&mut self.client, client)
     }
 
     fn config(&mut self, offset: u64, len: usize) -> u32 {
@@ -577,4 +595,79 @@ fn snapshot_moves_the_adapter_to_a_new_daemon() {
     assert_eq!(m.ram.read(wait + 2, 1)[0], 0xff);
     m.client.reset_device();
     assert_eq!(m.reg(OSP0) >> 28, 0xb);
+}
+
+/// A live migration (v2, as a VMM drives it over the raw client) from one
+/// daemon to another on the same image: the adapter keeps running through
+/// PRE_COPY with its writes in the dirty log, its whole state moves in
+/// STOP_COPY, and the driver carries on at the destination: same reply
+/// queue position, the EVENT_WAIT still held, I/O on the same image.
+#[test]
+fn live_migration_between_two_daemons() {
+    use common::mig::*;
+    const PAGE: u64 = 4096;
+    let dir = TempDir::new().unwrap();
+    let img = image(&dir, "disk.img", 4);
+    let img_s = img.to_str().unwrap().to_string();
+    let src = Daemon::start_kind_in("megasas", dir, &["--disk", &img_s]);
+    let dst = Daemon::start_kind_in("megasas", TempDir::new().unwrap(), &["--disk", &img_s]);
+    let mut m = Mfi::connect_raw(&src.socket);
+    m.init();
+    let buf = HIGH + MIB;
+    let w1 = pattern(1, 4096);
+    m.ram.write(buf, &w1);
+    assert_eq!(m.ld_io(true, 0, 16, 8, buf).cmd_status, STAT_OK);
+    let (_, wait, mut f) = m.frame(DCMD, 0, 0, 0);
+    f[0x18..0x1c].copy_from_slice(&EVENT_WAIT.to_le_bytes());
+    m.ram.write(wait, &f);
+    m.set_reg(IQP, wait as u32 | 1);
+
+    // PRE_COPY: the adapter runs on; what it writes is in the dirty log.
+    let ranges = [(LOW, 8 * MIB), (HIGH, 8 * MIB)];
+    logging_start(&mut m.client, PAGE, &ranges).ok();
+    set_state_ok(&mut m.client, PRE_COPY);
+    assert!(read_stream(&mut m.client, 4096).is_empty());
+    let into = HIGH + 3 * MIB;
+    assert_eq!(m.ld_io(false, 0, 16, 8, into).cmd_status, STAT_OK);
+    assert_eq!(m.ram.read(into, 4096), w1);
+    let dirty = report(&mut m.client, HIGH, 8 * MIB, PAGE);
+    assert_eq!(dirty, pages_of(HIGH, PAGE, into, 4096), "the read's pages");
+    let dirty = report(&mut m.client, LOW, 8 * MIB, PAGE);
+    assert!(dirty.contains(&(m.ring & !(PAGE - 1))), "reply ring");
+    assert!(
+        dirty.contains(&(m.producer & !(PAGE - 1))),
+        "producer index"
+    );
+
+    // STOP_COPY: the whole state, in one stream.
+    set_state_ok(&mut m.client, STOP_COPY);
+    let bytes = read_stream(&mut m.client, 512);
+    let s = stream::decode(&bytes);
+    assert_eq!(s.kind, "megasas");
+    let state = s.state();
+    assert_eq!(state["regs"]["state"], "Operational");
+    assert_eq!(state["event_wait"]["addr"], wait);
+    assert_eq!(state["reply_queue"]["head"], 2);
+    set_state_ok(&mut m.client, STOP);
+    logging_stop(&mut m.client).ok();
+
+    // The destination resumes from the stream; the driver moves there.
+    let mut c = RawClient::connect_negotiated(&dst.socket);
+    m.ram.map_into(&mut c);
+    c.set_irq_eventfds(MSIX_INDEX, 0, &[m.msix.as_raw_fd()]);
+    set_state_ok(&mut c, RESUMING);
+    write_stream(&mut c, &bytes, 1000);
+    set_state_ok(&mut c, STOP);
+    set_state_ok(&mut c, RUNNING);
+    drop(std::mem::replace(&mut m.client, c));
+    assert_eq!(m.reg(OSP0) >> 28, 0xc, "OPERATIONAL at the destination");
+    let w2 = pattern(2, 8192);
+    m.ram.write(buf, &w2);
+    assert_eq!(m.ld_io(true, 0, 32, 16, buf).cmd_status, STAT_OK);
+    assert_eq!(read_image(&img, 32 * 512, 8192), w2);
+    assert_eq!(m.ld_io(false, 0, 16, 8, into).cmd_status, STAT_OK);
+    assert_eq!(m.ram.read(into, 4096), w1);
+    assert_eq!(m.ram.read(wait + 2, 1)[0], 0xff, "EVENT_WAIT still held");
+    drop(src);
+    drop(dst);
 }
