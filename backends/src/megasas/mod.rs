@@ -304,7 +304,11 @@ impl Megasas {
             self.abort_all();
         }
         if bits & db::STOP_ADP != 0 {
-            log::warn!("megasas: the driver stopped the adapter (doorbell {bits:#x})");
+            // Once: a driver that gave up says so once, a guest that keeps
+            // writing it must not flood the log.
+            if self.regs.state != FwState::Fault {
+                log::warn!("megasas: the driver stopped the adapter (doorbell {bits:#x})");
+            }
             self.abort_all();
             self.regs.state = FwState::Fault;
         }
