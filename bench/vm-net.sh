@@ -39,7 +39,7 @@ ip -n "$ns" link set vtap0 up
 head -c "$bytes" /dev/urandom > "$work/to-guest.bin"
 
 mac=52:54:00:77:00:02
-append="vmtest=net vt.timeout=300 vt.ip=10.77.0.2/24 vt.peer=10.77.0.1 vt.bytes=$bytes"
+append="vmtest=net vt.timeout=300 vt.ip=10.77.0.2/24 vt.peer=10.77.0.1 vt.bytes=$bytes vt.pings=${PINGS:-10}"
 
 # run MODE: one boot; prints "ping_ms rx_MBps tx_MBps"
 run() {
@@ -84,6 +84,7 @@ run() {
         { echo "$mode: data to the guest corrupted" >&2; exit 1; }
     [[ $(get tx_sha256) == $(sha256sum < "$work/from-guest.bin" | cut -d' ' -f1) ]] ||
         { echo "$mode: data from the guest corrupted" >&2; exit 1; }
+    echo "$mode ping times: $(get ping_times)" >&2
     awk -v p="$(get ping_avg_ms)" -v rx="$(get rx_cs)" -v tx="$(get tx_cs)" -v b="$bytes" \
         'BEGIN { printf "%s %.2f %.2f\n", p, b / 1048576 / (rx / 100), b / 1048576 / (tx / 100) }'
 }

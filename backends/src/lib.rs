@@ -8,6 +8,9 @@
 //! - [`virtio`]: a virtio 1.x modern PCI transport that turns any
 //!   [`virtio::VirtioDevice`] into a [`vfio_user_server::pci::PciDevice`].
 //! - [`virtio_blk`]: a virtio block device over a `BlockBackend`.
+//! - [`scsi`]: a SCSI disk over a `BlockBackend`, for any host bus adapter.
+//! - [`megasas`]: an LSI MegaRAID SAS 1078 controller (MFI) whose logical
+//!   drives are [`scsi::ScsiDisk`]s.
 //!
 //! Serving a disk image as a virtio-blk PCI function:
 //!
@@ -35,7 +38,9 @@
 
 pub mod block_io;
 pub mod guest_sg;
+pub mod megasas;
 pub mod net;
+pub mod scsi;
 pub mod storage;
 pub mod virtio;
 pub mod virtio_blk;

@@ -337,10 +337,13 @@ mod tests {
     #[test]
     fn refuses_with_one_line() {
         assert!(error("virtio-blk").contains("--socket"));
-        assert_eq!(error(""), "expected a device kind (virtio-blk, virtio-net)");
+        assert_eq!(
+            error(""),
+            "expected a device kind (virtio-blk, virtio-net, megasas)"
+        );
         assert_eq!(
             error("net --socket x"),
-            "unknown device kind 'net' (expected virtio-blk, virtio-net)"
+            "unknown device kind 'net' (expected virtio-blk, virtio-net, megasas)"
         );
         assert!(error("--socket x").contains("device kind"));
         let e = error("virtio-blk --socket x --bogus");

@@ -71,6 +71,16 @@ done
 
 # --- kernel modules ------------------------------------------------------------
 # /modules.order lists module files (relative to /), dependencies first.
+# modparams NAME : the NAME.PARAM=VALUE words of the kernel command line, as
+# PARAM=VALUE (what modprobe would pass; insmod does not look there itself).
+modparams() {
+    _m=$(echo "$1" | tr - _)
+    for _w in $(cat /proc/cmdline); do
+        case "$_w" in
+            "$_m".*=*) echo "${_w#"$_m".}" ;;
+        esac
+    done
+}
 loaded=0
 failed=0
 if [ -f /modules.order ]; then
@@ -83,7 +93,8 @@ if [ -f /modules.order ]; then
             loaded=$((loaded + 1))
             continue
         fi
-        if out=$(insmod "/$mod" 2>&1); then
+        # shellcheck disable=SC2046
+        if out=$(insmod "/$mod" $(modparams "$name") 2>&1); then
             loaded=$((loaded + 1))
         else
             failed=$((failed + 1))

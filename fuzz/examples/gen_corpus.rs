@@ -17,7 +17,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use vfio_user_fuzz::blk_queue::Setup;
+use vfio_user_fuzz::megasas_frames::{self, write_op};
 use vfio_user_fuzz::pci_config;
+use vfio_user_fuzz::scsi_cdb;
 use vfio_user_fuzz::server_stream::{self, Input, Msg, Size, DEV_BLK, DEV_PCIE, DEV_TEST, FD_NONE};
 use vfio_user_fuzz::test_device as td;
 use vfio_user_fuzz::Writer;
@@ -1302,4 +1304,309 @@ fn main() {
         vfio_user_fuzz::wire_decode::run(bytes);
     }
     write_dir(&root, "wire_decode", &wire);
+    write_dir(&root, "megasas_frames", &megasas_seeds());
+    let cdbs = scsi_seeds();
+    for bytes in cdbs.values() {
+        scsi_cdb::run(bytes);
+    }
+    write_dir(&root, "scsi_cdb", &cdbs);
+}
+
+// megasas: frames in guest memory (region 0), the way Linux and SeaBIOS
+// lay them out, posted through the queue ports.
+mod mfi {
+    pub const QINFO: u64 = 0x100;
+    pub const RING: u64 = 0x200;
+    pub const PI: u64 = 0x300;
+    pub const SENSE: u64 = 0xf00;
+    pub const BUF: u64 = 0x4000;
+    /// In the second region, beyond the hole.
+    pub const HIGH_BUF: u64 = 0x11000;
+    pub const DONT_POST: u16 = 1;
+    pub const SGL64: u16 = 2;
+    pub const IEEE: u16 = 0x22;
+}
+
+/// A frame image of `len` bytes with the common header.
+fn mfi_frame(cmd: u8, flags: u16, sges: u8, data_len: u32, context: u32) -> Vec<u8> {
+    let mut f = vec![0u8; 64];
+    f[0] = cmd;
+    f[1] = 96;
+    f[2] = 0xff;
+    f[7] = sges;
+    f[8..12].copy_from_slice(&context.to_le_bytes());
+    f[0x10..0x12].copy_from_slice(&flags.to_le_bytes());
+    f[0x14..0x18].copy_from_slice(&data_len.to_le_bytes());
+    f
+}
+
+fn mfi_dcmd(opcode: u32, flags: u16, len: u32, context: u32) -> Vec<u8> {
+    let mut f = mfi_frame(5, flags | 0x10, 1, len, context);
+    f[0x18..0x1c].copy_from_slice(&opcode.to_le_bytes());
+    f[0x28..0x2c].copy_from_slice(&(mfi::BUF as u32).to_le_bytes());
+    f[0x2c..0x30].copy_from_slice(&len.to_le_bytes());
+    f
+}
+
+fn mfi_scsi(cdb: &[u8], len: u32, flags: u16, context: u32) -> Vec<u8> {
+    let mut f = mfi_frame(3, flags | mfi::IEEE, u8::from(len > 0), len, context);
+    f[6] = cdb.len() as u8;
+    f[0x18..0x1c].copy_from_slice(&(mfi::SENSE as u32).to_le_bytes());
+    f[0x20..0x20 + cdb.len()].copy_from_slice(cdb);
+    if len > 0 {
+        f.truncate(0x30);
+        f.extend_from_slice(&mfi::BUF.to_le_bytes());
+        f.extend_from_slice(&len.to_le_bytes());
+        f.extend_from_slice(&0u32.to_le_bytes());
+    }
+    f
+}
+
+fn mfi_ld(write: bool, target: u8, lba: u64, blocks: u32, buf: u64, context: u32) -> Vec<u8> {
+    let mut f = mfi_frame(if write { 2 } else { 1 }, mfi::IEEE, 1, blocks, context);
+    f[4] = target;
+    f[0x18..0x1c].copy_from_slice(&(mfi::SENSE as u32).to_le_bytes());
+    f[0x20..0x28].copy_from_slice(&lba.to_le_bytes());
+    f.truncate(0x28);
+    f.extend_from_slice(&buf.to_le_bytes());
+    f.extend_from_slice(&(blocks * 512).to_le_bytes());
+    f.extend_from_slice(&0u32.to_le_bytes());
+    f
+}
+
+fn mfi_init() -> Vec<u8> {
+    let mut f = mfi_frame(0, mfi::DONT_POST, 0, 32, 0);
+    f[0x18..0x20].copy_from_slice(&mfi::QINFO.to_le_bytes());
+    f
+}
+
+/// Guest memory with `frames` at their addresses and the queue
+/// information INIT points at (`entries` entries, 64-bit contexts if
+/// `ctx64`).
+fn mfi_memory(frames: &[(u64, Vec<u8>)], entries: u32, ctx64: bool) -> Vec<u8> {
+    let mut m = vec![0u8; 0x10000 + 0x1000];
+    let mut put = |at: u64, b: &[u8]| m[at as usize..at as usize + b.len()].copy_from_slice(b);
+    let mut q = Vec::new();
+    q.extend_from_slice(&(if ctx64 { 2u32 } else { 0 }).to_le_bytes());
+    q.extend_from_slice(&entries.to_le_bytes());
+    for a in [mfi::RING, mfi::PI, mfi::PI + 4] {
+        q.extend_from_slice(&a.to_le_bytes());
+    }
+    put(mfi::QINFO, &q);
+    for (at, f) in frames {
+        put(*at, f);
+    }
+    // Trailing zeroes carry nothing: the fuzzer fills them.
+    while m.last() == Some(&0) {
+        m.pop();
+    }
+    m
+}
+
+fn megasas_seeds() -> BTreeMap<String, Vec<u8>> {
+    use megasas_frames::{Setup, F_SNAPSHOT};
+    let iqp = |at: u64| write_op(backends::megasas::regs::reg::IQP, at as u32 | 1);
+    let omsk = write_op(backends::megasas::regs::reg::OMSK, !0x8000_0000);
+    let idb = |v| write_op(backends::megasas::regs::reg::IDB, v);
+    let mut seeds = BTreeMap::new();
+    let mut add = |name: &str, setup: Setup, frames: &[(u64, Vec<u8>)], ok: &[u64], ctx64: bool| {
+        let bytes = setup.encode(&mfi_memory(frames, 8, ctx64));
+        // The frames meant to succeed did.
+        let mem = megasas_frames::run_memory(&bytes);
+        for &at in ok {
+            assert_eq!(mem[at as usize + 2], 0, "{name}: frame {at:#x} status");
+        }
+        seeds.insert(format!("seed_{name}"), bytes);
+    };
+    // Linux's probe: INIT, the DCMDs, EVENT_WAIT held, then aborted.
+    let probe = [
+        (0x400, mfi_init()),
+        (0x800, mfi_dcmd(0x0101_0000, mfi::DONT_POST, 2384, 1)),
+        (0xc00, mfi_dcmd(0x0201_0100, mfi::DONT_POST, 8192, 2)),
+        (0x1000, mfi_dcmd(0x0301_0100, mfi::DONT_POST, 268, 3)),
+        (0x1400, mfi_dcmd(0x0104_0100, mfi::DONT_POST, 20, 4)),
+        (0x1800, mfi_dcmd(0x0104_0500, 0, 256, 5)),
+        (0x1c00, {
+            let mut f = mfi_frame(6, 0, 0, 0, 6);
+            f[0x20..0x28].copy_from_slice(&0x1800u64.to_le_bytes());
+            f
+        }),
+    ];
+    let ops: Vec<(u8, u32)> = [0x400u64, 0x800, 0xc00, 0x1000, 0x1400]
+        .iter()
+        .map(|&a| iqp(a))
+        .chain([omsk, iqp(0x1800), iqp(0x1c00)])
+        .collect();
+    add(
+        "linux_probe",
+        Setup { flags: 2, ops },
+        &probe,
+        &[0x400, 0x800, 0xc00, 0x1000, 0x1400, 0x1c00],
+        false,
+    );
+    // I/O: LD_WRITE then LD_READ (into the second region), a TEST UNIT
+    // READY without SGE, an INQUIRY, a READ(10) through pass-through.
+    let io = [
+        (0x400, mfi_init()),
+        (0x800, mfi_ld(true, 0, 4, 2, mfi::BUF, 1)),
+        (0xc00, mfi_ld(false, 1, 4, 2, mfi::HIGH_BUF, 2)),
+        (0x1000, mfi_scsi(&[0, 0, 0, 0, 0, 0], 0, 0, 3)),
+        (0x1400, mfi_scsi(&[0x12, 0, 0, 0, 36, 0], 36, 0, 4)),
+        (
+            0x1800,
+            mfi_scsi(&[0x28, 0, 0, 0, 0, 8, 0, 0, 4, 0], 2048, 0, 5),
+        ),
+    ];
+    let ops: Vec<(u8, u32)> = std::iter::once(omsk)
+        .chain([0x400u64, 0x800, 0xc00, 0x1000, 0x1400, 0x1800].map(iqp))
+        .collect();
+    let ok = [0x400, 0x800, 0xc00, 0x1000, 0x1400, 0x1800];
+    add(
+        "ld_and_scsi_io",
+        Setup {
+            flags: 2,
+            ops: ops.clone(),
+        },
+        &io,
+        &ok,
+        false,
+    );
+    add(
+        "ld_and_scsi_io_ctx64_snapshot",
+        Setup {
+            flags: 2 | F_SNAPSHOT,
+            ops,
+        },
+        &io,
+        &ok,
+        true,
+    );
+    // SeaBIOS: LD_GET_LIST and an INQUIRY, polled, through the I/O BAR,
+    // before any INIT.
+    let bios = [
+        (0x800, mfi_dcmd(0x0301_0000, mfi::DONT_POST, 1032, 0)),
+        (0xc00, {
+            let mut f = mfi_scsi(&[0x12, 0, 0, 0, 36, 0], 36, mfi::DONT_POST, 0);
+            f[6] = 16;
+            f
+        }),
+    ];
+    let ops = vec![(iqp(0x800).0 | 1, 0x801), (iqp(0xc00).0 | 1, 0xc01)];
+    add(
+        "seabios",
+        Setup { flags: 0, ops },
+        &bios,
+        &[0x800, 0xc00],
+        false,
+    );
+    // The driver resets the adapter and starts over.
+    let ops = vec![
+        iqp(0x400),
+        iqp(0x1800),
+        idb(7),
+        iqp(0x400),
+        idb(0x20),
+        idb(0x40),
+    ];
+    add(
+        "doorbell_resets",
+        Setup { flags: 0, ops },
+        &probe,
+        &[0x400],
+        false,
+    );
+    // 64-bit SGEs, a read-only disk, a 64-bit frame address.
+    let mut f = mfi_scsi(&[0x2a, 0, 0, 0, 0, 1, 0, 0, 1, 0], 512, 0, 7);
+    f[0x10] = mfi::SGL64 as u8;
+    f.truncate(0x30);
+    f.extend_from_slice(&mfi::BUF.to_le_bytes());
+    f.extend_from_slice(&512u32.to_le_bytes());
+    let ro = [(0x400, mfi_init()), (0x800, f)];
+    let ops = vec![
+        iqp(0x400),
+        write_op(backends::megasas::regs::reg::IQPH, 0),
+        write_op(backends::megasas::regs::reg::IQPL, 0x801),
+        (18, 0),
+    ];
+    add(
+        "read_only_sgl64",
+        Setup { flags: 1, ops },
+        &ro,
+        &[0x400],
+        false,
+    );
+    seeds
+}
+
+fn scsi_seeds() -> BTreeMap<String, Vec<u8>> {
+    let mut r16 = [0u8; 16];
+    r16[0] = 0x88;
+    r16[13] = 4;
+    let mut w16 = r16;
+    w16[0] = 0x8a;
+    let mut rc16 = [0u8; 16];
+    rc16[0] = 0x9e;
+    rc16[1] = 0x10;
+    rc16[13] = 32;
+    let mut s16 = [0u8; 16];
+    s16[0] = 0x91;
+    let cdbs: &[(&str, u16, &[u8])] = &[
+        ("test_unit_ready", 0, &[0, 0, 0, 0, 0, 0]),
+        ("request_sense", 252, &[0x03, 0, 0, 0, 252, 0]),
+        ("inquiry", 96, &[0x12, 0, 0, 0, 96, 0]),
+        ("inquiry_vpd_00", 255, &[0x12, 1, 0x00, 0, 255, 0]),
+        ("inquiry_vpd_80", 255, &[0x12, 1, 0x80, 0, 255, 0]),
+        ("inquiry_vpd_83", 255, &[0x12, 1, 0x83, 0, 255, 0]),
+        ("inquiry_vpd_b0", 255, &[0x12, 1, 0xb0, 0, 255, 0]),
+        ("inquiry_vpd_b1", 255, &[0x12, 1, 0xb1, 0, 255, 0]),
+        ("inquiry_vpd_b2", 255, &[0x12, 1, 0xb2, 0, 255, 0]),
+        ("mode_sense_6", 255, &[0x1a, 0, 0x3f, 0, 255, 0]),
+        (
+            "mode_sense_10",
+            512,
+            &[0x5a, 0x10, 0x3f, 0xff, 0, 0, 0, 2, 0, 0],
+        ),
+        ("read_capacity_10", 8, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+        ("read_capacity_16", 32, &rc16),
+        ("read_6", 1024, &[0x08, 0, 0, 1, 2, 0]),
+        ("write_6", 1024, &[0x0a, 0, 0, 1, 2, 0]),
+        ("read_10", 2048, &[0x28, 0, 0, 0, 0, 8, 0, 0, 4, 0]),
+        ("write_10", 2048, &[0x2a, 0x08, 0, 0, 0, 8, 0, 0, 4, 0]),
+        ("read_12", 512, &[0xa8, 0, 0, 0, 0, 9, 0, 0, 0, 1, 0, 0]),
+        ("write_12", 512, &[0xaa, 0, 0, 0, 0, 9, 0, 0, 0, 1, 0, 0]),
+        ("read_16", 2048, &r16),
+        ("write_16", 2048, &w16),
+        (
+            "synchronize_cache_10",
+            0,
+            &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ),
+        ("synchronize_cache_16", 0, &s16),
+        ("report_luns", 64, &[0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0]),
+        (
+            "rsoc_all",
+            1024,
+            &[0xa3, 0x0c, 0x80, 0, 0, 0, 0, 0, 4, 0, 0, 0],
+        ),
+        (
+            "rsoc_one",
+            64,
+            &[0xa3, 0x0c, 0x02, 0x9e, 0, 0x10, 0, 0, 0, 64, 0, 0],
+        ),
+        ("start_stop", 0, &[0x1b, 0, 0, 0, 1, 0]),
+        ("unknown", 0, &[0x41, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let mut seeds = BTreeMap::new();
+    for &(name, len, cdb) in cdbs {
+        seeds.insert(format!("seed_{name}"), scsi_cdb::encode(0, len, cdb));
+    }
+    seeds.insert(
+        "seed_write_10_read_only".into(),
+        scsi_cdb::encode(1, 2048, &[0x2a, 0, 0, 0, 0, 8, 0, 0, 4, 0]),
+    );
+    seeds.insert(
+        "seed_read_10_split".into(),
+        scsi_cdb::encode(2, 4096, &[0x28, 0, 0, 0, 0, 8, 0, 0, 8, 0]),
+    );
+    seeds
 }

@@ -8,7 +8,9 @@
 //! [`Writer`], so the fuzzer starts from real protocol traffic.
 
 pub mod blk_queue;
+pub mod megasas_frames;
 pub mod pci_config;
+pub mod scsi_cdb;
 pub mod server_stream;
 pub mod test_device;
 pub mod wire_decode;

@@ -2,6 +2,7 @@
 //! options, flattening [`CommonOptions`], and its `build`) and one
 //! [`DeviceKind`] variant, which is also its subcommand.
 
+pub mod megasas;
 pub mod virtio_blk;
 pub mod virtio_net;
 
@@ -37,6 +38,9 @@ pub enum DeviceKind {
     VirtioBlk(virtio_blk::VirtioBlkArgs),
     /// Serves a virtio-net PCI device on a host TAP interface
     VirtioNet(virtio_net::VirtioNetArgs),
+    /// Serves a MegaRAID SAS 1078 controller (megaraid_sas) whose logical
+    /// drives are raw images, or an in-memory disk
+    Megasas(megasas::MegasasArgs),
 }
 
 impl DeviceKind {
@@ -45,6 +49,7 @@ impl DeviceKind {
         match self {
             DeviceKind::VirtioBlk(args) => &args.common,
             DeviceKind::VirtioNet(args) => &args.common,
+            DeviceKind::Megasas(args) => &args.common,
         }
     }
 
@@ -53,6 +58,7 @@ impl DeviceKind {
         match self {
             DeviceKind::VirtioBlk(args) => virtio_blk::build(args),
             DeviceKind::VirtioNet(args) => virtio_net::build(args),
+            DeviceKind::Megasas(args) => megasas::build(args),
         }
     }
 }

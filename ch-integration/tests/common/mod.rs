@@ -24,6 +24,8 @@ pub struct Daemon {
     pub child: Child,
     pub socket: PathBuf,
     pub dir: TempDir,
+    /// The device kind (subcommand).
+    pub kind: &'static str,
 }
 
 impl Daemon {
@@ -35,10 +37,20 @@ impl Daemon {
     }
 
     pub fn start_in(dir: TempDir, args: &[&str]) -> Daemon {
+        Self::start_kind_in("virtio-blk", dir, args)
+    }
+
+    /// Starts device kind `kind` with `args` in `dir`.
+    pub fn start_kind_in(kind: &'static str, dir: TempDir, args: &[&str]) -> Daemon {
         let socket = dir.as_path().join("blk.sock");
-        let child = spawn(&socket, args);
+        let child = spawn(kind, &socket, args);
         wait_for_socket(&socket);
-        Daemon { child, socket, dir }
+        Daemon {
+            child,
+            socket,
+            dir,
+            kind,
+        }
     }
 
     /// Restarts on the same socket (after a kill).
@@ -46,7 +58,7 @@ impl Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
-        self.child = spawn(&self.socket, args);
+        self.child = spawn(self.kind, &self.socket, args);
         wait_for_socket(&self.socket);
     }
 }
@@ -58,9 +70,9 @@ impl Drop for Daemon {
     }
 }
 
-fn spawn(socket: &Path, args: &[&str]) -> Child {
+fn spawn(kind: &str, socket: &Path, args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vfio-user-device"))
-        .arg("virtio-blk")
+        .arg(kind)
         .arg("--socket")
         .arg(socket)
         .args(args)

@@ -880,6 +880,7 @@ pub fn api(api_socket: &Path, args: &[&str]) -> serde_json::Value {
 fn pci_id(kind: &str) -> [u8; 4] {
     match kind {
         "virtio-net" => [0xf4, 0x1a, 0x41, 0x10],
+        "megasas" => [0x00, 0x10, 0x60, 0x00],
         _ => [0xf4, 0x1a, 0x42, 0x10],
     }
 }

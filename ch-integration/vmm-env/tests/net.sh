@@ -5,6 +5,7 @@
 #   vt.peer=IP        the host's address on the TAP (default 10.77.0.1)
 #   vt.bytes=N        bytes to send each way (default 4194304)
 #   vt.wait=SECS      how long to wait for the interface (default 15)
+#   vt.pings=N        pings sent (default 3)
 #   vt.flap=1         after the first ping, say flap_ready=1 and wait for
 #                     the link to go down and come back (the host flaps
 #                     the TAP), then ping again
@@ -15,7 +16,7 @@
 # Results:
 #   iface=<name> mac=<address> mtu=<N> features=<bits, bit 0 first>
 #   rx_queues=<N> (receive queues the driver uses)
-#   carrier=1 ping_rc=<rc> ping_avg_ms=<avg>
+#   carrier=1 ping_rc=<rc> ping_avg_ms=<avg> ping_times=<ms ms ...>
 #   listening=5001 rx_bytes=<N> rx_sha256=<hex> rx_cs=<centiseconds>
 #   flap_ready=1 link_down_seen=1 link_up_seen=1 ping2_rc=<rc>  (vt.flap)
 #   tx_sha256=<hex> tx_rc=<nc exit code> tx_cs=<centiseconds>
@@ -64,12 +65,13 @@ ip addr add "$ip_addr" dev "$iface"
 wait_carrier 1 10 || fail "no carrier"
 result carrier "$(cat "/sys/class/net/$iface/carrier")"
 
-ping_out=$(ping -c 3 -W 5 "$peer" 2>&1)
+ping_out=$(ping -c "${VT_PINGS:-3}" -W 5 "$peer" 2>&1)
 rc=$?
 result ping_rc "$rc"
 [ "$rc" = 0 ] || { fail "ping $peer failed"; echo "$ping_out"; }
 avg=$(echo "$ping_out" | sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p')
 result ping_avg_ms "${avg:-none}"
+result ping_times "$(echo "$ping_out" | sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' | tr '\n' ' ')"
 
 # host -> guest: nc's stdin is a fifo kept open (a busybox nc whose stdin
 # is at EOF stops after its first read); it ends when the host closes.

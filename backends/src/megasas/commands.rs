@@ -1,0 +1,392 @@
+//! Running frames: fetching them from guest memory, dispatching them by
+//! command, and completing them (status in the frame, then the reply
+//! queue unless the frame says not to post it).
+//!
+//! Every guest address is checked by `vm-memory`; a frame that cannot be
+//! read is dropped (there is nowhere to report it), one whose buffers are
+//! outside guest memory completes with INVALID_SGL.
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+use log::{debug, warn};
+use vfio_user_server::guest_memory::GuestMemory;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+
+use super::dcmd::{self, opcode, LogicalDrive};
+use super::frame::{cmd, flags, offset, status, Frame, FRAME_SIZE};
+use super::regs::FwState;
+use super::reply_queue::ReplyQueue;
+use super::sgl::{read_sgl, SglFormat};
+use super::{HeldFrame, Megasas, Pending, SenseBuffer, PCI_IDS, PRODUCT};
+use crate::guest_sg::SgList;
+use crate::scsi::{Outcome, ReadWrite, Sense, BLOCK_SIZE, STATUS_CHECK_CONDITION};
+
+/// Bus master enable in the command register: no DMA without it.
+const COMMAND_BUS_MASTER: u16 = 1 << 2;
+
+/// How a frame completes.
+#[derive(Clone, Copy, Debug)]
+struct Completion {
+    cmd_status: u8,
+    scsi_status: u8,
+    /// Sense data of a failed SCSI command, and where it goes.
+    sense: Option<(SenseBuffer, Sense)>,
+}
+
+impl Completion {
+    fn status(cmd_status: u8) -> Self {
+        Completion {
+            cmd_status,
+            scsi_status: 0,
+            sense: None,
+        }
+    }
+
+    /// The completion of a SCSI command with `outcome`.
+    fn scsi(p: &Pending, outcome: Outcome) -> Self {
+        match outcome.sense {
+            None => Completion::status(status::OK),
+            Some(sense) => Completion {
+                cmd_status: status::SCSI_DONE_WITH_ERROR,
+                scsi_status: STATUS_CHECK_CONDITION,
+                sense: Some((p.sense, sense)),
+            },
+        }
+    }
+}
+
+/// The SGL of `frame` (at `addr`) starting at `sgl_offset`, cut to `limit`
+/// bytes; INVALID_SGL if it is outside guest memory.
+fn frame_sgl<'m>(
+    mem: &'m GuestMemory,
+    addr: u64,
+    sgl_offset: u64,
+    frame: &Frame,
+    limit: u64,
+) -> Result<SgList<'m>, u8> {
+    let at = addr.checked_add(sgl_offset).ok_or(status::INVALID_SGL)?;
+    read_sgl(mem, at, frame.sge_count(), SglFormat::of(frame), limit).map_err(|e| {
+        debug!("megasas: frame {addr:#x}: {e}");
+        status::INVALID_SGL
+    })
+}
+
+impl Megasas {
+    /// Runs up to `budget` queued frames; returns whether frames are left.
+    pub(super) fn run_queued(&mut self, budget: usize) -> bool {
+        let memory = self.memory.memory().into_inner();
+        // Restored before the client mapped guest memory: the frames wait
+        // (the server calls again after every message).
+        if memory.num_regions() == 0 {
+            return false;
+        }
+        if self.pci.config().command() & COMMAND_BUS_MASTER == 0 {
+            debug!(
+                "megasas: {} frame(s) dropped: bus mastering is off",
+                self.queued.len()
+            );
+            self.queued.clear();
+            return false;
+        }
+        let mut waiting = false;
+        for _ in 0..budget {
+            let Some(&addr) = self.queued.front() else {
+                break;
+            };
+            if self.restored_hold && !self.frame_ready(&memory, addr) {
+                // The next message may be the DMA_MAP it waits for: no
+                // point in being called before.
+                waiting = true;
+                break;
+            }
+            self.queued.pop_front();
+            self.run_frame(&memory, addr);
+        }
+        if self.queued.is_empty() {
+            self.restored_hold = false;
+        }
+        for d in &mut self.disks {
+            d.submit();
+        }
+        self.interrupt();
+        !waiting && !self.queued.is_empty()
+    }
+
+    /// Whether the frame at `addr`, its SGL, its buffers, its sense buffer
+    /// and the reply queue all lie in guest memory (as mapped so far).
+    fn frame_ready(&self, mem: &GuestMemory, addr: u64) -> bool {
+        let mut raw = [0u8; FRAME_SIZE];
+        if mem.read_slice(&mut raw, GuestAddress(addr)).is_err() {
+            return false;
+        }
+        let frame = Frame::new(raw);
+        let in_memory = |at: u64, len: u64| {
+            usize::try_from(len).is_ok_and(|len| mem.check_range(GuestAddress(at), len))
+        };
+        if let Some(q) = &self.reply_queue {
+            if !in_memory(q.producer, 4) || !in_memory(q.ring, q.ring_len()) {
+                return false;
+            }
+        }
+        let (sgl, limit) = match frame.cmd() {
+            cmd::LD_READ | cmd::LD_WRITE => (
+                offset::IO_SGL,
+                u64::from(frame.data_len()) * u64::from(BLOCK_SIZE),
+            ),
+            cmd::LD_SCSI_IO | cmd::PD_SCSI_IO => (offset::PASS_SGL, u64::from(frame.data_len())),
+            cmd::DCMD => (offset::IO_SGL, u64::from(frame.data_len())),
+            _ => return true,
+        };
+        let sense = frame.cmd() == cmd::DCMD
+            || frame.sense_len() == 0
+            || in_memory(frame.sense_addr(), u64::from(frame.sense_len()));
+        sense && frame_sgl(mem, addr, sgl, &frame, limit).is_ok()
+    }
+
+    /// Fetches and runs the frame at `addr`.
+    fn run_frame(&mut self, mem: &Arc<GuestMemory>, addr: u64) {
+        let mut raw = [0u8; FRAME_SIZE];
+        if mem.read_slice(&mut raw, GuestAddress(addr)).is_err() {
+            debug!("megasas: frame {addr:#x} is outside guest memory");
+            return;
+        }
+        let frame = Frame::new(raw);
+        let context64 = self.reply_queue.is_some_and(|q| q.context64);
+        let held = HeldFrame {
+            addr,
+            context: frame.context(context64),
+            flags: frame.flags(),
+        };
+        let done = match frame.cmd() {
+            cmd::INIT => Some(Completion::status(self.init(mem, &frame))),
+            cmd::LD_READ | cmd::LD_WRITE => self.ld_io(mem, &frame, held),
+            cmd::LD_SCSI_IO => self.ld_scsi_io(mem, &frame, held),
+            // Every disk is a logical drive: no physical drive is exposed.
+            cmd::PD_SCSI_IO => Some(Completion::status(status::DEVICE_NOT_FOUND)),
+            cmd::DCMD => self.dcmd(mem, &frame, held),
+            cmd::ABORT => Some(Completion::status(self.abort(&frame))),
+            other => {
+                debug!("megasas: frame {addr:#x}: unknown command {other:#x}");
+                Some(Completion::status(status::INVALID_CMD))
+            }
+        };
+        if let Some(c) = done {
+            self.finish(mem, held, c);
+        }
+    }
+
+    /// INIT: sets up the reply queue and goes OPERATIONAL.
+    fn init(&mut self, mem: &GuestMemory, frame: &Frame) -> u8 {
+        if self.regs.state != FwState::Ready {
+            debug!("megasas: INIT in state {:?}", self.regs.state);
+            return status::WRONG_STATE;
+        }
+        match ReplyQueue::from_qinfo(mem, frame.u64(offset::QINFO)) {
+            Ok(q) => {
+                debug!(
+                    "megasas: INIT: {} reply entries at {:#x}, {}-bit contexts",
+                    q.entries,
+                    q.ring,
+                    if q.context64 { 64 } else { 32 }
+                );
+                self.reply_queue = Some(q);
+                self.regs.state = FwState::Operational;
+                status::OK
+            }
+            Err(e) => {
+                debug!("megasas: INIT refused: {e}");
+                status::INVALID_PARAMETER
+            }
+        }
+    }
+
+    /// LD_READ and LD_WRITE: the data length counts blocks.
+    fn ld_io(
+        &mut self,
+        mem: &Arc<GuestMemory>,
+        frame: &Frame,
+        held: HeldFrame,
+    ) -> Option<Completion> {
+        let Some(disk) = self.disks.get_mut(usize::from(frame.target())) else {
+            return Some(Completion::status(status::DEVICE_NOT_FOUND));
+        };
+        let blocks = u64::from(frame.data_len());
+        let limit = blocks * u64::from(BLOCK_SIZE);
+        let sg = match frame_sgl(mem, held.addr, offset::IO_SGL, frame, limit) {
+            Ok(sg) => sg,
+            Err(s) => return Some(Completion::status(s)),
+        };
+        let rw = ReadWrite {
+            write: frame.cmd() == cmd::LD_WRITE,
+            lba: frame.u64(offset::LBA),
+            blocks,
+            fua: false,
+        };
+        let plan = disk.plan_read_write(rw, sg.len());
+        let p = pending(frame, held);
+        disk.execute(plan, &sg, mem, p)
+            .map(|(p, o)| Completion::scsi(&p, o))
+    }
+
+    /// LD_SCSI_IO: the CDB goes to the logical drive's SCSI disk.
+    fn ld_scsi_io(
+        &mut self,
+        mem: &Arc<GuestMemory>,
+        frame: &Frame,
+        held: HeldFrame,
+    ) -> Option<Completion> {
+        let disk = match self.disks.get_mut(usize::from(frame.target())) {
+            Some(d) if frame.lun() == 0 => d,
+            _ => return Some(Completion::status(status::DEVICE_NOT_FOUND)),
+        };
+        let limit = u64::from(frame.data_len());
+        // No SGE at all is fine for commands without data (TEST UNIT
+        // READY): the buffer is then empty.
+        let sg = match frame_sgl(mem, held.addr, offset::PASS_SGL, frame, limit) {
+            Ok(sg) => sg,
+            Err(s) => return Some(Completion::status(s)),
+        };
+        let plan = disk.plan(frame.cdb(), &sg);
+        let p = pending(frame, held);
+        disk.execute(plan, &sg, mem, p)
+            .map(|(p, o)| Completion::scsi(&p, o))
+    }
+
+    /// A DCMD; EVENT_WAIT is held (`None`).
+    fn dcmd(&mut self, mem: &GuestMemory, frame: &Frame, held: HeldFrame) -> Option<Completion> {
+        let op = frame.u32(offset::OPCODE);
+        debug!("megasas: DCMD {} ({op:#010x})", dcmd::name(op));
+        let sg = match frame_sgl(
+            mem,
+            held.addr,
+            offset::IO_SGL,
+            frame,
+            u64::from(frame.data_len()),
+        ) {
+            Ok(sg) => sg,
+            Err(s) => return Some(Completion::status(s)),
+        };
+        let lds = || -> Vec<LogicalDrive> {
+            (self.disks.iter().enumerate())
+                .map(|(i, d)| LogicalDrive {
+                    // At most MAX_LDS disks.
+                    target: i as u8,
+                    blocks: d.blocks(),
+                })
+                .collect()
+        };
+        let (cmd_status, data) = match op {
+            opcode::CTRL_GET_INFO => (
+                status::OK,
+                Some(dcmd::ctrl_info(PCI_IDS, self.disks.len(), PRODUCT)),
+            ),
+            opcode::CTRL_GET_PROPERTIES => (status::OK, Some(vec![0; dcmd::PROPERTIES_LEN])),
+            opcode::CTRL_SET_PROPERTIES | opcode::CTRL_SET_TIME => (status::OK, None),
+            opcode::PD_GET_LIST | opcode::PD_LIST_QUERY => (status::OK, Some(dcmd::pd_list())),
+            opcode::LD_GET_LIST => (status::OK, Some(dcmd::ld_list(&lds()))),
+            opcode::LD_LIST_QUERY => (status::OK, Some(dcmd::ld_targetid_list(&lds()))),
+            opcode::EVENT_GET_INFO => (status::OK, Some(dcmd::event_log_info(self.event_seq))),
+            opcode::EVENT_WAIT => {
+                if self.event_wait.is_some() {
+                    debug!("megasas: a second EVENT_WAIT while one is held");
+                    (status::WRONG_STATE, None)
+                } else {
+                    // No event ever happens: held until aborted or reset.
+                    self.event_wait = Some(held);
+                    return None;
+                }
+            }
+            opcode::CACHE_FLUSH | opcode::CTRL_SHUTDOWN | opcode::HIBERNATE_SHUTDOWN => {
+                (self.flush_disks(), None)
+            }
+            _ => (status::INVALID_DCMD, None),
+        };
+        if let Some(data) = data {
+            // Cut to the driver's buffer; its length is a u64 of it.
+            let n = (data.len() as u64).min(sg.len()) as usize;
+            if sg.write_at(0, &data[..n]).is_err() {
+                return Some(Completion::status(status::INVALID_SGL));
+            }
+        }
+        Some(Completion::status(cmd_status))
+    }
+
+    /// Makes every completed write durable (they were written through;
+    /// this covers back ends that buffer anyway).
+    fn flush_disks(&self) -> u8 {
+        let mut s = status::OK;
+        for (i, d) in self.disks.iter().enumerate() {
+            if let Err(e) = d.flush() {
+                warn!("megasas: flush of disk {i}: {e}");
+                s = status::FLUSH_FAILED;
+            }
+        }
+        s
+    }
+
+    /// ABORT: only a held EVENT_WAIT can be aborted; it is dropped without
+    /// completing (as the driver expects). Anything else has completed or
+    /// is a transfer on its way, which completes by itself.
+    fn abort(&mut self, frame: &Frame) -> u8 {
+        let target = frame.u64(offset::ABORT_ADDR);
+        match self.event_wait {
+            Some(h) if h.addr == target => {
+                debug!("megasas: EVENT_WAIT at {target:#x} aborted");
+                self.event_wait = None;
+            }
+            _ => debug!("megasas: ABORT of {target:#x}: nothing held there"),
+        }
+        status::OK
+    }
+
+    /// Completes the SCSI frame `p` with `outcome` (from the I/O threads).
+    pub(super) fn complete_scsi(&mut self, mem: &GuestMemory, p: Pending, outcome: Outcome) {
+        self.finish(mem, p.frame, Completion::scsi(&p, outcome));
+    }
+
+    /// Writes the completion of `held` into it (the command status last)
+    /// and posts it to the reply queue, unless the frame says not to.
+    fn finish(&mut self, mem: &GuestMemory, held: HeldFrame, c: Completion) {
+        let at = |off: u64| held.addr.checked_add(off).map(GuestAddress);
+        let write = |off: u64, b: u8| at(off).is_some_and(|a| mem.write_obj(b, a).is_ok());
+        if let Some((buf, sense)) = c.sense {
+            let bytes = sense.encode();
+            let n = bytes.len().min(usize::from(buf.len));
+            let written = n > 0 && mem.write_slice(&bytes[..n], GuestAddress(buf.addr)).is_ok();
+            // At most 18.
+            write(offset::SENSE_LEN, if written { n as u8 } else { 0 });
+        }
+        write(offset::SCSI_STATUS, c.scsi_status);
+        // Data, sense and SCSI status are visible before the command status
+        // a polling driver waits for.
+        fence(Ordering::Release);
+        if !write(offset::CMD_STATUS, c.cmd_status) {
+            debug!("megasas: frame {:#x} vanished before completing", held.addr);
+        }
+        if held.flags & flags::DONT_POST != 0 {
+            return;
+        }
+        match self.reply_queue.as_mut() {
+            Some(q) => match q.post(mem, held.context) {
+                Ok(()) => self.replies = true,
+                Err(e) => debug!("megasas: frame {:#x} not posted: {e}", held.addr),
+            },
+            None => debug!(
+                "megasas: frame {:#x} completed in place: no reply queue yet",
+                held.addr
+            ),
+        }
+    }
+}
+
+/// What completing `frame` later needs.
+fn pending(frame: &Frame, held: HeldFrame) -> Pending {
+    Pending {
+        frame: held,
+        sense: SenseBuffer {
+            addr: frame.sense_addr(),
+            len: frame.sense_len(),
+        },
+    }
+}

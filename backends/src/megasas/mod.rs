@@ -1,0 +1,523 @@
+//! An LSI MegaRAID SAS 1078 host bus adapter (the MFI interface, QEMU's
+//! `megasas` identity), whose logical drives are [`ScsiDisk`]s: a stock
+//! Linux guest drives it with `megaraid_sas` and sees each disk as
+//! `H:2:T:0`; SeaBIOS boots from it.
+//!
+//! - BAR 0: 16 KiB of 64-bit memory with the MFI registers ([`regs`]), the
+//!   MSI-X table (one vector) at 0x2000 and its PBA at 0x3800. Never
+//!   mmapped: every access reaches the device.
+//! - BAR 2: 256 bytes of I/O space aliasing the registers (SeaBIOS uses
+//!   it).
+//! - INTx when MSI-X is off.
+//!
+//! A write of a frame address to the inbound queue port only queues it;
+//! [`Lifecycle::run_deferred`] fetches and runs the frames once the write
+//! is answered (`commands.rs`). Frames complete in place (status bytes in
+//! the frame) and, unless flagged "don't post", in the reply queue set up
+//! by INIT ([`reply_queue`]), followed by an interrupt. Reads and writes
+//! run on the caller's thread or on each disk's I/O threads; those are
+//! drained before pausing, snapshotting and unmapping guest memory, and
+//! forgotten on resets.
+
+mod commands;
+pub mod dcmd;
+pub mod frame;
+pub mod regs;
+pub mod reply_queue;
+pub mod sgl;
+mod state;
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use log::debug;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use vfio_user_server::device::{DeviceContext, Interest, Lifecycle, ResetReason, WatchedFd};
+use vfio_user_server::guest_memory::GuestMemoryHandle;
+use vfio_user_server::pci::{
+    PciBarConfiguration, PciBarPrefetchable, PciBarRegionType, PciConfigurationParams, PciDevice,
+    PciDeviceError, PciFunction,
+};
+use vfio_user_server::vm_migration::{
+    Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable,
+};
+use vm_memory::GuestAddressSpace;
+
+use self::dcmd::{PciIds, MAX_LDS, MAX_REQUEST_SECTORS};
+use self::regs::{Action, FwState, Registers};
+use self::reply_queue::ReplyQueue;
+use self::state::MegasasState;
+use crate::scsi::{Outcome, ScsiDisk, ScsiDiskConfig, ScsiDiskError};
+use crate::storage::BlockBackend;
+
+/// PCI identity of QEMU's `megasas` (a MegaRAID SAS 1078).
+pub const PCI_IDS: PciIds = PciIds {
+    vendor: 0x1000,
+    device: 0x0060,
+    subvendor: 0x1000,
+    subdevice: 0x1013,
+};
+/// Index of the memory BAR with the registers and MSI-X.
+pub const MMIO_BAR: usize = 0;
+/// Size of the memory BAR.
+pub const MMIO_BAR_SIZE: u64 = 0x4000;
+/// Index of the I/O BAR.
+pub const IO_BAR: usize = 2;
+/// Size of the I/O BAR.
+pub const IO_BAR_SIZE: u64 = 0x100;
+/// Offset of the MSI-X table in the memory BAR.
+pub const MSIX_TABLE_OFFSET: u64 = 0x2000;
+/// Offset of the MSI-X PBA in the memory BAR.
+pub const MSIX_PBA_OFFSET: u64 = 0x3800;
+/// Product name in the controller information.
+const PRODUCT: &str = "MegaRAID SAS 1078 (vfio-user)";
+/// Frames queued and not fetched yet, at most: beyond the commands a
+/// driver may have outstanding, a port write is dropped.
+pub const MAX_QUEUED_FRAMES: usize = 4096;
+/// Frames run per call of [`Lifecycle::run_deferred`].
+const FRAMES_PER_RUN: usize = 64;
+/// The child snapshot holding the PCI function's state.
+const PCI_SNAPSHOT_ID: &str = "pci";
+
+/// Errors creating the controller.
+#[derive(Debug, Error)]
+pub enum MegasasError {
+    /// No disk to serve.
+    #[error("no disk")]
+    NoDisks,
+    /// More disks than logical drives.
+    #[error("{0} disks; at most {MAX_LDS}")]
+    TooManyDisks(usize),
+    /// A disk could not be set up.
+    #[error("disk {0}: {1}")]
+    Disk(usize, ScsiDiskError),
+    /// The PCI function could not be built.
+    #[error("PCI function: {0}")]
+    Pci(#[from] PciDeviceError),
+}
+
+/// Options of the controller.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MegasasConfig {
+    /// Expose every disk read-only.
+    pub read_only: bool,
+    /// I/O threads per disk for reads, writes and flushes; 0 runs them on
+    /// the event loop thread.
+    pub io_threads: usize,
+}
+
+/// A frame held by the controller: where it is and what completing it
+/// needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct HeldFrame {
+    /// Guest address.
+    addr: u64,
+    /// The context to post.
+    context: u64,
+    /// Its flags.
+    flags: u16,
+}
+
+/// What completing a SCSI frame needs besides the frame.
+#[derive(Clone, Copy, Debug)]
+struct SenseBuffer {
+    addr: u64,
+    len: u8,
+}
+
+/// A frame whose transfer runs on a disk's I/O threads.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    frame: HeldFrame,
+    sense: SenseBuffer,
+}
+
+/// The MegaRAID SAS controller.
+pub struct Megasas {
+    pci: PciFunction,
+    memory: GuestMemoryHandle,
+    regs: Registers,
+    reply_queue: Option<ReplyQueue>,
+    /// Logical drive `i` is disk `i`.
+    disks: Vec<ScsiDisk<Pending>>,
+    /// Frame addresses written to the queue port and not run yet.
+    queued: VecDeque<u64>,
+    /// The EVENT_WAIT the driver left with us.
+    event_wait: Option<HeldFrame>,
+    /// Sequence number of the newest event (there are none after boot).
+    event_seq: u32,
+    /// Replies were posted since the last interrupt.
+    replies: bool,
+    /// Frames restored from a snapshot wait until every guest address
+    /// they use is mapped (a client maps guest memory region by region)
+    /// or the driver touches a register (the guest runs again).
+    restored_hold: bool,
+    paused: bool,
+    watched: Vec<WatchedFd>,
+}
+
+impl Megasas {
+    /// A controller with `disks` as its logical drives 0, 1, ..., reaching
+    /// guest memory and raising interrupts through `ctx`.
+    pub fn new(
+        ctx: &DeviceContext,
+        disks: Vec<Arc<dyn BlockBackend>>,
+        config: &MegasasConfig,
+    ) -> Result<Self, MegasasError> {
+        if disks.is_empty() {
+            return Err(MegasasError::NoDisks);
+        }
+        if disks.len() > MAX_LDS {
+            return Err(MegasasError::TooManyDisks(disks.len()));
+        }
+        let disks = disks
+            .into_iter()
+            .enumerate()
+            .map(|(i, backend)| {
+                let config = ScsiDiskConfig {
+                    product: "MegaRAID LD".into(),
+                    read_only: config.read_only,
+                    max_transfer_blocks: MAX_REQUEST_SECTORS,
+                    // At most MAX_LDS.
+                    index: i as u32,
+                    io_threads: config.io_threads,
+                    ..Default::default()
+                };
+                ScsiDisk::new(backend, &config).map_err(|e| MegasasError::Disk(i, e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut pci = PciFunction::new(
+            PciConfigurationParams {
+                vendor_id: PCI_IDS.vendor,
+                device_id: PCI_IDS.device,
+                revision_id: 0,
+                class_code: 0x01,
+                subclass: 0x04,
+                prog_if: 0x00,
+                subsystem_vendor_id: PCI_IDS.subvendor,
+                subsystem_id: PCI_IDS.subdevice,
+                pcie: false,
+                interrupt_pin: 1,
+            },
+            ctx.irqs.clone(),
+        );
+        let np = PciBarPrefetchable::NotPrefetchable;
+        pci.add_bar(PciBarConfiguration::new(
+            MMIO_BAR,
+            MMIO_BAR_SIZE,
+            PciBarRegionType::Memory64BitRegion,
+            np,
+        ))?;
+        pci.add_bar(PciBarConfiguration::new(
+            IO_BAR,
+            IO_BAR_SIZE,
+            PciBarRegionType::IoRegion,
+            np,
+        ))?;
+        pci.add_msix(1, MMIO_BAR, MSIX_TABLE_OFFSET, MSIX_PBA_OFFSET)?;
+        let watched = disks
+            .iter()
+            .filter_map(|d| d.completion_fd().map(WatchedFd::readable))
+            .collect();
+        Ok(Megasas {
+            pci,
+            memory: ctx.memory.clone(),
+            regs: Registers::default(),
+            reply_queue: None,
+            disks,
+            queued: VecDeque::new(),
+            event_wait: None,
+            event_seq: 0,
+            replies: false,
+            restored_hold: false,
+            paused: false,
+            watched,
+        })
+    }
+
+    /// The firmware state.
+    pub fn fw_state(&self) -> FwState {
+        self.regs.state
+    }
+
+    /// Number of logical drives.
+    pub fn num_disks(&self) -> usize {
+        self.disks.len()
+    }
+
+    /// Capacity of logical drive `i` in 512-byte blocks.
+    pub fn disk_blocks(&self, i: usize) -> Option<u64> {
+        self.disks.get(i).map(ScsiDisk::blocks)
+    }
+
+    /// Whether the logical drives are read-only.
+    pub fn read_only(&self) -> bool {
+        self.disks.iter().any(ScsiDisk::read_only)
+    }
+
+    /// Frames queued and not run yet.
+    pub fn queued_frames(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// Transfers running on I/O threads.
+    pub fn in_flight(&self) -> usize {
+        self.disks.iter().map(ScsiDisk::in_flight).sum()
+    }
+
+    /// Whether an EVENT_WAIT is held.
+    pub fn event_wait_held(&self) -> bool {
+        self.event_wait.is_some()
+    }
+
+    /// Drops every frame the controller holds: queued, running (waiting
+    /// for those on I/O threads, whose reads still reach guest memory) and
+    /// the EVENT_WAIT. None of them completes.
+    fn abort_all(&mut self) {
+        for d in &mut self.disks {
+            d.forget_all();
+        }
+        self.queued.clear();
+        self.event_wait = None;
+    }
+
+    /// Back to READY: frames dropped, reply queue forgotten, interrupts
+    /// masked (a doorbell reset, an adapter reset, a device reset).
+    fn soft_reset(&mut self) {
+        self.abort_all();
+        self.restored_hold = false;
+        self.reply_queue = None;
+        self.regs.reset();
+        self.replies = false;
+    }
+
+    /// The inbound doorbell.
+    fn doorbell(&mut self, bits: u32) {
+        use self::regs::doorbell as db;
+        if bits & (db::READY | db::ADP_RESET) != 0 {
+            debug!("megasas: doorbell {bits:#x}: back to READY");
+            self.soft_reset();
+        } else if bits & db::ABORT != 0 {
+            debug!("megasas: doorbell {bits:#x}: abort all");
+            self.abort_all();
+        }
+        if bits & db::STOP_ADP != 0 {
+            // Once: a driver that gave up says so once, a guest that keeps
+            // writing it must not flood the log.
+            if self.regs.state != FwState::Fault {
+                log::warn!("megasas: the driver stopped the adapter (doorbell {bits:#x})");
+            }
+            self.abort_all();
+            self.regs.state = FwState::Fault;
+        }
+    }
+
+    /// A frame address was written to a queue port.
+    fn queue_frame(&mut self, addr: u64) {
+        if self.regs.state == FwState::Fault {
+            debug!("megasas: frame {addr:#x} posted to a stopped adapter");
+        } else if self.queued.len() >= MAX_QUEUED_FRAMES {
+            debug!("megasas: frame {addr:#x} dropped: {MAX_QUEUED_FRAMES} frames queued");
+        } else {
+            self.queued.push_back(addr);
+        }
+    }
+
+    fn apply(&mut self, action: Action) {
+        match action {
+            Action::None => {}
+            Action::Frame(addr) => self.queue_frame(addr),
+            Action::Doorbell(bits) => self.doorbell(bits),
+            Action::Unmasked => self.pci.signal_or_log(0),
+        }
+    }
+
+    /// Register access at `offset` of either BAR.
+    fn register_read(&mut self, offset: u64, data: &mut [u8]) {
+        self.restored_hold = false;
+        data.fill(0);
+        let shift = (offset & 3) as usize;
+        if shift + data.len() > 4 {
+            return;
+        }
+        let value = self.regs.read(offset & !3).to_le_bytes();
+        data.copy_from_slice(&value[shift..shift + data.len()]);
+    }
+
+    fn register_write(&mut self, offset: u64, data: &[u8]) {
+        self.restored_hold = false;
+        // Registers are written whole (a narrower write is zero-extended).
+        if offset & 3 != 0 || data.is_empty() || data.len() > 4 {
+            return;
+        }
+        let mut value = [0u8; 4];
+        value[..data.len()].copy_from_slice(data);
+        let action = self.regs.write(offset, u32::from_le_bytes(value));
+        self.apply(action);
+    }
+
+    /// Completes what the I/O threads of the disk watched on `fd` finished
+    /// (every disk's transfers, once they have all run, if `fd` is
+    /// `None`), then interrupts.
+    fn complete_in_flight(&mut self, fd: Option<RawFd>) {
+        let mut done: Vec<(Pending, Outcome)> = Vec::new();
+        for d in &mut self.disks {
+            match fd {
+                None => d.drain_and_collect(|p, o| done.push((p, o))),
+                Some(fd) if d.completion_fd() == Some(fd) => d.collect(|p, o| done.push((p, o))),
+                Some(_) => {}
+            }
+        }
+        if done.is_empty() {
+            return;
+        }
+        let memory = self.memory.memory().into_inner();
+        for (p, outcome) in done {
+            self.complete_scsi(&memory, p, outcome);
+        }
+        self.interrupt();
+    }
+
+    /// Raises an interrupt if replies were posted since the last one, and
+    /// the driver unmasked them.
+    fn interrupt(&mut self) {
+        if std::mem::take(&mut self.replies) {
+            self.regs.reply_pending = true;
+            if self.regs.interrupts_enabled() {
+                self.pci.signal_or_log(0);
+            }
+        }
+    }
+}
+
+/// Config space, BAR allocation and the MSI-X windows are the function's;
+/// the rest of both BARs is the register file.
+impl PciDevice for Megasas {
+    fn pci_function(&mut self) -> Option<&mut PciFunction> {
+        Some(&mut self.pci)
+    }
+
+    fn read_bar(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        let Some(bar) = self.pci.bar_index(base) else {
+            data.fill(0);
+            return;
+        };
+        if !self.pci.read_bar(bar, offset, data) {
+            self.register_read(offset, data);
+        }
+    }
+
+    fn write_bar(&mut self, base: u64, offset: u64, data: &[u8]) {
+        let Some(bar) = self.pci.bar_index(base) else {
+            return;
+        };
+        if !self.pci.write_bar(bar, offset, data) {
+            self.register_write(offset, data);
+        }
+    }
+}
+
+impl Lifecycle for Megasas {
+    fn reset(&mut self, reason: ResetReason) {
+        debug!("megasas: reset ({reason:?})");
+        self.soft_reset();
+        self.pci.reset();
+        self.paused = false;
+    }
+
+    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), MigratableError> {
+        let state: MegasasState = snapshot.to_state()?;
+        let blocks: Vec<u64> = self.disks.iter().map(ScsiDisk::blocks).collect();
+        state.check(&blocks).map_err(MigratableError::Restore)?;
+        let pci = snapshot
+            .snapshots
+            .get(PCI_SNAPSHOT_ID)
+            .ok_or(MigratableError::Restore("no PCI state".into()))?;
+        let mut function = self.pci.clone();
+        function.restore(pci)?;
+        self.abort_all();
+        self.pci = function;
+        self.regs = state.regs;
+        self.reply_queue = state.reply_queue;
+        self.event_wait = state.event_wait;
+        self.event_seq = state.event_seq;
+        self.queued = state.queued.into();
+        self.replies = false;
+        self.restored_hold = !self.queued.is_empty();
+        Ok(())
+    }
+
+    fn migratable(&self) -> bool {
+        true
+    }
+
+    fn dma_unmapping(&mut self, _address: u64, _size: u64) {
+        // Transfers in flight may use the range: finish them while it is
+        // still mapped.
+        self.complete_in_flight(None);
+    }
+
+    fn watched_fds(&self) -> &[WatchedFd] {
+        &self.watched
+    }
+
+    fn handle_event(&mut self, fd: RawFd, _ready: Interest) {
+        if !self.paused {
+            self.complete_in_flight(Some(fd));
+        }
+    }
+
+    fn run_deferred(&mut self) -> bool {
+        if self.paused || self.queued.is_empty() {
+            return false;
+        }
+        self.run_queued(FRAMES_PER_RUN)
+    }
+}
+
+/// Pausing completes the transfers in flight; queued frames stay queued
+/// (and in the snapshot) until the device resumes.
+impl Pausable for Megasas {
+    fn pause(&mut self) -> Result<(), MigratableError> {
+        self.complete_in_flight(None);
+        self.paused = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), MigratableError> {
+        self.paused = false;
+        Ok(())
+    }
+}
+
+impl Snapshottable for Megasas {
+    fn id(&self) -> String {
+        "megasas".into()
+    }
+
+    /// The firmware state, reply queue, held EVENT_WAIT and queued frames,
+    /// with the PCI function's state as a child; transfers in flight are
+    /// completed first.
+    fn snapshot(&mut self) -> Result<Snapshot, MigratableError> {
+        self.complete_in_flight(None);
+        let state = MegasasState {
+            regs: self.regs,
+            reply_queue: self.reply_queue,
+            event_wait: self.event_wait,
+            event_seq: self.event_seq,
+            queued: self.queued.iter().copied().collect(),
+            disk_blocks: self.disks.iter().map(ScsiDisk::blocks).collect(),
+        };
+        let mut snapshot = Snapshot::new_from_state(&state)?;
+        snapshot.add_snapshot(PCI_SNAPSHOT_ID.into(), self.pci.snapshot()?);
+        Ok(snapshot)
+    }
+}
+
+impl Transportable for Megasas {}
+impl Migratable for Megasas {}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,88 @@
+//! The controller's saved state: everything but the PCI function, which is
+//! a child snapshot, and the transfers in flight, which are completed
+//! before a snapshot is taken.
+
+use serde::{Deserialize, Serialize};
+
+use super::regs::{FwState, Registers};
+use super::reply_queue::ReplyQueue;
+use super::{HeldFrame, MAX_QUEUED_FRAMES};
+
+/// Saved state of a [`super::Megasas`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct MegasasState {
+    /// Firmware state and interrupt registers.
+    pub(super) regs: Registers,
+    /// The reply queue INIT set up.
+    pub(super) reply_queue: Option<ReplyQueue>,
+    /// The EVENT_WAIT held.
+    pub(super) event_wait: Option<HeldFrame>,
+    /// Newest event sequence number.
+    pub(super) event_seq: u32,
+    /// Frames queued and not run yet.
+    pub(super) queued: Vec<u64>,
+    /// Capacity of each disk, which the restoring controller must match.
+    pub(super) disk_blocks: Vec<u64>,
+}
+
+impl MegasasState {
+    /// Whether the state fits a controller with disks of `blocks` and is
+    /// consistent in itself.
+    pub(super) fn check(&self, blocks: &[u64]) -> Result<(), String> {
+        if self.disk_blocks != blocks {
+            return Err(format!(
+                "disks of {:?} blocks in the snapshot, {blocks:?} here",
+                self.disk_blocks
+            ));
+        }
+        if self.queued.len() > MAX_QUEUED_FRAMES {
+            return Err(format!("{} queued frames", self.queued.len()));
+        }
+        match (&self.reply_queue, self.regs.state) {
+            (Some(q), _) if !q.is_valid() => Err("invalid reply queue".into()),
+            (None, FwState::Operational) => Err("operational without a reply queue".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> MegasasState {
+        MegasasState {
+            regs: Registers::default(),
+            reply_queue: None,
+            event_wait: None,
+            event_seq: 0,
+            queued: vec![0x1000],
+            disk_blocks: vec![2048],
+        }
+    }
+
+    #[test]
+    fn checks() {
+        assert!(state().check(&[2048]).is_ok());
+        assert!(state().check(&[2048, 1]).is_err());
+        assert!(state().check(&[4096]).is_err());
+        let mut s = state();
+        s.queued = vec![0; MAX_QUEUED_FRAMES + 1];
+        assert!(s.check(&[2048]).is_err());
+        let mut s = state();
+        s.regs.state = FwState::Operational;
+        assert!(s.check(&[2048]).is_err());
+        s.reply_queue = Some(ReplyQueue {
+            entries: 4,
+            head: 4,
+            ..Default::default()
+        });
+        assert!(s.check(&[2048]).is_err());
+        s.reply_queue = Some(ReplyQueue {
+            entries: 4,
+            head: 3,
+            ..Default::default()
+        });
+        assert!(s.check(&[2048]).is_ok());
+    }
+}

@@ -1,0 +1,149 @@
+//! `megasas`: an LSI MegaRAID SAS 1078 controller whose disks (raw images,
+//! or an in-memory disk) are its logical drives.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use backends::megasas::{Megasas, MegasasConfig};
+use backends::storage::{BlockBackend, MemoryDisk, RawFile, RawFileOptions, MAX_IO_THREADS};
+use clap::builder::RangedU64ValueParser;
+use clap::{ArgAction, Args};
+use vfio_user_server::pci::PciAdapter;
+use vfio_user_server::DeviceContext;
+
+use super::Built;
+use crate::cli::CommonOptions;
+
+/// Size of the in-memory disk served without `--disk`.
+pub const DEFAULT_DISK_BYTES: u64 = 64 << 20;
+
+/// Options of `megasas`.
+#[derive(Clone, Debug, PartialEq, Eq, Args)]
+pub struct MegasasArgs {
+    /// Raw image to serve as the next logical drive (repeat for more,
+    /// at most 64; default: a 64 MiB in-memory disk)
+    #[arg(long, value_name = "FILE", action = ArgAction::Append, verbatim_doc_comment)]
+    pub disk: Vec<PathBuf>,
+    /// Refuse guest writes to every disk
+    #[arg(long)]
+    pub readonly: bool,
+    /// Open the images with O_DIRECT
+    #[arg(long)]
+    pub direct: bool,
+    /// Run reads, writes and flushes on N threads per disk (at
+    /// most 64), so that requests that wait for the disk overlap
+    /// (for --direct or slow storage; 0 = on the event loop)
+    #[arg(
+        long,
+        value_name = "N",
+        verbatim_doc_comment,
+        default_value_t = 0,
+        value_parser = RangedU64ValueParser::<usize>::new().range(0..=MAX_IO_THREADS as u64)
+    )]
+    pub io_threads: usize,
+    /// The options every kind takes.
+    #[command(flatten)]
+    pub common: CommonOptions,
+}
+
+/// Builds the controller described by `args`.
+pub fn build(args: &MegasasArgs) -> Result<Built, String> {
+    let mut disks: Vec<Arc<dyn BlockBackend>> = Vec::new();
+    let mut what = Vec::new();
+    for path in &args.disk {
+        let file = RawFile::open(
+            path,
+            RawFileOptions {
+                read_only: args.readonly,
+                direct: args.direct,
+            },
+        )
+        .map_err(|e| format!("cannot open disk {}: {e}", path.display()))?;
+        what.push(format!("{} ({} bytes)", path.display(), file.size()));
+        disks.push(Arc::new(file));
+    }
+    if disks.is_empty() {
+        disks.push(Arc::new(
+            MemoryDisk::new(DEFAULT_DISK_BYTES).map_err(|e| e.to_string())?,
+        ));
+        what.push(format!("a {} MiB in-memory disk", DEFAULT_DISK_BYTES >> 20));
+    }
+    let ctx = DeviceContext::default();
+    let config = MegasasConfig {
+        read_only: args.readonly,
+        io_threads: args.io_threads,
+    };
+    let hba =
+        Megasas::new(&ctx, disks, &config).map_err(|e| format!("cannot create megasas: {e}"))?;
+    let adapter = PciAdapter::new(hba).map_err(|e| format!("cannot create PCI device: {e}"))?;
+    let ro = if args.readonly { ", read-only" } else { "" };
+    Ok(Built {
+        device: Box::new(adapter),
+        ctx,
+        description: format!(
+            "megasas (MegaRAID SAS 1078) with {} logical drive(s): {}{ro} ({})",
+            what.len(),
+            what.join(", "),
+            match args.io_threads {
+                0 => "no I/O threads".to_string(),
+                n => format!("{n} I/O thread(s) per disk"),
+            }
+        ),
+        notes: vec![
+            "The guest's megaraid_sas driver shows each disk as SCSI H:2:T:0 (T = 0, 1, ...)."
+                .into(),
+        ],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use crate::cli::{self, Cli, Command};
+    use crate::devices::DeviceKind;
+
+    fn parse(s: &str) -> super::MegasasArgs {
+        match cli::parse(s.split_whitespace()) {
+            Ok(Cli {
+                command: Command::Device(DeviceKind::Megasas(a)),
+            }) => a,
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn disks_accumulate() {
+        let a = parse("megasas --socket s --disk a --disk b --readonly --io-threads 2");
+        assert_eq!(a.disk, [std::path::PathBuf::from("a"), "b".into()]);
+        assert!(a.readonly && !a.direct);
+        assert_eq!(a.io_threads, 2);
+        assert!(parse("megasas --socket s").disk.is_empty());
+        assert!(cli::parse(["megasas", "--socket", "s", "--io-threads", "65"]).is_err());
+    }
+
+    #[test]
+    fn help_states_the_bounds_the_parser_enforces() {
+        let mut cmd = Cli::command();
+        let help = cmd
+            .find_subcommand_mut("megasas")
+            .map(|c| c.render_help().to_string())
+            .unwrap_or_default();
+        let bound = format!("at most {}", backends::storage::MAX_IO_THREADS);
+        assert!(help.contains(&bound), "{help}");
+        assert!(help.contains(&format!("{} MiB", super::DEFAULT_DISK_BYTES >> 20)));
+        assert!(help.contains(&format!("at most {}", backends::megasas::dcmd::MAX_LDS)));
+    }
+
+    #[test]
+    fn builds_on_an_in_memory_disk() {
+        let built = super::build(&parse("megasas --socket s")).unwrap();
+        assert!(
+            built.description.contains("64 MiB in-memory"),
+            "{}",
+            built.description
+        );
+        let e = super::build(&parse("megasas --socket s --disk /nonexistent/x")).err();
+        assert!(e.is_some_and(|e| e.contains("/nonexistent/x")));
+    }
+}
