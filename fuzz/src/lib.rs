@@ -8,6 +8,7 @@
 //! [`Writer`], so the fuzzer starts from real protocol traffic.
 
 pub mod blk_queue;
+pub mod net_queue;
 pub mod pci_config;
 pub mod server_stream;
 pub mod test_device;
