@@ -983,9 +983,10 @@ impl Harness {
                 };
                 let addr = table_addr.unwrap_or(0x40000 + 0x10);
                 raw.push((addr, table_len, D_INDIRECT));
-                if !ok_table || !table_len.is_multiple_of(16) {
+                // (A walk that ended before the table never reads it.)
+                if !truncated && (!ok_table || !table_len.is_multiple_of(16)) {
                     truncated = true;
-                } else {
+                } else if !truncated {
                     // Walk it as the device does: a nested table stops it,
                     // and so does a chain past 4 GiB.
                     let mut total = descs.iter().map(|d: &PDesc| u64::from(d.len)).sum::<u64>();
@@ -1533,8 +1534,9 @@ impl Harness {
         }
         if trace() {
             eprintln!(
-                "op {seq}: tag {tag}, {} input bytes; frames {:?}, pending {:?}",
+                "op {seq}: tag {tag}, {} input bytes; stats {:?}; frames {:?}, pending {:?}",
                 at - r.remaining(),
+                self.stats,
                 self.frames
                     .iter()
                     .map(|f| f.iter().map(|f| f.len()).collect::<Vec<_>>())
