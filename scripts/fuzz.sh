@@ -45,7 +45,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
-all_targets="wire_decode server_stream virtio_blk_queue pci_config megasas_frames scsi_cdb"
+all_targets="wire_decode server_stream virtio_blk_queue virtio_net_queue pci_config megasas_frames scsi_cdb"
 targets=${FUZZ_TARGETS:-$all_targets}
 jobs=${FUZZ_JOBS:-$(($(nproc) >= 2 ? 2 : 1))}
 

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use vfio_user_fuzz::blk_queue::Setup;
 use vfio_user_fuzz::megasas_frames::{self, write_op};
+use vfio_user_fuzz::net_queue::{self, ctrl, feature, op, ChainSpec, DescSpec, InputWriter};
 use vfio_user_fuzz::pci_config;
 use vfio_user_fuzz::scsi_cdb;
 use vfio_user_fuzz::server_stream::{self, Input, Msg, Size, DEV_BLK, DEV_PCIE, DEV_TEST, FD_NONE};
@@ -1096,6 +1097,149 @@ fn queue_seeds() -> BTreeMap<String, Vec<u8>> {
     out
 }
 
+/// virtio-net driver sessions: what Linux does, then what it never does.
+fn net_seeds() -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let base = feature::MRG_RXBUF | feature::CTRL_VQ | feature::INDIRECT_DESC;
+    let hdr = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    // Receive and transmit, one pair, without and with mergeable buffers
+    // and EVENT_IDX.
+    for (name, features) in [
+        ("net_rx_tx", feature::CTRL_VQ),
+        ("net_rx_tx_mergeable_event_idx", base | feature::EVENT_IDX),
+    ] {
+        let mut w = InputWriter::new(0, features, 0x55);
+        for _ in 0..4 {
+            w.rx(0, &ChainSpec::fresh(&[1526]));
+        }
+        w.inject(0, 60, 1, hdr)
+            .inject(0, 1514 + 12, 2, hdr)
+            .inject(0, 1000, 3, hdr);
+        w.tx(0, 1, &ChainSpec::fresh(&[12, 54]))
+            .tx(0, 2, &ChainSpec::fresh(&[12, 700, 1, 813]))
+            .tx(0, 3, &ChainSpec::indirect(&[12, 100, 100]))
+            .op(op::DRAIN, 0);
+        out.insert(name.to_string(), w.0 .0);
+    }
+    // A 9000-byte frame over six 1526-byte chains, and one too big for
+    // its buffers without mergeable buffers.
+    let mut w = InputWriter::new(2, base, 0x55);
+    for _ in 0..8 {
+        w.rx(0, &ChainSpec::fresh(&[1526]));
+    }
+    w.inject(0, 9000, 4, hdr).inject(0, 100, 5, hdr);
+    out.insert("net_mergeable_9000".into(), w.0 .0);
+    let mut w = InputWriter::new(0, feature::CTRL_VQ, 0x55);
+    w.rx(0, &ChainSpec::fresh(&[100]))
+        .inject(0, 200, 6, hdr)
+        .inject(0, 80, 7, hdr)
+        .inject(0, 5, 8, hdr);
+    out.insert("net_rx_too_small".into(), w.0 .0);
+    // Transmit refused (WouldBlock), then the peer reads and it goes.
+    let mut w = InputWriter::new(0, feature::EVENT_IDX, 0x55);
+    w.op(op::FILL, 0);
+    for i in 0..4 {
+        w.tx(0, i, &ChainSpec::fresh(&[12, 1500]));
+    }
+    w.op(op::KICK, 1).op(op::DRAIN, 0).op(op::FILL, 0);
+    w.tx(0, 9, &ChainSpec::fresh(&[12, 60000])).op(op::DRAIN, 0);
+    out.insert("net_tx_would_block".into(), w.0 .0);
+    // Every control class, two pairs, offloads.
+    let all = base
+        | feature::MQ
+        | feature::CTRL_GUEST_OFFLOADS
+        | feature::GUEST_CSUM
+        | feature::GUEST_TSO4
+        | feature::CSUM;
+    let mut w = InputWriter::new(1 | 2, all, 0x55);
+    for cmd in 0..6 {
+        w.ctrl(ctrl::RX, cmd, 0, &[1]);
+    }
+    w.ctrl(ctrl::MAC, ctrl::MAC_TABLE_SET, 1, &[0; 8])
+        .ctrl(ctrl::MAC, ctrl::MAC_ADDR_SET, 0, &[2, 0, 0, 0, 0, 1])
+        .ctrl(ctrl::MAC, ctrl::MAC_ADDR_SET, 0, &[3, 0, 0, 0, 0, 1])
+        .ctrl(ctrl::VLAN, 0, 2, &[5, 0])
+        .ctrl(ctrl::VLAN, 1, 0, &[5, 0])
+        .ctrl(ctrl::ANNOUNCE, 0, 0, &[])
+        .ctrl(ctrl::MQ, 0, 1, &2u16.to_le_bytes())
+        .ctrl(ctrl::MQ, 0, 0, &3u16.to_le_bytes())
+        .ctrl(
+            ctrl::GUEST_OFFLOADS,
+            0,
+            0,
+            &feature::GUEST_CSUM.to_le_bytes(),
+        )
+        .ctrl(ctrl::GUEST_OFFLOADS, 0, 0x20, &(1u64 << 10).to_le_bytes())
+        .ctrl(9, 9, 0x10, &[])
+        .ctrl(ctrl::MQ, 0, 4, &[1])
+        .config(0, 8)
+        .config(8, 4);
+    w.rx(1, &ChainSpec::fresh(&[2000]))
+        .inject(1, 1500, 9, hdr)
+        .tx(1, 4, &ChainSpec::fresh(&[1000]))
+        .op(op::DRAIN, 1)
+        .ctrl(ctrl::MQ, 0, 0, &1u16.to_le_bytes())
+        .reset();
+    out.insert("net_control_every_class".into(), w.0 .0);
+    // Chains a driver should not make: readable buffers on receive,
+    // writable on transmit, outside memory, across a region boundary,
+    // broken indirect tables, long tables.
+    let mut w = InputWriter::new(0, base, 0x33);
+    let wrong = DescSpec {
+        kind: 1 | 5 << 4,
+        len: 100,
+    };
+    let oom = DescSpec {
+        kind: 5 << 1 | 5 << 4,
+        len: 64,
+    };
+    let across = DescSpec {
+        kind: 3 << 1 | 5 << 4,
+        len: 3000,
+    };
+    let scratch = DescSpec {
+        kind: 4 << 1 | 5 << 4,
+        len: 512,
+    };
+    for spec in [
+        ChainSpec {
+            descs: vec![DescSpec::fresh(1000), wrong],
+            table: None,
+        },
+        ChainSpec {
+            descs: vec![oom],
+            table: None,
+        },
+        ChainSpec {
+            descs: vec![across, scratch],
+            table: None,
+        },
+        ChainSpec {
+            descs: vec![DescSpec::fresh(12)],
+            table: Some((1, 2, vec![DescSpec::fresh(100)])),
+        },
+        ChainSpec {
+            descs: vec![DescSpec::default()],
+            table: Some((2, 4, vec![DescSpec::fresh(100)])),
+        },
+        ChainSpec {
+            descs: vec![DescSpec::default()],
+            table: Some((0, 1100, vec![DescSpec::fresh(1), across])),
+        },
+        // Fewer descriptors than a `readv` takes, more segments.
+        ChainSpec {
+            descs: vec![DescSpec::default()],
+            table: Some((0, 600, vec![across])),
+        },
+    ] {
+        w.rx(0, &spec).inject(0, 1200, 10, hdr);
+        w.tx(0, 5, &spec);
+    }
+    w.op(op::DRAIN, 0).op(op::LINK, 0).config(6, 2);
+    out.insert("net_bad_chains".into(), w.0 .0);
+    out
+}
+
 fn pci_seeds() -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
     // virtio-like: PCIe, one 64-bit BAR, PCIe/PM/MSI-X/vendor caps.
@@ -1294,6 +1438,11 @@ fn main() {
         vfio_user_fuzz::blk_queue::run(bytes);
     }
     write_dir(&root, "virtio_blk_queue", &queue);
+    let net = net_seeds();
+    for bytes in net.values() {
+        net_queue::run(bytes);
+    }
+    write_dir(&root, "virtio_net_queue", &net);
     let pci = pci_seeds();
     for bytes in pci.values() {
         pci_config::run(bytes);

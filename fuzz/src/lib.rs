@@ -9,6 +9,7 @@
 
 pub mod blk_queue;
 pub mod megasas_frames;
+pub mod net_queue;
 pub mod pci_config;
 pub mod scsi_cdb;
 pub mod server_stream;

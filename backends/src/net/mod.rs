@@ -2,8 +2,11 @@
 //!
 //! A [`NetBackend`] is one packet channel carrying frames with the 12-byte
 //! virtio-net header in front, non-blocking: a [`Tap`] queue on the host,
-//! or anything else that keeps frame boundaries.
+//! or anything else that keeps frame boundaries (with the `test-support`
+//! feature, [`seqpacket`]: a socket pair whose other end a test holds).
 
+#[cfg(feature = "test-support")]
+pub mod seqpacket;
 mod tap;
 
 use std::io;
@@ -19,8 +22,11 @@ pub trait NetBackend: Send {
     /// a frame may be written).
     fn fd(&self) -> RawFd;
 
-    /// Reads one frame into `bufs`; `WouldBlock` when none waits. A frame
-    /// larger than `bufs` is lost with an error other than `WouldBlock`.
+    /// Reads one frame into `bufs` and returns its length; `WouldBlock`
+    /// when none waits. A frame larger than `bufs` is truncated to them
+    /// (the length returned is then the length copied, or the whole
+    /// frame's, as a TAP returns it) or lost with an error other than
+    /// `WouldBlock`.
     fn read_frame(&self, bufs: &[IoBuf<'_>]) -> io::Result<usize>;
 
     /// Writes one frame gathered from `bufs`; `WouldBlock` when it cannot

@@ -141,7 +141,8 @@ pub trait VirtioDevice: Send {
 
     /// Whether the device configuration space changed since the last call
     /// (a link went down, the guest must announce itself); the transport
-    /// then raises the configuration interrupt. Asked after every event.
+    /// then raises the configuration interrupt. Asked after every event,
+    /// after activation and at resume.
     fn take_config_change(&mut self) -> bool {
         false
     }

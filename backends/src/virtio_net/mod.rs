@@ -533,13 +533,17 @@ impl VirtioDevice for VirtioNet {
             return Ok(control(queue, mem, budget, |c| self.command(c)));
         }
         let pair = index / 2;
+        let rx = index.is_multiple_of(2);
+        if rx {
+            // The guest posted receive buffers: watch for frames again (at
+            // once, or when the pair is turned on), and take those already
+            // waiting.
+            self.rx_waiting[pair] = false;
+        }
         if pair >= usize::from(self.active_pairs) {
             return Ok(0);
         }
-        if index.is_multiple_of(2) {
-            // The guest posted receive buffers: watch for frames again, and
-            // take those already waiting.
-            self.rx_waiting[pair] = false;
+        if rx {
             Ok(self.receive_frames(pair, queue, mem, budget))
         } else {
             Ok(self.transmit_frames(pair, queue, mem, budget))

@@ -61,7 +61,11 @@ pub(super) enum Tx {
 
 /// The buffers of `chain` going one way (device-writable for receive),
 /// or `None` if it is not such a chain: a buffer the other way, outside
-/// guest memory, or too many.
+/// guest memory, or too many. A buffer across guest memory regions takes
+/// a segment in each, and the segments must fit one `readv` or `writev`
+/// with one to spare (a back end would drop those past `UIO_MAXIOV`, and
+/// with them the end of the frame, or the byte that tells a frame that
+/// did not fit).
 fn buffers<'m>(
     chain: DescriptorChain<&'m GuestMemory>,
     mem: &'m GuestMemory,
@@ -73,7 +77,7 @@ fn buffers<'m>(
             return None;
         }
     }
-    Some(sg)
+    (sg.segments().len() < MAX_CHAIN).then_some(sg)
 }
 
 fn iovec<'a>(sg: &SgList<'a>) -> IoVec<'a> {
@@ -115,9 +119,10 @@ fn frame_lost(e: &io::Error) -> bool {
 
 /// Receives one frame from `backend` into `queue`. The back end reads
 /// into the first chain and then into `overflow`: with mergeable buffers
-/// (`merge`) a bounce buffer for the rest of the frame, otherwise at least
-/// a byte, which only a frame too big for the chain reaches (the kernel
-/// truncates a frame to the buffers it is given, and says so no other
+/// (`merge`) a bounce buffer for the rest of the frame, larger than any
+/// frame a TAP hands over, otherwise at least a byte; only a frame too big
+/// for the chain reaches that byte, or fills the bounce buffer (a back end
+/// truncates a frame to the buffers it is given, and may say so no other
 /// way).
 pub(super) fn receive(
     backend: &dyn NetBackend,
@@ -168,8 +173,13 @@ pub(super) fn receive(
         complete(queue, mem, head, n as u32);
         return Rx::Frame;
     }
-    // Past the chain: without mergeable buffers the frame did not fit.
-    let Some(mut rest) = overflow.get(..n - first_len as usize).filter(|_| merge) else {
+    // Past the chain: without mergeable buffers the frame did not fit;
+    // with them, one that filled the bounce buffer may have been cut short
+    // there (a back end that truncates says so no other way).
+    let Some(mut rest) = overflow
+        .get(..n - first_len as usize)
+        .filter(|rest| merge && rest.len() < overflow.len())
+    else {
         give_back(queue, 1);
         return Rx::Dropped;
     };

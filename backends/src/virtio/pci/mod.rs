@@ -457,7 +457,13 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             q.set_event_idx(event_idx);
         }
         match self.device.activate(self.common.driver_features) {
-            Ok(()) => self.active = true,
+            Ok(()) => {
+                self.active = true;
+                // E.g. a restored device asks the guest to announce itself.
+                if self.device.take_config_change() {
+                    self.notify_config_change();
+                }
+            }
             Err(e) => {
                 error!("virtio-pci: activation failed: {e}");
                 self.common.status |= status::NEEDS_RESET;
@@ -665,6 +671,11 @@ impl<D: VirtioDevice + 'static> Pausable for VirtioPciDevice<D> {
         // Pick up whatever was made available while paused (or before the
         // snapshot this device was restored from).
         self.kick_all();
+        // A change made while paused (a device restored active) is told
+        // now, with the interrupts in place.
+        if self.active && self.device.take_config_change() {
+            self.notify_config_change();
+        }
         Ok(())
     }
 }
@@ -722,6 +733,12 @@ impl<D: VirtioDevice + 'static> Lifecycle for VirtioPciDevice<D> {
     }
 
     fn watched_fds(&self) -> &[WatchedFd] {
+        // Events are not handled while paused: an fd that stays ready (a
+        // TAP with frames waiting, a timer that fired) would wake the event
+        // loop over and over until resume.
+        if self.paused {
+            return &[];
+        }
         self.device.watched_fds()
     }
 
