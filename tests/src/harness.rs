@@ -42,6 +42,25 @@ impl TestServer {
         lock(&self.states[0])
     }
 
+    /// CPU time the loop thread has used so far: a loop that spins on an
+    /// event nobody consumes shows here.
+    pub fn loop_cpu_time(&self) -> Duration {
+        use std::os::unix::thread::JoinHandleExt;
+        let join = self.join.as_ref().expect("the loop is running");
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: the thread is alive (joined only by `shutdown`, which
+        // takes the handle), and `clock` is a valid out-pointer.
+        let r = unsafe { libc::pthread_getcpuclockid(join.as_pthread_t(), &mut clock) };
+        assert_eq!(r, 0, "pthread_getcpuclockid");
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid clock id and out-pointer.
+        assert_eq!(unsafe { libc::clock_gettime(clock, &mut ts) }, 0);
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
     /// Stops the loop and waits for its thread; returns its result.
     pub fn shutdown(&mut self) -> io::Result<()> {
         self.stop.stop();

@@ -181,23 +181,6 @@ impl Lifecycle for LevelDevice {
     }
 }
 
-/// CPU time the thread behind `join` has used.
-fn thread_cpu(join: &std::thread::JoinHandle<std::io::Result<()>>) -> Duration {
-    use std::os::unix::thread::JoinHandleExt;
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: the thread is alive (joined only after the test), and
-    // `clock` is a valid out-pointer.
-    let r = unsafe { libc::pthread_getcpuclockid(join.as_pthread_t(), &mut clock) };
-    assert_eq!(r, 0);
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid clock id and out-pointer.
-    assert_eq!(unsafe { libc::clock_gettime(clock, &mut ts) }, 0);
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
 /// Starts a `LevelDevice` whose fd is readable from the start.
 fn level_device(pause: bool) -> (TestServer, RawClient, Arc<AtomicU64>) {
     let level = EventFd::new(EFD_NONBLOCK).unwrap();
@@ -222,14 +205,13 @@ const WINDOW: Duration = Duration::from_millis(400);
 #[test]
 fn a_device_that_stops_reading_a_readable_fd_lets_the_loop_sleep() {
     let (s, mut c, events) = level_device(true);
-    let join = s.join.as_ref().unwrap();
     assert!(wait_until(Duration::from_secs(5), || events
         .load(Ordering::SeqCst)
         == 1));
     for round in 1..=2u64 {
-        let cpu = thread_cpu(join);
+        let cpu = s.loop_cpu_time();
         std::thread::sleep(WINDOW);
-        let used = thread_cpu(join) - cpu;
+        let used = s.loop_cpu_time() - cpu;
         // The fd is still readable, but out of the epoll set: no event,
         // and the loop sleeps (a spinning loop would use the whole window).
         assert_eq!(events.load(Ordering::SeqCst), round);
@@ -252,14 +234,13 @@ fn a_device_that_stops_reading_a_readable_fd_lets_the_loop_sleep() {
 #[test]
 fn a_device_that_keeps_watching_an_unread_fd_makes_the_loop_spin() {
     let (s, _c, events) = level_device(false);
-    let join = s.join.as_ref().unwrap();
     assert!(wait_until(Duration::from_secs(5), || events
         .load(Ordering::SeqCst)
         > 0));
-    let cpu = thread_cpu(join);
+    let cpu = s.loop_cpu_time();
     let before = events.load(Ordering::SeqCst);
     std::thread::sleep(WINDOW);
-    let used = thread_cpu(join) - cpu;
+    let used = s.loop_cpu_time() - cpu;
     assert!(events.load(Ordering::SeqCst) - before > 100);
     assert!(used > WINDOW / 8, "loop used only {used:?}");
 }

@@ -2,7 +2,7 @@
 //! any extra fds (device kicks, timers, a control socket).
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, OnceLock};
 
 use log::{error, warn};
@@ -103,9 +103,21 @@ impl Token {
     }
 }
 
-struct Registered {
-    conn_fd: Option<RawFd>,
+/// A client connection as the epoll set watches it.
+struct WatchedConnection {
+    /// Which connection ([`Server::connection`]).
+    serial: u64,
+    /// Our duplicate of its fd, which is what epoll watches: it can be
+    /// removed after the server has closed its own, even if a child forked
+    /// meanwhile still holds the socket (a closed fd leaves an epoll set
+    /// only with the last reference to its file) or the fd number was
+    /// reused.
+    dup: OwnedFd,
     interest: Interest,
+}
+
+struct Registered {
+    conn: Option<WatchedConnection>,
     /// The device's fds as the epoll set has them (an fd with
     /// [`Interest::NONE`] is not in the set).
     device_fds: Vec<WatchedFd>,
@@ -169,6 +181,61 @@ fn watch_irq_unmask(epoll: RawFd, i: usize, server: &Server, reg: &mut Registere
         Ok(()) => reg.irq_unmask.1 = Some(fd),
         Err(e) => error!("epoll_ctl for the unmask eventfd of server {i}: {e}"),
     }
+}
+
+/// Makes the epoll set watch server `i`'s current connection (if any) as
+/// it wants, given that it watches `watched` (updated).
+fn watch_connection(
+    epoll: RawFd,
+    i: usize,
+    server: &Server,
+    watched: &mut Option<WatchedConnection>,
+) -> io::Result<()> {
+    use epoll::ControlOptions::{EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD};
+    let token = Token::Connection(i);
+    let current = server.connection();
+    let interest = server.interest();
+    let bits = |interest| epoll::Events::EPOLLRDHUP.bits() | epoll_bits(interest);
+    match (watched.as_mut(), current) {
+        (Some(w), Some((serial, _))) if w.serial == serial => {
+            if w.interest != interest {
+                ctl(
+                    epoll,
+                    EPOLL_CTL_MOD,
+                    w.dup.as_raw_fd(),
+                    bits(interest),
+                    token,
+                )?;
+                w.interest = interest;
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
+    if let Some(old) = watched.take() {
+        // Closing the duplicate right after also drops the socket, if the
+        // server was the last other holder.
+        let _ = ctl(epoll, EPOLL_CTL_DEL, old.dup.as_raw_fd(), 0, token);
+    }
+    let Some((serial, fd)) = current else {
+        return Ok(());
+    };
+    // SAFETY: `fd` is the attached connection's, open while `server` is
+    // borrowed here; it is only duplicated.
+    let dup = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+    ctl(
+        epoll,
+        EPOLL_CTL_ADD,
+        dup.as_fd().as_raw_fd(),
+        bits(interest),
+        token,
+    )?;
+    *watched = Some(WatchedConnection {
+        serial,
+        dup,
+        interest,
+    });
+    Ok(())
 }
 
 fn epoll_bits(interest: Interest) -> u32 {
@@ -275,8 +342,7 @@ impl EventLoop {
         )?;
         let irq_unmask = (server.irq_unmask_generation(), None);
         let mut reg = Registered {
-            conn_fd: None,
-            interest: Interest::NONE,
+            conn: None,
             device_fds: Vec::new(),
             irq_unmask,
         };
@@ -355,14 +421,9 @@ impl EventLoop {
                             bits.intersects(epoll::Events::EPOLLHUP | epoll::Events::EPOLLERR);
                         let readable = bits.contains(epoll::Events::EPOLLIN) || hup;
                         let writable = bits.contains(epoll::Events::EPOLLOUT);
-                        if !s.handle_connection_event(readable, writable) {
-                            // The closed fd left the epoll set by itself;
-                            // forget it now, as a connection accepted later
-                            // in this batch may get the same number.
-                            if let Some(reg) = self.registered.get_mut(i) {
-                                reg.conn_fd = None;
-                            }
-                        }
+                        // A gone client leaves the epoll set below, with
+                        // the rest of the burst's changes.
+                        s.handle_connection_event(readable, writable);
                     }
                     Token::DeviceFd(i, fd) => {
                         if let Some(s) = self.servers.get_mut(i) {
@@ -442,38 +503,9 @@ impl EventLoop {
                     error!("epoll_ctl for the fds of device {i}: {e}");
                 }
             }
-            let fd = s.connection_fd();
-            let interest = s.interest();
-            if fd == reg.conn_fd && interest == reg.interest {
-                continue;
-            }
-            let bits = epoll::Events::EPOLLRDHUP.bits() | epoll_bits(interest);
-            let res = match (reg.conn_fd, fd) {
-                (Some(_), None) => {
-                    // The fd is already closed, which removed it from epoll.
-                    Ok(())
-                }
-                (old, Some(new)) if old == Some(new) => ctl(
-                    self.epoll,
-                    epoll::ControlOptions::EPOLL_CTL_MOD,
-                    new,
-                    bits,
-                    Token::Connection(i),
-                ),
-                (_, Some(new)) => ctl(
-                    self.epoll,
-                    epoll::ControlOptions::EPOLL_CTL_ADD,
-                    new,
-                    bits,
-                    Token::Connection(i),
-                ),
-                (None, None) => Ok(()),
-            };
-            if let Err(e) = res {
+            if let Err(e) = watch_connection(self.epoll, i, s, &mut reg.conn) {
                 error!("epoll_ctl for connection {i}: {e}");
             }
-            reg.conn_fd = fd;
-            reg.interest = interest;
         }
     }
 }

@@ -51,6 +51,9 @@ pub use self::version::{ADVERTISED_MAX_MSG_FDS, OUR_MINOR};
 pub struct Server {
     socket: SocketFile,
     conn: Option<Connection>,
+    /// How many clients were attached so far: tells a new connection from
+    /// an old one that had the same fd number.
+    attached: u64,
     served: ServedDevice,
 }
 
@@ -88,6 +91,7 @@ impl Server {
         Server {
             socket,
             conn: None,
+            attached: 0,
             served: ServedDevice::new(device, ctx, config),
         }
     }
@@ -133,6 +137,13 @@ impl Server {
     /// The attached client's fd.
     pub fn connection_fd(&self) -> Option<RawFd> {
         self.conn.as_ref().map(Connection::fd)
+    }
+
+    /// Which client is attached: its serial number (counting attaches)
+    /// and fd. The serial tells a new connection from a closed one that
+    /// had the same fd number.
+    pub fn connection(&self) -> Option<(u64, RawFd)> {
+        self.conn.as_ref().map(|c| (self.attached, c.fd()))
     }
 
     /// Whether a client is attached.
@@ -275,6 +286,7 @@ impl Server {
         let conn = Connection::new(stream, config.max_msg_size(), config.max_queued_reply_bytes)?;
         info!("client attached on {:?}", self.path());
         self.conn = Some(conn);
+        self.attached += 1;
         Ok(())
     }
 
