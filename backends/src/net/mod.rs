@@ -3,7 +3,7 @@
 //! A [`NetBackend`] is one packet channel carrying frames with the 12-byte
 //! virtio-net header in front, non-blocking: a [`Tap`] queue on the host,
 //! or anything else that keeps frame boundaries (with the `test-support`
-//! feature, [`seqpacket`]: a socket pair whose other end a test holds).
+//! feature, `seqpacket`: a socket pair whose other end a test holds).
 
 #[cfg(feature = "test-support")]
 pub mod seqpacket;
