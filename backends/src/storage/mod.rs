@@ -18,6 +18,7 @@ use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
 
 pub use memory::MemoryDisk;
+pub(crate) use raw_file::unsupported as fallocate_unsupported;
 pub use raw_file::{RawFile, RawFileOptions, DIRECT_IO_ALIGNMENT};
 pub use workers::{IoDone, IoJob, IoOp, IoWorkers, MAX_IO_THREADS};
 
