@@ -20,7 +20,7 @@ use super::inquiry::{ascii_field, inquiry, naa_from, Identity};
 use super::mode::{mode_sense, ModeParams};
 use super::rsoc::report_supported_opcodes;
 use super::sense::{asc, key, Sense};
-use crate::block_io::{Aio, BlockIo, BlockOp};
+use crate::block_io::{Aio, BlockIo, BlockOp, Started};
 use crate::guest_sg::SgList;
 use crate::storage::BlockBackend;
 
@@ -415,7 +415,8 @@ impl<C> ScsiDisk<C> {
             TransferKind::Flush => BlockOp::Flush,
         };
         match self.io.start(op, memory, (t, completion)) {
-            Ok(()) => None,
+            Ok(Started::InFlight) => None,
+            Ok(Started::Done((t, completion), r)) => Some((completion, t.outcome(r))),
             Err(((t, completion), e)) => Some((completion, t.outcome(Err(e)))),
         }
     }

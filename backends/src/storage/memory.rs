@@ -230,6 +230,10 @@ impl BlockBackend for MemoryDisk {
         self.memfd().is_some()
     }
 
+    fn page_cached(&self) -> bool {
+        true
+    }
+
     fn fd_for(&self, access: FdAccess<'_>) -> Option<RawFd> {
         let fd = self.memfd()?;
         let size = self.size();

@@ -220,6 +220,14 @@ pub trait BlockBackend: Send + Sync {
         false
     }
 
+    /// Whether transfers on the descriptors of [`BlockBackend::fd_for`] go
+    /// through the host's page cache (not `O_DIRECT`): an engine may then
+    /// try them on the spot with `RWF_NOWAIT`, which only succeeds when
+    /// nothing has to wait for the storage.
+    fn page_cached(&self) -> bool {
+        false
+    }
+
     /// The descriptor on which `access` can run as one plain positioned
     /// system call (`preadv`/`pwritev` of exactly these buffers at this
     /// offset, `fdatasync`, or `fallocate`) with the same effect as the

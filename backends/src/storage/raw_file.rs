@@ -842,6 +842,10 @@ impl BlockBackend for RawFile {
         true
     }
 
+    fn page_cached(&self) -> bool {
+        self.direct.is_none()
+    }
+
     fn fd_for(&self, access: FdAccess<'_>) -> Option<RawFd> {
         let (bufs, offset, write) = match access {
             FdAccess::Read { bufs, offset } => (bufs, offset, false),

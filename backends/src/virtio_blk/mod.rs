@@ -45,7 +45,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 use self::request::*;
-use crate::block_io::{Aio, BlockIo, BlockOp, ErrorPolicy, ErrorStop};
+use crate::block_io::{Aio, BlockIo, BlockOp, ErrorPolicy, ErrorStop, Started};
 use crate::storage::{BlockBackend, BLOCK_ID_BYTES};
 use crate::virtio::{
     ChainWalk, GuestMemory, VirtioDevice, VirtioError, VirtioPciDevice, VirtioPciError, MAX_QUEUES,
@@ -527,11 +527,21 @@ impl VirtioBlk {
             op,
         };
         match self.io.start(block_op, keep_mapped, completion) {
-            Ok(()) => {
+            Ok(Started::InFlight) => {
                 if let Some(n) = self.per_queue.get_mut(queue) {
                     *n += 1;
                 }
                 Outcome::Started
+            }
+            // Done on the spot (data in the host's page cache): as on the
+            // event loop.
+            Ok(Started::Done(_, Ok(written))) => Outcome::Done(req.finish(S_OK, written)),
+            Ok(Started::Done(c, Err(e))) => {
+                if keep(self.policy, &mut self.stop, queue, head, c.op, &e) {
+                    Outcome::Kept
+                } else {
+                    Outcome::Done(req.finish(S_IOERR, 0))
+                }
             }
             Err((_, e)) => Outcome::Done(fail_start(&req, head, e)),
         }
