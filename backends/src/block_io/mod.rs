@@ -5,19 +5,26 @@
 //! log right: pages the back end reads into are marked dirty.
 //!
 //! - Synchronous transfers ([`BlockIo::read`], [`BlockIo::write`],
-//!   [`BlockIo::flush`]) run on the caller's thread.
-//! - With I/O threads ([`IoWorkers`]), a device starts requests
+//!   [`BlockIo::flush`]) run on the caller's thread ([`Aio::Sync`]).
+//! - In flight, on I/O threads ([`IoWorkers`], [`Aio::Threads`]) or on an
+//!   io_uring ([`Aio::IoUring`]), a device starts requests
 //!   ([`BlockIo::start`]) while it takes them off its queues, hands each
-//!   batch to the threads at once ([`BlockIo::submit`]) and goes on; when
+//!   batch over at once ([`BlockIo::submit`]: to the threads, or to the
+//!   kernel in one `io_uring_enter`) and goes on; when
 //!   [`BlockIo::completion_fd`] becomes readable it collects the results
 //!   ([`BlockIo::collect`]) and completes its requests. What a device needs
 //!   to complete one (a virtqueue head, a frame context) travels with the
-//!   request as its completion value, the engine's type parameter.
+//!   request as its completion value, the engine's type parameter. On the
+//!   io_uring, a request can also be done as it starts ([`Started::Done`]):
+//!   a read of cached data, or what the ring cannot run as it is.
 //!
 //! A request in flight keeps an `Arc` of the guest memory mapping its
 //! buffers lie in, so unmapping guest memory cannot pull the pages from
-//! under an I/O thread. A steady stream of requests does not allocate: the
-//! vectors of finished requests and their tokens are reused.
+//! under an I/O thread or the kernel: pausing, unmapping and resetting
+//! wait for what is in flight ([`BlockIo::drain_and_collect`],
+//! [`BlockIo::forget_all`]) on either engine. A steady stream of requests
+//! does not allocate: the vectors of finished requests and their tokens
+//! are reused.
 //!
 //! What a device does when the back end fails a request is its
 //! [`ErrorPolicy`], as QEMU's `werror`/`rerror`: report the error to the

@@ -5,13 +5,14 @@
 //! When the driver does not negotiate `VIRTIO_BLK_F_FLUSH` every write is
 //! followed by a flush (write-through).
 //!
-//! With [`VirtioBlkConfig::io_threads`] at 0 every request runs on the
-//! event loop thread while its queue is processed. Otherwise `IN`, `OUT`
-//! and `FLUSH` go to a pool of that many I/O threads ([`BlockIo`]): the
-//! event loop parses the next requests while earlier ones are read or
-//! written, and completes them (status, used ring, interrupt) when the
-//! pool reports back. The rare `GET_ID`, `DISCARD` and `WRITE_ZEROES`, and
-//! requests that fail validation, always complete at once.
+//! With [`VirtioBlkConfig::aio`] at [`Aio::Sync`] every request runs on
+//! the event loop thread while its queue is processed. Otherwise `IN`,
+//! `OUT`, `FLUSH`, `DISCARD` and `WRITE_ZEROES` run in flight ([`BlockIo`]),
+//! on I/O threads or an io_uring: the event loop parses the next requests
+//! while earlier ones are read or written, and completes them (status,
+//! used ring, interrupt) when the engine reports back, or at once if the
+//! engine did them on the spot (cached data). `GET_ID`, and requests that
+//! fail validation, always complete at once.
 //!
 //! A request the back end fails completes with `VIRTIO_BLK_S_IOERR`, or,
 //! under [`ErrorPolicy::Stop`] ([`VirtioBlkConfig::on_error`]) and a
