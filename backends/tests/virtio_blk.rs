@@ -4,13 +4,14 @@
 //! `PciAdapter`, called directly with the server's DMA table and
 //! interrupts, in guest RAM of two regions with a hole between them.
 
+use std::os::fd::RawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backends::block_io::ErrorPolicy;
-use backends::storage::{BlockBackend, IoBuf, MemoryDisk, RawFile, RawFileOptions};
+use backends::block_io::{Aio, ErrorPolicy};
+use backends::storage::{BlockBackend, FdAccess, IoBuf, MemoryDisk, RawFile, RawFileOptions};
 use backends::virtio_blk::{VirtioBlkConfig, VirtioBlkPci};
 use integration_tests::virtio_driver::common_cfg as cc;
 use integration_tests::virtio_driver::device_status::{
@@ -38,11 +39,17 @@ type Blk = InProcess<PciAdapter<VirtioBlkPci>>;
 type Driver = VirtioDriver<Blk>;
 
 fn memdisk() -> Arc<MemoryDisk> {
-    Arc::new(
-        MemoryDisk::new(DISK_SIZE)
-            .unwrap()
-            .with_id("test-serial-0123"),
-    )
+    Arc::new(mem_disk(vec![0; DISK_SIZE as usize], false).with_id("test-serial-0123"))
+}
+
+/// A disk holding `data`; in a memfd on the io_uring re-runs, so that the
+/// ring reads and writes it.
+fn mem_disk(data: Vec<u8>, read_only: bool) -> MemoryDisk {
+    if aio() == Aio::IoUring {
+        MemoryDisk::in_memfd(&data, read_only).unwrap()
+    } else {
+        MemoryDisk::from_vec(data, read_only)
+    }
 }
 
 /// A virtio-blk device over `backend`, served in-process.
@@ -64,24 +71,46 @@ fn connect(backend: Arc<dyn BlockBackend>, config: VirtioBlkConfig) -> Driver {
 }
 
 thread_local! {
-    /// I/O threads of the devices this test thread builds with `driver`
-    /// (set by the `on_io_threads` re-runs).
-    static IO_THREADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// How the devices this test thread builds with `driver` run their
+    /// I/O (set by the `on_io_threads` and `on_io_uring` re-runs).
+    static AIO: std::cell::Cell<Aio> = const { std::cell::Cell::new(Aio::Sync) };
+}
+
+/// How this test's devices run their I/O.
+fn aio() -> Aio {
+    AIO.with(|a| a.get())
 }
 
 fn driver(disk: Arc<MemoryDisk>, mut config: VirtioBlkConfig) -> Driver {
-    config.io_threads = config.io_threads.max(IO_THREADS.with(|t| t.get()));
+    if config.aio == Aio::Sync {
+        config.aio = aio();
+    }
     connect(disk, config)
 }
 
-/// Runs tests again with reads, writes and flushes on two I/O threads.
-macro_rules! on_io_threads {
+/// Runs tests again with reads, writes and flushes in flight: on two I/O
+/// threads (`on_io_threads`) and on an io_uring (`on_io_uring`, where the
+/// kernel lets us).
+macro_rules! in_flight {
     ($($test:ident),* $(,)?) => {
         mod on_io_threads {
             $(
                 #[test]
                 fn $test() {
-                    super::IO_THREADS.with(|t| t.set(2));
+                    super::AIO.with(|t| t.set(super::Aio::Threads(2)));
+                    super::$test();
+                }
+            )*
+        }
+        mod on_io_uring {
+            $(
+                #[test]
+                fn $test() {
+                    if let Err(why) = backends::block_io::io_uring_support() {
+                        eprintln!("SKIP io_uring: {why}");
+                        return;
+                    }
+                    super::AIO.with(|t| t.set(super::Aio::IoUring));
                     super::$test();
                 }
             )*
@@ -89,7 +118,7 @@ macro_rules! on_io_threads {
     };
 }
 
-on_io_threads!(
+in_flight!(
     read_write_flush_get_id_msix,
     write_through_without_flush_feature,
     discard_and_write_zeroes,
@@ -374,7 +403,7 @@ fn segments_request(d: &mut Driver, t: u32, segs: u64, len: u32) -> u8 {
 fn discard_and_write_zeroes() {
     const DISCARD: u32 = VIRTIO_BLK_T_DISCARD;
     const WRITE_ZEROES: u32 = VIRTIO_BLK_T_WRITE_ZEROES;
-    let disk = Arc::new(MemoryDisk::from_vec(vec![0xaa; DISK_SIZE as usize], false));
+    let disk = Arc::new(mem_disk(vec![0xaa; DISK_SIZE as usize], false));
     let mut d = ready(disk.clone());
     let a = dwz(&mut d, &[(1, 2, 0), (10, 1, 1)]);
     assert_eq!(
@@ -440,7 +469,7 @@ fn discard_and_write_zeroes() {
 
 #[test]
 fn read_only_disk() {
-    let disk = Arc::new(MemoryDisk::from_vec(vec![3; DISK_SIZE as usize], true));
+    let disk = Arc::new(mem_disk(vec![3; DISK_SIZE as usize], true));
     let mut d = driver(disk.clone(), VirtioBlkConfig::default());
     let f = d.init(ALL, 16);
     assert_ne!(f & VIRTIO_BLK_F_RO, 0);
@@ -1191,7 +1220,7 @@ fn reposted_heads_do_not_grow_the_requests_in_flight() {
         held: AtomicBool::new(true),
     });
     let config = VirtioBlkConfig {
-        io_threads: 1,
+        aio: Aio::Threads(1),
         ..Default::default()
     };
     let mut d = connect(disk.clone(), config);
@@ -1289,14 +1318,17 @@ impl FaultyDisk {
         self.failed.load(Ordering::SeqCst)
     }
 
+    /// Whether `f` fails a `call` on `[offset, offset + len)`.
+    fn hits(f: &Fault, call: Call, offset: u64, len: u64) -> bool {
+        f.call == call
+            && (call == Call::Flush || (offset < f.end && offset + len > f.start))
+            && f.times != Some(0)
+    }
+
     /// The error for a `call` on `[offset, offset + len)`, if one is due.
     fn check(&self, call: Call, offset: u64, len: u64) -> std::io::Result<()> {
         let mut faults = self.faults.lock().unwrap();
-        let due = faults.iter_mut().find(|f| {
-            f.call == call
-                && (call == Call::Flush || (offset < f.end && offset + len > f.start))
-                && f.times != Some(0)
-        });
+        let due = faults.iter_mut().find(|f| Self::hits(f, call, offset, len));
         let Some(f) = due else { return Ok(()) };
         if let Some(n) = &mut f.times {
             *n -= 1;
@@ -1347,6 +1379,24 @@ impl BlockBackend for FaultyDisk {
     fn id(&self) -> String {
         "faulty".into()
     }
+    // The io_uring runs what would succeed on the image itself; what is to
+    // fail comes back here, where it fails.
+    fn file_backed(&self) -> bool {
+        true
+    }
+    fn fd_for(&self, access: FdAccess<'_>) -> Option<RawFd> {
+        let (call, offset, len) = match access {
+            FdAccess::Read { bufs, offset } => (Call::Read, offset, bufs_len(bufs)),
+            FdAccess::Write { bufs, offset } => (Call::Write, offset, bufs_len(bufs)),
+            FdAccess::Flush => (Call::Flush, 0, 0),
+            FdAccess::Fallocate { offset, len } => (Call::WriteZeroes, offset, len),
+        };
+        let faults = self.faults.lock().unwrap();
+        if faults.iter().any(|f| Self::hits(f, call, offset, len)) {
+            return None;
+        }
+        self.inner.fd_for(access)
+    }
 }
 
 /// What the image holds before the tests write to it.
@@ -1367,7 +1417,7 @@ fn faulty_disk() -> (Arc<FaultyDisk>, TempFile) {
 fn faulty_driver(disk: &Arc<FaultyDisk>, on_error: ErrorPolicy) -> Driver {
     let config = VirtioBlkConfig {
         on_error,
-        io_threads: IO_THREADS.with(|t| t.get()),
+        aio: aio(),
         ..Default::default()
     };
     let mut d = connect(disk.clone(), config);
@@ -1497,7 +1547,8 @@ fn storage_errors_stop_the_device_until_resumed() {
     // The failed write is neither completed nor written: its status byte
     // is untouched. The one before it completed; the one after it either
     // completed (on I/O threads, started with the batch) or waits on the
-    // ring (taken one at a time: the device stopped before it).
+    // ring (taken one at a time, or, on the io_uring, where a request the
+    // ring cannot run fails as it starts: the device stopped before it).
     let done: Vec<u16> = d.poll_used(0).iter().map(|u| u.0).collect();
     assert!(
         done.contains(&wa.head) && !done.contains(&wb.head),
@@ -1506,7 +1557,7 @@ fn storage_errors_stop_the_device_until_resumed() {
     assert_eq!(d.ram.read_u8(wb.status), 0xff);
     assert_eq!(image_at(&tmp, 8, 4096), original[8 * 512..][..4096]);
     assert_eq!(image_at(&tmp, 100, 4096), a);
-    let on_threads = IO_THREADS.with(|t| t.get()) > 0;
+    let on_threads = matches!(aio(), Aio::Threads(_));
     assert_eq!(done.contains(&wc.head), on_threads, "{done:?}");
 
     // Nothing more is taken off the ring while stopped.
@@ -1609,7 +1660,7 @@ fn a_stopped_device_is_snapshotted_with_its_kept_requests() {
     disk.clear();
     let config = VirtioBlkConfig {
         on_error: ErrorPolicy::Stop,
-        io_threads: IO_THREADS.with(|t| t.get()),
+        aio: aio(),
         ..Default::default()
     };
     let mut target = device(disk.clone(), config);
@@ -1660,4 +1711,108 @@ fn a_reset_forgets_the_kept_requests() {
     // Nor does a resume bring it back.
     resume(&mut d);
     assert!(d.poll_used(0).is_empty());
+}
+
+/// The modes `--aio` offers that work here.
+fn every_aio() -> Vec<Aio> {
+    let mut modes = vec![Aio::Sync, Aio::Threads(2)];
+    match backends::block_io::io_uring_support() {
+        Ok(()) => modes.push(Aio::IoUring),
+        Err(why) => eprintln!("SKIP io_uring: {why}"),
+    }
+    modes
+}
+
+#[test]
+fn direct_io_with_aligned_and_misaligned_guest_buffers() {
+    for aio in every_aio() {
+        let tmp = TempFile::new().unwrap();
+        tmp.as_file().write_all_at(&image_pattern(), 0).unwrap();
+        let options = RawFileOptions {
+            direct: true,
+            ..Default::default()
+        };
+        let file = match RawFile::open(tmp.as_path(), options) {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                eprintln!("SKIP O_DIRECT: {e}");
+                return;
+            }
+        };
+        let (align, mem_align) = file.direct_alignment().unwrap();
+        let config = VirtioBlkConfig {
+            aio,
+            ..Default::default()
+        };
+        let mut d = connect(file.clone(), config);
+        d.init(ALL & !VIRTIO_RING_F_EVENT_IDX, 16);
+        assert_eq!(blk(&mut d).device().aio(), aio);
+
+        // Page-aligned guest buffers (what an O_DIRECT guest sends): straight
+        // between guest memory and the image, nothing bounced.
+        let data = pattern(3 * 4096, 21);
+        let (p0, p1) = (d.ram.alloc(8192, 4096), d.ram.alloc(4096, 4096));
+        d.ram.write(p0, &data[..8192]);
+        d.ram.write(p1, &data[8192..]);
+        let two = [Desc::readable(p0, 8192), Desc::readable(p1, 4096)];
+        assert_eq!(
+            request(&mut d, 0, VIRTIO_BLK_T_OUT, 64, &two).0,
+            VIRTIO_BLK_S_OK,
+            "{aio}"
+        );
+        assert_eq!(image_at(&tmp, 64, data.len()), data, "{aio}");
+        let (q0, q1) = (d.ram.alloc(4096, 4096), d.ram.alloc(8192, 4096));
+        let back = [Desc::writable(q0, 4096), Desc::writable(q1, 8192)];
+        assert_eq!(
+            request(&mut d, 0, VIRTIO_BLK_T_IN, 64, &back).0,
+            VIRTIO_BLK_S_OK,
+            "{aio}"
+        );
+        assert_eq!([d.ram.read(q0, 4096), d.ram.read(q1, 8192)].concat(), data);
+        assert_eq!(file.bounced_bytes(), 0, "{aio}");
+
+        // Guest buffers off their alignment (a byte off a page): only
+        // those are bounced, and the bytes are right both ways.
+        let data = pattern(2 * 4096, 33);
+        let (m0, m1) = (d.ram.alloc(4096 + 1, 4096) + 1, d.ram.alloc(4096, 4096));
+        d.ram.write(m0, &data[..4096]);
+        d.ram.write(m1, &data[4096..]);
+        let mixed = [Desc::readable(m0, 4096), Desc::readable(m1, 4096)];
+        assert_eq!(
+            request(&mut d, 0, VIRTIO_BLK_T_OUT, 96, &mixed).0,
+            VIRTIO_BLK_S_OK,
+            "{aio}"
+        );
+        assert_eq!(image_at(&tmp, 96, data.len()), data, "{aio}");
+        let (n0, n1) = (d.ram.alloc(4096 + 3, 4096) + 3, d.ram.alloc(4096, 4096));
+        let back = [Desc::writable(n0, 4096), Desc::writable(n1, 4096)];
+        assert_eq!(
+            request(&mut d, 0, VIRTIO_BLK_T_IN, 96, &back).0,
+            VIRTIO_BLK_S_OK,
+            "{aio}"
+        );
+        assert_eq!([d.ram.read(n0, 4096), d.ram.read(n1, 4096)].concat(), data);
+        if mem_align > 1 {
+            assert_eq!(file.bounced_bytes(), 2 * 4096, "{aio}");
+        }
+
+        // A range off the image's alignment (one sector in): read, modified
+        // and written back, the bytes around it kept.
+        let before = image_at(&tmp, 128, 3 * 4096);
+        let one = pattern(4096, 45);
+        assert_eq!(
+            write_sectors(&mut d, 0, 129, &one),
+            VIRTIO_BLK_S_OK,
+            "{aio}"
+        );
+        let after = image_at(&tmp, 128, 3 * 4096);
+        assert_eq!(after[..512], before[..512], "{aio}");
+        assert_eq!(after[512..512 + 4096], one[..], "{aio}");
+        assert_eq!(after[512 + 4096..], before[512 + 4096..], "{aio}");
+        let (status, got) = read_sectors(&mut d, 0, 129, 4096);
+        assert_eq!((status, got), (VIRTIO_BLK_S_OK, one), "{aio}");
+        if align > 512 {
+            assert!(file.bounced_bytes() >= 2 * 4096 + 2 * 4096, "{aio}");
+        }
+    }
 }

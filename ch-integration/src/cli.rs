@@ -316,7 +316,8 @@ mod tests {
         assert!(!a.direct);
         assert_eq!(a.disk, None);
         assert_eq!(a.queue_size, 256);
-        assert_eq!(a.io_threads, 0);
+        assert_eq!(a.io_threads, None);
+        assert_eq!(a.aio, None);
         assert_eq!(a.common.socket_mode, 0o600);
         assert_eq!(a.common.busy_poll_us, 0);
         assert_eq!(a.common.api_socket, None);
@@ -447,7 +448,18 @@ mod tests {
 
     #[test]
     fn io_threads_range() {
-        assert_eq!(blk("virtio-blk --socket x --io-threads 4").io_threads, 4);
+        assert_eq!(
+            blk("virtio-blk --socket x --io-threads 4").io_threads,
+            Some(4)
+        );
+        let a = blk("virtio-blk --socket x --aio io_uring");
+        assert_eq!(a.aio, Some(crate::devices::AioArg::IoUring));
+        assert_eq!(
+            blk("virtio-blk --socket x --aio sync").aio,
+            Some(crate::devices::AioArg::Sync)
+        );
+        let e = error("virtio-blk --socket x --aio posix");
+        assert!(e.contains("--aio") && e.contains("'posix'"), "{e}");
         let e = error("virtio-blk --socket x --io-threads 65");
         assert!(e.contains("--io-threads") && e.contains("'65'"), "{e}");
     }

@@ -72,6 +72,13 @@ fn io_requests_reach_the_image_on_io_threads() {
     io_requests_reach_the_image_with(&["--io-threads", "2"]);
 }
 
+/// [`io_requests_reach_the_image`] with requests on the event loop (`--aio sync`; the default
+/// is io_uring where the kernel has it).
+#[test]
+fn io_requests_reach_the_image_on_the_event_loop() {
+    io_requests_reach_the_image_with(&["--aio", "sync"]);
+}
+
 fn io_requests_reach_the_image_with(extra: &[&str]) {
     let (daemon, img) = daemon_with_image(extra);
     let mut drv = VirtioDriver::connect(&daemon.socket);
@@ -227,6 +234,13 @@ fn disconnect_in_flight_then_reconnect_is_consistent_on_io_threads() {
     disconnect_in_flight_then_reconnect_is_consistent_with(&["--io-threads", "2"]);
 }
 
+/// [`disconnect_in_flight_then_reconnect_is_consistent`] with requests on the event loop (`--aio sync`; the default
+/// is io_uring where the kernel has it).
+#[test]
+fn disconnect_in_flight_then_reconnect_is_consistent_on_the_event_loop() {
+    disconnect_in_flight_then_reconnect_is_consistent_with(&["--aio", "sync"]);
+}
+
 fn disconnect_in_flight_then_reconnect_is_consistent_with(extra: &[&str]) {
     let (daemon, img) = daemon_with_image(extra);
     {
@@ -269,6 +283,13 @@ fn a_client_that_truncates_guest_memory_is_dropped() {
 #[test]
 fn a_client_that_truncates_request_buffers_is_dropped_on_io_threads() {
     a_client_that_truncates_guest_memory_is_dropped_with(&["--io-threads", "2"], true);
+}
+
+/// [`a_client_that_truncates_request_buffers_is_dropped`] with requests on the event loop (`--aio sync`; the default
+/// is io_uring where the kernel has it).
+#[test]
+fn a_client_that_truncates_request_buffers_is_dropped_on_the_event_loop() {
+    a_client_that_truncates_guest_memory_is_dropped_with(&["--aio", "sync"], true);
 }
 
 fn a_client_that_truncates_guest_memory_is_dropped_with(extra: &[&str], keep_rings: bool) {
@@ -330,4 +351,118 @@ fn in_memory_default_disk() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+}
+
+/// With O_DIRECT, in every mode: the test driver's buffers (not aligned
+/// for O_DIRECT) are bounced, and the bytes reach the image and come back.
+#[test]
+fn direct_io_requests_reach_the_image_in_every_mode() {
+    for aio in ["io_uring", "threads", "sync"] {
+        io_requests_reach_the_image_with(&["--direct", "--aio", aio]);
+    }
+}
+
+/// Starts the daemon on a fresh image with `extra`, `setup` run in the
+/// child before it starts; returns it and its start-up lines (those
+/// before the attach help).
+fn daemon_start_up(
+    extra: &[&str],
+    setup: Option<fn() -> std::io::Result<()>>,
+) -> (std::process::Child, Vec<String>, TempDir) {
+    use std::os::unix::process::CommandExt;
+    let dir = TempDir::new().unwrap();
+    let img = image(&dir);
+    let socket = dir.as_path().join("blk.sock");
+    // A file, not a pipe: the daemon goes on printing after the lines we
+    // want, and must not find the reader gone.
+    let out_path = dir.as_path().join("stdout");
+    let out = std::fs::File::create(&out_path).unwrap();
+    let mut cmd = daemon_bin();
+    cmd.arg("virtio-blk")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--disk")
+        .arg(&img)
+        .args(extra)
+        .stdout(out)
+        .stderr(std::process::Stdio::null());
+    if let Some(f) = setup {
+        // SAFETY: `f` only makes system calls (prctl); it allocates nothing
+        // and takes no lock, as a pre-exec hook must.
+        unsafe { cmd.pre_exec(f) };
+    }
+    let child = cmd.spawn().unwrap();
+    wait_for_socket(&socket);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&out_path).unwrap();
+        if text.contains("Attach") {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no start-up lines: {text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let lines = text
+        .lines()
+        .take_while(|l| !l.starts_with("Attach"))
+        .map(String::from)
+        .collect();
+    (child, lines, dir)
+}
+
+#[test]
+fn the_start_up_line_says_how_io_runs() {
+    let uring = backends::block_io::io_uring_support().is_ok();
+    let (mut child, lines, _dir) = daemon_start_up(&[], None);
+    let _ = child.kill();
+    let _ = child.wait();
+    let want = if uring {
+        "aio: io_uring"
+    } else {
+        "aio: threads (4 I/O thread(s))"
+    };
+    assert!(lines[0].contains(want), "{lines:?}");
+    let (mut child, lines, _dir) = daemon_start_up(&["--aio", "sync", "--direct"], None);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        lines[0].contains("O_DIRECT") && lines[0].contains("aio: sync (on the event loop)"),
+        "{lines:?}"
+    );
+}
+
+/// Where io_uring is taken away (a seccomp filter, as on a locked-down
+/// host), the daemon says so in one line, runs on I/O threads and works.
+#[test]
+fn without_io_uring_the_daemon_runs_on_io_threads() {
+    let (child, lines, dir) = daemon_start_up(
+        &["--aio", "io_uring", "--direct"],
+        Some(integration_tests::seccomp::deny_io_uring),
+    );
+    let mut daemon = Daemon {
+        child,
+        socket: dir.as_path().join("blk.sock"),
+        dir,
+        kind: "virtio-blk",
+    };
+    assert!(
+        lines[0].contains("aio: threads (4 I/O thread(s))"),
+        "{lines:?}"
+    );
+    let notes: Vec<&String> = lines.iter().filter(|l| l.contains("io_uring")).collect();
+    assert_eq!(notes.len(), 1, "{lines:?}");
+    assert!(notes[0].contains("not permitted"), "{lines:?}");
+    let mut drv = VirtioDriver::connect(&daemon.socket);
+    drv.init(BLK_WANT, 128);
+    let w = pattern(5, 8192);
+    let (st, _) = drv.blk_request(0, VIRTIO_BLK_T_OUT, 64, &w, 0);
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    let img = daemon.dir.as_path().join("disk.img");
+    assert_eq!(read_image(&img, 64 * 512, 8192), w);
+    let (st, r) = drv.blk_request(0, VIRTIO_BLK_T_IN, 64, &[], 8192);
+    assert_eq!((st, r), (VIRTIO_BLK_S_OK, w));
+    daemon.kill();
 }

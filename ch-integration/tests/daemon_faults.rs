@@ -136,6 +136,13 @@ fn a_full_disk_is_reported_on_io_threads() {
     a_full_disk_is_reported_with(&["--io-threads", "2"]);
 }
 
+/// [`a_full_disk_is_reported`] with requests on the event loop (`--aio sync`; the default
+/// is io_uring where the kernel has it).
+#[test]
+fn a_full_disk_is_reported_on_the_event_loop() {
+    a_full_disk_is_reported_with(&["--aio", "sync"]);
+}
+
 fn a_full_disk_is_reported_with(extra: &'static [&'static str]) {
     in_private_mount_ns("a_full_disk_is_reported", move || {
         let s = OnSmallFs::start(&[extra, &["--on-error", "report"]].concat());
@@ -174,6 +181,13 @@ fn a_full_disk_stops_until_freed_and_resumed() {
 #[test]
 fn a_full_disk_stops_until_grown_and_resumed_on_io_threads() {
     a_full_disk_stops_until_resumed_with(&["--io-threads", "2"], true);
+}
+
+/// [`a_full_disk_stops_until_grown_and_resumed`] with requests on the event loop (`--aio sync`; the default
+/// is io_uring where the kernel has it).
+#[test]
+fn a_full_disk_stops_until_grown_and_resumed_on_the_event_loop() {
+    a_full_disk_stops_until_resumed_with(&["--aio", "sync"], true);
 }
 
 fn a_full_disk_stops_until_resumed_with(extra: &'static [&'static str], grow: bool) {
@@ -234,6 +248,13 @@ fn a_device_stopped_on_a_full_disk_is_restored_from_a_snapshot() {
 #[test]
 fn a_device_stopped_on_a_full_disk_is_restored_from_a_snapshot_on_io_threads() {
     a_device_stopped_on_a_full_disk_is_restored_with(&["--io-threads", "2"]);
+}
+
+/// [`a_device_stopped_on_a_full_disk_is_restored_from_a_snapshot`] with requests on the event loop (`--aio sync`; the default
+/// is io_uring where the kernel has it).
+#[test]
+fn a_device_stopped_on_a_full_disk_is_restored_from_a_snapshot_on_the_event_loop() {
+    a_device_stopped_on_a_full_disk_is_restored_with(&["--aio", "sync"]);
 }
 
 fn a_device_stopped_on_a_full_disk_is_restored_with(extra: &'static [&'static str]) {
@@ -394,6 +415,13 @@ fn a_truncated_image_fails_reads_past_its_end() {
 #[test]
 fn a_truncated_image_fails_reads_past_its_end_on_io_threads() {
     a_truncated_image_fails_reads_past_its_end_with(&["--io-threads", "2"]);
+}
+
+/// [`a_truncated_image_fails_reads_past_its_end`] with requests on the event loop (`--aio sync`; the default
+/// is io_uring where the kernel has it).
+#[test]
+fn a_truncated_image_fails_reads_past_its_end_on_the_event_loop() {
+    a_truncated_image_fails_reads_past_its_end_with(&["--aio", "sync"]);
 }
 
 fn a_truncated_image_fails_reads_past_its_end_with(extra: &[&str]) {

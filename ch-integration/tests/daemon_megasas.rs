@@ -477,6 +477,21 @@ fn io_on_io_threads_reaches_the_image() {
 }
 
 #[test]
+fn io_on_the_event_loop_reaches_the_image() {
+    io_reaches_the_image(&["--aio", "sync"]);
+}
+
+/// With O_DIRECT, in every mode: the megaraid driver's buffers go
+/// straight to the image, or through a bounce buffer, with the right
+/// bytes either way.
+#[test]
+fn direct_io_reaches_the_image_in_every_mode() {
+    for aio in ["io_uring", "threads", "sync"] {
+        io_reaches_the_image(&["--direct", "--aio", aio]);
+    }
+}
+
+#[test]
 fn two_read_only_disks() {
     let dir = TempDir::new().unwrap();
     let a = image(&dir, "a.img", 1);

@@ -13,14 +13,18 @@ mod common;
 #[path = "../../vfio_user_server/examples/dma_copy.rs"]
 mod dma_copy;
 
+use std::fs::File;
 use std::io;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use backends::storage::{BlockBackend, MemoryDisk};
+use backends::block_io::{io_uring_support, Aio};
+use backends::storage::{BlockBackend, FdAccess, MemoryDisk};
 use backends::virtio_blk::{VirtioBlkConfig, VirtioBlkPci};
 use common::*;
 use vfio_user_server::pci::PciAdapter;
@@ -104,6 +108,176 @@ impl BlockBackend for GatedDisk {
     }
 }
 
+/// A disk whose reads the io_uring runs on the read end of a pipe: they
+/// stay in flight in the kernel until the test writes their data into it.
+struct PipeDisk {
+    inner: MemoryDisk,
+    read_end: File,
+    write_end: Mutex<File>,
+}
+
+impl PipeDisk {
+    fn new(size: usize) -> PipeDisk {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 returns.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: new descriptors that nothing else owns.
+        let (r, w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        PipeDisk {
+            inner: MemoryDisk::new(size as u64).unwrap(),
+            read_end: r,
+            write_end: Mutex::new(w),
+        }
+    }
+
+    /// Lets the read waiting in the kernel complete with `data`.
+    fn feed(&self, data: &[u8]) {
+        self.write_end.lock().unwrap().write_all(data).unwrap();
+    }
+}
+
+impl BlockBackend for PipeDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn id(&self) -> String {
+        "pipe".into()
+    }
+    fn file_backed(&self) -> bool {
+        true
+    }
+    fn fd_for(&self, access: FdAccess<'_>) -> Option<RawFd> {
+        // A pipe ignores the offset: the read waits for the test's bytes.
+        matches!(access, FdAccess::Read { .. }).then(|| self.read_end.as_raw_fd())
+    }
+}
+
+/// A read held in flight in the kernel by a [`PipeDisk`] on the io_uring,
+/// then `stop` with it in flight: `stop` returns only once the read
+/// completed, into memory that was still mapped (as on I/O threads).
+fn in_flight_ring_read_completes_before<T: Transport>(
+    mut d: VirtioDriver<T>,
+    disk: &Arc<PipeDisk>,
+    stop: impl FnOnce(&mut VirtioDriver<T>),
+) {
+    d.init(VERSION_1 | EVENT_IDX, 64);
+    let head = d.blk_submit(0, VIRTIO_BLK_T_IN, 16, &[], 4096);
+    d.kick(0);
+    // The event loop is free while the read waits in the kernel.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(d.status() & 4, 4);
+    assert_eq!(d.used_idx(0), 0, "the read did not wait for its data");
+    let data = pattern(4096);
+    let feeder = {
+        let (disk, data) = (disk.clone(), data.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            disk.feed(&data);
+        })
+    };
+    let started = Instant::now();
+    stop(&mut d);
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "answered before the read in flight finished"
+    );
+    feeder.join().unwrap();
+    assert_eq!(d.used_idx(0), 1, "the read in flight was not completed");
+    let (status, got) = d.take_result(0, head);
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+    assert_eq!(got, data);
+}
+
+/// Whether io_uring can be tested here; says why not.
+fn have_io_uring() -> bool {
+    match io_uring_support() {
+        Ok(()) => true,
+        Err(why) => {
+            eprintln!("SKIP io_uring: {why}");
+            false
+        }
+    }
+}
+
+#[test]
+fn dma_unmap_waits_for_io_in_flight_on_io_uring() {
+    if !have_io_uring() {
+        return;
+    }
+    let disk = Arc::new(PipeDisk::new(1 << 20));
+    let served = Loop::serve_with(vec![disk.clone()], Aio::IoUring);
+    let d = VirtioDriver::connect(served.socket(0));
+    in_flight_ring_read_completes_before(d, &disk, |d| {
+        d.transport.dma_unmap(GUEST_BASE, GUEST_SIZE).unwrap();
+    });
+}
+
+#[test]
+fn stopping_for_migration_completes_io_in_flight_on_io_uring() {
+    if !have_io_uring() {
+        return;
+    }
+    let disk = Arc::new(PipeDisk::new(1 << 20));
+    let served = Loop::serve_with(vec![disk.clone()], Aio::IoUring);
+    let d = VirtioDriver::connect_raw(served.socket(0));
+    in_flight_ring_read_completes_before(d, &disk, |d| {
+        mig::set_state_ok(d.raw(), mig::STOP);
+    });
+}
+
+#[test]
+fn a_reset_waits_for_io_in_flight_on_io_uring() {
+    if !have_io_uring() {
+        return;
+    }
+    let disk = Arc::new(PipeDisk::new(1 << 20));
+    let served = Loop::serve_with(vec![disk.clone()], Aio::IoUring);
+    let mut d = VirtioDriver::connect(served.socket(0));
+    d.init(VERSION_1 | EVENT_IDX, 64);
+    let _head = d.blk_submit(0, VIRTIO_BLK_T_IN, 16, &[], 4096);
+    d.kick(0);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(d.used_idx(0), 0, "the read did not wait for its data");
+    let feeder = {
+        let disk = disk.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            disk.feed(&pattern(4096));
+        })
+    };
+    // The driver resets the device (status 0): the device forgets the read
+    // but waits until the kernel is done with the guest's buffer.
+    let started = Instant::now();
+    d.set_status(0);
+    assert_eq!(d.status(), 0);
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "reset before the read in flight finished"
+    );
+    feeder.join().unwrap();
+    // It works again, from scratch.
+    d.init(VERSION_1 | EVENT_IDX, 64);
+    assert_eq!(d.used_idx(0), 0);
+}
+
 /// virtio-blk devices served by one event loop in a thread.
 struct Loop {
     thread: Option<JoinHandle<io::Result<()>>>,
@@ -114,11 +288,11 @@ struct Loop {
 
 impl Loop {
     fn serve(disks: Vec<Arc<dyn BlockBackend>>) -> Loop {
-        Self::serve_with(disks, 0)
+        Self::serve_with(disks, Aio::Sync)
     }
 
-    /// Devices with `io_threads` I/O threads each.
-    fn serve_with(disks: Vec<Arc<dyn BlockBackend>>, io_threads: usize) -> Loop {
+    /// Devices running their I/O as `aio` says.
+    fn serve_with(disks: Vec<Arc<dyn BlockBackend>>, aio: Aio) -> Loop {
         let dir = TempDir::new().unwrap();
         let mut ev = EventLoop::new().unwrap();
         let mut sockets = Vec::new();
@@ -126,7 +300,7 @@ impl Loop {
             let socket = dir.as_path().join(format!("blk{i}.sock"));
             let ctx = DeviceContext::default();
             let config = VirtioBlkConfig {
-                io_threads,
+                aio,
                 ..Default::default()
             };
             let blk = VirtioBlkPci::new(ctx.clone(), disk, config).unwrap();
@@ -285,7 +459,7 @@ fn in_flight_read_completes_before<T: Transport>(
 #[test]
 fn dma_unmap_waits_for_io_in_flight() {
     let disk = Arc::new(GatedDisk::new(pattern(1 << 20)));
-    let served = Loop::serve_with(vec![disk.clone()], 1);
+    let served = Loop::serve_with(vec![disk.clone()], Aio::Threads(1));
     let d = VirtioDriver::connect(served.socket(0));
     in_flight_read_completes_before(d, &disk, |d| {
         d.transport.dma_unmap(GUEST_BASE, GUEST_SIZE).unwrap();
@@ -295,7 +469,7 @@ fn dma_unmap_waits_for_io_in_flight() {
 #[test]
 fn stopping_for_migration_completes_io_in_flight() {
     let disk = Arc::new(GatedDisk::new(pattern(1 << 20)));
-    let served = Loop::serve_with(vec![disk.clone()], 1);
+    let served = Loop::serve_with(vec![disk.clone()], Aio::Threads(1));
     let d = VirtioDriver::connect_raw(served.socket(0));
     in_flight_read_completes_before(d, &disk, |d| {
         mig::set_state_ok(d.raw(), mig::STOP);

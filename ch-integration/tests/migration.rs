@@ -185,6 +185,13 @@ fn migrate_busy_blk_between_daemons_on_io_threads() {
     migrate_busy_blk_between_daemons_with(&["--io-threads", "2"]);
 }
 
+/// [`migrate_busy_blk_between_daemons`] with requests on the event loop (`--aio sync`; the default
+/// is io_uring where the kernel has it).
+#[test]
+fn migrate_busy_blk_between_daemons_on_the_event_loop() {
+    migrate_busy_blk_between_daemons_with(&["--aio", "sync"]);
+}
+
 fn migrate_busy_blk_between_daemons_with(extra: &[&str]) {
     let dir = TempDir::new().unwrap();
     let img = image(&dir);
@@ -364,6 +371,13 @@ fn dirty_bitmap_reports_exactly_device_writes() {
 #[test]
 fn dirty_bitmap_reports_exactly_device_writes_on_io_threads() {
     dirty_bitmap_reports_exactly_device_writes_with(&["--io-threads", "2"]);
+}
+
+/// [`dirty_bitmap_reports_exactly_device_writes`] with requests on the event loop (`--aio sync`; the default
+/// is io_uring where the kernel has it).
+#[test]
+fn dirty_bitmap_reports_exactly_device_writes_on_the_event_loop() {
+    dirty_bitmap_reports_exactly_device_writes_with(&["--aio", "sync"]);
 }
 
 fn dirty_bitmap_reports_exactly_device_writes_with(extra: &[&str]) {

@@ -61,6 +61,13 @@ fn snapshot_restore_via_api_on_io_threads() {
     snapshot_restore_via_api_with(&["--io-threads", "2"]);
 }
 
+/// [`snapshot_restore_via_api`] with requests on the event loop (`--aio sync`; the default
+/// is io_uring where the kernel has it).
+#[test]
+fn snapshot_restore_via_api_on_the_event_loop() {
+    snapshot_restore_via_api_with(&["--aio", "sync"]);
+}
+
 fn snapshot_restore_via_api_with(extra: &[&str]) {
     let dir = TempDir::new().unwrap();
     let img = image(dir.as_path());

@@ -705,3 +705,36 @@ fn vm_blk_full_disk_stops_until_grown_and_resumed() {
         },
     );
 }
+
+/// fio in the guest (io_uring, O_DIRECT) at queue depth 32 against the
+/// daemon's O_DIRECT image on its default engine (io_uring where the host
+/// has it): fio's own verification of what it wrote passes, and each job
+/// runs. A smoke test of the in-guest benchmark (`bench/vm-fio.sh`), not a
+/// measurement.
+#[test]
+fn vm_blk_fio_direct() {
+    let Some(env) = vm::env() else { return };
+    let (dir, img, _) = image(IMAGE_SIZE);
+    let mut daemon = Daemon::start(dir.as_path(), &["--disk", path_str(&img), "--direct"]);
+    let spec = VmSpec::new("fio")
+        .with_fio()
+        .param("verify", 1)
+        .param("jobs", "randread-4k-qd32,randwrite-4k-qd32,read-1m-qd8")
+        .param("runtime", 2)
+        .param("ramp", 0)
+        .vfio_user(&daemon.socket, "vfu0");
+    let run = Vm::start(&env, spec).finish();
+    run.assert_passed();
+    run.expect("verify_rc", "0");
+    for job in ["randread-4k-qd32", "randwrite-4k-qd32", "read-1m-qd8"] {
+        let r = run.result(&format!("job_{job}"));
+        let iops: f64 = r
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        assert!(iops > 0.0, "{job}: {r}\n{}", run.report());
+    }
+    check_daemon_after(&mut daemon);
+    stop_daemon(&mut daemon);
+}

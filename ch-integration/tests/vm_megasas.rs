@@ -190,6 +190,39 @@ fn vm_megasas_io_threads_direct() {
     );
 }
 
+/// fio in the guest (O_DIRECT, queue depth 32) on an O_DIRECT image served
+/// on the daemon's default engine (io_uring where the host has it): fio's
+/// verification of what it wrote passes and every job runs. A smoke test
+/// of `bench/vm-fio.sh --kind megasas`, not a measurement.
+#[test]
+fn vm_megasas_fio_direct() {
+    let Some(env) = vm::env() else { return };
+    let (dir, imgs) = images(1);
+    let img = path_str(&imgs[0].0);
+    let mut daemon =
+        Daemon::start_kind(dir.as_path(), &[], "megasas", &["--disk", img, "--direct"]);
+    let spec = VmSpec::new("fio")
+        .with_fio()
+        .param("verify", 1)
+        .param("jobs", "randwrite-4k-qd32,read-1m-qd8")
+        .param("runtime", 2)
+        .param("ramp", 0)
+        .vfio_user(&daemon.socket, "vfu0");
+    let run = Vm::start(&env, spec).finish();
+    run.assert_passed();
+    run.expect("verify_rc", "0");
+    for job in ["randwrite-4k-qd32", "read-1m-qd8"] {
+        let r = run.result(&format!("job_{job}"));
+        let iops: f64 = r
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        assert!(iops > 0.0, "{job}: {r}\n{}", run.report());
+    }
+    assert!(daemon.is_running(), "daemon died; log:\n{}", daemon.log());
+}
+
 /// `megaraid_sas.msix_disable=1`: the driver takes INTx, which the
 /// daemon raises (automasked) and QEMU unmasks at the driver's
 /// register reads.

@@ -16,6 +16,8 @@
 #   VMTEST_NO_REBOOT   1 (default): pass -no-reboot, so a guest reboot makes QEMU exit;
 #                      0: leave it out, so the guest really reboots (QEMU resets the machine
 #                      and its devices, vfio-user ones included)
+#   VMTEST_FIO=1       boot the initramfs that also holds fio (and its libraries); it is
+#                      larger, so only the tests that run fio use it
 #   VMTEST_DRY_RUN=1   print the QEMU command line and exit
 #
 # QEMU runs in a private mount namespace (unshare --mount --propagation private) on a
@@ -90,6 +92,11 @@ case ${VMTEST_NO_REBOOT:-1} in
     *) die "VMTEST_NO_REBOOT must be 0 or 1" ;;
 esac
 append="console=ttyS0 panic=-1${VMTEST_APPEND:+ $VMTEST_APPEND}"
+case ${VMTEST_FIO:-0} in
+    0) initrd=/vmm-env/initramfs.cpio.gz ;;
+    1) initrd=/vmm-env/initramfs-fio.cpio.gz ;;
+    *) die "VMTEST_FIO must be 0 or 1" ;;
+esac
 
 args=(
     -machine q35 -accel tcg
@@ -99,7 +106,7 @@ args=(
     -nographic "${no_reboot[@]}" -nodefaults
     -serial stdio
     -kernel /vmm-env/vmlinuz
-    -initrd /vmm-env/initramfs.cpio.gz
+    -initrd "$initrd"
     -append "$append"
     "$@"
 )

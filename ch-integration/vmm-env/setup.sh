@@ -17,8 +17,9 @@ SUITE=sid
 QEMU_MIN_VERSION=10.1
 # Kernel modules for the initramfs; their dependencies are added automatically.
 MODULES=(virtio_pci virtio_blk virtio_net virtio_scsi megaraid_sas sd_mod nvme)
-# Packages installed into the chroot on top of minbase.
-CHROOT_PACKAGES=(qemu-system-x86 kmod busybox-static xz-utils zstd)
+# Packages installed into the chroot on top of minbase (fio: staged into the
+# fio initramfs with the shared libraries it needs, see stage_fio).
+CHROOT_PACKAGES=(qemu-system-x86 kmod busybox-static xz-utils zstd fio)
 EXIT_UNREACHABLE=3
 
 log() { printf 'vmm-env: %s\n' "$*" >&2; }
@@ -207,6 +208,9 @@ EOF
     cp -a "$R$S/." "$B/initramfs-root/"
     rm -rf "${R:?}$S" "${R:?}$K"
 
+    step "staging fio and its shared libraries"
+    stage_fio "$B" "$R"
+
     step "cleaning the chroot"
     inchroot "$R" apt-get clean
     rm -rf "$R"/var/lib/apt/lists/* "$R"/tmp/* "$R"/var/tmp/*
@@ -217,7 +221,33 @@ EOF
 }
 
 # ---------------------------------------------------------------------------
-# pack_initramfs ENVDIR: initramfs-root + guest-init.sh + tests -> initramfs.cpio.gz
+# stage_fio ENVDIR ROOT: fio-root/ = /usr/bin/fio of the chroot ROOT, every shared
+# library ldd finds for it (at the path ldd names, links resolved) and the dynamic
+# loader; the fio initramfs is the base one with this tree added.
+stage_fio() {
+    local B=$1 R=$2 F=$1/fio-root lib
+    mkdir -p "$F/usr/bin"
+    cp -L "$R/usr/bin/fio" "$F/usr/bin/fio"
+    # "libx.so.1 => /lib/x86_64-linux-gnu/libx.so.1 (0x...)" and "/lib64/ld-linux-x86-64.so.2 (0x...)"
+    for lib in $(inchroot "$R" ldd /usr/bin/fio | sed -n 's/.*=> \(\/[^ ]*\) .*/\1/p; s/^[[:space:]]*\(\/[^ ]*\) (.*/\1/p' | sort -u); do
+        mkdir -p "$F${lib%/*}"
+        cp -L "$R$lib" "$F$lib"
+    done
+    [[ -n $(find "$F" -name 'ld-linux*') ]] || die "no dynamic loader among fio's libraries"
+    # sid is merged-/usr: /lib and /lib64 are links into /usr there, but /lib is a
+    # real directory in the initramfs (it holds the modules); keep the files where
+    # ldd found them and also link the usual multiarch directory.
+    if [[ -d $F/usr/lib/x86_64-linux-gnu && ! -e $F/lib/x86_64-linux-gnu ]]; then
+        mkdir -p "$F/lib"
+        ln -s ../usr/lib/x86_64-linux-gnu "$F/lib/x86_64-linux-gnu"
+    fi
+    inchroot "$R" fio --version >"$B/fio-version"
+}
+
+# ---------------------------------------------------------------------------
+# pack_initramfs ENVDIR: initramfs-root + guest-init.sh + tests -> initramfs.cpio.gz,
+# and that plus fio-root -> initramfs-fio.cpio.gz (the kernel unpacks concatenated
+# archives in turn)
 pack_initramfs() {
     local B=$1 stage
     stage=$B/.initramfs-stage
@@ -233,6 +263,10 @@ pack_initramfs() {
         gzip -6n >"$B/initramfs.cpio.gz.tmp"
     mv "$B/initramfs.cpio.gz.tmp" "$B/initramfs.cpio.gz"
     rm -rf "$stage"
+    (cd "$B/fio-root" && find . -mindepth 1 | LC_ALL=C sort |
+        "$B/rootfs/usr/bin/busybox" cpio -o -H newc -R 0:0 2>/dev/null) |
+        gzip -6n | cat "$B/initramfs.cpio.gz" - >"$B/initramfs-fio.cpio.gz.tmp"
+    mv "$B/initramfs-fio.cpio.gz.tmp" "$B/initramfs-fio.cpio.gz"
 }
 
 # mirror_from_host_sources: the first ".../debian" archive URI in the host's apt sources
@@ -344,7 +378,8 @@ main() {
         log "reusing rootfs/kernel of $donor (same setup.sh), repacking the initramfs"
         cp -al "$donor/rootfs" "$B/rootfs"
         cp -a "$donor/initramfs-root" "$B/initramfs-root"
-        cp -a "$donor/vmlinuz" "$donor/kernel-version" "$B/"
+        cp -a "$donor/fio-root" "$B/fio-root"
+        cp -a "$donor/vmlinuz" "$donor/kernel-version" "$donor/fio-version" "$B/"
         [[ -f $donor/kernel-config ]] && cp -a "$donor/kernel-config" "$B/"
     else
         MIRROR=${VMM_ENV_MIRROR:-$(mirror_from_host_sources)}
@@ -388,6 +423,7 @@ main() {
         echo "suite=$SUITE"
         echo "qemu_version=$qver"
         echo "kernel_version=$(cat "$B/kernel-version")"
+        echo "fio_version=$(cat "$B/fio-version")"
         echo "modules=$(tr '\n' ' ' <"$B/initramfs-root/modules.order")"
         echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
         echo "build_seconds=$((SECONDS - t0))"

@@ -124,7 +124,7 @@ fn device(read_only: bool) -> (Arc<MemoryDisk>, VirtioBlk) {
         read_only: false,
         serial: Some("fuzz-serial".into()),
         pcie: false,
-        io_threads: 0,
+        aio: backends::block_io::Aio::Sync,
         on_error: backends::block_io::ErrorPolicy::Report,
     };
     let blk = VirtioBlk::new(

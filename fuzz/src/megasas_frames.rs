@@ -114,7 +114,7 @@ fn device(
         .collect();
     let config = MegasasConfig {
         read_only,
-        io_threads: 0,
+        aio: backends::block_io::Aio::Sync,
     };
     let mut hba = Megasas::new(&ctx, backends, &config).expect("megasas");
     let bars = hba

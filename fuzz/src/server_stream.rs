@@ -245,7 +245,7 @@ pub fn build_device(kind: u8, ctx: &DeviceContext) -> Box<dyn Device> {
             read_only: false,
             serial: None,
             pcie,
-            io_threads: 0,
+            aio: backends::block_io::Aio::Sync,
             on_error: backends::block_io::ErrorPolicy::Report,
         };
         let blk = VirtioBlkPci::new(ctx.clone(), Arc::new(disk), config).unwrap();

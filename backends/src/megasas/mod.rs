@@ -49,6 +49,7 @@ use self::dcmd::{PciIds, MAX_LDS, MAX_REQUEST_SECTORS};
 use self::regs::{Action, FwState, Registers};
 use self::reply_queue::ReplyQueue;
 use self::state::MegasasState;
+use crate::block_io::Aio;
 use crate::scsi::{Outcome, ScsiDisk, ScsiDiskConfig, ScsiDiskError};
 use crate::storage::BlockBackend;
 
@@ -103,9 +104,10 @@ pub enum MegasasError {
 pub struct MegasasConfig {
     /// Expose every disk read-only.
     pub read_only: bool,
-    /// I/O threads per disk for reads, writes and flushes; 0 runs them on
-    /// the event loop thread.
-    pub io_threads: usize,
+    /// How each disk's reads, writes and flushes run: on the event loop
+    /// thread, or in flight on I/O threads (per disk) or an io_uring (one
+    /// per disk).
+    pub aio: Aio,
 }
 
 /// A frame held by the controller: where it is and what completing it
@@ -182,7 +184,7 @@ impl Megasas {
                     max_transfer_blocks: MAX_REQUEST_SECTORS,
                     // At most MAX_LDS.
                     index: i as u32,
-                    io_threads: config.io_threads,
+                    aio: config.aio,
                     ..Default::default()
                 };
                 ScsiDisk::new(backend, &config).map_err(|e| MegasasError::Disk(i, e))
@@ -260,6 +262,12 @@ impl Megasas {
     /// Frames queued and not run yet.
     pub fn queued_frames(&self) -> usize {
         self.queued.len()
+    }
+
+    /// How the disks' I/O runs (what [`MegasasConfig::aio`] asked for, or
+    /// what replaced it).
+    pub fn aio(&self) -> Aio {
+        self.disks.first().map_or(Aio::Sync, ScsiDisk::aio)
     }
 
     /// Transfers running on I/O threads.

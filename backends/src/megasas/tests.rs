@@ -61,8 +61,13 @@ impl Hba {
         };
         let images: Vec<Arc<MemoryDisk>> = (0..disks)
             .map(|d| {
-                let data = (0..DISK_BYTES).map(|i| (i >> 9) as u8 ^ d as u8).collect();
-                Arc::new(MemoryDisk::from_vec(data, false))
+                let data: Vec<u8> = (0..DISK_BYTES).map(|i| (i >> 9) as u8 ^ d as u8).collect();
+                // On io_uring, the ring reads and writes the disk's file.
+                Arc::new(if config.aio == Aio::IoUring {
+                    MemoryDisk::in_memfd(&data, false).unwrap()
+                } else {
+                    MemoryDisk::from_vec(data, false)
+                })
             })
             .collect();
         let backends = images
@@ -672,13 +677,26 @@ fn hostile_frames_are_contained() {
 
 #[test]
 fn transfers_on_io_threads() {
+    transfers_in_flight(Aio::Threads(2));
+}
+
+#[test]
+fn transfers_on_io_uring() {
+    match crate::block_io::io_uring_support() {
+        Ok(()) => transfers_in_flight(Aio::IoUring),
+        Err(why) => eprintln!("SKIP io_uring: {why}"),
+    }
+}
+
+fn transfers_in_flight(aio: Aio) {
     let mut t = Hba::new(
         1,
         MegasasConfig {
-            io_threads: 2,
+            aio,
             ..Default::default()
         },
     );
+    assert_eq!(t.hba.aio(), aio);
     assert_eq!(t.hba.watched_fds().len(), 1);
     let fd = t.hba.watched_fds()[0].fd;
     t.enable_msix();

@@ -20,7 +20,7 @@ use super::inquiry::{ascii_field, inquiry, naa_from, Identity};
 use super::mode::{mode_sense, ModeParams};
 use super::rsoc::report_supported_opcodes;
 use super::sense::{asc, key, Sense};
-use crate::block_io::{BlockIo, BlockOp};
+use crate::block_io::{Aio, BlockIo, BlockOp, Started};
 use crate::guest_sg::SgList;
 use crate::storage::BlockBackend;
 
@@ -61,9 +61,9 @@ pub struct ScsiDiskConfig {
     pub max_transfer_blocks: u32,
     /// Tells disks with the same serial apart in their NAA name.
     pub index: u32,
-    /// Threads running back-end reads, writes and flushes off the caller's
-    /// thread; 0 runs them on it.
-    pub io_threads: usize,
+    /// How back-end reads, writes and flushes run: on the caller's thread,
+    /// or in flight on I/O threads or an io_uring.
+    pub aio: Aio,
 }
 
 impl Default for ScsiDiskConfig {
@@ -76,7 +76,7 @@ impl Default for ScsiDiskConfig {
             read_only: false,
             max_transfer_blocks: 0,
             index: 0,
-            io_threads: 0,
+            aio: Aio::Sync,
         }
     }
 }
@@ -231,8 +231,8 @@ impl<C> ScsiDisk<C> {
             serial,
             max_transfer_blocks: config.max_transfer_blocks,
         };
-        let io = BlockIo::new(backend, config.io_threads, "scsi-disk")
-            .map_err(ScsiDiskError::IoThreads)?;
+        let io =
+            BlockIo::new(backend, config.aio, "scsi-disk").map_err(ScsiDiskError::IoThreads)?;
         Ok(ScsiDisk {
             io,
             identity,
@@ -395,7 +395,7 @@ impl<C> ScsiDisk<C> {
             Plan::Done(outcome) => return Some((completion, outcome)),
             Plan::Transfer(t) => t,
         };
-        if !self.io.has_io_threads() || !std::ptr::eq(data.memory(), &**memory) {
+        if !self.io.runs_in_flight() || !std::ptr::eq(data.memory(), &**memory) {
             return Some((completion, self.run(t, data)));
         }
         let op = match t.kind {
@@ -415,7 +415,8 @@ impl<C> ScsiDisk<C> {
             TransferKind::Flush => BlockOp::Flush,
         };
         match self.io.start(op, memory, (t, completion)) {
-            Ok(()) => None,
+            Ok(Started::InFlight) => None,
+            Ok(Started::Done((t, completion), r)) => Some((completion, t.outcome(r))),
             Err(((t, completion), e)) => Some((completion, t.outcome(Err(e)))),
         }
     }
@@ -447,6 +448,11 @@ impl<C> ScsiDisk<C> {
     /// threads.
     pub fn completion_fd(&self) -> Option<RawFd> {
         self.io.completion_fd()
+    }
+
+    /// How back-end I/O runs.
+    pub fn aio(&self) -> Aio {
+        self.io.aio()
     }
 
     /// Transfers started and not collected yet.
@@ -930,7 +936,7 @@ mod tests {
     #[test]
     fn transfers_on_io_threads_come_back_with_their_completion() {
         let (d, mut s) = disk(ScsiDiskConfig {
-            io_threads: 2,
+            aio: Aio::Threads(2),
             ..Default::default()
         });
         assert!(s.completion_fd().is_some());

@@ -1,24 +1,69 @@
 //! An in-memory disk, for tests and scratch devices.
 
+use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::{check_range, check_writable, truncate_id, BlockBackend, StorageError};
+use vm_memory::VolatileSlice;
 
-/// A disk held in a `Vec<u8>`.
+use super::{
+    check_range, check_writable, io_bufs_len, truncate_id, BlockBackend, FdAccess, StorageError,
+};
+
+/// Where the bytes of a [`MemoryDisk`] are.
+#[derive(Debug)]
+enum Storage {
+    /// A heap allocation of ours.
+    Heap(*mut [u8]),
+    /// A shared mapping of a memfd, which engines can also reach through
+    /// the file.
+    Memfd {
+        file: File,
+        ptr: *mut u8,
+        len: usize,
+    },
+}
+
+/// A disk held in memory: on the heap, or in a memfd
+/// ([`MemoryDisk::in_memfd`]), whose file asynchronous engines (io_uring)
+/// can read and write like an image's.
 ///
 /// Discard zeroes the range, so reads after a discard are deterministic.
+/// The bytes are only ever copied with volatile accesses: in a memfd the
+/// kernel writes them too.
 #[derive(Debug)]
 pub struct MemoryDisk {
-    data: RwLock<Vec<u8>>,
+    storage: Storage,
     read_only: bool,
     id: String,
     flushes: AtomicU64,
 }
 
+// SAFETY: the storage is memory owned by the disk for its whole life and
+// only accessed with volatile copies, from any thread.
+unsafe impl Send for MemoryDisk {}
+// SAFETY: as above; `&self` methods never hand out references into it.
+unsafe impl Sync for MemoryDisk {}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        match *self {
+            // SAFETY: made by `Box::into_raw` in `from_vec` and dropped once.
+            Storage::Heap(p) => drop(unsafe { Box::from_raw(p) }),
+            Storage::Memfd { ptr, len, .. } => {
+                if len > 0 {
+                    // SAFETY: the mapping made in `in_memfd`, unmapped once;
+                    // nothing uses it any more.
+                    unsafe { libc::munmap(ptr.cast(), len) };
+                }
+            }
+        }
+    }
+}
+
 impl MemoryDisk {
-    /// A zero-filled, writable disk of `size` bytes.
+    /// A zero-filled disk of `size` bytes.
     pub fn new(size: u64) -> Result<Self, StorageError> {
         let len = usize::try_from(size).map_err(|_| StorageError::TooLarge(size))?;
         let mut data = Vec::new();
@@ -31,11 +76,56 @@ impl MemoryDisk {
     /// A disk holding `data`.
     pub fn from_vec(data: Vec<u8>, read_only: bool) -> Self {
         MemoryDisk {
-            data: RwLock::new(data),
+            storage: Storage::Heap(Box::into_raw(data.into_boxed_slice())),
             read_only,
             id: "memdisk".to_string(),
             flushes: AtomicU64::new(0),
         }
+    }
+
+    /// A disk holding `data` in a memfd: the same as [`MemoryDisk::from_vec`],
+    /// but its file can be handed to asynchronous engines
+    /// ([`BlockBackend::fd_for`]): reads, writes, discards and zeroing run
+    /// on it. Flushes do not (there is nothing to make durable), so that
+    /// [`MemoryDisk::flush_count`] sees every one.
+    pub fn in_memfd(data: &[u8], read_only: bool) -> io::Result<Self> {
+        // SAFETY: a NUL-terminated name and flags; no memory is passed.
+        let fd = unsafe { libc::memfd_create(c"memdisk".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(data.len() as u64)?;
+        let len = data.len();
+        let ptr = if len == 0 {
+            std::ptr::NonNull::<u8>::dangling().as_ptr()
+        } else {
+            // SAFETY: a new shared mapping of the whole file; no existing
+            // memory is affected.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            p.cast()
+        };
+        let disk = MemoryDisk {
+            storage: Storage::Memfd { file, ptr, len },
+            read_only,
+            id: "memdisk".to_string(),
+            flushes: AtomicU64::new(0),
+        };
+        disk.bytes().copy_from(data);
+        Ok(disk)
     }
 
     /// Replaces the id (truncated to 20 bytes).
@@ -44,59 +134,74 @@ impl MemoryDisk {
         self
     }
 
-    /// A copy of the whole contents.
+    /// A copy of the disk's contents.
     pub fn contents(&self) -> Vec<u8> {
-        self.read().clone()
+        let mut v = vec![0u8; self.len()];
+        self.bytes().copy_to(&mut v);
+        v
     }
 
-    /// How many times [`BlockBackend::flush`] was called.
+    /// Number of flushes so far.
     pub fn flush_count(&self) -> u64 {
         self.flushes.load(Ordering::Relaxed)
     }
 
-    fn read(&self) -> RwLockReadGuard<'_, Vec<u8>> {
-        // A poisoned lock only means a panic elsewhere; the bytes are plain.
-        self.data.read().unwrap_or_else(|e| e.into_inner())
+    fn len(&self) -> usize {
+        match &self.storage {
+            Storage::Heap(p) => p.len(),
+            Storage::Memfd { len, .. } => *len,
+        }
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, Vec<u8>> {
-        self.data.write().unwrap_or_else(|e| e.into_inner())
+    /// All the bytes.
+    fn bytes(&self) -> VolatileSlice<'_> {
+        let ptr = match &self.storage {
+            Storage::Heap(p) => p.cast::<u8>(),
+            Storage::Memfd { ptr, .. } => *ptr,
+        };
+        // SAFETY: `len` bytes at `ptr` are owned by the disk while it lives
+        // and only accessed with volatile copies (here and by the kernel).
+        unsafe { VolatileSlice::new(ptr, self.len()) }
     }
 
-    /// The range `[offset, offset + len)` as indices into the vector.
-    fn span(&self, len_total: usize, offset: u64, len: u64) -> io::Result<std::ops::Range<usize>> {
-        check_range(len_total as u64, offset, len)?;
-        // Both fit in usize: they are bounded by the vector length.
-        let start = offset as usize;
-        Ok(start..start + len as usize)
+    /// The bytes of `[offset, offset + len)`, which must lie in the disk.
+    fn span(&self, offset: u64, len: u64) -> io::Result<VolatileSlice<'_>> {
+        check_range(self.len() as u64, offset, len)?;
+        // Both within the disk, whose length is a usize.
+        self.bytes()
+            .subslice(offset as usize, len as usize)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
     }
 
     fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
         check_writable(self.read_only)?;
-        let mut data = self.write();
-        let span = self.span(data.len(), offset, len)?;
-        data[span].fill(0);
+        let span = self.span(offset, len)?;
+        // At most the disk's length, a usize.
+        span.copy_from(&vec![0u8; len as usize]);
         Ok(())
+    }
+
+    fn memfd(&self) -> Option<RawFd> {
+        match &self.storage {
+            Storage::Memfd { file, .. } => Some(file.as_raw_fd()),
+            Storage::Heap(_) => None,
+        }
     }
 }
 
 impl BlockBackend for MemoryDisk {
     fn size(&self) -> u64 {
-        self.read().len() as u64
+        self.len() as u64
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let data = self.read();
-        let span = self.span(data.len(), offset, buf.len() as u64)?;
-        buf.copy_from_slice(&data[span]);
+        self.span(offset, buf.len() as u64)?.copy_to(buf);
         Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         check_writable(self.read_only)?;
-        let mut data = self.write();
-        let span = self.span(data.len(), offset, buf.len() as u64)?;
-        data[span].copy_from_slice(buf);
+        self.span(offset, buf.len() as u64)?.copy_from(buf);
         Ok(())
     }
 
@@ -119,6 +224,36 @@ impl BlockBackend for MemoryDisk {
 
     fn id(&self) -> String {
         self.id.clone()
+    }
+
+    fn file_backed(&self) -> bool {
+        self.memfd().is_some()
+    }
+
+    fn page_cached(&self) -> bool {
+        true
+    }
+
+    fn fd_for(&self, access: FdAccess<'_>) -> Option<RawFd> {
+        let fd = self.memfd()?;
+        let size = self.size();
+        let ok = match access {
+            FdAccess::Read { bufs, offset } => io_bufs_len(bufs)
+                .and_then(|n| check_range(size, offset, n))
+                .is_ok(),
+            FdAccess::Write { bufs, offset } => {
+                !self.read_only
+                    && io_bufs_len(bufs)
+                        .and_then(|n| check_range(size, offset, n))
+                        .is_ok()
+            }
+            // Counted by `flush` itself.
+            FdAccess::Flush => false,
+            FdAccess::Fallocate { offset, len } => {
+                !self.read_only && check_range(size, offset, len).is_ok()
+            }
+        };
+        ok.then_some(fd)
     }
 }
 
@@ -191,6 +326,39 @@ mod tests {
         assert!(d.read_vectored_at(&bufs, 8190).is_err());
         let ro = MemoryDisk::from_vec(vec![0; 512], true);
         assert!(ro.write_vectored_at(&bufs, 0).is_err());
+    }
+
+    #[test]
+    fn in_a_memfd_the_file_holds_the_bytes() {
+        use std::os::unix::fs::FileExt;
+        let d = MemoryDisk::in_memfd(&[5u8; 8192], false).unwrap();
+        assert!(d.file_backed());
+        d.write_at(&[1, 2, 3], 100).unwrap();
+        let fd = d
+            .fd_for(FdAccess::Fallocate {
+                offset: 0,
+                len: 8192,
+            })
+            .unwrap();
+        // SAFETY: borrowed for the reads below, never closed here.
+        let f = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+        let mut b = [0u8; 4];
+        f.read_exact_at(&mut b, 99).unwrap();
+        assert_eq!(b, [5, 1, 2, 3]);
+        f.write_all_at(&[9], 8191).unwrap();
+        assert_eq!(d.contents()[8190..], [5, 9]);
+        assert!(d.fd_for(FdAccess::Flush).is_none());
+        assert!(d
+            .fd_for(FdAccess::Fallocate {
+                offset: 8192,
+                len: 1
+            })
+            .is_none());
+        let ro = MemoryDisk::in_memfd(&[0; 512], true).unwrap();
+        assert!(ro
+            .fd_for(FdAccess::Fallocate { offset: 0, len: 1 })
+            .is_none());
+        assert!(!MemoryDisk::new(512).unwrap().file_backed());
     }
 
     #[test]

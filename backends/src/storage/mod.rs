@@ -11,12 +11,14 @@ mod workers;
 
 use std::io;
 use std::marker::PhantomData;
+use std::os::fd::RawFd;
 
 use thiserror::Error;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
 
 pub use memory::MemoryDisk;
+pub(crate) use raw_file::unsupported as fallocate_unsupported;
 pub use raw_file::{RawFile, RawFileOptions, DIRECT_IO_ALIGNMENT};
 pub use workers::{IoDone, IoJob, IoOp, IoWorkers, MAX_IO_THREADS};
 
@@ -209,6 +211,63 @@ pub trait BlockBackend: Send + Sync {
 
     /// A serial number for the image, at most [`BLOCK_ID_BYTES`] bytes.
     fn id(&self) -> String;
+
+    /// Whether the data lives in a file or block device, so that
+    /// asynchronous engines (io_uring) can run requests on it with
+    /// [`BlockBackend::fd_for`]. In-memory back ends say no: their
+    /// requests are copies that are best done on the spot.
+    fn file_backed(&self) -> bool {
+        false
+    }
+
+    /// Whether transfers on the descriptors of [`BlockBackend::fd_for`] go
+    /// through the host's page cache (not `O_DIRECT`): an engine may then
+    /// try them on the spot with `RWF_NOWAIT`, which only succeeds when
+    /// nothing has to wait for the storage.
+    fn page_cached(&self) -> bool {
+        false
+    }
+
+    /// The descriptor on which `access` can run as one plain positioned
+    /// system call (`preadv`/`pwritev` of exactly these buffers at this
+    /// offset, `fdatasync`, or `fallocate`) with the same effect as the
+    /// matching method of this trait, if there is one. `None` when the
+    /// back end must do it itself: it has no file, the range is outside
+    /// the image, the image is read-only, or (`O_DIRECT`) the buffers or
+    /// the range are not aligned for the descriptor. The descriptor stays
+    /// valid for as long as the back end lives.
+    fn fd_for(&self, _access: FdAccess<'_>) -> Option<RawFd> {
+        None
+    }
+}
+
+/// An operation an asynchronous engine wants to run on a back end's file
+/// itself ([`BlockBackend::fd_for`]).
+#[derive(Clone, Copy, Debug)]
+pub enum FdAccess<'a> {
+    /// `preadv` of `bufs` at `offset`.
+    Read {
+        /// Destination buffers.
+        bufs: &'a [IoBuf<'a>],
+        /// Disk offset.
+        offset: u64,
+    },
+    /// `pwritev` of `bufs` at `offset`.
+    Write {
+        /// Source buffers.
+        bufs: &'a [IoBuf<'a>],
+        /// Disk offset.
+        offset: u64,
+    },
+    /// `fdatasync`.
+    Flush,
+    /// `fallocate` of `[offset, offset + len)` (a discard or write-zeroes).
+    Fallocate {
+        /// Disk offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
 }
 
 /// Vectored read through a bounce buffer and [`BlockBackend::read_at`].

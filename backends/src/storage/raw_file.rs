@@ -1,22 +1,42 @@
 //! A raw image file or block device, buffered or with `O_DIRECT`.
+//!
+//! With `O_DIRECT` a transfer goes straight between the image and the
+//! caller's buffers (guest memory) when it can: a range aligned to the
+//! file's `O_DIRECT` offset alignment, in buffers aligned to its memory
+//! alignment (`statx` `STATX_DIOALIGN`; 4 KiB when the file system does
+//! not say), is one `preadv`/`pwritev`. Buffers that are not aligned are
+//! copied through an aligned bounce buffer, all of them together in the
+//! same call as the aligned ones. A range that is not aligned is read,
+//! or read, modified and written, a block-aligned window at a time.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use super::{
-    check_range, check_writable, io_bufs_len, truncate_id, BlockBackend, IoBuf, StorageError,
+    check_range, check_writable, io_bufs_len, truncate_id, BlockBackend, FdAccess, IoBuf,
+    StorageError,
 };
 
-/// Offset, length and memory alignment used for `O_DIRECT` accesses. 4 KiB
+/// Offset, length and memory alignment used for `O_DIRECT` accesses when
+/// the file system does not tell its own (`STATX_DIOALIGN`). 4 KiB
 /// satisfies every logical block size up to 4 KiB.
 pub const DIRECT_IO_ALIGNMENT: u64 = 4096;
 
-/// Largest single `O_DIRECT` transfer (size of the bounce buffer).
-const DIRECT_CHUNK: u64 = 1 << 20;
+/// Largest `O_DIRECT` alignment believed; a file system claiming more is
+/// treated as if it said nothing.
+const MAX_DIRECT_ALIGNMENT: u64 = 64 << 10;
+
+/// Size of a bounce buffer: the most bytes copied per system call on the
+/// bounced paths.
+const BOUNCE_BYTES: usize = 1 << 20;
+
+/// Bounce buffers kept for reuse per image.
+const SPARE_BOUNCE_BUFFERS: usize = 4;
 
 /// Most iovecs passed to one `preadv`/`pwritev` (`IOV_MAX` on Linux).
 const MAX_IOVECS: usize = 1024;
@@ -33,7 +53,7 @@ pub struct RawFileOptions {
     pub direct: bool,
 }
 
-/// A buffer whose start is aligned to [`DIRECT_IO_ALIGNMENT`].
+/// A buffer whose start is aligned to `align`.
 #[derive(Debug)]
 struct AlignedBuffer {
     storage: Vec<u8>,
@@ -42,11 +62,10 @@ struct AlignedBuffer {
 }
 
 impl AlignedBuffer {
-    fn new(len: usize) -> Self {
-        let align = DIRECT_IO_ALIGNMENT as usize;
+    fn new(len: usize, align: usize) -> Self {
         let storage = vec![0u8; len + align];
         // For a byte pointer `align_offset` is exact at run time and below
-        // `align`; clamp anyway so indexing below can never go out of range.
+        // `align`; clamp anyway so the buffer can never leave its storage.
         let start = storage.as_ptr().align_offset(align).min(align);
         AlignedBuffer {
             storage,
@@ -55,26 +74,438 @@ impl AlignedBuffer {
         }
     }
 
-    fn as_mut_slice(&mut self, len: usize) -> &mut [u8] {
-        let len = len.min(self.len);
-        &mut self.storage[self.start..self.start + len]
+    /// The aligned bytes.
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
     }
+}
+
+/// Rounds `v` down to a multiple of `align`, a power of two.
+fn round_down(v: u64, align: u64) -> u64 {
+    v & !(align - 1)
+}
+
+/// Rounds `v` up to a multiple of `align`, a power of two.
+fn round_up(v: u64, align: u64) -> io::Result<u64> {
+    v.checked_add(align - 1)
+        .map(|v| round_down(v, align))
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+fn invalid<E: std::error::Error + Send + Sync + 'static>(e: E) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e)
+}
+
+/// A position in a list of buffers, for copies between them and a bounce
+/// buffer.
+struct SgCursor<'b, 'a> {
+    bufs: &'b [IoBuf<'a>],
+    index: usize,
+    offset: usize,
+}
+
+impl<'b, 'a> SgCursor<'b, 'a> {
+    fn new(bufs: &'b [IoBuf<'a>]) -> Self {
+        SgCursor {
+            bufs,
+            index: 0,
+            offset: 0,
+        }
+    }
+
+    /// Copies `bounce.len()` bytes between the buffers at the cursor and
+    /// `bounce` (into the buffers if `to_bufs`), and moves past them.
+    fn copy(&mut self, bounce: &mut [u8], to_bufs: bool) -> io::Result<()> {
+        let mut done = 0;
+        while done < bounce.len() {
+            let b = self
+                .bufs
+                .get(self.index)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let n = (b.len() - self.offset).min(bounce.len() - done);
+            if n == 0 {
+                self.index += 1;
+                self.offset = 0;
+                continue;
+            }
+            let s = b.as_volatile_slice();
+            let s = s.subslice(self.offset, n).map_err(invalid)?;
+            if to_bufs {
+                s.copy_from(&bounce[done..done + n]);
+            } else {
+                s.copy_to(&mut bounce[done..done + n]);
+            }
+            done += n;
+            self.offset += n;
+        }
+        Ok(())
+    }
+}
+
+/// Splits `bufs` at byte `at` of their concatenation.
+fn split_bufs<'a>(bufs: &[IoBuf<'a>], mut at: usize) -> (Vec<IoBuf<'a>>, Vec<IoBuf<'a>>) {
+    let mut head = Vec::new();
+    let mut tail = Vec::new();
+    for b in bufs {
+        if at >= b.len() {
+            head.push(*b);
+            at -= b.len();
+        } else if at == 0 {
+            tail.push(*b);
+        } else {
+            // SAFETY: both pieces are parts of the memory of a valid
+            // `IoBuf`, valid under the same contract for the same lifetime.
+            unsafe {
+                head.push(IoBuf::from_raw_parts(b.as_ptr(), at));
+                tail.push(IoBuf::from_raw_parts(b.as_ptr().add(at), b.len() - at));
+            }
+            at = 0;
+        }
+    }
+    (head, tail)
+}
+
+/// A piece of a caller's buffer that goes through the bounce buffer.
+struct Bounced {
+    /// Offset in the bounce buffer.
+    at: usize,
+    /// Index of the buffer.
+    buf: usize,
+    /// Offset in the buffer.
+    offset: usize,
+    /// Length.
+    len: usize,
 }
 
 /// The `O_DIRECT` side of a [`RawFile`].
 #[derive(Debug)]
 struct DirectIo {
     file: File,
-    /// Bounce buffer; the lock also serialises read-modify-write cycles.
-    bounce: Mutex<AlignedBuffer>,
+    /// Alignment of file offsets and lengths (a power of two).
+    offset_align: u64,
+    /// Alignment of memory addresses (a power of two).
+    mem_align: usize,
+    /// Held exclusively by read-modify-write cycles and shared by the
+    /// other writes: a cycle must not write back a block another write
+    /// changed while it was modifying its copy. Reads need no lock.
+    rmw: RwLock<()>,
+    /// Bounce buffers of [`BOUNCE_BYTES`], kept for reuse.
+    spare: Mutex<Vec<AlignedBuffer>>,
+    /// Bytes copied through bounce buffers.
+    bounced: AtomicU64,
+}
+
+impl DirectIo {
+    fn new(file: File) -> Self {
+        let (offset_align, mem_align) = dio_alignment(&file);
+        DirectIo {
+            file,
+            offset_align,
+            mem_align,
+            rmw: RwLock::new(()),
+            spare: Mutex::new(Vec::new()),
+            bounced: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether `b` can be handed to the kernel as it is.
+    fn aligned(&self, b: &IoBuf<'_>) -> bool {
+        b.is_empty()
+            || ((b.as_ptr() as usize) & (self.mem_align - 1) == 0
+                && (b.len() as u64) & (self.offset_align - 1) == 0)
+    }
+
+    /// Whether `bufs` at `offset` can be transferred in one straight
+    /// `preadv`/`pwritev`.
+    fn straight(&self, bufs: &[IoBuf<'_>], offset: u64) -> bool {
+        offset & (self.offset_align - 1) == 0
+            && bufs.len() <= MAX_IOVECS
+            && bufs.iter().all(|b| self.aligned(b))
+    }
+
+    fn take_bounce(&self) -> AlignedBuffer {
+        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        // At least a page: the memory alignment of the file may be below it.
+        let align = (self.mem_align.max(self.offset_align as usize)).max(4096);
+        spare.unwrap_or_else(|| AlignedBuffer::new(BOUNCE_BYTES, align))
+    }
+
+    fn put_bounce(&self, b: AlignedBuffer) {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < SPARE_BOUNCE_BUFFERS {
+            spare.push(b);
+        }
+    }
+
+    /// Moves `total` bytes between `bufs` and `[offset, offset + total)`,
+    /// which lies below the last full aligned block of the image.
+    fn transfer(&self, bufs: &[IoBuf<'_>], offset: u64, total: u64, write: bool) -> io::Result<()> {
+        if (offset | total) & (self.offset_align - 1) != 0 {
+            let _cycle = self.rmw.write().unwrap_or_else(|e| e.into_inner());
+            return self.unaligned(bufs, offset, total, write);
+        }
+        let _write = write.then(|| self.rmw.read().unwrap_or_else(|e| e.into_inner()));
+        if bufs.iter().all(|b| self.aligned(b)) {
+            // The usual case (guest pages): straight into guest memory.
+            return transfer_vectored(&self.file, bufs, offset, write);
+        }
+        let mut bounce = self.take_bounce();
+        let r = self.bounce_misaligned(&mut bounce, bufs, offset, write);
+        self.put_bounce(bounce);
+        r
+    }
+
+    /// An aligned range in buffers some of which are not aligned: the
+    /// aligned buffers go as they are and each run of the others through
+    /// the bounce buffer, all in the same `preadv`/`pwritev` (one per
+    /// bounce buffer's worth).
+    fn bounce_misaligned(
+        &self,
+        bounce: &mut AlignedBuffer,
+        bufs: &[IoBuf<'_>],
+        offset: u64,
+        write: bool,
+    ) -> io::Result<()> {
+        let cap = bounce.len;
+        // Raw pointers only from here: the iovecs and the copies both
+        // point into the bounce buffer.
+        let base = bounce.as_mut_slice().as_mut_ptr();
+        let mut batch = BounceBatch {
+            file: &self.file,
+            bufs,
+            base,
+            write,
+            iov: Vec::with_capacity(bufs.len().min(MAX_IOVECS)),
+            copies: Vec::new(),
+            used: 0,
+            run: None,
+            start: offset,
+            pos: offset,
+            bounced: 0,
+        };
+        let r = (|| {
+            for (k, b) in bufs.iter().enumerate() {
+                if b.is_empty() {
+                    continue;
+                }
+                if batch.run.is_none() && self.aligned(b) {
+                    if batch.iov.len() + 1 >= MAX_IOVECS {
+                        batch.flush()?;
+                    }
+                    batch.iov.push(*b);
+                    batch.pos += b.len() as u64;
+                    continue;
+                }
+                let mut done = 0;
+                while done < b.len() {
+                    if batch.run.is_none() {
+                        if batch.iov.len() + 1 >= MAX_IOVECS || batch.used == cap {
+                            batch.flush()?;
+                        }
+                        batch.run = Some(batch.used);
+                    }
+                    let n = (b.len() - done).min(cap - batch.used);
+                    batch.copies.push(Bounced {
+                        at: batch.used,
+                        buf: k,
+                        offset: done,
+                        len: n,
+                    });
+                    batch.used += n;
+                    batch.pos += n as u64;
+                    done += n;
+                    if batch.used == cap {
+                        // Runs start aligned and the buffer's size is a
+                        // multiple of the alignment: this ends aligned.
+                        batch.close_run();
+                        batch.flush()?;
+                    }
+                }
+                // A run ends where the range is aligned again, so that
+                // the next aligned buffer can go as it is.
+                if batch.run.is_some() && batch.pos & (self.offset_align - 1) == 0 {
+                    batch.close_run();
+                }
+            }
+            batch.close_run();
+            batch.flush()
+        })();
+        self.bounced.fetch_add(batch.bounced, Ordering::Relaxed);
+        r
+    }
+
+    /// A range that is not aligned: a block-aligned window at a time, read
+    /// (and for a write, its partial edge blocks read first, then written
+    /// whole) through the bounce buffer. The caller holds `rmw` for a
+    /// write.
+    fn unaligned(
+        &self,
+        bufs: &[IoBuf<'_>],
+        offset: u64,
+        total: u64,
+        write: bool,
+    ) -> io::Result<()> {
+        let mut bounce = self.take_bounce();
+        let r = self.unaligned_with(&mut bounce, bufs, offset, total, write);
+        self.put_bounce(bounce);
+        if r.is_ok() {
+            self.bounced.fetch_add(total, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn unaligned_with(
+        &self,
+        bounce: &mut AlignedBuffer,
+        bufs: &[IoBuf<'_>],
+        offset: u64,
+        total: u64,
+        write: bool,
+    ) -> io::Result<()> {
+        let align = self.offset_align;
+        let block = align as usize;
+        let cap = bounce.len as u64;
+        let end = offset + total;
+        let mut cursor = SgCursor::new(bufs);
+        let mut pos = offset;
+        while pos < end {
+            let a_start = round_down(pos, align);
+            let a_end = round_up(end, align)?.min(a_start + cap);
+            let copy_end = end.min(a_end);
+            let len = (a_end - a_start) as usize;
+            let chunk = &mut bounce.as_mut_slice()[..len];
+            let from = (pos - a_start) as usize;
+            let n = (copy_end - pos) as usize;
+            if write {
+                if pos != a_start {
+                    self.file.read_exact_at(&mut chunk[..block], a_start)?;
+                }
+                if copy_end != a_end {
+                    self.file
+                        .read_exact_at(&mut chunk[len - block..], a_end - align)?;
+                }
+                cursor.copy(&mut chunk[from..from + n], false)?;
+                self.file.write_all_at(chunk, a_start)?;
+            } else {
+                self.file.read_exact_at(chunk, a_start)?;
+                cursor.copy(&mut chunk[from..from + n], true)?;
+            }
+            pos = copy_end;
+        }
+        Ok(())
+    }
+}
+
+/// One `preadv`/`pwritev` being put together from aligned buffers and
+/// runs of bounced ones ([`DirectIo::bounce_misaligned`]).
+struct BounceBatch<'f, 'b, 'a> {
+    file: &'f File,
+    bufs: &'b [IoBuf<'a>],
+    /// Start of the bounce buffer.
+    base: *mut u8,
+    write: bool,
+    iov: Vec<IoBuf<'b>>,
+    copies: Vec<Bounced>,
+    /// Bytes of the bounce buffer in use.
+    used: usize,
+    /// Where the open run starts in the bounce buffer.
+    run: Option<usize>,
+    /// File offset of the batch.
+    start: u64,
+    /// File offset of the end of the batch.
+    pos: u64,
+    /// Bytes bounced so far.
+    bounced: u64,
+}
+
+impl BounceBatch<'_, '_, '_> {
+    /// Ends the open run: its part of the bounce buffer becomes an iovec.
+    fn close_run(&mut self) {
+        if let Some(at) = self.run.take() {
+            // SAFETY: `[at, used)` lies in the bounce buffer, which outlives
+            // the batch and is only accessed through `base` meanwhile.
+            let b = unsafe { IoBuf::from_raw_parts(self.base.add(at), self.used - at) };
+            self.iov.push(b);
+        }
+    }
+
+    /// Copies one bounced piece between the bounce buffer and its buffer.
+    fn copy(&self, c: &Bounced, to_bufs: bool) -> io::Result<()> {
+        // SAFETY: `[at, at + len)` lies in the bounce buffer (below `used`),
+        // which no iovec is using outside a system call.
+        let bounce = unsafe { std::slice::from_raw_parts_mut(self.base.add(c.at), c.len) };
+        let b = self
+            .bufs
+            .get(c.buf)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let s = b.as_volatile_slice();
+        let s = s.subslice(c.offset, c.len).map_err(invalid)?;
+        if to_bufs {
+            s.copy_from(bounce);
+        } else {
+            s.copy_to(bounce);
+        }
+        Ok(())
+    }
+
+    /// Runs the batch, which ends aligned and has no open run.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.iov.is_empty() {
+            return Ok(());
+        }
+        if self.write {
+            for c in &self.copies {
+                self.copy(c, false)?;
+            }
+        }
+        transfer_vectored(self.file, &self.iov, self.start, self.write)?;
+        if !self.write {
+            for c in &self.copies {
+                self.copy(c, true)?;
+            }
+        }
+        self.bounced += self.copies.iter().map(|c| c.len as u64).sum::<u64>();
+        self.iov.clear();
+        self.copies.clear();
+        self.used = 0;
+        self.start = self.pos;
+        Ok(())
+    }
+}
+
+/// The `O_DIRECT` offset and memory alignment of `file`, as `statx` tells
+/// them, or [`DIRECT_IO_ALIGNMENT`] for both.
+fn dio_alignment(file: &File) -> (u64, usize) {
+    // SAFETY: `statx` is plain integers, for which all zeroes is valid.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor, an empty NUL-terminated path with
+    // AT_EMPTY_PATH (the descriptor itself) and a writable `statx`.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    let offset = u64::from(stx.stx_dio_offset_align);
+    let mem = u64::from(stx.stx_dio_mem_align);
+    let sane = |a: u64| a.is_power_of_two() && a <= MAX_DIRECT_ALIGNMENT;
+    if r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && sane(offset) && sane(mem) {
+        (offset, mem as usize)
+    } else {
+        (DIRECT_IO_ALIGNMENT, DIRECT_IO_ALIGNMENT as usize)
+    }
 }
 
 /// A raw disk image backed by a file or block device.
 ///
-/// With [`RawFileOptions::direct`], accesses go through an aligned bounce
-/// buffer on an `O_DIRECT` descriptor; unaligned edges are handled with
-/// read-modify-write, and a trailing partial block (an image size that is
-/// not a multiple of [`DIRECT_IO_ALIGNMENT`]) through the page cache.
+/// With [`RawFileOptions::direct`], accesses go through an `O_DIRECT`
+/// descriptor, straight from and into the caller's buffers when they and
+/// the range are aligned, through a bounce buffer otherwise (see the
+/// module documentation); a trailing partial block (an image size that is
+/// not a multiple of the alignment) goes through the page cache.
 #[derive(Debug)]
 pub struct RawFile {
     file: File,
@@ -82,14 +513,6 @@ pub struct RawFile {
     size: u64,
     read_only: bool,
     id: String,
-}
-
-fn round_down(v: u64) -> u64 {
-    v & !(DIRECT_IO_ALIGNMENT - 1)
-}
-
-fn round_up(v: u64) -> Option<u64> {
-    v.checked_add(DIRECT_IO_ALIGNMENT - 1).map(round_down)
 }
 
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
@@ -110,7 +533,10 @@ fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Resul
     }
 }
 
-fn unsupported(e: &io::Error) -> bool {
+/// Whether `e`, from `fallocate`, says the file system cannot do it (as
+/// opposed to failing): discard then does nothing and write-zeroes writes
+/// zeroes.
+pub(crate) fn unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENODEV)
@@ -135,10 +561,7 @@ impl RawFile {
         };
         let mut file = open(false)?;
         let direct = if options.direct {
-            Some(DirectIo {
-                file: open(true)?,
-                bounce: Mutex::new(AlignedBuffer::new(DIRECT_CHUNK as usize)),
-            })
+            Some(DirectIo::new(open(true)?))
         } else {
             None
         };
@@ -170,89 +593,49 @@ impl RawFile {
         self.direct.is_some()
     }
 
-    /// Splits `[offset, end)` into the part served by `O_DIRECT` and the
-    /// part after the last full aligned block.
-    fn direct_split(&self, offset: u64, end: u64) -> u64 {
-        let direct_end = round_down(self.size);
-        direct_end.clamp(offset, end)
+    /// The `O_DIRECT` alignment of file offsets and lengths and of memory
+    /// addresses, if `O_DIRECT` is in use.
+    pub fn direct_alignment(&self) -> Option<(u64, usize)> {
+        self.direct.as_ref().map(|d| (d.offset_align, d.mem_align))
     }
 
-    fn lock(d: &DirectIo) -> MutexGuard<'_, AlignedBuffer> {
-        d.bounce.lock().unwrap_or_else(|e| e.into_inner())
+    /// Bytes copied through bounce buffers since the image was opened:
+    /// with `O_DIRECT`, those of buffers or ranges that were not aligned;
+    /// 0 without.
+    pub fn bounced_bytes(&self) -> u64 {
+        self.direct
+            .as_ref()
+            .map_or(0, |d| d.bounced.load(Ordering::Relaxed))
     }
 
-    /// `O_DIRECT` read of `[offset, offset + buf.len())`, which lies below
-    /// the last full aligned block.
-    fn direct_read(d: &DirectIo, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let mut bounce = Self::lock(d);
-        let end = offset + buf.len() as u64;
-        let mut pos = offset;
-        while pos < end {
-            let a_start = round_down(pos);
-            let a_end = round_up(end)
-                .ok_or(io::ErrorKind::InvalidInput)?
-                .min(a_start + DIRECT_CHUNK);
-            let chunk = bounce.as_mut_slice((a_end - a_start) as usize);
-            d.file.read_exact_at(chunk, a_start)?;
-            let copy_end = end.min(a_end);
-            let from = (pos - a_start) as usize;
-            let n = (copy_end - pos) as usize;
-            let done = (pos - offset) as usize;
-            buf[done..done + n].copy_from_slice(&chunk[from..from + n]);
-            pos = copy_end;
+    /// Where the `O_DIRECT` part of `[offset, end)` ends: the rest lies
+    /// past the last full aligned block of the image.
+    fn direct_split(&self, d: &DirectIo, offset: u64, end: u64) -> u64 {
+        round_down(self.size, d.offset_align).clamp(offset, end)
+    }
+
+    /// A transfer of `total` bytes at `offset` (within the image) through
+    /// `O_DIRECT`, and the page cache past the last full aligned block.
+    fn direct_vectored(
+        &self,
+        d: &DirectIo,
+        bufs: &[IoBuf<'_>],
+        offset: u64,
+        total: u64,
+        write: bool,
+    ) -> io::Result<()> {
+        let end = offset + total;
+        let split = self.direct_split(d, offset, end);
+        if split == end {
+            return d.transfer(bufs, offset, total, write);
         }
-        Ok(())
-    }
-
-    /// Fills `buf` from `offset` (within the image), through the page
-    /// cache or `O_DIRECT`.
-    fn read_exact(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        match &self.direct {
-            None => self.file.read_exact_at(buf, offset),
-            Some(d) => {
-                let end = offset + buf.len() as u64;
-                let split = self.direct_split(offset, end);
-                let (head, tail) = buf.split_at_mut((split - offset) as usize);
-                if !head.is_empty() {
-                    Self::direct_read(d, head, offset)?;
-                }
-                if !tail.is_empty() {
-                    self.file.read_exact_at(tail, split)?;
-                }
-                Ok(())
-            }
+        // `split - offset` is at most `total`, the length of buffers in
+        // memory.
+        let (head, tail) = split_bufs(bufs, (split - offset) as usize);
+        if split > offset {
+            d.transfer(&head, offset, split - offset, write)?;
         }
-    }
-
-    /// `O_DIRECT` write, with read-modify-write of unaligned edges.
-    fn direct_write(d: &DirectIo, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut bounce = Self::lock(d);
-        let end = offset + buf.len() as u64;
-        let block = DIRECT_IO_ALIGNMENT as usize;
-        let mut pos = offset;
-        while pos < end {
-            let a_start = round_down(pos);
-            let a_end = round_up(end)
-                .ok_or(io::ErrorKind::InvalidInput)?
-                .min(a_start + DIRECT_CHUNK);
-            let copy_end = end.min(a_end);
-            let len = (a_end - a_start) as usize;
-            let chunk = bounce.as_mut_slice(len);
-            if pos != a_start {
-                d.file.read_exact_at(&mut chunk[..block], a_start)?;
-            }
-            if copy_end != a_end {
-                d.file
-                    .read_exact_at(&mut chunk[len - block..], a_end - block as u64)?;
-            }
-            let from = (pos - a_start) as usize;
-            let n = (copy_end - pos) as usize;
-            let done = (pos - offset) as usize;
-            chunk[from..from + n].copy_from_slice(&buf[done..done + n]);
-            d.file.write_all_at(chunk, a_start)?;
-            pos = copy_end;
-        }
-        Ok(())
+        transfer_vectored(&self.file, &tail, split, write)
     }
 }
 
@@ -369,8 +752,9 @@ impl BlockBackend for RawFile {
         check_range(self.size, offset, total)?;
         match &self.direct {
             None => transfer_vectored(&self.file, bufs, offset, false),
-            // O_DIRECT needs aligned memory: bounce.
-            Some(_) => super::bounce_read_vectored(self, bufs, offset),
+            Some(d) => self
+                .direct_vectored(d, bufs, offset, total, false)
+                .map_err(eof_is_truncation),
         }
     }
 
@@ -380,7 +764,7 @@ impl BlockBackend for RawFile {
         check_range(self.size, offset, total)?;
         match &self.direct {
             None => transfer_vectored(&self.file, bufs, offset, true),
-            Some(_) => super::bounce_write_vectored(self, bufs, offset),
+            Some(d) => self.direct_vectored(d, bufs, offset, total, true),
         }
     }
 
@@ -389,29 +773,14 @@ impl BlockBackend for RawFile {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let len = buf.len() as u64;
-        check_range(self.size, offset, len)?;
-        self.read_exact(buf, offset).map_err(eof_is_truncation)
+        self.read_vectored_at(&[IoBuf::from(buf)], offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        check_writable(self.read_only)?;
-        let len = buf.len() as u64;
-        check_range(self.size, offset, len)?;
-        match &self.direct {
-            None => self.file.write_all_at(buf, offset),
-            Some(d) => {
-                let split = self.direct_split(offset, offset + len);
-                let (head, tail) = buf.split_at((split - offset) as usize);
-                if !head.is_empty() {
-                    Self::direct_write(d, head, offset)?;
-                }
-                if !tail.is_empty() {
-                    self.file.write_all_at(tail, split)?;
-                }
-                Ok(())
-            }
-        }
+        // SAFETY: `buf` is valid for the call and only read: a write only
+        // reads its source buffers (the kernel, or copies out of them).
+        let b = unsafe { IoBuf::from_raw_parts(buf.as_ptr().cast_mut(), buf.len()) };
+        self.write_vectored_at(&[b], offset)
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -467,6 +836,40 @@ impl BlockBackend for RawFile {
 
     fn id(&self) -> String {
         self.id.clone()
+    }
+
+    fn file_backed(&self) -> bool {
+        true
+    }
+
+    fn page_cached(&self) -> bool {
+        self.direct.is_none()
+    }
+
+    fn fd_for(&self, access: FdAccess<'_>) -> Option<RawFd> {
+        let (bufs, offset, write) = match access {
+            FdAccess::Read { bufs, offset } => (bufs, offset, false),
+            FdAccess::Write { bufs, offset } => (bufs, offset, true),
+            FdAccess::Flush => return (!self.read_only).then(|| self.file.as_raw_fd()),
+            FdAccess::Fallocate { offset, len } => {
+                let ok = !self.read_only && check_range(self.size, offset, len).is_ok();
+                return ok.then(|| self.file.as_raw_fd());
+            }
+        };
+        if (write && self.read_only) || bufs.len() > MAX_IOVECS {
+            return None;
+        }
+        let total = io_bufs_len(bufs).ok()?;
+        check_range(self.size, offset, total).ok()?;
+        match &self.direct {
+            None => Some(self.file.as_raw_fd()),
+            Some(d) => {
+                let end = offset + total;
+                let whole = self.direct_split(d, offset, end) == end;
+                (whole && total & (d.offset_align - 1) == 0 && d.straight(bufs, offset))
+                    .then(|| d.file.as_raw_fd())
+            }
+        }
     }
 }
 
@@ -610,6 +1013,141 @@ mod tests {
         let mut b = vec![0u8; 700];
         t.as_file().read_exact_at(&mut b, size - 700).unwrap();
         assert_eq!(b, pattern(700, 1));
+    }
+
+    /// A page-aligned buffer of `len` bytes, with room for `slack` more.
+    fn page_buffer(len: usize, slack: usize) -> AlignedBuffer {
+        AlignedBuffer::new(len + slack, 4096)
+    }
+
+    /// `len` bytes at `offset` of `buf`, as an `IoBuf`.
+    fn piece(buf: &mut AlignedBuffer, offset: usize, len: usize) -> IoBuf<'static> {
+        let s = &mut buf.as_mut_slice()[offset..offset + len];
+        // SAFETY: the tests keep the buffers alive and untouched while the
+        // pieces are in use.
+        unsafe { IoBuf::from_raw_parts(s.as_mut_ptr(), s.len()) }
+    }
+
+    #[test]
+    fn direct_transfers_of_aligned_buffers_are_not_bounced() {
+        let size = 4 << 20;
+        let t = image(size);
+        let Some(f) = open(&t, true) else { return };
+        let (align, _) = f.direct_alignment().unwrap();
+        let data = pattern(3 << 20, 4);
+        // Three pages and a 2 MiB + 1 MiB - 3 pages buffer, all page aligned.
+        let mut src = page_buffer(data.len(), 0);
+        src.as_mut_slice().copy_from_slice(&data);
+        let bufs = [
+            piece(&mut src, 0, 3 * 4096),
+            piece(&mut src, 3 * 4096, data.len() - 3 * 4096),
+        ];
+        f.write_vectored_at(&bufs, 4096).unwrap();
+        let mut dst = page_buffer(data.len(), 0);
+        let back = [
+            piece(&mut dst, 0, 8192),
+            piece(&mut dst, 8192, data.len() - 8192),
+        ];
+        f.read_vectored_at(&back, 4096).unwrap();
+        assert_eq!(dst.as_mut_slice(), &data[..]);
+        assert_eq!(f.bounced_bytes(), 0);
+        // An engine may run these itself, on the O_DIRECT descriptor.
+        let fd = f.fd_for(FdAccess::Read {
+            bufs: &back,
+            offset: 4096,
+        });
+        assert!(fd.is_some_and(|fd| fd != f.file.as_raw_fd()));
+        // Not what is not aligned, nor what is outside the image.
+        let odd = [piece(&mut dst, 1, 4096)];
+        assert!(f
+            .fd_for(FdAccess::Read {
+                bufs: &odd,
+                offset: 0
+            })
+            .is_none());
+        let unaligned = FdAccess::Write {
+            bufs: &back[..1],
+            offset: align / 2,
+        };
+        assert!(align == 1 || f.fd_for(unaligned).is_none());
+        let past = FdAccess::Read {
+            bufs: &back[..1],
+            offset: size - 4096,
+        };
+        assert!(f.fd_for(past).is_none());
+        assert!(f.fd_for(FdAccess::Flush).is_some());
+        assert!(f
+            .fd_for(FdAccess::Fallocate {
+                offset: size,
+                len: 1
+            })
+            .is_none());
+    }
+
+    #[test]
+    fn direct_transfers_bounce_only_misaligned_buffers() {
+        let size = 4 << 20;
+        let t = image(size);
+        let Some(f) = open(&t, true) else { return };
+        let (align, mem_align) = f.direct_alignment().unwrap();
+        if mem_align == 1 {
+            return;
+        }
+        let a = align as usize;
+        // An aligned buffer, a run of two misaligned ones (one byte off,
+        // together a whole number of blocks), then an aligned one again.
+        let lens = [4 * a, a + 100, 3 * a - 100, 2 * a];
+        let total: usize = lens.iter().sum();
+        let data = pattern(total, 8);
+        // Each buffer a page past the end of the one before, the second
+        // and third ones a few bytes off a page.
+        let mut starts = [0usize; 4];
+        for i in 1..4 {
+            starts[i] = (starts[i - 1] + lens[i - 1]).next_multiple_of(4096) + 4096;
+        }
+        starts[1] += 1;
+        starts[2] += 3;
+        let mut mem = page_buffer(starts[3] + lens[3], 0);
+        let bufs = |mem: &mut AlignedBuffer| [0, 1, 2, 3].map(|i| piece(mem, starts[i], lens[i]));
+        let mut at = 0;
+        for (i, b) in bufs(&mut mem).iter().enumerate() {
+            b.as_volatile_slice().copy_from(&data[at..at + lens[i]]);
+            at += lens[i];
+        }
+        f.write_vectored_at(&bufs(&mut mem), 8 * 4096).unwrap();
+        // Only the misaligned run went through the bounce buffer.
+        assert_eq!(f.bounced_bytes(), (lens[1] + lens[2]) as u64);
+        let mut back = vec![0u8; total];
+        t.as_file().read_exact_at(&mut back, 8 * 4096).unwrap();
+        assert_eq!(back, data);
+        // And back, into clean buffers.
+        mem.as_mut_slice().fill(0);
+        f.read_vectored_at(&bufs(&mut mem), 8 * 4096).unwrap();
+        assert_eq!(f.bounced_bytes(), 2 * (lens[1] + lens[2]) as u64);
+        let mut at = 0;
+        for (i, b) in bufs(&mut mem).iter().enumerate() {
+            let mut got = vec![0u8; lens[i]];
+            b.as_volatile_slice().copy_to(&mut got);
+            assert_eq!(got, data[at..at + lens[i]], "buffer {i}");
+            at += lens[i];
+        }
+        // A range that is not aligned is bounced whole, leaving the bytes
+        // around it as they were.
+        if align > 1 {
+            let before = f.bounced_bytes();
+            let mut one = page_buffer(4096, 0);
+            one.as_mut_slice().copy_from_slice(&pattern(4096, 77));
+            let start = 8 * 4096 + a as u64 / 2;
+            f.write_vectored_at(&[piece(&mut one, 0, 4096)], start)
+                .unwrap();
+            assert_eq!(f.bounced_bytes(), before + 4096);
+            let mut back = vec![0u8; total];
+            t.as_file().read_exact_at(&mut back, 8 * 4096).unwrap();
+            let h = a / 2;
+            assert_eq!(back[..h], data[..h]);
+            assert_eq!(back[h..h + 4096], pattern(4096, 77)[..]);
+            assert_eq!(back[h + 4096..], data[h + 4096..]);
+        }
     }
 
     #[test]

@@ -44,6 +44,60 @@ pub enum IoOp {
     },
     /// [`BlockBackend::flush`].
     Flush,
+    /// [`BlockBackend::discard`] of each range `(offset, len)`.
+    Discard {
+        /// The ranges.
+        ranges: Vec<(u64, u64)>,
+    },
+    /// [`BlockBackend::write_zeroes`] of each range `(offset, len)`, then
+    /// a [`BlockBackend::flush`] if `flush` (write-through).
+    WriteZeroes {
+        /// The ranges.
+        ranges: Vec<(u64, u64)>,
+        /// Flush after zeroing.
+        flush: bool,
+    },
+}
+
+impl IoOp {
+    /// Runs the operation on `backend`, on this thread.
+    pub fn run(&self, backend: &dyn BlockBackend) -> io::Result<()> {
+        match self {
+            IoOp::Read { offset, bufs } => backend.read_vectored_at(bufs, *offset),
+            IoOp::Write {
+                offset,
+                bufs,
+                flush,
+            } => {
+                backend.write_vectored_at(bufs, *offset)?;
+                if *flush {
+                    backend.flush()?;
+                }
+                Ok(())
+            }
+            IoOp::Flush => backend.flush(),
+            IoOp::Discard { ranges } => ranges
+                .iter()
+                .try_for_each(|&(offset, len)| backend.discard(offset, len)),
+            IoOp::WriteZeroes { ranges, flush } => {
+                for &(offset, len) in ranges {
+                    backend.write_zeroes(offset, len)?;
+                }
+                if *flush {
+                    backend.flush()?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes the buffer list out of the operation (empty if it has none).
+    pub fn take_bufs(&mut self) -> Vec<IoBuf<'static>> {
+        match self {
+            IoOp::Read { bufs, .. } | IoOp::Write { bufs, .. } => std::mem::take(bufs),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// A job: an operation and the token its result is filed under.
@@ -187,6 +241,11 @@ impl IoWorkers {
         }
     }
 
+    /// Number of worker threads.
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+
     /// Submitted jobs whose results have not been filed yet.
     pub fn outstanding(&self) -> usize {
         let state = self.shared.lock();
@@ -254,28 +313,9 @@ fn work(shared: &Shared) {
 /// Runs one operation on `backend`; returns its result and its buffer
 /// list. A panicking back end fails the operation instead of the pool.
 fn run_op(backend: &dyn BlockBackend, op: &mut IoOp) -> (io::Result<()>, Vec<IoBuf<'static>>) {
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match op {
-        IoOp::Read { offset, bufs } => backend.read_vectored_at(bufs, *offset),
-        IoOp::Write {
-            offset,
-            bufs,
-            flush,
-        } => {
-            let r = backend.write_vectored_at(bufs, *offset);
-            if r.is_ok() && *flush {
-                backend.flush()
-            } else {
-                r
-            }
-        }
-        IoOp::Flush => backend.flush(),
-    }))
-    .unwrap_or_else(|_| Err(io::Error::other("the storage back end panicked")));
-    let bufs = match op {
-        IoOp::Read { bufs, .. } | IoOp::Write { bufs, .. } => std::mem::take(bufs),
-        IoOp::Flush => Vec::new(),
-    };
-    (result, bufs)
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op.run(backend)))
+        .unwrap_or_else(|_| Err(io::Error::other("the storage back end panicked")));
+    (result, op.take_bufs())
 }
 
 #[cfg(test)]

@@ -5,13 +5,14 @@
 //! When the driver does not negotiate `VIRTIO_BLK_F_FLUSH` every write is
 //! followed by a flush (write-through).
 //!
-//! With [`VirtioBlkConfig::io_threads`] at 0 every request runs on the
-//! event loop thread while its queue is processed. Otherwise `IN`, `OUT`
-//! and `FLUSH` go to a pool of that many I/O threads ([`BlockIo`]): the
-//! event loop parses the next requests while earlier ones are read or
-//! written, and completes them (status, used ring, interrupt) when the
-//! pool reports back. The rare `GET_ID`, `DISCARD` and `WRITE_ZEROES`, and
-//! requests that fail validation, always complete at once.
+//! With [`VirtioBlkConfig::aio`] at [`Aio::Sync`] every request runs on
+//! the event loop thread while its queue is processed. Otherwise `IN`,
+//! `OUT`, `FLUSH`, `DISCARD` and `WRITE_ZEROES` run in flight ([`BlockIo`]),
+//! on I/O threads or an io_uring: the event loop parses the next requests
+//! while earlier ones are read or written, and completes them (status,
+//! used ring, interrupt) when the engine reports back, or at once if the
+//! engine did them on the spot (cached data). `GET_ID`, and requests that
+//! fail validation, always complete at once.
 //!
 //! A request the back end fails completes with `VIRTIO_BLK_S_IOERR`, or,
 //! under [`ErrorPolicy::Stop`] ([`VirtioBlkConfig::on_error`]) and a
@@ -45,7 +46,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 use self::request::*;
-use crate::block_io::{BlockIo, BlockOp, ErrorPolicy, ErrorStop};
+use crate::block_io::{Aio, BlockIo, BlockOp, ErrorPolicy, ErrorStop, Started};
 use crate::storage::{BlockBackend, BLOCK_ID_BYTES};
 use crate::virtio::{
     ChainWalk, GuestMemory, VirtioDevice, VirtioError, VirtioPciDevice, VirtioPciError, MAX_QUEUES,
@@ -100,9 +101,10 @@ pub struct VirtioBlkConfig {
     pub serial: Option<String>,
     /// Present a PCI Express endpoint with a 4 KiB configuration space.
     pub pcie: bool,
-    /// Threads running back-end reads, writes and flushes off the event
-    /// loop; 0 runs them on the event loop thread.
-    pub io_threads: usize,
+    /// How back-end reads, writes, flushes, discards and write-zeroes run:
+    /// on the event loop thread, or in flight on I/O threads or an
+    /// io_uring.
+    pub aio: Aio,
     /// What a request the back end fails does: an I/O error for the
     /// guest, or a stop until the device is resumed.
     pub on_error: ErrorPolicy,
@@ -116,7 +118,7 @@ impl Default for VirtioBlkConfig {
             read_only: false,
             serial: None,
             pcie: true,
-            io_threads: 0,
+            aio: Aio::Sync,
             on_error: ErrorPolicy::Report,
         }
     }
@@ -173,11 +175,26 @@ struct StoppedState {
 /// A back-end operation, for messages.
 #[derive(Clone, Copy, Debug)]
 enum Op {
-    Read { offset: u64, len: u64 },
-    Write { offset: u64, len: u64 },
+    Read {
+        offset: u64,
+        len: u64,
+    },
+    Write {
+        offset: u64,
+        len: u64,
+    },
     Flush,
-    Discard { offset: u64, len: u64 },
-    WriteZeroes { offset: u64, len: u64 },
+    /// The first range, and how many more.
+    Discard {
+        offset: u64,
+        len: u64,
+        more: usize,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        more: usize,
+    },
 }
 
 impl fmt::Display for Op {
@@ -186,12 +203,25 @@ impl fmt::Display for Op {
             Op::Read { offset, len } => write!(f, "read of {len} bytes at {offset:#x}"),
             Op::Write { offset, len } => write!(f, "write of {len} bytes at {offset:#x}"),
             Op::Flush => f.write_str("flush"),
-            Op::Discard { offset, len } => write!(f, "discard of {len} bytes at {offset:#x}"),
-            Op::WriteZeroes { offset, len } => {
-                write!(f, "write-zeroes of {len} bytes at {offset:#x}")
+            Op::Discard { offset, len, more } => {
+                write!(f, "discard of {len} bytes at {offset:#x}")?;
+                more_ranges(f, more)
+            }
+            Op::WriteZeroes { offset, len, more } => {
+                write!(f, "write-zeroes of {len} bytes at {offset:#x}")?;
+                more_ranges(f, more)
             }
         }
     }
+}
+
+/// The end of the message of a discard or write-zeroes of more than one
+/// range.
+fn more_ranges(f: &mut fmt::Formatter<'_>, more: usize) -> fmt::Result {
+    if more > 0 {
+        write!(f, " and {more} more range(s)")?;
+    }
+    Ok(())
 }
 
 /// What completing a request handed to the I/O threads needs.
@@ -217,9 +247,8 @@ enum Plan {
     Write { offset: u64, len: u64 },
     /// Flush.
     Flush,
-    /// Done on this thread (a discard or write-zeroes), and the back end
-    /// failed it.
-    Failed(Op, io::Error),
+    /// Discard (or zero, if `zero`) the ranges `(offset, len)`.
+    Fallocate { zero: bool, ranges: Vec<(u64, u64)> },
 }
 
 /// What became of a chain taken off a ring.
@@ -288,8 +317,8 @@ impl VirtioBlk {
         put(0x30, &BLK_MAX_DISCARD_SECTORS.to_le_bytes());
         put(0x34, &BLK_MAX_DISCARD_SEG.to_le_bytes());
 
-        let io = BlockIo::new(backend, config.io_threads, "virtio-blk")
-            .map_err(VirtioBlkError::IoThreads)?;
+        let io =
+            BlockIo::new(backend, config.aio, "virtio-blk").map_err(VirtioBlkError::IoThreads)?;
         let completion_fd = io.completion_fd().map(WatchedFd::readable);
         Ok(VirtioBlk {
             completion_fd,
@@ -317,6 +346,12 @@ impl VirtioBlk {
     /// Whether the disk is exposed read-only.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// How back-end I/O runs (what [`VirtioBlkConfig::aio`] asked for, or
+    /// what replaced it).
+    pub fn aio(&self) -> Aio {
+        self.io.aio()
     }
 
     /// Requests handed to the I/O threads and not completed yet.
@@ -356,7 +391,10 @@ impl VirtioBlk {
                 self.write(&req, offset, len).map(|()| 0),
             ),
             Plan::Flush => (Op::Flush, self.io.flush().map(|()| 0)),
-            Plan::Failed(op, e) => (op, Err(e)),
+            Plan::Fallocate { zero, ranges } => (
+                fallocate_op(zero, &ranges),
+                self.fallocate(zero, &ranges).map(|()| 0),
+            ),
         };
         match result {
             Ok(written) => Outcome::Done(req.finish(S_OK, written)),
@@ -448,16 +486,21 @@ impl VirtioBlk {
             // `parse_request` checked there is one.
             return Outcome::Done(0);
         };
-        let (op, block_op) = match self.plan(&req) {
-            Plan::Done(status, written) => return Outcome::Done(req.finish(status, written)),
-            Plan::Failed(op, e) => {
-                return if keep(self.policy, &mut self.stop, queue, head, op, &e) {
-                    Outcome::Kept
+        let plan = self.plan(&req);
+        let (op, block_op) = match &plan {
+            Plan::Done(status, written) => return Outcome::Done(req.finish(*status, *written)),
+            &Plan::Fallocate { zero, ref ranges } => (
+                fallocate_op(zero, ranges),
+                if zero {
+                    BlockOp::WriteZeroes {
+                        ranges,
+                        flush: !self.acked(VIRTIO_BLK_F_FLUSH),
+                    }
                 } else {
-                    Outcome::Done(req.finish(S_IOERR, 0))
-                };
-            }
-            Plan::Read { offset, len } => (
+                    BlockOp::Discard { ranges }
+                },
+            ),
+            &Plan::Read { offset, len } => (
                 Op::Read { offset, len },
                 BlockOp::Read {
                     sg: &req.writable,
@@ -466,7 +509,7 @@ impl VirtioBlk {
                     disk_offset: offset,
                 },
             ),
-            Plan::Write { offset, len } => (
+            &Plan::Write { offset, len } => (
                 Op::Write { offset, len },
                 BlockOp::Write {
                     sg: &req.readable,
@@ -485,11 +528,21 @@ impl VirtioBlk {
             op,
         };
         match self.io.start(block_op, keep_mapped, completion) {
-            Ok(()) => {
+            Ok(Started::InFlight) => {
                 if let Some(n) = self.per_queue.get_mut(queue) {
                     *n += 1;
                 }
                 Outcome::Started
+            }
+            // Done on the spot (data in the host's page cache): as on the
+            // event loop.
+            Ok(Started::Done(_, Ok(written))) => Outcome::Done(req.finish(S_OK, written)),
+            Ok(Started::Done(c, Err(e))) => {
+                if keep(self.policy, &mut self.stop, queue, head, c.op, &e) {
+                    Outcome::Kept
+                } else {
+                    Outcome::Done(req.finish(S_IOERR, 0))
+                }
             }
             Err((_, e)) => Outcome::Done(fail_start(&req, head, e)),
         }
@@ -500,7 +553,7 @@ impl VirtioBlk {
     /// it keeps alive for them; otherwise requests run on this thread.
     fn keep_mapped(&self, mem: &GuestMemory) -> Option<Arc<GuestMemory>> {
         self.io
-            .has_io_threads()
+            .runs_in_flight()
             .then(|| self.memory.memory().into_inner())
             .filter(|keep| std::ptr::eq(&**keep, mem))
     }
@@ -552,23 +605,15 @@ impl VirtioBlk {
         used
     }
 
-    /// Discards or zeroes the ranges `req` names, on this thread; a
-    /// request that is wrong is done with an error status, one the back end
-    /// fails is [`Plan::Failed`].
+    /// Checks a discard or write-zeroes: a request that is wrong is done
+    /// with an error status; a good one is [`Plan::Fallocate`].
     fn discard_or_zero(&self, req: &Request<'_>, zero: bool) -> Plan {
-        match self.try_discard_or_zero(req, zero) {
-            Ok(status) => Plan::Done(status, 0),
-            Err((op, e)) => Plan::Failed(op, e),
-        }
-    }
-
-    fn try_discard_or_zero(&self, req: &Request<'_>, zero: bool) -> Result<u8, (Op, io::Error)> {
         if self.read_only {
-            return Ok(S_IOERR);
+            return Plan::Done(S_IOERR, 0);
         }
         let segments = match read_dwz_segments(&req.readable, BLK_MAX_DISCARD_SEG) {
             Ok(s) => s,
-            Err(status) => return Ok(status),
+            Err(status) => return Plan::Done(status, 0),
         };
         let allowed_flags = if zero {
             VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
@@ -578,33 +623,46 @@ impl VirtioBlk {
         let mut ranges = Vec::with_capacity(segments.len());
         for s in &segments {
             if s.flags & !allowed_flags != 0 {
-                return Ok(S_UNSUPP);
+                return Plan::Done(S_UNSUPP, 0);
             }
             if s.num_sectors > BLK_MAX_DISCARD_SECTORS {
-                return Ok(S_IOERR);
+                return Plan::Done(S_IOERR, 0);
             }
             let len = u64::from(s.num_sectors) << SECTOR_SHIFT;
             match sector_range(s.sector, len, self.capacity) {
                 Some(r) => ranges.push(r),
-                None => return Ok(S_IOERR),
+                None => return Plan::Done(S_IOERR, 0),
             }
         }
-        for (offset, len) in ranges {
-            let backend = self.io.backend();
-            let (op, r) = if zero {
-                (
-                    Op::WriteZeroes { offset, len },
-                    backend.write_zeroes(offset, len),
-                )
+        Plan::Fallocate { zero, ranges }
+    }
+
+    /// Discards or zeroes `ranges`, on this thread, and flushes zeroes the
+    /// driver cannot flush itself.
+    fn fallocate(&self, zero: bool, ranges: &[(u64, u64)]) -> io::Result<()> {
+        let backend = self.io.backend();
+        for &(offset, len) in ranges {
+            if zero {
+                backend.write_zeroes(offset, len)?;
             } else {
-                (Op::Discard { offset, len }, backend.discard(offset, len))
-            };
-            r.map_err(|e| (op, e))?;
+                backend.discard(offset, len)?;
+            }
         }
         if zero && !self.acked(VIRTIO_BLK_F_FLUSH) {
-            self.io.flush().map_err(|e| (Op::Flush, e))?;
+            self.io.flush()?;
         }
-        Ok(S_OK)
+        Ok(())
+    }
+}
+
+/// A discard or write-zeroes of `ranges`, for messages.
+fn fallocate_op(zero: bool, ranges: &[(u64, u64)]) -> Op {
+    let (offset, len) = ranges.first().copied().unwrap_or_default();
+    let more = ranges.len().saturating_sub(1);
+    if zero {
+        Op::WriteZeroes { offset, len, more }
+    } else {
+        Op::Discard { offset, len, more }
     }
 }
 

@@ -29,8 +29,10 @@
 //! disk, from a xorshift generator with a fixed seed per case; the plain
 //! side replays the same sequence.
 //!
-//! The device executes requests on the event-loop thread (or on
-//! `--io-threads N` threads), and the plain side is one synchronous thread,
+//! The device executes requests on the event-loop thread (`--aio sync`,
+//! the default), in flight on `--io-threads N` threads (`--aio threads`)
+//! or on an io_uring (`--aio io_uring`), and the plain side is one
+//! synchronous thread,
 //! so the figure to compare is the cost per request, wall time / requests
 //! = 1 / IOPS. The table also gives the CPU time per request of the server
 //! thread and of the driver (client) thread, from
@@ -53,6 +55,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use backends::block_io::{Aio, FALLBACK_IO_THREADS};
 use backends::storage::{RawFile, RawFileOptions, MAX_IO_THREADS};
 use backends::virtio_blk::{VirtioBlkConfig, VirtioBlkPci};
 use bench::{
@@ -216,6 +219,8 @@ struct Served {
     /// The kernel ids of the event-loop thread and the device's I/O
     /// threads (for their CPU time).
     tids: Vec<i32>,
+    /// How the device runs its I/O.
+    aio: Aio,
 }
 
 impl Served {
@@ -226,7 +231,7 @@ impl Served {
         socket: &Path,
         num_queues: u16,
         queue_size: u16,
-        io_threads: usize,
+        aio: Aio,
         direct: bool,
     ) -> BenchResult<Served> {
         let options = RawFileOptions {
@@ -242,10 +247,11 @@ impl Served {
             VirtioBlkConfig {
                 num_queues,
                 queue_size,
-                io_threads,
+                aio,
                 ..Default::default()
             },
         )?;
+        let aio = blk.device().aio();
         // The device's I/O threads are the threads it started.
         let mut tids: Vec<i32> = task_ids()
             .into_iter()
@@ -264,7 +270,12 @@ impl Served {
                 ev.run().map_err(Into::into)
             })?;
         tids.insert(0, rx.recv()?);
-        Ok(Served { thread, stop, tids })
+        Ok(Served {
+            thread,
+            stop,
+            tids,
+            aio,
+        })
     }
 
     /// Stops the loop (the client must already be dropped) and waits.
@@ -567,6 +578,8 @@ struct Options {
     no_ours: bool,
     /// I/O threads of the device (0: I/O on the event loop thread).
     io_threads: usize,
+    /// `--aio`, if given.
+    aio: Option<String>,
     /// Both sides open the image with `O_DIRECT`.
     direct: bool,
     /// Pin the driver to one CPU and the event loops and the plain side
@@ -578,7 +591,7 @@ struct Options {
 const USAGE: &str =
     "usage: vfio-user-blk-bench [--secs S] [--plain-secs S] [--rounds N] [--size-mib N]
                            [--dir DIR] [--queue-size N] [--case LIST] [--no-plain] [--no-ours]
-                           [--io-threads N] [--direct] [--no-pin]
+                           [--aio MODE] [--io-threads N] [--direct] [--no-pin]
   --secs S        seconds per case through the device (default 2)
   --plain-secs S  seconds per case of plain pread/pwrite (default 1)
   --rounds N      split every case into N slices, interleaving all cases (default 4)
@@ -588,7 +601,9 @@ const USAGE: &str =
   --case LIST     only these cases, comma-separated, e.g. randread-qd32-1q,randwrite-qd1-2q
   --no-plain      skip plain pread/pwrite (for profiling the device)
   --no-ours       skip the device
-  --io-threads N  the device's I/O threads; 0 runs I/O on the event loop (default 0)
+  --aio MODE      how the device runs I/O: sync (on the event loop, the default), threads
+                  (on --io-threads threads, default 4) or io_uring
+  --io-threads N  the device's I/O threads; without --aio, N > 0 means --aio threads
   --direct        both sides open the image with O_DIRECT (use --dir on a real disk)
   --no-pin        let the scheduler place the threads (by default, with 2 CPUs or more,
                   the driver runs on CPU 0, the event loops and the plain side on CPU 1)";
@@ -606,6 +621,7 @@ fn parse_args() -> BenchResult<Options> {
         no_plain: false,
         no_ours: false,
         io_threads: 0,
+        aio: None,
         direct: false,
         pin: online_cpus() >= 2,
     };
@@ -643,6 +659,13 @@ fn parse_args() -> BenchResult<Options> {
             "--no-plain" => o.no_plain = true,
             "--no-ours" => o.no_ours = true,
             "--direct" => o.direct = true,
+            "--aio" => {
+                let v = val()?;
+                if !["sync", "threads", "io_uring"].contains(&v.as_str()) {
+                    return Err(bad(&v).into());
+                }
+                o.aio = Some(v);
+            }
             "--no-pin" => o.pin = false,
             "--io-threads" => {
                 let v = val()?;
@@ -660,6 +683,21 @@ fn parse_args() -> BenchResult<Options> {
         }
     }
     Ok(o)
+}
+
+impl Options {
+    /// How the device runs its I/O.
+    fn aio(&self) -> Aio {
+        let threads = match self.io_threads {
+            0 => FALLBACK_IO_THREADS,
+            n => n,
+        };
+        match (self.aio.as_deref(), self.io_threads) {
+            (Some("io_uring"), _) => Aio::IoUring,
+            (Some("threads"), _) | (None, 1..) => Aio::Threads(threads),
+            _ => Aio::Sync,
+        }
+    }
 }
 
 /// Creates the image: `size` bytes of non-zero data.
@@ -758,7 +796,7 @@ fn main() -> BenchResult<()> {
             &sock,
             nq,
             opts.queue_size,
-            opts.io_threads,
+            opts.aio(),
             opts.direct,
         )?);
         let mut d = Driver::connect(&sock, opts.queue_size, max_qd)?;
@@ -835,6 +873,7 @@ fn main() -> BenchResult<()> {
         }
     }
     let measured = measure_start.elapsed();
+    let served_aio = served.first().map_or(Aio::Sync, |s| s.aio);
     let others = cpu_before.and_then(|b| Some(CpuTimes::now()?.others_since(&b, measured)));
     drop(drivers);
     for s in served {
@@ -844,7 +883,7 @@ fn main() -> BenchResult<()> {
     let ncpu = online_cpus();
     println!(
         "4 KiB random I/O on a {} MiB image in {} ({}{}), {} CPUs, {}, queue size {}, \
-         {} rounds, {} I/O threads, {}, total {:.1} s; load average {} at start, {} at end; \
+         {} rounds, aio: {}, {}, total {:.1} s; load average {} at start, {} at end; \
          other processes used {} CPUs meanwhile\n",
         opts.size_mib,
         opts.dir.display(),
@@ -854,7 +893,7 @@ fn main() -> BenchResult<()> {
         cpu_model(),
         opts.queue_size,
         opts.rounds,
-        opts.io_threads,
+        served_aio,
         if opts.pin {
             "driver pinned to CPU 0, event loops and plain side to CPU 1"
         } else {

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use backends::block_io::Aio;
 use backends::megasas::{Megasas, MegasasConfig};
 use backends::storage::{BlockBackend, MemoryDisk, RawFile, RawFileOptions, MAX_IO_THREADS};
 use clap::builder::RangedU64ValueParser;
@@ -11,7 +12,7 @@ use clap::{ArgAction, Args};
 use vfio_user_server::pci::PciAdapter;
 use vfio_user_server::DeviceContext;
 
-use super::Built;
+use super::{resolve_aio, AioArg, Built};
 use crate::cli::CommonOptions;
 
 /// Size of the in-memory disk served without `--disk`.
@@ -27,20 +28,31 @@ pub struct MegasasArgs {
     /// Refuse guest writes to every disk
     #[arg(long)]
     pub readonly: bool,
-    /// Open the images with O_DIRECT
-    #[arg(long)]
+    /// Open the images with O_DIRECT: no host page cache; aligned
+    /// requests go straight between the images and guest memory
+    #[arg(long, verbatim_doc_comment)]
     pub direct: bool,
-    /// Run reads, writes and flushes on N threads per disk (at
-    /// most 64), so that requests that wait for the disk overlap
-    /// (for --direct or slow storage; 0 = on the event loop)
+    /// How reads, writes and flushes run: io_uring = in flight on
+    /// an io_uring per disk; threads = in flight on --io-threads
+    /// threads per disk; sync = on the event loop, one at a time.
+    /// Default: the best the host has (io_uring, else threads; the
+    /// start-up line says which)
+    #[arg(
+        long,
+        value_name = "MODE",
+        verbatim_doc_comment,
+        hide_possible_values = true
+    )]
+    pub aio: Option<AioArg>,
+    /// I/O threads per disk of --aio threads (at most 64; default
+    /// 4). Without --aio: 0 = --aio sync, N = --aio threads
     #[arg(
         long,
         value_name = "N",
         verbatim_doc_comment,
-        default_value_t = 0,
         value_parser = RangedU64ValueParser::<usize>::new().range(0..=MAX_IO_THREADS as u64)
     )]
-    pub io_threads: usize,
+    pub io_threads: Option<usize>,
     /// The options every kind takes.
     #[command(flatten)]
     pub common: CommonOptions,
@@ -68,31 +80,36 @@ pub fn build(args: &MegasasArgs) -> Result<Built, String> {
         ));
         what.push(format!("a {} MiB in-memory disk", DEFAULT_DISK_BYTES >> 20));
     }
+    let (aio, aio_note) = resolve_aio(args.aio, args.io_threads, !args.disk.is_empty())?;
     let ctx = DeviceContext::default();
     let config = MegasasConfig {
         read_only: args.readonly,
-        io_threads: args.io_threads,
+        aio,
     };
     let hba =
         Megasas::new(&ctx, disks, &config).map_err(|e| format!("cannot create megasas: {e}"))?;
+    let aio = hba.aio();
     let adapter = PciAdapter::new(hba).map_err(|e| format!("cannot create PCI device: {e}"))?;
     let ro = if args.readonly { ", read-only" } else { "" };
+    let direct = if args.direct { ", O_DIRECT" } else { "" };
+    let mut notes: Vec<String> = aio_note.into_iter().collect();
+    notes.push(
+        "The guest's megaraid_sas driver shows each disk as SCSI H:2:T:0 (T = 0, 1, ...).".into(),
+    );
     Ok(Built {
         device: Box::new(adapter),
         ctx,
         description: format!(
-            "megasas (MegaRAID SAS 1078) with {} logical drive(s): {}{ro} ({})",
+            "megasas (MegaRAID SAS 1078) with {} logical drive(s): {}{ro}{direct} (aio: {aio}{})",
             what.len(),
             what.join(", "),
-            match args.io_threads {
-                0 => "no I/O threads".to_string(),
-                n => format!("{n} I/O thread(s) per disk"),
+            if matches!(aio, Aio::Threads(_)) {
+                " per disk"
+            } else {
+                ""
             }
         ),
-        notes: vec![
-            "The guest's megaraid_sas driver shows each disk as SCSI H:2:T:0 (T = 0, 1, ...)."
-                .into(),
-        ],
+        notes,
     })
 }
 
@@ -117,7 +134,7 @@ mod tests {
         let a = parse("megasas --socket s --disk a --disk b --readonly --io-threads 2");
         assert_eq!(a.disk, [std::path::PathBuf::from("a"), "b".into()]);
         assert!(a.readonly && !a.direct);
-        assert_eq!(a.io_threads, 2);
+        assert_eq!(a.io_threads, Some(2));
         assert!(parse("megasas --socket s").disk.is_empty());
         assert!(cli::parse(["megasas", "--socket", "s", "--io-threads", "65"]).is_err());
     }

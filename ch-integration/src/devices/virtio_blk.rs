@@ -11,7 +11,7 @@ use clap::{value_parser, Args};
 use vfio_user_server::pci::PciAdapter;
 use vfio_user_server::DeviceContext;
 
-use super::{parse_queue_size, Built};
+use super::{parse_queue_size, resolve_aio, AioArg, Built};
 use crate::cli::CommonOptions;
 
 /// Size of the default in-memory disk.
@@ -26,8 +26,9 @@ pub struct VirtioBlkArgs {
     /// Refuse guest writes
     #[arg(long)]
     pub readonly: bool,
-    /// Open the image with O_DIRECT
-    #[arg(long)]
+    /// Open the image with O_DIRECT: no host page cache; aligned
+    /// requests go straight between the image and guest memory
+    #[arg(long, verbatim_doc_comment)]
     pub direct: bool,
     /// Request queues, at most 16
     #[arg(
@@ -40,17 +41,27 @@ pub struct VirtioBlkArgs {
     /// Descriptors per queue: a power of two, at most 1024
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
     pub queue_size: u16,
-    /// Run reads, writes and flushes on N threads (at most 64),
-    /// so that requests that wait for the disk overlap (for
-    /// --direct or slow storage; 0 = on the event loop)
+    /// How reads, writes and flushes (and discards) run: io_uring =
+    /// in flight on an io_uring; threads = in flight on
+    /// --io-threads threads; sync = on the event loop, one at a time.
+    /// Default: the best the host has (io_uring, else threads; the
+    /// start-up line says which)
+    #[arg(
+        long,
+        value_name = "MODE",
+        verbatim_doc_comment,
+        hide_possible_values = true
+    )]
+    pub aio: Option<AioArg>,
+    /// I/O threads of --aio threads (at most 64; default 4). Without
+    /// --aio: 0 = --aio sync, N = --aio threads
     #[arg(
         long,
         value_name = "N",
         verbatim_doc_comment,
-        default_value_t = 0,
         value_parser = RangedU64ValueParser::<usize>::new().range(0..=MAX_IO_THREADS as u64)
     )]
-    pub io_threads: usize,
+    pub io_threads: Option<usize>,
     /// What a failed read, write or flush of the image (EIO, ENOSPC,
     /// ...) does: report = the guest gets an I/O error; stop = the
     /// request waits and the device takes no more (`api ... status`
@@ -94,6 +105,7 @@ pub fn build(args: &VirtioBlkArgs) -> Result<Built, String> {
             )
         }
     };
+    let (aio, aio_note) = resolve_aio(args.aio, args.io_threads, args.disk.is_some())?;
     let ctx = DeviceContext::default();
     let blk = VirtioBlkPci::new(
         ctx.clone(),
@@ -102,15 +114,17 @@ pub fn build(args: &VirtioBlkArgs) -> Result<Built, String> {
             num_queues: args.num_queues,
             queue_size: args.queue_size,
             read_only: args.readonly,
-            io_threads: args.io_threads,
+            aio,
             on_error: args.on_error,
             ..Default::default()
         },
     )
     .map_err(|e| format!("cannot create virtio-blk: {e}"))?;
+    let aio = blk.device().aio();
     let adapter = PciAdapter::new(blk).map_err(|e| format!("cannot create PCI device: {e}"))?;
     let ro = if args.readonly { ", read-only" } else { "" };
-    let mut notes = Vec::new();
+    let direct = if args.direct { ", O_DIRECT" } else { "" };
+    let mut notes: Vec<String> = aio_note.into_iter().collect();
     if args.on_error == ErrorPolicy::Stop {
         notes.push(match &args.common.api_socket {
             Some(api) => format!(
@@ -127,14 +141,8 @@ pub fn build(args: &VirtioBlkArgs) -> Result<Built, String> {
         device: Box::new(adapter),
         ctx,
         description: format!(
-            "virtio-blk on {what}{ro}, {} queue(s) of {} ({}, on error: {})",
-            args.num_queues,
-            args.queue_size,
-            match args.io_threads {
-                0 => "no I/O threads".to_string(),
-                n => format!("{n} I/O thread(s)"),
-            },
-            args.on_error
+            "virtio-blk on {what}{ro}{direct}, {} queue(s) of {} (aio: {aio}, on error: {})",
+            args.num_queues, args.queue_size, args.on_error
         ),
         notes,
     })

@@ -166,6 +166,8 @@ pub struct VmSpec {
     pub args: Vec<String>,
     /// Let the guest reboot (no `-no-reboot`).
     pub reboot: bool,
+    /// Boot the initramfs that holds fio (`VMTEST_FIO=1`).
+    pub fio: bool,
     /// Hard limit for the whole VM run; QEMU is killed after it.
     pub timeout: Duration,
 }
@@ -201,6 +203,7 @@ impl VmSpec {
             kernel_params: Vec::new(),
             args: Vec::new(),
             reboot: false,
+            fio: false,
             timeout: Duration::from_secs(240),
         }
     }
@@ -232,6 +235,13 @@ impl VmSpec {
     pub fn qmp(self, socket: &Path) -> VmSpec {
         self.arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", socket.display()))
+    }
+
+    /// Boots the initramfs that also holds fio (larger: only for the tests
+    /// that run it).
+    pub fn with_fio(mut self) -> VmSpec {
+        self.fio = true;
+        self
     }
 
     pub fn allow_reboot(mut self) -> VmSpec {
@@ -302,6 +312,7 @@ impl Vm {
             .args(&spec.args)
             .env("VMTEST_APPEND", spec.append())
             .env("VMTEST_NO_REBOOT", if spec.reboot { "0" } else { "1" })
+            .env("VMTEST_FIO", if spec.fio { "1" } else { "0" })
             .env_remove("VMTEST_DRY_RUN")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
