@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -133,17 +133,36 @@ impl RawFile {
                 source,
             })
         };
-        let mut file = open(false)?;
+        let file = open(false)?;
         let direct = if options.direct {
-            Some(DirectIo {
-                file: open(true)?,
-                bounce: Mutex::new(AlignedBuffer::new(DIRECT_CHUNK as usize)),
-            })
+            Some(open(true)?)
         } else {
             None
         };
+        Self::with_files(file, direct, options.read_only, &name)
+    }
+
+    /// An image on files opened elsewhere (another process handed them
+    /// over): `file` for buffered access and, for `O_DIRECT`, `direct`
+    /// (opened with it). The size is read from `file`; both must be
+    /// open for writing unless `read_only`.
+    pub fn from_files(
+        file: File,
+        direct: Option<File>,
+        read_only: bool,
+    ) -> Result<Self, StorageError> {
+        let name = format!("fd {}", file.as_raw_fd());
+        Self::with_files(file, direct, read_only, &name)
+    }
+
+    fn with_files(
+        mut file: File,
+        direct: Option<File>,
+        read_only: bool,
+        name: &str,
+    ) -> Result<Self, StorageError> {
         let size_err = |source| StorageError::Size {
-            path: name.clone(),
+            path: name.to_string(),
             source,
         };
         // Works for regular files and block devices alike.
@@ -152,11 +171,43 @@ impl RawFile {
         let id = truncate_id(format!("{:x}{:x}{:x}", meta.dev(), meta.rdev(), meta.ino()));
         Ok(RawFile {
             file,
-            direct,
+            direct: direct.map(|file| DirectIo {
+                file,
+                bounce: Mutex::new(AlignedBuffer::new(DIRECT_CHUNK as usize)),
+            }),
             size,
-            read_only: options.read_only,
+            read_only,
             id,
         })
+    }
+
+    /// A zero-filled, writable disk of `size` bytes in memory, on a memfd
+    /// (so that it can be handed to another process with its contents).
+    pub fn in_memory(size: u64) -> Result<Self, StorageError> {
+        let name = "in-memory disk";
+        let open_err = |source| StorageError::Open {
+            path: name.to_string(),
+            source,
+        };
+        let len = i64::try_from(size).map_err(|_| StorageError::TooLarge(size))?;
+        // SAFETY: a NUL-terminated name and flags; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"vfio-user-disk".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(open_err(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        // SAFETY: ftruncate on the fd we own; no memory is passed.
+        if unsafe { libc::ftruncate(file.as_raw_fd(), len) } < 0 {
+            return Err(StorageError::TooLarge(size));
+        }
+        Self::with_files(file, None, false, name)
+    }
+
+    /// The files the image is open on: buffered, and `O_DIRECT` if in use
+    /// (what [`RawFile::from_files`] takes).
+    pub fn files(&self) -> (&File, Option<&File>) {
+        (&self.file, self.direct.as_ref().map(|d| &d.file))
     }
 
     /// Replaces the id (truncated to 20 bytes).
