@@ -402,7 +402,6 @@ impl Upgrader {
                 return Err(e);
             }
         }
-        let ready = Instant::now();
         if let Err(e) = send_frame(sock, br#"{"go":true}"#, &[], paused + PAUSE_LIMIT) {
             server.abort_handover();
             kill(child);
@@ -410,10 +409,11 @@ impl Upgrader {
         }
         server.finish_handover();
         self.done.store(true, Ordering::Release);
-        let pause = ready.duration_since(paused);
+        // From the pause (the last completion here) to the go (the new
+        // process serves from then on).
+        let pause = t0.elapsed();
         info!(
-            "upgrade: pid {pid} took over after a pause of {:.3} ms (state sent and restored); \
-             this process exits",
+            "upgrade: pid {pid} took over; the device was paused for {:.3} ms; this process exits",
             pause.as_secs_f64() * 1e3
         );
         notify_or_warn(&format!("MAINPID={pid}"));
