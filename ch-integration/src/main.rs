@@ -189,7 +189,9 @@ fn run(
         None => print_attach_help(&opts.socket, description, notes),
         Some(pid) => {
             info!("serving {description}, taken over from pid {pid}");
-            println!(
+            // Stdout is the old daemon's; whoever read it may be gone.
+            let _ = writeln!(
+                std::io::stdout(),
                 "vfio-user-device: serving {description} on {} (taken over from pid {pid})",
                 opts.socket.display()
             );
