@@ -125,7 +125,10 @@ fn vm_blk_upgraded_three_times_under_guest_io() {
     // Each daemon handed over and exited 0; the log has no warning.
     assert_eq!(daemon.log_count("took over; the device was paused for"), 3);
     let problems = daemon.log_problems();
-    assert!(problems.is_empty(), "daemon warnings/errors:\n{problems:#?}");
+    assert!(
+        problems.is_empty(),
+        "daemon warnings/errors:\n{problems:#?}"
+    );
     assert!(!daemon.is_running());
     assert_eq!(daemon.status().and_then(|s| s.code()), Some(0));
     for pid in &successors.0[..2] {

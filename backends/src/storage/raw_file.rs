@@ -720,4 +720,53 @@ mod tests {
         f.flush().unwrap();
         assert!(RawFile::open("/nonexistent/image", RawFileOptions::default()).is_err());
     }
+
+    #[test]
+    fn in_memory_disks_are_shared_through_their_files() {
+        let d = RawFile::in_memory(1 << 20).unwrap();
+        assert_eq!(d.size(), 1 << 20);
+        assert!(!d.read_only());
+        let w = pattern(8192, 3);
+        d.write_at(&w, 4096).unwrap();
+        d.flush().unwrap();
+        // Another process would get these fds: the same contents, the
+        // same id.
+        let (file, direct) = d.files();
+        assert!(direct.is_none());
+        let again = RawFile::from_files(file.try_clone().unwrap(), None, false).unwrap();
+        assert_eq!(again.size(), 1 << 20);
+        assert_eq!(again.id(), d.id());
+        let mut r = vec![0u8; 8192];
+        again.read_at(&mut r, 4096).unwrap();
+        assert_eq!(r, w);
+        // Discard and write-zeroes read back as zeros.
+        again.discard(4096, 4096).unwrap();
+        again.write_zeroes(8192, 4096).unwrap();
+        d.read_at(&mut r, 4096).unwrap();
+        assert!(r.iter().all(|b| *b == 0));
+        assert!(d.read_at(&mut r, (1 << 20) - 4096).is_err());
+        let ro = RawFile::from_files(file.try_clone().unwrap(), None, true).unwrap();
+        assert!(ro.write_at(&w, 0).is_err());
+    }
+
+    #[test]
+    fn an_image_and_its_direct_fd_taken_over() {
+        let t = image(1 << 20);
+        let Some(d) = open(&t, true) else {
+            return;
+        };
+        let (file, direct) = d.files();
+        let taken = RawFile::from_files(
+            file.try_clone().unwrap(),
+            direct.map(|f| f.try_clone().unwrap()),
+            false,
+        )
+        .unwrap();
+        assert!(taken.is_direct());
+        let w = pattern(4096 + 512, 9);
+        taken.write_at(&w, 512).unwrap();
+        let mut r = vec![0u8; w.len()];
+        d.read_at(&mut r, 512).unwrap();
+        assert_eq!(r, w);
+    }
 }
