@@ -172,6 +172,9 @@ enum Waited {
     Failed { child: Child, error: String },
 }
 
+/// Where the thread that waits for the new process leaves the outcome.
+type WaitSlot = Arc<Mutex<Option<Waited>>>;
+
 /// An upgrade under way.
 struct Pending {
     /// The `api` client, answered at the end.
@@ -180,7 +183,7 @@ struct Pending {
     _dir: HandoverDir,
     started: Instant,
     /// Set by the thread that waits for the new process.
-    waited: Arc<Mutex<Option<Waited>>>,
+    waited: WaitSlot,
 }
 
 /// What the daemon keeps for upgrades: its command line and kind, its
@@ -248,8 +251,7 @@ impl Upgrader {
 
     /// Checks the request, starts the new process and the thread that
     /// waits for it.
-    #[allow(clippy::type_complexity)]
-    fn try_start(&self, req: &Value) -> Result<(HandoverDir, Arc<Mutex<Option<Waited>>>), String> {
+    fn try_start(&self, req: &Value) -> Result<(HandoverDir, WaitSlot), String> {
         if self.done() || lock(&self.pending).is_some() {
             return Err("an upgrade is already under way".into());
         }
