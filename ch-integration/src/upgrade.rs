@@ -396,17 +396,19 @@ impl Upgrader {
                 "another version"
             }
         );
+        // On failure the new process is dead and reaped before the device
+        // runs here again: two processes never serve one client.
         match self.send_and_wait(handover, sock, paused + PAUSE_LIMIT) {
             Ok(()) => {}
             Err(e) => {
-                server.abort_handover();
                 kill(child);
+                server.abort_handover();
                 return Err(e);
             }
         }
         if let Err(e) = send_frame(sock, br#"{"go":true}"#, &[], paused + PAUSE_LIMIT) {
-            server.abort_handover();
             kill(child);
+            server.abort_handover();
             return Err(format!("the new process went away: {e}"));
         }
         server.finish_handover();
