@@ -1,13 +1,16 @@
 //! The control socket (`--api-socket`): one JSON request per connection,
 //! one JSON reply line. Commands: `pause`, `resume` (also of a device
 //! stopped on a storage error, which retries what failed), `snapshot`
-//! (with a `path`), `status` (with `stopped_on_error` and the `stop_error`).
+//! (with a `path`), `status` (with `stopped_on_error` and the `stop_error`),
+//! `upgrade` (answered once a new process took over, or failed to: see
+//! [`crate::upgrade`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use log::{info, warn};
@@ -16,6 +19,8 @@ use vfio_user_server::event_loop::EventHandler;
 use vfio_user_server::vm_migration::{Pausable, Snapshottable, Transportable};
 use vfio_user_server::Server;
 
+use crate::upgrade::Upgrader;
+
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
 
@@ -23,6 +28,9 @@ const MAX_REQUEST: u64 = 64 * 1024;
 pub struct ApiServer {
     listener: UnixListener,
     path: PathBuf,
+    /// The device, for `status`.
+    description: String,
+    upgrader: Option<Arc<Upgrader>>,
 }
 
 impl ApiServer {
@@ -35,13 +43,33 @@ impl ApiServer {
             .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("cannot set permissions of {}: {e}", path.display()))?;
+        Self::from_listener(listener, path)
+    }
+
+    /// Serves on `listener`, bound at `path` (handed over by the daemon
+    /// this one replaces); the file goes away with it.
+    pub fn from_listener(listener: UnixListener, path: &Path) -> Result<ApiServer, String> {
         listener
             .set_nonblocking(true)
             .map_err(|e| format!("api socket: {e}"))?;
         Ok(ApiServer {
             listener,
             path: path.to_path_buf(),
+            description: String::new(),
+            upgrader: None,
         })
+    }
+
+    /// A duplicate of the listening socket, for an upgrade.
+    pub fn listener_fd(&self) -> std::io::Result<OwnedFd> {
+        self.listener.as_fd().try_clone_to_owned()
+    }
+
+    /// Makes `upgrade` requests go to `upgrader`, and `status` describe
+    /// the device as `description`.
+    pub fn set_upgrader(&mut self, upgrader: Arc<Upgrader>, description: String) {
+        self.upgrader = Some(upgrader);
+        self.description = description;
     }
 
     fn serve(&self, stream: UnixStream, server: &mut Server) -> std::io::Result<()> {
@@ -51,7 +79,17 @@ impl ApiServer {
         let mut line = String::new();
         BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
         let reply = match serde_json::from_str::<Value>(&line) {
-            Ok(req) => execute(&req, server),
+            Ok(req) if req.get("command").and_then(Value::as_str) == Some("upgrade") => {
+                match &self.upgrader {
+                    // Answered when the upgrade ends.
+                    Some(u) => {
+                        u.start(&req, stream);
+                        return Ok(());
+                    }
+                    None => json!({"ok": false, "error": "this daemon cannot be upgraded"}),
+                }
+            }
+            Ok(req) => execute(&req, server, &self.description),
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
         };
         let mut out = reply.to_string();
@@ -60,7 +98,7 @@ impl ApiServer {
     }
 }
 
-fn execute(req: &Value, server: &mut Server) -> Value {
+fn execute(req: &Value, server: &mut Server, description: &str) -> Value {
     let fail = |e: String| json!({"ok": false, "error": e});
     match req.get("command").and_then(Value::as_str) {
         Some("pause") => match Pausable::pause(server) {
@@ -81,6 +119,8 @@ fn execute(req: &Value, server: &mut Server) -> Value {
                 "connected": server.connected(),
                 "migration_state": format!("{:?}", server.migration_state()),
                 "socket": server.path().map(|p| p.display().to_string()),
+                "pid": std::process::id(),
+                "device": description,
             })
         }
         Some("snapshot") => {
@@ -111,6 +151,10 @@ impl EventHandler for ApiServer {
     }
 
     fn handle(&mut self, servers: &mut [Server]) {
+        // The socket is the new process's to serve once it took over.
+        if self.upgrader.as_ref().is_some_and(|u| u.done()) {
+            return;
+        }
         while let Ok((stream, _)) = self.listener.accept() {
             let Some(server) = servers.first_mut() else {
                 return;
@@ -124,16 +168,20 @@ impl EventHandler for ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        // After an upgrade the file is the new process's.
+        if !self.upgrader.as_ref().is_some_and(|u| u.done()) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
-/// Client side: sends `request` to the API socket and returns the reply.
-pub fn call(path: &Path, request: &Value) -> Result<Value, String> {
+/// Client side: sends `request` to the API socket and returns the reply,
+/// waiting for it up to `timeout`.
+pub fn call(path: &Path, request: &Value, timeout: Duration) -> Result<Value, String> {
     let stream = UnixStream::connect(path)
         .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     let mut line = request.to_string();
     line.push('\n');

@@ -93,7 +93,14 @@ pub struct CommonOptions {
             .try_map(|s| s.parse::<LevelFilter>())
     )]
     pub log_level: Option<LevelFilter>,
+    /// Take the device over from the running daemon that listens on this
+    /// hand-over socket (how `api ... upgrade` starts the new daemon)
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub handover_socket: Option<PathBuf>,
 }
+
+/// The name of the hidden option a daemon starts its successor with.
+pub const HANDOVER_OPTION: &str = "--handover-socket";
 
 /// `api --api-socket PATH COMMAND`.
 #[derive(Clone, Debug, PartialEq, Eq, Args)]
@@ -125,6 +132,30 @@ pub enum ApiCommand {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Replaces the daemon by a new process that takes over the device,
+    /// its client and its sockets while the VMM stays connected: the
+    /// device pauses (requests in flight complete), the new process
+    /// restores it and serves on, the old one exits 0. If the new process
+    /// fails before it takes over, the old one goes on as before and this
+    /// prints why
+    #[command(verbatim_doc_comment)]
+    Upgrade {
+        /// The new binary (default: the one at the path the daemon was
+        /// started from, which after a package upgrade is the new version)
+        #[arg(long, value_name = "PATH", verbatim_doc_comment)]
+        exec: Option<PathBuf>,
+        /// Seconds the new process has to start and connect
+        #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_upgrade_timeout)]
+        timeout: Duration,
+        /// The new daemon's command line, after `--`: its kind and options
+        /// (default: the running daemon's). Options that change what is
+        /// served (another image, TAP, socket, queue layout) are refused;
+        /// --io-threads, --busy-poll-us, --on-error, --log-level and
+        /// --handshake-timeout may change. Relative paths are taken from
+        /// the daemon's working directory
+        #[arg(last = true, value_name = "ARGS", verbatim_doc_comment)]
+        args: Vec<String>,
+    },
 }
 
 impl ApiCommand {
@@ -135,6 +166,7 @@ impl ApiCommand {
             ApiCommand::Resume => "resume",
             ApiCommand::Status => "status",
             ApiCommand::Snapshot { .. } => "snapshot",
+            ApiCommand::Upgrade { .. } => "upgrade",
         }
     }
 
@@ -246,6 +278,42 @@ fn one_line(e: &clap::Error, first: Option<&str>) -> String {
             line
         }
     }
+}
+
+/// Parses the time a new daemon has to take over: 0.1 to 600 seconds.
+fn parse_upgrade_timeout(v: &str) -> Result<Duration, String> {
+    match v.parse::<f64>() {
+        Ok(s) if (0.1..=600.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        _ => Err("seconds from 0.1 to 600".into()),
+    }
+}
+
+/// The command line a daemon started with `args` (after the program name)
+/// gives its successor: the same, without the hand-over socket it was
+/// itself started with, nor `--restore` (the successor restores from the
+/// hand-over).
+pub fn successor_args(args: &[OsString]) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut skip = false;
+    for a in args {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        let text = a.to_string_lossy();
+        let mut dropped = false;
+        for opt in [HANDOVER_OPTION, "--restore"] {
+            if text == opt {
+                skip = true;
+                dropped = true;
+            } else if text.starts_with(&format!("{opt}=")) {
+                dropped = true;
+            }
+        }
+        if !dropped {
+            out.push(a.clone());
+        }
+    }
+    out
 }
 
 /// Parses a number of seconds (decimals allowed), at most an hour.
@@ -502,5 +570,58 @@ mod tests {
         assert!(error("api --api-socket /a").contains("snapshot"));
         assert!(error("api").contains("snapshot"));
         assert!(error("api --api-socket /a snapshot").contains("FILE"));
+    }
+
+    #[test]
+    fn upgrade_command() {
+        let a = api("api --api-socket /a upgrade");
+        assert_eq!(a.command.name(), "upgrade");
+        match a.command {
+            ApiCommand::Upgrade {
+                exec,
+                timeout,
+                args,
+            } => {
+                assert_eq!(exec, None);
+                assert_eq!(timeout, Duration::from_secs(10));
+                assert!(args.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        let a =
+            api("api --api-socket /a upgrade --exec /bin/x --timeout 2 -- virtio-blk --socket s");
+        match a.command {
+            ApiCommand::Upgrade {
+                exec,
+                timeout,
+                args,
+                ..
+            } => {
+                assert_eq!(exec, Some(PathBuf::from("/bin/x")));
+                assert_eq!(timeout, Duration::from_secs(2));
+                assert_eq!(args, ["virtio-blk", "--socket", "s"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(error("api --api-socket /a upgrade --timeout 0").contains("--timeout"));
+        // The hand-over option is accepted, and hidden.
+        let a = blk("virtio-blk --socket s --handover-socket /h");
+        assert_eq!(a.common.handover_socket, Some(PathBuf::from("/h")));
+        assert!(!help("virtio-blk --help").contains("handover"));
+    }
+
+    #[test]
+    fn successor_args_drop_the_hand_over_and_restore() {
+        let v = |s: &str| -> Vec<OsString> { s.split_whitespace().map(OsString::from).collect() };
+        assert_eq!(
+            successor_args(&v(
+                "virtio-blk --socket s --restore f --handover-socket /h --io-threads 2"
+            )),
+            v("virtio-blk --socket s --io-threads 2")
+        );
+        assert_eq!(
+            successor_args(&v("virtio-blk --restore=f --handover-socket=/h --socket s")),
+            v("virtio-blk --socket s")
+        );
     }
 }

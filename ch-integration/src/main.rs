@@ -4,24 +4,51 @@
 mod api;
 mod cli;
 mod devices;
+mod notify;
+mod upgrade;
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-use cli::Command;
-use devices::DeviceKind;
+use cli::{ApiCommand, Command};
+use devices::{DeviceFds, DeviceKind};
 use log::{info, LevelFilter};
 use vfio_user_server::vm_migration::{Snapshottable, Transportable};
 use vfio_user_server::{EventLoop, Server, ServerConfig};
 
+use crate::notify::notify_or_warn;
+use crate::upgrade::{UpgradeEvents, Upgrader};
+
 fn run_api(args: &cli::ApiArgs) -> Result<(), String> {
     let mut req = serde_json::json!({ "command": args.command.name() });
+    // The daemon may run in another directory.
+    let abs = |p: &std::path::Path| {
+        std::path::absolute(p)
+            .map(|a| serde_json::Value::String(a.display().to_string()))
+            .map_err(|e| format!("bad path {}: {e}", p.display()))
+    };
     if let Some(p) = args.command.path() {
-        // The daemon may run in another directory.
-        let abs = std::path::absolute(p).map_err(|e| format!("bad path {}: {e}", p.display()))?;
-        req["path"] = serde_json::Value::String(abs.display().to_string());
+        req["path"] = abs(p)?;
     }
-    let reply = api::call(&args.api_socket, &req)?;
+    let mut wait = Duration::from_secs(30);
+    if let ApiCommand::Upgrade {
+        exec,
+        timeout,
+        args: new_args,
+    } = &args.command
+    {
+        if let Some(exec) = exec {
+            req["exec"] = abs(exec)?;
+        }
+        req["timeout_ms"] = serde_json::json!(timeout.as_millis() as u64);
+        req["args"] = serde_json::json!(new_args);
+        // The new process's start, then the pause, are bounded.
+        wait = *timeout + upgrade::PAUSE_LIMIT + Duration::from_secs(30);
+    }
+    let reply = api::call(&args.api_socket, &req, wait)?;
     println!("{reply}");
     if reply.get("ok").and_then(serde_json::Value::as_bool) == Some(true) {
         Ok(())
@@ -34,37 +61,122 @@ fn run_api(args: &cli::ApiArgs) -> Result<(), String> {
     }
 }
 
-fn serve(kind: &DeviceKind) -> Result<(), String> {
-    let opts = kind.common();
-    let built = kind.build()?;
-    let config = ServerConfig {
+/// Settings of the server from the common options.
+fn server_config(opts: &cli::CommonOptions) -> ServerConfig {
+    ServerConfig {
         socket_mode: opts.socket_mode,
         handshake_timeout: (!opts.handshake_timeout.is_zero()).then_some(opts.handshake_timeout),
         ..ServerConfig::default()
-    };
-    let mut server =
-        Server::new(&opts.socket, built.device, built.ctx, config).map_err(|e| e.to_string())?;
-    if let Some(path) = &opts.restore {
-        // Refused as a whole before any client can attach; dropping the
-        // server on error removes its socket.
-        let url = format!("file://{}", path.display());
-        server
-            .recv(&url, &server.id())
-            .and_then(|snapshot| server.restore(&snapshot))
-            .map_err(|e| format!("cannot restore from {}: {e}", path.display()))?;
-        info!("restored device state from {}", path.display());
     }
+}
+
+/// Serves `kind` until SIGINT/SIGTERM, or until an upgrade hands it to a
+/// new process; `argv` is this process's command line (after the program
+/// name), which an upgrade starts the new process with by default.
+fn serve(kind: &DeviceKind, argv: &[OsString]) -> Result<(), String> {
+    let opts = kind.common();
     // A client that truncates its guest memory gets dropped instead of
-    // killing the daemon with SIGBUS.
+    // killing the daemon with SIGBUS (a hand-over maps guest memory at
+    // once).
     vfio_user_server::sigbus::install()
         .map_err(|e| format!("cannot install the SIGBUS handler: {e}"))?;
+    let (mut server, description, notes, device_fds, api, taken_from) = match &opts.handover_socket
+    {
+        Some(path) => {
+            let r = upgrade::receive(kind, path, server_config(opts))?;
+            let api = match (r.api, &opts.api_socket) {
+                (Some(listener), Some(path)) => {
+                    Some(api::ApiServer::from_listener(listener, path)?)
+                }
+                _ => None,
+            };
+            (
+                r.server,
+                r.description,
+                Vec::new(),
+                r.device_fds,
+                api,
+                Some(r.from_pid),
+            )
+        }
+        None => {
+            let built = kind.build(None)?;
+            let mut server =
+                Server::new(&opts.socket, built.device, built.ctx, server_config(opts))
+                    .map_err(|e| e.to_string())?;
+            if let Some(path) = &opts.restore {
+                // Refused as a whole before any client can attach;
+                // dropping the server on error removes its socket.
+                let url = format!("file://{}", path.display());
+                server
+                    .recv(&url, &server.id())
+                    .and_then(|snapshot| server.restore(&snapshot))
+                    .map_err(|e| format!("cannot restore from {}: {e}", path.display()))?;
+                info!("restored device state from {}", path.display());
+            }
+            let api = opts
+                .api_socket
+                .as_deref()
+                .map(api::ApiServer::bind)
+                .transpose()?;
+            (server, built.description, built.notes, built.fds, api, None)
+        }
+    };
+    if taken_from.is_some() {
+        // The socket files are ours from now on.
+        server.claim_socket_path(&opts.socket);
+        server.process_received();
+    }
+    run(
+        kind,
+        argv,
+        server,
+        api,
+        device_fds,
+        &description,
+        &notes,
+        taken_from,
+    )
+}
+
+/// Runs the event loop for `server` (and the control socket `api`).
+#[allow(clippy::too_many_arguments)]
+fn run(
+    kind: &DeviceKind,
+    argv: &[OsString],
+    server: Server,
+    mut api: Option<api::ApiServer>,
+    device_fds: DeviceFds,
+    description: &str,
+    notes: &[String],
+    taken_from: Option<u32>,
+) -> Result<(), String> {
+    let opts = kind.common();
     let mut event_loop = EventLoop::new().map_err(|e| format!("cannot create event loop: {e}"))?;
-    event_loop.set_busy_poll(std::time::Duration::from_micros(opts.busy_poll_us.into()));
+    event_loop.set_busy_poll(Duration::from_micros(opts.busy_poll_us.into()));
     event_loop
         .add_server(server)
         .map_err(|e| format!("cannot watch the socket: {e}"))?;
-    if let Some(path) = &opts.api_socket {
-        let api = api::ApiServer::bind(path)?;
+    let api_fd = api
+        .as_ref()
+        .map(api::ApiServer::listener_fd)
+        .transpose()
+        .map_err(|e| format!("api socket: {e}"))?;
+    let upgrader = Arc::new(
+        Upgrader::new(
+            argv,
+            kind.clone(),
+            device_fds,
+            api_fd,
+            event_loop.stop_handle(),
+        )
+        .map_err(|e| format!("cannot prepare for upgrades: {e}"))?,
+    );
+    event_loop
+        .add_handler(Box::new(UpgradeEvents(upgrader.clone())))
+        .map_err(|e| format!("cannot watch upgrades: {e}"))?;
+    if let Some(mut api) = api.take() {
+        api.set_upgrader(upgrader.clone(), description.to_string());
         event_loop
             .add_handler(Box::new(api))
             .map_err(|e| format!("cannot watch the api socket: {e}"))?;
@@ -73,10 +185,32 @@ fn serve(kind: &DeviceKind) -> Result<(), String> {
         .stop_handle()
         .stop_on_termination_signals()
         .map_err(|e| format!("cannot handle signals: {e}"))?;
-    print_attach_help(&opts.socket, &built.description, &built.notes);
+    match taken_from {
+        None => print_attach_help(&opts.socket, description, notes),
+        Some(pid) => {
+            info!("serving {description}, taken over from pid {pid}");
+            // Stdout is the old daemon's; whoever read it may be gone.
+            let _ = writeln!(
+                std::io::stdout(),
+                "vfio-user-device: serving {description} on {} (taken over from pid {pid})",
+                opts.socket.display()
+            );
+            // The service manager tracks this process from now on.
+            notify_or_warn(&format!("MAINPID={}\nREADY=1", std::process::id()));
+        }
+    }
+    if taken_from.is_none() {
+        notify_or_warn("READY=1");
+    }
     event_loop
         .run()
         .map_err(|e| format!("event loop failed: {e}"))?;
+    if upgrader.done() {
+        // Everything is the new process's now: leave without closing or
+        // removing anything on the way out (no destructors).
+        info!("handed over; exiting");
+        std::process::exit(0);
+    }
     info!("stopping; removing {}", opts.socket.display());
     // Dropping the loop drops the server, which removes the socket.
     drop(event_loop);
@@ -114,6 +248,9 @@ fn init_logging(level: Option<LevelFilter>) {
         }
         None => env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")),
     };
+    // Microseconds: the two processes of an upgrade log to the same place,
+    // and the pause between them is read from their timestamps.
+    builder.format_timestamp_micros();
     builder.init();
 }
 
@@ -137,7 +274,8 @@ fn main() -> ExitCode {
         }
         Command::Device(kind) => {
             init_logging(kind.common().log_level);
-            serve(kind)
+            let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+            serve(kind, &argv)
         }
     };
     match result {

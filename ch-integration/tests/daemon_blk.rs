@@ -447,6 +447,7 @@ fn without_io_uring_the_daemon_runs_on_io_threads() {
         socket: dir.as_path().join("blk.sock"),
         dir,
         kind: "virtio-blk",
+        successors: Vec::new(),
     };
     assert!(
         lines[0].contains("aio: threads (4 I/O thread(s))"),

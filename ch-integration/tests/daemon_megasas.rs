@@ -686,3 +686,103 @@ fn live_migration_between_two_daemons() {
     drop(src);
     drop(dst);
 }
+
+/// `api ... upgrade` under the published client: eight write frames
+/// posted just before the upgrade and four posted while it runs all
+/// complete once, after it; the EVENT_WAIT the driver left is still held
+/// by the new daemon; the reply queue goes on where it was; the image has
+/// every write; the replaced daemons exit 0.
+#[test]
+fn frames_in_flight_survive_upgrades() {
+    upgrade::become_subreaper();
+    let dir = TempDir::new().unwrap();
+    let img = image(&dir, "disk.img", 11);
+    let api = dir.as_path().join("api.sock");
+    let (img_s, api_s) = (
+        img.to_str().unwrap().to_string(),
+        api.to_str().unwrap().to_string(),
+    );
+    let mut daemon = Daemon::start_kind_in(
+        "megasas",
+        dir,
+        &[
+            "--disk",
+            &img_s,
+            "--api-socket",
+            &api_s,
+            "--io-threads",
+            "2",
+        ],
+    );
+    wait_for_socket(&api);
+    let socket_s = daemon.socket.to_str().unwrap().to_string();
+    let mut m = Mfi::connect(&daemon.socket);
+    m.init();
+    let buf = HIGH + MIB;
+    // An EVENT_WAIT, held.
+    let (_, wait, mut f) = m.frame(DCMD, 0, 0, 0);
+    f[0x18..0x1c].copy_from_slice(&EVENT_WAIT.to_le_bytes());
+    m.ram.write(wait, &f);
+    m.set_reg(IQP, wait as u32 | 1);
+
+    for (round, threads) in [(0u64, "0"), (1, "2")] {
+        let w = pattern(20 + round as u8, 12 * 4096);
+        m.ram.write(buf, &w);
+        let base = 1000 + round * 200;
+        let mut contexts = HashSet::new();
+        let mut frames = Vec::new();
+        for i in 0..12u64 {
+            let (c, addr, f) = m.ld_frame(true, 0, base + 8 * i, 8, buf + i * 4096);
+            m.ram.write(addr, &f);
+            contexts.insert(c);
+            frames.push(addr);
+        }
+        for addr in &frames[..8] {
+            m.set_reg(IQP, *addr as u32 | 1);
+        }
+        // Four more go to the inbound queue port while the upgrade runs.
+        let api_path = api.clone();
+        let args = vec![
+            "upgrade".to_string(),
+            "--".into(),
+            "megasas".into(),
+            "--socket".into(),
+            socket_s.clone(),
+            "--disk".into(),
+            img_s.clone(),
+            "--api-socket".into(),
+            api_s.clone(),
+            "--io-threads".into(),
+            threads.into(),
+        ];
+        let upgrade = std::thread::spawn(move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            common::api(&api_path, &a)
+        });
+        for addr in &frames[8..] {
+            m.set_reg(IQP, *addr as u32 | 1);
+        }
+        let (ok, v) = upgrade.join().unwrap();
+        assert!(ok, "{v}");
+        daemon.successors.push(v["pid"].as_u64().unwrap() as u32);
+        m.wait_replies(&mut contexts, Instant::now() + Duration::from_secs(10));
+        for addr in frames {
+            assert_eq!(m.ram.read(addr + 2, 1)[0], STAT_OK);
+        }
+        assert_eq!(read_image(&img, base * 512, 12 * 4096), w);
+        assert_eq!(m.reg(OSP0) >> 28, 0xc, "still OPERATIONAL");
+        // Reads go on through the new daemon.
+        assert_eq!(m.ld_io(false, 0, base, 8, buf + MIB).cmd_status, STAT_OK);
+        assert_eq!(m.ram.read(buf + MIB, 4096), w[..4096]);
+        assert_eq!(
+            m.ram.read(wait + 2, 1)[0],
+            0xff,
+            "the EVENT_WAIT was completed"
+        );
+    }
+    assert_eq!(daemon.child.wait().unwrap().code(), Some(0));
+    assert_eq!(
+        upgrade::wait_exit(daemon.successors[0], Duration::from_secs(10)),
+        Some(0)
+    );
+}

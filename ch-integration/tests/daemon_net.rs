@@ -378,3 +378,75 @@ fn snapshot_restore_keeps_the_nic_and_asks_the_guest_to_announce_itself() {
     );
     drop(restored);
 }
+
+/// `api ... upgrade` under the published client: frames cross the TAP
+/// both ways before, during and after two upgrades (the new daemons take
+/// the TAP queue over, not reopen it); receive buffers posted before an
+/// upgrade take the frames that come after it; interrupts keep arriving;
+/// the replaced daemons exit 0.
+#[test]
+fn frames_cross_the_tap_both_ways_across_upgrades() {
+    let Some(ns) = NetNs::new() else {
+        return;
+    };
+    upgrade::become_subreaper();
+    ns.add_tap("vtap0", false, None);
+    let dir = TempDir::new().unwrap();
+    let api = dir.as_path().join("api.sock");
+    let api_s = api.to_str().unwrap().to_string();
+    let mut daemon = start(&ns, &["--api-socket", &api_s]);
+    let mut successors = Vec::new();
+    let packets = ns.packet_socket("vtap0");
+    let mut drv = VirtioDriver::connect(&daemon.socket);
+    drv.init(VIRTIO_F_VERSION_1 | F_MAC | F_STATUS | F_CTRL_VQ, 64);
+    let peer = [0x02, 0, 0, 0, 0, 0x07];
+    // The guest sends a frame out of the TAP.
+    let send = |drv: &mut VirtioDriver, seed: u8| {
+        let f = frame(peer, MAC, &pattern(700, seed));
+        let b = drv.ram.alloc((HDR + f.len()) as u64, 8);
+        let mut bytes = vec![0u8; HDR];
+        bytes.extend(&f);
+        drv.ram.write(b, &bytes);
+        drv.push(TX, &[Desc::readable(b, bytes.len() as u32)]);
+        drv.kick(TX);
+        assert_eq!(drv.wait_used(TX, 1).len(), 1);
+        let got = packets
+            .recv_matching(Duration::from_secs(5), |g| g == f.as_slice())
+            .expect("the guest's frame never came out of the TAP");
+        assert_eq!(got, f);
+    };
+    // A frame into the TAP lands in the oldest posted buffer.
+    let receive = |drv: &mut VirtioDriver, posted: &(u16, Vec<u64>), seed: u8| {
+        let f = frame(MAC, peer, &pattern(900, seed));
+        packets.send(&f);
+        let used = drv.wait_used(RX, 1);
+        assert_eq!(used[0].0, posted.0, "a frame in the wrong buffer");
+        assert_eq!(&rx_bytes(drv, &posted.1, 2048, used[0].1)[HDR..], &f[..]);
+    };
+    let posted = post_rx(&mut drv, 4, 2048, 1);
+    send(&mut drv, 1);
+    receive(&mut drv, &posted[0], 2);
+    for round in 0..2u8 {
+        let v = api_ok(&api, &["upgrade"]);
+        let pid = v["pid"].as_u64().unwrap() as u32;
+        successors.push(pid);
+        eprintln!("upgrade {round}: {v}");
+        // Buffers posted before the upgrade take the frames after it.
+        receive(&mut drv, &posted[1 + usize::from(round)], 10 + round);
+        send(&mut drv, 20 + round);
+        let status = api_ok(&api, &["status"]);
+        assert_eq!(status["pid"], pid);
+        assert_eq!(status["connected"], true);
+    }
+    let more = post_rx(&mut drv, 2, 2048, 1);
+    receive(&mut drv, &posted[3], 30);
+    receive(&mut drv, &more[0], 31);
+    assert_eq!(daemon.child.wait().unwrap().code(), Some(0));
+    assert_eq!(
+        upgrade::wait_exit(successors[0], Duration::from_secs(10)),
+        Some(0)
+    );
+    for pid in successors {
+        upgrade::kill(pid);
+    }
+}

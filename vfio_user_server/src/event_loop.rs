@@ -354,6 +354,8 @@ impl EventLoop {
         )?;
         self.servers.push(server);
         self.registered.push(reg);
+        // A server handed over by another process comes with its client.
+        self.update_registrations();
         Ok(idx)
     }
 
@@ -380,7 +382,9 @@ impl EventLoop {
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 64];
         let mut idle_since: Option<std::time::Instant> = None;
-        let mut deferred_left = false;
+        // A device resumed before the loop ran (handed over by another
+        // process) may have work already: look once before sleeping.
+        let mut deferred_left = true;
         loop {
             let spinning = deferred_left
                 || (!self.busy_poll.is_zero()

@@ -91,6 +91,8 @@ pub struct DmaRange {
     pub size: u64,
     /// `DMA_MAP_FLAG_*`.
     pub flags: u32,
+    /// Offset of the range in the client's fd (0 without one).
+    pub offset: u64,
     /// Whether it is backed by an fd (reachable by devices).
     pub mapped: bool,
 }
@@ -133,6 +135,18 @@ impl DmaTable {
     /// The maps, in address order.
     pub fn ranges(&self) -> impl Iterator<Item = &DmaRange> {
         self.maps.values()
+    }
+
+    /// A duplicate of the client's fd behind the map at `address` (for a
+    /// hand-over to another process), or `None` for an fd-less map or no
+    /// map there.
+    pub fn file(&self, address: u64) -> Option<std::io::Result<std::os::fd::OwnedFd>> {
+        use std::os::fd::AsFd;
+        let r = self.maps.get(&address).filter(|r| r.mapped)?;
+        let memory = self.memory.memory();
+        let region = memory.find_region(GuestAddress(r.address))?;
+        let file = region.file_offset()?.file();
+        Some(file.as_fd().try_clone_to_owned())
     }
 
     /// Finds the map containing `[address, address + len)`.
@@ -202,6 +216,7 @@ impl DmaTable {
                 address,
                 size,
                 flags,
+                offset: if mapped { offset } else { 0 },
                 mapped,
             },
         );

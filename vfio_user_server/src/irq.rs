@@ -138,6 +138,16 @@ pub struct IrqsState {
     pub vectors: Vec<Vec<(bool, bool)>>,
 }
 
+/// The eventfds of an [`Irqs`] table, for a hand-over to another process
+/// ([`Irqs::export_fds`], [`Irqs::import_fds`]).
+#[derive(Debug, Default)]
+pub struct IrqFds {
+    /// `(index, vector, eventfd)` of every vector that has one.
+    pub vectors: Vec<(u32, u32, EventFd)>,
+    /// The unmask eventfd and its index, if the client installed one.
+    pub unmask: Option<(u32, EventFd)>,
+}
+
 /// Outcome of a trigger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TriggerOutcome {
@@ -248,6 +258,72 @@ impl Irqs {
                 v.masked = *masked;
                 v.pending = *pending;
             }
+        }
+        Ok(())
+    }
+
+    /// Duplicates of every installed eventfd, for a hand-over to another
+    /// process: `(index, vector, fd)` in index and vector order, and the
+    /// unmask eventfd with its index. Mask and pending bits are in
+    /// [`Irqs::state`].
+    pub fn export_fds(&self) -> std::io::Result<IrqFds> {
+        let s = self.lock();
+        let mut out = IrqFds::default();
+        for (i, idx) in s.indexes.iter().enumerate() {
+            for (v, vector) in idx.vectors.iter().enumerate() {
+                if let Some(fd) = &vector.fd {
+                    out.vectors.push((i as u32, v as u32, fd.try_clone()?));
+                }
+            }
+            if let Some(fd) = &idx.unmask_fd {
+                out.unmask = Some((i as u32, fd.try_clone()?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Installs eventfds exported by [`Irqs::export_fds`] (of a server of
+    /// the same layout) without firing anything: what was pending stays
+    /// pending, as it was. Nothing is installed if one is out of range.
+    pub fn import_fds(&self, fds: IrqFds) -> Result<(), IrqError> {
+        let mut s = self.lock();
+        for (index, vector, _) in &fds.vectors {
+            let ok = s
+                .indexes
+                .get(*index as usize)
+                .is_some_and(|i| (*vector as usize) < i.vectors.len());
+            if !ok {
+                return Err(IrqError::BadRange {
+                    index: *index,
+                    start: *vector,
+                    count: 1,
+                });
+            }
+        }
+        if let Some((index, _)) = &fds.unmask {
+            let automask = s
+                .indexes
+                .get(*index as usize)
+                .is_some_and(|i| i.info.flags & IRQ_INFO_AUTOMASKED != 0);
+            if !automask {
+                return Err(IrqError::BadIndex(*index));
+            }
+        }
+        for (index, vector, fd) in fds.vectors {
+            if let Some(v) = s
+                .indexes
+                .get_mut(index as usize)
+                .and_then(|i| i.vectors.get_mut(vector as usize))
+            {
+                v.fd = Some(fd);
+            }
+        }
+        if let Some((index, fd)) = fds.unmask {
+            s.drop_unmask_fds();
+            if let Some(i) = s.indexes.get_mut(index as usize) {
+                i.unmask_fd = Some(fd);
+            }
+            self.unmask_changed();
         }
         Ok(())
     }

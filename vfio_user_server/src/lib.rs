@@ -20,4 +20,7 @@ pub use device::{
     RegionMmap, ResetReason, WatchedFd,
 };
 pub use event_loop::{EventLoop, StopHandle};
-pub use server::{MigState, Server, ServerConfig, ServerError};
+pub use server::{
+    Handover, HandoverError, HandoverState, MigState, Server, ServerConfig, ServerError,
+    HANDOVER_FORMAT,
+};

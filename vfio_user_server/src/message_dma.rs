@@ -50,7 +50,7 @@ pub struct MessageDmaRequest {
 }
 
 /// Wire layout of DMA_READ/DMA_WRITE used with a client.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MessageDmaLayout {
     /// The spec and libvfio-user: `address u64, count u64`, data at 16.
     Spec,

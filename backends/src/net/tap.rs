@@ -213,6 +213,50 @@ impl Tap {
         Ok(tap)
     }
 
+    /// A queue of a TAP opened elsewhere (another process handed it over):
+    /// `file` must be a tun fd attached to a TAP interface with
+    /// `IFF_NO_PI` and `IFF_VNET_HDR` (as [`Tap::open`] and [`Tap::create`]
+    /// attach them); its name comes from the kernel. Non-blocking from
+    /// then on.
+    pub fn from_file(file: File) -> Result<Tap, TapError> {
+        let err = |what: &'static str, e: io::Error| TapError::Io("<inherited>".into(), what, e);
+        // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        // SAFETY: TUNGETIFF writes an `ifreq`, which `req` is.
+        let r = unsafe { ioctl_with_mut_ref(&file, libc::TUNGETIFF as libc::c_ulong, &mut req) };
+        if r < 0 {
+            return Err(err("TUNGETIFF", io::Error::last_os_error()));
+        }
+        let name = ifreq_name(&req);
+        // SAFETY: the kernel filled the `ifru_flags` member.
+        let flags = libc::c_int::from(unsafe { req.ifr_ifru.ifru_flags });
+        let want = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if flags & want != want {
+            return Err(TapError::NotTap(name));
+        }
+        // SAFETY: F_GETFL/F_SETFL on an fd we own; no memory is passed.
+        unsafe {
+            let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if fl < 0 || libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
+                return Err(err("F_SETFL", io::Error::last_os_error()));
+            }
+        }
+        Ok(Tap { file, name })
+    }
+
+    /// The queue's fd.
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
+    /// Another fd on the same queue (for handing it to another process).
+    pub fn try_clone(&self) -> io::Result<Tap> {
+        Ok(Tap {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
+    }
+
     fn error(&self, what: &'static str) -> TapError {
         TapError::Io(self.name.clone(), what, io::Error::last_os_error())
     }

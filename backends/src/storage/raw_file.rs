@@ -11,7 +11,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -559,14 +559,36 @@ impl RawFile {
                 source,
             })
         };
-        let mut file = open(false)?;
+        let file = open(false)?;
         let direct = if options.direct {
-            Some(DirectIo::new(open(true)?))
+            Some(open(true)?)
         } else {
             None
         };
+        Self::with_files(file, direct, options.read_only, &name)
+    }
+
+    /// An image on files opened elsewhere (another process handed them
+    /// over): `file` for buffered access and, for `O_DIRECT`, `direct`
+    /// (opened with it). The size is read from `file`; both must be
+    /// open for writing unless `read_only`.
+    pub fn from_files(
+        file: File,
+        direct: Option<File>,
+        read_only: bool,
+    ) -> Result<Self, StorageError> {
+        let name = format!("fd {}", file.as_raw_fd());
+        Self::with_files(file, direct, read_only, &name)
+    }
+
+    fn with_files(
+        mut file: File,
+        direct: Option<File>,
+        read_only: bool,
+        name: &str,
+    ) -> Result<Self, StorageError> {
         let size_err = |source| StorageError::Size {
-            path: name.clone(),
+            path: name.to_string(),
             source,
         };
         // Works for regular files and block devices alike.
@@ -575,11 +597,40 @@ impl RawFile {
         let id = truncate_id(format!("{:x}{:x}{:x}", meta.dev(), meta.rdev(), meta.ino()));
         Ok(RawFile {
             file,
-            direct,
+            direct: direct.map(DirectIo::new),
             size,
-            read_only: options.read_only,
+            read_only,
             id,
         })
+    }
+
+    /// A zero-filled, writable disk of `size` bytes in memory, on a memfd
+    /// (so that it can be handed to another process with its contents).
+    pub fn in_memory(size: u64) -> Result<Self, StorageError> {
+        let name = "in-memory disk";
+        let open_err = |source| StorageError::Open {
+            path: name.to_string(),
+            source,
+        };
+        let len = i64::try_from(size).map_err(|_| StorageError::TooLarge(size))?;
+        // SAFETY: a NUL-terminated name and flags; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"vfio-user-disk".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(open_err(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        // SAFETY: ftruncate on the fd we own; no memory is passed.
+        if unsafe { libc::ftruncate(file.as_raw_fd(), len) } < 0 {
+            return Err(StorageError::TooLarge(size));
+        }
+        Self::with_files(file, None, false, name)
+    }
+
+    /// The files the image is open on: buffered, and `O_DIRECT` if in use
+    /// (what [`RawFile::from_files`] takes).
+    pub fn files(&self) -> (&File, Option<&File>) {
+        (&self.file, self.direct.as_ref().map(|d| &d.file))
     }
 
     /// Replaces the id (truncated to 20 bytes).
@@ -1206,5 +1257,54 @@ mod tests {
         assert!(f.write_zeroes(0, 1).is_err());
         f.flush().unwrap();
         assert!(RawFile::open("/nonexistent/image", RawFileOptions::default()).is_err());
+    }
+
+    #[test]
+    fn in_memory_disks_are_shared_through_their_files() {
+        let d = RawFile::in_memory(1 << 20).unwrap();
+        assert_eq!(d.size(), 1 << 20);
+        assert!(!d.read_only());
+        let w = pattern(8192, 3);
+        d.write_at(&w, 4096).unwrap();
+        d.flush().unwrap();
+        // Another process would get these fds: the same contents, the
+        // same id.
+        let (file, direct) = d.files();
+        assert!(direct.is_none());
+        let again = RawFile::from_files(file.try_clone().unwrap(), None, false).unwrap();
+        assert_eq!(again.size(), 1 << 20);
+        assert_eq!(again.id(), d.id());
+        let mut r = vec![0u8; 8192];
+        again.read_at(&mut r, 4096).unwrap();
+        assert_eq!(r, w);
+        // Discard and write-zeroes read back as zeros.
+        again.discard(4096, 4096).unwrap();
+        again.write_zeroes(8192, 4096).unwrap();
+        d.read_at(&mut r, 4096).unwrap();
+        assert!(r.iter().all(|b| *b == 0));
+        assert!(d.read_at(&mut r, (1 << 20) - 4096).is_err());
+        let ro = RawFile::from_files(file.try_clone().unwrap(), None, true).unwrap();
+        assert!(ro.write_at(&w, 0).is_err());
+    }
+
+    #[test]
+    fn an_image_and_its_direct_fd_taken_over() {
+        let t = image(1 << 20);
+        let Some(d) = open(&t, true) else {
+            return;
+        };
+        let (file, direct) = d.files();
+        let taken = RawFile::from_files(
+            file.try_clone().unwrap(),
+            direct.map(|f| f.try_clone().unwrap()),
+            false,
+        )
+        .unwrap();
+        assert!(taken.is_direct());
+        let w = pattern(4096 + 512, 9);
+        taken.write_at(&w, 512).unwrap();
+        let mut r = vec![0u8; w.len()];
+        d.read_at(&mut r, 512).unwrap();
+        assert_eq!(r, w);
     }
 }

@@ -6,13 +6,17 @@ use std::sync::Arc;
 
 use backends::block_io::Aio;
 use backends::megasas::{Megasas, MegasasConfig};
-use backends::storage::{BlockBackend, MemoryDisk, RawFile, RawFileOptions, MAX_IO_THREADS};
+use backends::storage::{BlockBackend, MAX_IO_THREADS};
 use clap::builder::RangedU64ValueParser;
 use clap::{ArgAction, Args};
 use vfio_user_server::pci::PciAdapter;
 use vfio_user_server::DeviceContext;
 
-use super::{resolve_aio, AioArg, Built};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    disk_fds, disk_from_fds, open_disk, resolve_aio, same_path, AioArg, Built, DeviceFds, DiskFds,
+};
 use crate::cli::CommonOptions;
 
 /// Size of the in-memory disk served without `--disk`.
@@ -58,29 +62,69 @@ pub struct MegasasArgs {
     pub common: CommonOptions,
 }
 
-/// Builds the controller described by `args`.
-pub fn build(args: &MegasasArgs) -> Result<Built, String> {
-    let mut disks: Vec<Arc<dyn BlockBackend>> = Vec::new();
-    let mut what = Vec::new();
-    for path in &args.disk {
-        let file = RawFile::open(
-            path,
-            RawFileOptions {
-                read_only: args.readonly,
-                direct: args.direct,
-            },
-        )
-        .map_err(|e| format!("cannot open disk {}: {e}", path.display()))?;
-        what.push(format!("{} ({} bytes)", path.display(), file.size()));
-        disks.push(Arc::new(file));
+/// The fds a megasas daemon hands over: its images, in drive order.
+#[derive(Serialize, Deserialize)]
+struct Layout {
+    disks: Vec<DiskFds>,
+}
+
+/// Builds the controller described by `args`, on its images, or on the
+/// image fds a running daemon handed over (`inherited`).
+pub fn build(args: &MegasasArgs, inherited: Option<DeviceFds>) -> Result<Built, String> {
+    let mut raw = Vec::new();
+    match inherited {
+        None if args.disk.is_empty() => {
+            raw.push(open_disk(
+                None,
+                args.readonly,
+                args.direct,
+                DEFAULT_DISK_BYTES,
+            )?);
+        }
+        None => {
+            for path in &args.disk {
+                raw.push(open_disk(Some(path), args.readonly, args.direct, 0)?);
+            }
+        }
+        Some(fds) => {
+            let layout: Layout =
+                serde_json::from_value(fds.layout).map_err(|e| format!("handed-over fds: {e}"))?;
+            if layout.disks.len() != args.disk.len().max(1) {
+                return Err(format!(
+                    "{} image(s) handed over for {} drive(s)",
+                    layout.disks.len(),
+                    args.disk.len().max(1)
+                ));
+            }
+            let mut files = fds.files.into_iter();
+            for d in &layout.disks {
+                raw.push(disk_from_fds(d, &mut files, args.readonly)?);
+            }
+        }
     }
-    if disks.is_empty() {
-        disks.push(Arc::new(
-            MemoryDisk::new(DEFAULT_DISK_BYTES).map_err(|e| e.to_string())?,
-        ));
-        what.push(format!("a {} MiB in-memory disk", DEFAULT_DISK_BYTES >> 20));
+    let mut files = Vec::new();
+    let mut layout = Layout { disks: Vec::new() };
+    for d in &raw {
+        layout.disks.push(disk_fds(d, &mut files)?);
     }
     let (aio, aio_note) = resolve_aio(args.aio, args.io_threads, !args.disk.is_empty())?;
+    let fds = DeviceFds {
+        layout: serde_json::to_value(&layout).map_err(|e| e.to_string())?,
+        files,
+    };
+    let what: Vec<String> = if args.disk.is_empty() {
+        vec![format!("a {} MiB in-memory disk", DEFAULT_DISK_BYTES >> 20)]
+    } else {
+        args.disk
+            .iter()
+            .zip(&raw)
+            .map(|(path, d)| format!("{} ({} bytes)", path.display(), d.size()))
+            .collect()
+    };
+    let disks: Vec<Arc<dyn BlockBackend>> = raw
+        .into_iter()
+        .map(|d| Arc::new(d) as Arc<dyn BlockBackend>)
+        .collect();
     let ctx = DeviceContext::default();
     let config = MegasasConfig {
         read_only: args.readonly,
@@ -110,7 +154,28 @@ pub fn build(args: &MegasasArgs) -> Result<Built, String> {
             }
         ),
         notes,
+        fds,
     })
+}
+
+/// What an upgrade from `old` to `new` may not change: the images and how
+/// they are served (the controller's state assumes them).
+pub fn upgrade_refusals(old: &MegasasArgs, new: &MegasasArgs) -> Vec<String> {
+    let mut out = Vec::new();
+    let same_disks = old.disk.len() == new.disk.len()
+        && old.disk.iter().zip(&new.disk).all(|(a, b)| same_path(a, b));
+    if !same_disks {
+        out.push("--disk (different images)".to_string());
+    }
+    for (name, same) in [
+        ("--readonly", old.readonly == new.readonly),
+        ("--direct", old.direct == new.direct),
+    ] {
+        if !same {
+            out.push(name.to_string());
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -154,13 +219,13 @@ mod tests {
 
     #[test]
     fn builds_on_an_in_memory_disk() {
-        let built = super::build(&parse("megasas --socket s")).unwrap();
+        let built = super::build(&parse("megasas --socket s"), None).unwrap();
         assert!(
             built.description.contains("64 MiB in-memory"),
             "{}",
             built.description
         );
-        let e = super::build(&parse("megasas --socket s --disk /nonexistent/x")).err();
+        let e = super::build(&parse("megasas --socket s --disk /nonexistent/x"), None).err();
         assert!(e.is_some_and(|e| e.contains("/nonexistent/x")));
     }
 }

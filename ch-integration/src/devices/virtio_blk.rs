@@ -4,14 +4,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use backends::block_io::ErrorPolicy;
-use backends::storage::{BlockBackend, MemoryDisk, RawFile, RawFileOptions, MAX_IO_THREADS};
+use backends::storage::{BlockBackend, MAX_IO_THREADS};
 use backends::virtio_blk::{VirtioBlkConfig, VirtioBlkPci};
 use clap::builder::{PossibleValuesParser, RangedU64ValueParser, TypedValueParser};
 use clap::{value_parser, Args};
 use vfio_user_server::pci::PciAdapter;
 use vfio_user_server::DeviceContext;
 
-use super::{parse_queue_size, resolve_aio, AioArg, Built};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    disk_fds, disk_from_fds, open_disk, parse_queue_size, resolve_aio, same_path, AioArg, Built,
+    DeviceFds, DiskFds,
+};
 use crate::cli::CommonOptions;
 
 /// Size of the default in-memory disk.
@@ -82,30 +87,42 @@ pub struct VirtioBlkArgs {
     pub common: CommonOptions,
 }
 
-/// Builds the virtio-blk device described by `args`.
-pub fn build(args: &VirtioBlkArgs) -> Result<Built, String> {
-    let (backend, what): (Arc<dyn BlockBackend>, String) = match &args.disk {
-        None => (
-            Arc::new(MemoryDisk::new(DEFAULT_DISK_BYTES).map_err(|e| e.to_string())?),
-            format!("a {} MiB in-memory disk", DEFAULT_DISK_BYTES >> 20),
-        ),
-        Some(path) => {
-            let file = RawFile::open(
-                path,
-                RawFileOptions {
-                    read_only: args.readonly,
-                    direct: args.direct,
-                },
-            )
-            .map_err(|e| format!("cannot open disk {}: {e}", path.display()))?;
-            let size = file.size();
-            (
-                Arc::new(file),
-                format!("{} ({} bytes)", path.display(), size),
-            )
+/// The fds a virtio-blk daemon hands over: its one image.
+#[derive(Serialize, Deserialize)]
+struct Layout {
+    disk: DiskFds,
+}
+
+/// Builds the virtio-blk device described by `args`, on its image, or on
+/// the image fd a running daemon handed over (`inherited`).
+pub fn build(args: &VirtioBlkArgs, inherited: Option<DeviceFds>) -> Result<Built, String> {
+    let disk = match inherited {
+        None => open_disk(
+            args.disk.as_deref(),
+            args.readonly,
+            args.direct,
+            DEFAULT_DISK_BYTES,
+        )?,
+        Some(fds) => {
+            let layout: Layout =
+                serde_json::from_value(fds.layout).map_err(|e| format!("handed-over fds: {e}"))?;
+            disk_from_fds(&layout.disk, &mut fds.files.into_iter(), args.readonly)?
         }
     };
     let (aio, aio_note) = resolve_aio(args.aio, args.io_threads, args.disk.is_some())?;
+    let mut files = Vec::new();
+    let layout = Layout {
+        disk: disk_fds(&disk, &mut files)?,
+    };
+    let fds = DeviceFds {
+        layout: serde_json::to_value(&layout).map_err(|e| e.to_string())?,
+        files,
+    };
+    let what = match &args.disk {
+        None => format!("a {} MiB in-memory disk", DEFAULT_DISK_BYTES >> 20),
+        Some(path) => format!("{} ({} bytes)", path.display(), disk.size()),
+    };
+    let backend: Arc<dyn BlockBackend> = Arc::new(disk);
     let ctx = DeviceContext::default();
     let blk = VirtioBlkPci::new(
         ctx.clone(),
@@ -145,7 +162,33 @@ pub fn build(args: &VirtioBlkArgs) -> Result<Built, String> {
             args.num_queues, args.queue_size, args.on_error
         ),
         notes,
+        fds,
     })
+}
+
+/// What an upgrade from `old` to `new` may not change: the image and how
+/// it is served (the device state assumes them).
+pub fn upgrade_refusals(old: &VirtioBlkArgs, new: &VirtioBlkArgs) -> Vec<String> {
+    let mut out = Vec::new();
+    let same_disk = match (&old.disk, &new.disk) {
+        (None, None) => true,
+        (Some(a), Some(b)) => same_path(a, b),
+        _ => false,
+    };
+    if !same_disk {
+        out.push("--disk (a different image)".to_string());
+    }
+    for (name, same) in [
+        ("--readonly", old.readonly == new.readonly),
+        ("--direct", old.direct == new.direct),
+        ("--num-queues", old.num_queues == new.num_queues),
+        ("--queue-size", old.queue_size == new.queue_size),
+    ] {
+        if !same {
+            out.push(name.to_string());
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@ use clap::{value_parser, Args};
 use vfio_user_server::pci::PciAdapter;
 use vfio_user_server::DeviceContext;
 
-use super::{parse_queue_size, Built};
+use serde::{Deserialize, Serialize};
+
+use super::{parse_queue_size, Built, DeviceFds};
 use crate::cli::CommonOptions;
 
 /// Name template of the TAP created when no `--tap` is given.
@@ -70,12 +72,40 @@ fn random_mac() -> [u8; 6] {
     [0x52, 0x54, 0x00, r[0], r[1], r[2]]
 }
 
-/// Builds the virtio-net device described by `args`.
-pub fn build(args: &VirtioNetArgs) -> Result<Built, String> {
+/// The fds a virtio-net daemon hands over: one TAP queue per pair.
+#[derive(Serialize, Deserialize)]
+struct Layout {
+    /// TAP queue fds, one per queue pair.
+    taps: usize,
+    /// The TAP was created by the first daemon (it goes away with the
+    /// last one).
+    created: bool,
+}
+
+/// Builds the virtio-net device described by `args`, on its TAP, or on
+/// the TAP queues a running daemon handed over (`inherited`).
+pub fn build(args: &VirtioNetArgs, inherited: Option<DeviceFds>) -> Result<Built, String> {
     let pairs = usize::from(args.num_queue_pairs);
-    let (taps, created) = match &args.tap {
-        Some(name) => (Tap::open(name, pairs).map_err(|e| e.to_string())?, false),
-        None => {
+    let (taps, created) = match (inherited, &args.tap) {
+        (Some(fds), _) => {
+            let layout: Layout =
+                serde_json::from_value(fds.layout).map_err(|e| format!("handed-over fds: {e}"))?;
+            if layout.taps != pairs || fds.files.len() != pairs {
+                return Err(format!(
+                    "{} TAP queue(s) handed over for {pairs} queue pair(s)",
+                    fds.files.len()
+                ));
+            }
+            let taps = fds
+                .files
+                .into_iter()
+                .map(Tap::from_file)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("handed-over TAP: {e}"))?;
+            (taps, layout.created)
+        }
+        (None, Some(name)) => (Tap::open(name, pairs).map_err(|e| e.to_string())?, false),
+        (None, None) => {
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
                 return Err("--tap NAME is needed (creating a TAP takes root)".into());
@@ -84,6 +114,19 @@ pub fn build(args: &VirtioNetArgs) -> Result<Built, String> {
                 Tap::create(CREATED_TAP, pairs).map_err(|e| format!("cannot create a TAP: {e}"))?;
             (taps, true)
         }
+    };
+    let files = taps
+        .iter()
+        .map(|t| t.try_clone().map(Tap::into_file))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("cannot keep the TAP's fds for an upgrade: {e}"))?;
+    let fds = DeviceFds {
+        layout: serde_json::to_value(Layout {
+            taps: files.len(),
+            created,
+        })
+        .map_err(|e| e.to_string())?,
+        files,
     };
     let name = taps[0].name().to_string();
     let mtu = taps[0].mtu().map_err(|e| e.to_string())?;
@@ -127,7 +170,29 @@ pub fn build(args: &VirtioNetArgs) -> Result<Built, String> {
             }
         ),
         notes,
+        fds,
     })
+}
+
+/// What an upgrade from `old` to `new` may not change: the TAP and the
+/// queue layout (the device state assumes them).
+pub fn upgrade_refusals(old: &VirtioNetArgs, new: &VirtioNetArgs) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, same) in [
+        ("--tap (a different interface)", old.tap == new.tap),
+        ("--mac", old.mac == new.mac),
+        (
+            "--num-queue-pairs",
+            old.num_queue_pairs == new.num_queue_pairs,
+        ),
+        ("--queue-size", old.queue_size == new.queue_size),
+        ("--no-offloads", old.no_offloads == new.no_offloads),
+    ] {
+        if !same {
+            out.push(name.to_string());
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -19,13 +19,16 @@ pub use integration_tests::virtio_driver::*;
 pub use integration_tests::{payload, proto, RawClient, Reply};
 use vmm_sys_util::tempdir::TempDir;
 
-/// The daemon process, killed on drop.
+/// The daemon process, killed on drop (and so are the processes that
+/// took it over in upgrades).
 pub struct Daemon {
     pub child: Child,
     pub socket: PathBuf,
     pub dir: TempDir,
     /// The device kind (subcommand).
     pub kind: &'static str,
+    /// The pids of the daemons that took over from it, in order.
+    pub successors: Vec<u32>,
 }
 
 impl Daemon {
@@ -42,15 +45,44 @@ impl Daemon {
 
     /// Starts device kind `kind` with `args` in `dir`.
     pub fn start_kind_in(kind: &'static str, dir: TempDir, args: &[&str]) -> Daemon {
+        Self::start_with_env(kind, dir, args, &[])
+    }
+
+    /// [`Daemon::start_kind_in`] with extra environment variables.
+    pub fn start_with_env(
+        kind: &'static str,
+        dir: TempDir,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let socket = dir.as_path().join("blk.sock");
-        let child = spawn(kind, &socket, args);
+        let child = spawn_with_env(kind, &socket, args, env);
         wait_for_socket(&socket);
         Daemon {
             child,
             socket,
             dir,
             kind,
+            successors: Vec::new(),
         }
+    }
+
+    /// The pid of the daemon serving now.
+    pub fn pid(&self) -> u32 {
+        self.successors.last().copied().unwrap_or(self.child.id())
+    }
+
+    /// `api ... upgrade ARGS` on the control socket `api`, which must
+    /// succeed; returns the reply and remembers the new daemon.
+    #[track_caller]
+    pub fn upgrade(&mut self, api_socket: &Path, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["upgrade"];
+        all.extend_from_slice(args);
+        let v = api_ok(api_socket, &all);
+        let pid = v["pid"].as_u64().expect("new pid") as u32;
+        assert_ne!(pid, self.pid(), "the same daemon after an upgrade");
+        self.successors.push(pid);
+        v
     }
 
     /// Restarts on the same socket (after a kill).
@@ -67,19 +99,85 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for pid in &self.successors {
+            upgrade::kill(*pid);
+        }
     }
 }
 
 fn spawn(kind: &str, socket: &Path, args: &[&str]) -> Child {
+    spawn_with_env(kind, socket, args, &[])
+}
+
+fn spawn_with_env(kind: &str, socket: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vfio-user-device"))
         .arg(kind)
         .arg("--socket")
         .arg(socket)
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn vfio-user-device")
+}
+
+/// The processes an upgrade leaves: a daemon that took over is the child
+/// of the one it replaced, which exits. With the test process as the
+/// "subreaper" of its descendants, such orphans become its children, so
+/// that their exit status can be checked and nothing is left behind.
+pub mod upgrade {
+    use std::time::{Duration, Instant};
+
+    /// Makes orphaned descendants of this process its children.
+    pub fn become_subreaper() {
+        // SAFETY: prctl with integer arguments only.
+        let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        assert_eq!(r, 0, "PR_SET_CHILD_SUBREAPER");
+    }
+
+    /// Waits (at most `timeout`) for process `pid`, a child of this one
+    /// (see [`become_subreaper`]), to exit; returns its exit code
+    /// (128 + N for a signal N), or `None` if it still runs.
+    pub fn wait_exit(pid: u32, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid on a pid, writing into a local int.
+            let r = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+            if r == pid as i32 {
+                return Some(if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    128 + libc::WTERMSIG(status)
+                });
+            }
+            if r < 0 {
+                // Not our child (no subreaper): see whether it is gone.
+                let gone = !std::path::Path::new(&format!("/proc/{pid}")).exists();
+                if gone {
+                    return Some(-1);
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILLs `pid` and reaps it if it is ours.
+    pub fn kill(pid: u32) {
+        // SAFETY: signalling a pid; no memory involved.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let _ = wait_exit(pid, Duration::from_secs(2));
+    }
+
+    /// Sends `signal` to `pid`.
+    pub fn signal(pid: u32, signal: i32) {
+        // SAFETY: signalling a pid; no memory involved.
+        unsafe { libc::kill(pid as i32, signal) };
+    }
 }
 
 pub fn wait_for_socket(socket: &Path) {

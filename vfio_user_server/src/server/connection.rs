@@ -9,12 +9,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
+use super::handover::{from_hex, to_hex, ConnectionState, FdTable, HandoverError, RxFdsState};
 use crate::device::Interest;
 use crate::message_dma::{MessageDmaLayout, MessageDmaOp};
 use crate::socket::{recv_with_fds, send_with_fds};
@@ -420,6 +421,125 @@ impl Connection {
             }
         }
         Ok(())
+    }
+}
+
+impl Connection {
+    /// Sends what is queued, waiting for the socket up to `timeout`; fails
+    /// with `TimedOut` if the client does not take it in time.
+    pub(super) fn flush_within(&mut self, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.flush()?;
+            if self.tx.is_empty() {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            let mut p = libc::pollfd {
+                fd: self.fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut p, 1, ms) };
+        }
+    }
+
+    /// The connection as it stands, for a hand-over: the socket, the
+    /// session, and the bytes (with their fds) of a message received only
+    /// in part. Duplicates of the fds go to `fds`, which the state
+    /// indexes. Every complete message has been handled (`process_buffer`
+    /// runs after every read); the reply queue must be empty
+    /// ([`Connection::flush_within`]) and no message-DMA request pending.
+    pub(super) fn export(&self, fds: &mut Vec<OwnedFd>) -> io::Result<ConnectionState> {
+        if !self.tx.is_empty() || !self.session.pending.is_empty() {
+            return Err(io::Error::other("messages are in flight"));
+        }
+        fds.push(self.stream.as_fd().try_clone_to_owned()?);
+        let fd = fds.len() - 1;
+        let mut rx_fds = Vec::with_capacity(self.rx_fds.len());
+        for r in &self.rx_fds {
+            let mut slots = Vec::with_capacity(r.fds.len());
+            for f in &r.fds {
+                fds.push(f.as_fd().try_clone_to_owned()?);
+                slots.push(fds.len() - 1);
+            }
+            rx_fds.push(RxFdsState {
+                offset: r.offset,
+                fds: slots,
+                truncated: r.truncated,
+            });
+        }
+        Ok(ConnectionState {
+            fd,
+            negotiated: self.session.negotiated,
+            client_max_xfer: self.session.client_max_xfer,
+            dma_layout: self.session.dma_layout,
+            next_msg_id: self.session.next_msg_id,
+            rx: to_hex(&self.rx[..self.rx_len]),
+            rx_fds,
+            discard: match self.read_state {
+                ReadState::Message => None,
+                ReadState::Discard(n) => Some(n),
+            },
+        })
+    }
+
+    /// The connection [`Connection::export`] described, with its fds
+    /// taken from `fds`; checked against the limits this server keeps.
+    pub(super) fn import(
+        state: &ConnectionState,
+        fds: &mut FdTable,
+        max_msg_size: usize,
+        max_queued_reply_bytes: usize,
+    ) -> Result<Connection, HandoverError> {
+        let bad = |what: &str| HandoverError::Invalid(format!("connection: {what}"));
+        let rx = from_hex(&state.rx).ok_or_else(|| bad("received bytes are not hex"))?;
+        if rx.len() > max_msg_size || state.discard.is_some_and(|n| n > max_msg_size) {
+            return Err(bad("more pending input than a message"));
+        }
+        let mut rx_fds = Vec::with_capacity(state.rx_fds.len());
+        for r in &state.rx_fds {
+            if r.offset >= rx.len() || rx_fds.iter().any(|f: &ReceivedFds| f.offset == r.offset) {
+                return Err(bad("fds at no message start"));
+            }
+            let files = r
+                .fds
+                .iter()
+                .map(|&i| fds.take(i).map(File::from))
+                .collect::<Result<Vec<_>, _>>()?;
+            rx_fds.push(ReceivedFds {
+                offset: r.offset,
+                fds: files,
+                truncated: r.truncated,
+            });
+        }
+        let stream = UnixStream::from(fds.take(state.fd)?);
+        let mut conn = Connection::new(stream, max_msg_size, max_queued_reply_bytes)?;
+        if conn.rx.len() < rx.len() {
+            conn.rx.resize(rx.len(), 0);
+        }
+        conn.rx[..rx.len()].copy_from_slice(&rx);
+        conn.rx_len = rx.len();
+        conn.rx_fds = rx_fds;
+        conn.read_state = state.discard.map_or(ReadState::Message, ReadState::Discard);
+        conn.session.negotiated = state.negotiated;
+        conn.session.client_max_xfer = state.client_max_xfer;
+        conn.session.dma_layout = state.dma_layout;
+        conn.session.next_msg_id = state.next_msg_id;
+        Ok(conn)
+    }
+
+    /// Handles the complete messages already in the receive buffer (none
+    /// unless a hand-over brought some).
+    pub(super) fn process_received(&mut self, handle: &mut MessageHandler<'_>) {
+        if self.rx_len > 0 {
+            self.process_buffer(handle);
+        }
     }
 }
 

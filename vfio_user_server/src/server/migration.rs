@@ -136,6 +136,11 @@ impl MigrationState {
         *self = MigrationState::default();
     }
 
+    /// Whether dirty page logging is on.
+    pub(crate) fn dirty_logging(&self) -> bool {
+        self.logging.is_some()
+    }
+
     /// Whether the state holds the device stopped (no DMA, no interrupts).
     pub(crate) fn device_stopped(&self) -> bool {
         matches!(

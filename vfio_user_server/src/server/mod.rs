@@ -11,11 +11,14 @@
 //! - `message_dma_pump`: our DMA_READ/DMA_WRITE commands;
 //! - `migration` and `saved_state`: migration v2 and the device state
 //!   it moves; pause, resume, snapshot and restore are Cloud Hypervisor's
-//!   traits, implemented here for the whole served device.
+//!   traits, implemented here for the whole served device;
+//! - `handover`: the whole server, fds included, handed to another
+//!   process under a client that stays connected.
 
 mod commands;
 mod config;
 mod connection;
+pub mod handover;
 mod message_dma_pump;
 mod migration;
 mod saved_state;
@@ -42,6 +45,7 @@ use crate::vm_migration::{
 };
 
 pub use self::config::{ServerConfig, DEFAULT_HANDSHAKE_TIMEOUT};
+pub use self::handover::{Handover, HandoverError, HandoverState, HANDOVER_FORMAT};
 pub use self::migration::MigState;
 pub use self::saved_state::IRQS_SNAPSHOT_ID;
 pub use self::socket_file::ServerError;
@@ -55,6 +59,19 @@ pub struct Server {
     /// an old one that had the same fd number.
     attached: u64,
     served: ServedDevice,
+    phase: Phase,
+}
+
+/// Where the server is in a hand-over to another process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Serving its client.
+    Serving,
+    /// Exported, waiting for the other process; whether the export paused
+    /// the device (else the control socket held it paused already).
+    Exported { we_paused: bool },
+    /// The other process serves the client.
+    HandedOver,
 }
 
 impl Server {
@@ -93,6 +110,7 @@ impl Server {
             conn: None,
             attached: 0,
             served: ServedDevice::new(device, ctx, config),
+            phase: Phase::Serving,
         }
     }
 
@@ -158,6 +176,9 @@ impl Server {
 
     /// The device's own fds and what to watch them for.
     pub fn device_watched_fds(&mut self) -> &[WatchedFd] {
+        if self.handed_over() {
+            return &[];
+        }
         self.served.lifecycle().watched_fds()
     }
 
@@ -176,6 +197,9 @@ impl Server {
     /// The client signalled its interrupt unmask eventfd (the guest's EOI
     /// of INTx under KVM): unmask, and deliver what is pending.
     pub fn handle_irq_unmask(&mut self) {
+        if self.handed_over() {
+            return;
+        }
         self.served.irq_unmask_signalled();
     }
 
@@ -194,6 +218,11 @@ impl Server {
 
     /// A device fd is ready.
     pub fn handle_device_event(&mut self, fd: RawFd, ready: Interest) {
+        // Another process owns the device's fds now (a TAP's frames are
+        // its to read).
+        if self.handed_over() {
+            return;
+        }
         self.served.lifecycle().handle_event(fd, ready);
         self.send_queued();
     }
@@ -227,6 +256,10 @@ impl Server {
 
     /// What to watch on the connection.
     pub fn interest(&self) -> Interest {
+        // Nothing is read during a hand-over: it waits for the next process.
+        if self.phase != Phase::Serving {
+            return Interest::NONE;
+        }
         self.conn
             .as_ref()
             .map_or(Interest::NONE, Connection::interest)
@@ -237,6 +270,9 @@ impl Server {
     /// is already there is decided on its socket, not on bookkeeping: one
     /// that hung up (perhaps before it finished VERSION) gives way.
     pub fn accept(&mut self) -> io::Result<bool> {
+        if self.handed_over() {
+            return Ok(false);
+        }
         let mut attached = false;
         loop {
             match self.socket.listener().accept() {

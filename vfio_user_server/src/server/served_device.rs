@@ -138,6 +138,27 @@ impl ServedDevice {
         self.lifecycle().resume()
     }
 
+    /// Applies the state of a device handed over by another process, whose
+    /// guest memory and interrupt eventfds are already in place: the
+    /// device goes on where the other one paused, paused still if the
+    /// control socket held it (`held`).
+    pub(super) fn restore_handed_over(
+        &mut self,
+        snapshot: &Snapshot,
+        held: bool,
+    ) -> Result<(), MigratableError> {
+        let irqs = self.irqs.clone();
+        let device = self.lifecycle();
+        device.pause()?;
+        saved_state::restore(device, &irqs, snapshot)?;
+        if held {
+            self.paused = true;
+            return Ok(());
+        }
+        self.paused = false;
+        self.lifecycle().resume()
+    }
+
     /// Tells the device every DMA range is going away, then drops them all.
     pub(super) fn unmap_all(&mut self) {
         let ranges: Vec<(u64, u64)> = self.dma.ranges().map(|r| (r.address, r.size)).collect();

@@ -30,10 +30,13 @@ pub enum ServerError {
 }
 
 /// A non-blocking listening socket, and the path it is bound to if we
-/// bound it (removed on drop).
+/// bound it (removed on drop, unless another process took the socket
+/// over).
 pub(super) struct SocketFile {
     listener: UnixListener,
     path: Option<PathBuf>,
+    /// The file is ours to remove.
+    owned: bool,
 }
 
 impl SocketFile {
@@ -69,7 +72,7 @@ impl SocketFile {
             return Err(e);
         }
         let mut s = Self::from_listener(listener)?;
-        s.path = Some(path.to_path_buf());
+        s.claim(path);
         Ok(s)
     }
 
@@ -80,7 +83,20 @@ impl SocketFile {
         Ok(SocketFile {
             listener,
             path: None,
+            owned: false,
         })
+    }
+
+    /// Records that the socket is bound at `path`, which now goes away
+    /// with it.
+    pub(super) fn claim(&mut self, path: &Path) {
+        self.path = Some(path.to_path_buf());
+        self.owned = true;
+    }
+
+    /// Another process serves the socket now: its file stays.
+    pub(super) fn disown(&mut self) {
+        self.owned = false;
     }
 
     /// The listening socket.
@@ -101,7 +117,7 @@ impl SocketFile {
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        if let Some(p) = &self.path {
+        if let Some(p) = self.path.as_ref().filter(|_| self.owned) {
             let _ = std::fs::remove_file(p);
         }
     }
