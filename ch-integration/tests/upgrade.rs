@@ -129,8 +129,8 @@ fn blk_requests_in_flight_survive_three_upgrades() {
         assert_eq!(status["connected"], true);
         let described = status["device"].as_str().unwrap_or_default();
         let want = match threads {
-            "0" => "no I/O threads".to_string(),
-            n => format!("{n} I/O thread(s)"),
+            "0" => "aio: sync".to_string(),
+            n => format!("aio: threads ({n} I/O thread(s))"),
         };
         assert!(described.contains(&want), "{described}");
     }
