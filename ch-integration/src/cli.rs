@@ -380,12 +380,12 @@ mod tests {
         let a = blk("virtio-blk --socket /tmp/s --num-queues 2 --readonly");
         assert_eq!(a.common.socket, PathBuf::from("/tmp/s"));
         assert_eq!(a.num_queues, 2);
-        assert!(a.readonly);
-        assert!(!a.direct);
+        assert!(a.storage.readonly);
+        assert!(!a.storage.direct);
         assert_eq!(a.disk, None);
         assert_eq!(a.queue_size, 256);
-        assert_eq!(a.io_threads, None);
-        assert_eq!(a.aio, None);
+        assert_eq!(a.storage.io_threads, None);
+        assert_eq!(a.storage.aio, None);
         assert_eq!(a.common.socket_mode, 0o600);
         assert_eq!(a.common.busy_poll_us, 0);
         assert_eq!(a.common.api_socket, None);
@@ -393,7 +393,7 @@ mod tests {
         assert_eq!(a.common.log_level, None);
         let a = blk("virtio-blk --socket s --disk d --direct --api-socket a --restore r");
         assert_eq!(a.disk, Some(PathBuf::from("d")));
-        assert!(a.direct);
+        assert!(a.storage.direct);
         assert_eq!(a.common.api_socket, Some(PathBuf::from("a")));
         assert_eq!(a.common.restore, Some(PathBuf::from("r")));
         // As before: the last of a repeated option wins.
@@ -497,13 +497,20 @@ mod tests {
 
     #[test]
     fn on_error_policy() {
-        assert_eq!(blk("virtio-blk --socket x").on_error, ErrorPolicy::Report);
         assert_eq!(
-            blk("virtio-blk --socket x --on-error stop").on_error,
+            blk("virtio-blk --socket x").storage.on_error,
+            ErrorPolicy::Report
+        );
+        assert_eq!(
+            blk("virtio-blk --socket x --on-error stop")
+                .storage
+                .on_error,
             ErrorPolicy::Stop
         );
         assert_eq!(
-            blk("virtio-blk --socket x --on-error report").on_error,
+            blk("virtio-blk --socket x --on-error report")
+                .storage
+                .on_error,
             ErrorPolicy::Report
         );
         let e = error("virtio-blk --socket x --on-error ignore");
@@ -517,14 +524,19 @@ mod tests {
     #[test]
     fn io_threads_range() {
         assert_eq!(
-            blk("virtio-blk --socket x --io-threads 4").io_threads,
+            blk("virtio-blk --socket x --io-threads 4")
+                .storage
+                .io_threads,
             Some(4)
         );
         let a = blk("virtio-blk --socket x --aio io_uring");
-        assert_eq!(a.aio, Some(crate::devices::AioArg::IoUring));
         assert_eq!(
-            blk("virtio-blk --socket x --aio sync").aio,
-            Some(crate::devices::AioArg::Sync)
+            a.storage.aio,
+            Some(crate::devices::storage::AioArg::IoUring)
+        );
+        assert_eq!(
+            blk("virtio-blk --socket x --aio sync").storage.aio,
+            Some(crate::devices::storage::AioArg::Sync)
         );
         let e = error("virtio-blk --socket x --aio posix");
         assert!(e.contains("--aio") && e.contains("'posix'"), "{e}");

@@ -786,3 +786,106 @@ fn frames_in_flight_survive_upgrades() {
         Some(0)
     );
 }
+
+/// A full file system under `--on-error report`: the write fails with
+/// DATA PROTECT, SPACE ALLOCATION FAILED, and the adapter goes on; under
+/// `--on-error stop` it waits (the control socket says why), frames
+/// posted after it wait too, and `resume` runs them once there is room.
+/// Needs root (a tmpfs of its own); prints SKIP without.
+#[test]
+fn a_full_disk_is_reported_or_stops_until_resumed() {
+    for aio in ["io_uring", "threads", "sync"] {
+        common::small_fs::in_private_mount_ns("megasas on a full disk", move || {
+            full_disk_with(aio)
+        });
+    }
+}
+
+fn full_disk_with(aio: &str) {
+    use common::small_fs::SmallFs;
+    use std::os::unix::fs::FileExt;
+    // A sparse 16 MiB image on a 4 MiB tmpfs; the write goes to a hole.
+    const HOLE_LBA: u64 = 8 * MIB / 512;
+    let w = pattern(11, 64 << 10);
+    for policy in ["report", "stop"] {
+        let dir = TempDir::new().unwrap();
+        let fs = SmallFs::mount(&dir.as_path().join("fs"), 4 * MIB);
+        let img = fs.dir.join("disk.img");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(16 * MIB).unwrap();
+        f.write_all_at(&pattern(7, 4096), 0).unwrap();
+        let api = dir.as_path().join("api.sock");
+        let api_s = api.display().to_string();
+        let args = [
+            "--disk",
+            img.to_str().unwrap(),
+            "--aio",
+            aio,
+            "--on-error",
+            policy,
+            "--api-socket",
+            &api_s,
+        ];
+        let daemon = Daemon::start_kind_in("megasas", dir, &args);
+        wait_for_socket(&api);
+        let mut m = Mfi::connect(&daemon.socket);
+        m.init();
+        let buf = HIGH + MIB;
+        m.ram.write(buf, &w);
+        let filler = fs.fill(16 << 10);
+        if policy == "report" {
+            let d = m.ld_io(true, 0, HOLE_LBA, 128, buf);
+            assert_eq!(
+                (d.cmd_status, d.sense.get(2), d.sense.get(12)),
+                (STAT_SCSI_DONE_WITH_ERROR, Some(&7), Some(&0x27)),
+                "{aio}: {d:?}"
+            );
+            assert_eq!(api_ok(&api, &["status"])["stopped_on_error"], false);
+            // Reads go on.
+            assert_eq!(m.ld_io(false, 0, 0, 8, buf).cmd_status, STAT_OK);
+            assert_eq!(m.ram.read(buf, 4096), pattern(7, 4096));
+            // The tmpfs goes before the daemon's directory.
+            drop((m, fs, daemon));
+            continue;
+        }
+        let (wc, waddr, wf) = m.ld_frame(true, 0, HOLE_LBA, 128, buf);
+        m.ram.write(waddr, &wf);
+        m.set_reg(IQP, waddr as u32 | 1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            let v = api_ok(&api, &["status"]);
+            if v["stopped_on_error"] == true {
+                break v;
+            }
+            assert!(Instant::now() < deadline, "{aio}: never stopped: {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let why = status["stop_error"].as_str().unwrap_or_default();
+        assert!(
+            why.contains(&format!("write of 65536 bytes at block {HOLE_LBA}"))
+                && why.contains("No space left on device"),
+            "{aio}: {status}"
+        );
+        // A read posted now waits as well.
+        let rbuf = HIGH + 4 * MIB;
+        let (rc, raddr, rf) = m.ld_frame(false, 0, 0, 8, rbuf);
+        m.ram.write(raddr, &rf);
+        m.set_reg(IQP, raddr as u32 | 1);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(m.ram.read(waddr + 2, 1)[0], 0xff, "{aio}: write completed");
+        assert_eq!(m.ram.read(raddr + 2, 1)[0], 0xff, "{aio}: read completed");
+        // Room, then resume: both complete, the write whole in the image.
+        std::fs::remove_file(filler).unwrap();
+        api_ok(&api, &["resume"]);
+        m.wait_replies(
+            &mut HashSet::from([wc, rc]),
+            Instant::now() + Duration::from_secs(10),
+        );
+        assert_eq!(m.ram.read(waddr + 2, 1)[0], STAT_OK, "{aio}");
+        assert_eq!(m.ram.read(raddr + 2, 1)[0], STAT_OK, "{aio}");
+        assert_eq!(m.ram.read(rbuf, 4096), pattern(7, 4096));
+        assert_eq!(read_image(&img, HOLE_LBA * 512, w.len()), w, "{aio}");
+        assert_eq!(api_ok(&api, &["status"])["stopped_on_error"], false);
+        drop((m, fs, daemon));
+    }
+}

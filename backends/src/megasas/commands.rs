@@ -91,6 +91,10 @@ impl Megasas {
         }
         let mut waiting = false;
         for _ in 0..budget {
+            // A frame that failed may have stopped the controller.
+            if self.stop.is_stopped() {
+                break;
+            }
             let Some(&addr) = self.queued.front() else {
                 break;
             };
@@ -110,7 +114,7 @@ impl Megasas {
             d.submit();
         }
         self.interrupt();
-        !waiting && !self.queued.is_empty()
+        !waiting && !self.stop.is_stopped() && !self.queued.is_empty()
     }
 
     /// Whether the frame at `addr`, its SGL, its buffers, its sense buffer
@@ -225,8 +229,8 @@ impl Megasas {
         };
         let plan = disk.plan_read_write(rw, sg.len());
         let p = pending(frame, held);
-        disk.execute(plan, &sg, mem, p)
-            .map(|(p, o)| Completion::scsi(&p, o))
+        let done = disk.execute(plan, &sg, mem, p);
+        done.and_then(|(p, o)| self.settle(&p, o))
     }
 
     /// LD_SCSI_IO: the CDB goes to the logical drive's SCSI disk.
@@ -249,8 +253,8 @@ impl Megasas {
         };
         let plan = disk.plan(frame.cdb(), &sg);
         let p = pending(frame, held);
-        disk.execute(plan, &sg, mem, p)
-            .map(|(p, o)| Completion::scsi(&p, o))
+        let done = disk.execute(plan, &sg, mem, p);
+        done.and_then(|(p, o)| self.settle(&p, o))
     }
 
     /// A DCMD; EVENT_WAIT is held (`None`).
@@ -340,9 +344,28 @@ impl Megasas {
         status::OK
     }
 
-    /// Completes the SCSI frame `p` with `outcome` (from the I/O threads).
+    /// How the SCSI frame `p` that ended with `outcome` completes: as
+    /// the outcome says, or not now (`None`) when the back end failed and
+    /// the policy stops on that: the frame is kept to run again on resume,
+    /// and the controller stops.
+    fn settle(&mut self, p: &Pending, outcome: Outcome) -> Option<Completion> {
+        if let Some(f) = &outcome.failure {
+            let e = f.error();
+            if self.policy.stops_on(&e) {
+                self.stop.hold("megasas", p.frame.addr, f, &e);
+                return None;
+            }
+            warn!("megasas: frame {:#x}: {f}: {e}", p.frame.addr);
+        }
+        Some(Completion::scsi(p, outcome))
+    }
+
+    /// Completes the SCSI frame `p` with `outcome` (from the I/O threads),
+    /// unless it is kept ([`Megasas::settle`]).
     pub(super) fn complete_scsi(&mut self, mem: &GuestMemory, p: Pending, outcome: Outcome) {
-        self.finish(mem, p.frame, Completion::scsi(&p, outcome));
+        if let Some(c) = self.settle(&p, outcome) {
+            self.finish(mem, p.frame, c);
+        }
     }
 
     /// Writes the completion of `held` into it (the command status last)

@@ -18,6 +18,12 @@
 //! run on the caller's thread or on each disk's I/O threads; those are
 //! drained before pausing, snapshotting and unmapping guest memory, and
 //! forgotten on resets.
+//!
+//! A read, write or flush the back end fails completes with a medium
+//! error sense, or, under [`ErrorPolicy::Stop`] ([`MegasasConfig::on_error`]),
+//! is kept: the controller runs no more frames until it is resumed, then
+//! runs the kept frames again (from guest memory, where the driver left
+//! them) before the queued ones. A snapshot holds them.
 
 mod commands;
 pub mod dcmd;
@@ -49,7 +55,7 @@ use self::dcmd::{PciIds, MAX_LDS, MAX_REQUEST_SECTORS};
 use self::regs::{Action, FwState, Registers};
 use self::reply_queue::ReplyQueue;
 use self::state::MegasasState;
-use crate::block_io::Aio;
+use crate::block_io::{Aio, ErrorPolicy, ErrorStop};
 use crate::scsi::{Outcome, ScsiDisk, ScsiDiskConfig, ScsiDiskError};
 use crate::storage::BlockBackend;
 
@@ -108,6 +114,9 @@ pub struct MegasasConfig {
     /// thread, or in flight on I/O threads (per disk) or an io_uring (one
     /// per disk).
     pub aio: Aio,
+    /// What a back-end error does: a medium error for the guest, or a
+    /// stop until the controller is resumed.
+    pub on_error: ErrorPolicy,
 }
 
 /// A frame held by the controller: where it is and what completing it
@@ -158,6 +167,10 @@ pub struct Megasas {
     restored_hold: bool,
     paused: bool,
     watched: Vec<WatchedFd>,
+    policy: ErrorPolicy,
+    /// Frames whose transfer failed under [`ErrorPolicy::Stop`], by
+    /// address, to run again on resume.
+    stop: ErrorStop<u64>,
 }
 
 impl Megasas {
@@ -236,6 +249,8 @@ impl Megasas {
             restored_hold: false,
             paused: false,
             watched,
+            policy: config.on_error,
+            stop: ErrorStop::default(),
         })
     }
 
@@ -275,6 +290,11 @@ impl Megasas {
         self.disks.iter().map(ScsiDisk::in_flight).sum()
     }
 
+    /// Frames kept on a back-end error, to run again on resume.
+    pub fn kept_frames(&self) -> usize {
+        self.stop.held().len()
+    }
+
     /// Whether an EVENT_WAIT is held.
     pub fn event_wait_held(&self) -> bool {
         self.event_wait.is_some()
@@ -289,6 +309,7 @@ impl Megasas {
         }
         self.queued.clear();
         self.event_wait = None;
+        self.stop.clear();
     }
 
     /// Back to READY: frames dropped, reply queue forgotten, interrupts
@@ -453,12 +474,26 @@ impl Lifecycle for Megasas {
         self.event_seq = state.event_seq;
         self.queued = state.queued.into();
         self.replies = false;
-        self.restored_hold = !self.queued.is_empty();
+        self.restored_hold = !self.queued.is_empty() || !state.kept.is_empty();
+        match state.stopped_on_error {
+            Some(reason) => {
+                log::info!(
+                    "megasas: restored stopped on an error ({reason}), {} frame(s) to run again",
+                    state.kept.len()
+                );
+                self.stop.restore(reason, state.kept);
+            }
+            None => self.stop.clear(),
+        }
         Ok(())
     }
 
     fn migratable(&self) -> bool {
         true
+    }
+
+    fn stopped_on_error(&self) -> Option<String> {
+        self.stop.reason().map(str::to_string)
     }
 
     fn dma_unmapping(&mut self, _address: u64, _size: u64) {
@@ -478,7 +513,7 @@ impl Lifecycle for Megasas {
     }
 
     fn run_deferred(&mut self) -> bool {
-        if self.paused || self.queued.is_empty() {
+        if self.paused || self.stop.is_stopped() || self.queued.is_empty() {
             return false;
         }
         self.run_queued(FRAMES_PER_RUN)
@@ -486,7 +521,9 @@ impl Lifecycle for Megasas {
 }
 
 /// Pausing completes the transfers in flight; queued frames stay queued
-/// (and in the snapshot) until the device resumes.
+/// (and in the snapshot) until the device resumes. Resuming also lets a
+/// controller that stopped on an error go on, running the kept frames
+/// first.
 impl Pausable for Megasas {
     fn pause(&mut self) -> Result<(), MigratableError> {
         self.complete_in_flight(None);
@@ -496,6 +533,16 @@ impl Pausable for Megasas {
 
     fn resume(&mut self) -> Result<(), MigratableError> {
         self.paused = false;
+        let kept = self.stop.resume();
+        if !kept.is_empty() {
+            log::info!(
+                "megasas: resumed: running {} kept frame(s) again",
+                kept.len()
+            );
+            for addr in kept.into_iter().rev() {
+                self.queued.push_front(addr);
+            }
+        }
         Ok(())
     }
 }
@@ -517,6 +564,8 @@ impl Snapshottable for Megasas {
             event_seq: self.event_seq,
             queued: self.queued.iter().copied().collect(),
             disk_blocks: self.disks.iter().map(ScsiDisk::blocks).collect(),
+            stopped_on_error: self.stop.reason().map(str::to_string),
+            kept: self.stop.held().to_vec(),
         };
         let mut snapshot = Snapshot::new_from_state(&state)?;
         snapshot.add_snapshot(PCI_SNAPSHOT_ID.into(), self.pci.snapshot()?);

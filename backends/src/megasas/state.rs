@@ -23,6 +23,12 @@ pub(super) struct MegasasState {
     pub(super) queued: Vec<u64>,
     /// Capacity of each disk, which the restoring controller must match.
     pub(super) disk_blocks: Vec<u64>,
+    /// Why the controller stopped on a back-end error, if it did.
+    #[serde(default)]
+    pub(super) stopped_on_error: Option<String>,
+    /// Frames kept on that error, to run again on resume.
+    #[serde(default)]
+    pub(super) kept: Vec<u64>,
 }
 
 impl MegasasState {
@@ -37,6 +43,12 @@ impl MegasasState {
         }
         if self.queued.len() > MAX_QUEUED_FRAMES {
             return Err(format!("{} queued frames", self.queued.len()));
+        }
+        if self.kept.len() > MAX_QUEUED_FRAMES {
+            return Err(format!("{} kept frames", self.kept.len()));
+        }
+        if self.stopped_on_error.is_none() != self.kept.is_empty() {
+            return Err("kept frames without a stop, or a stop without frames".into());
         }
         match (&self.reply_queue, self.regs.state) {
             (Some(q), _) if !q.is_valid() => Err("invalid reply queue".into()),
@@ -58,6 +70,8 @@ mod tests {
             event_seq: 0,
             queued: vec![0x1000],
             disk_blocks: vec![2048],
+            stopped_on_error: None,
+            kept: Vec::new(),
         }
     }
 
@@ -68,6 +82,13 @@ mod tests {
         assert!(state().check(&[4096]).is_err());
         let mut s = state();
         s.queued = vec![0; MAX_QUEUED_FRAMES + 1];
+        assert!(s.check(&[2048]).is_err());
+        let mut s = state();
+        s.kept = vec![0x2000];
+        assert!(s.check(&[2048]).is_err());
+        s.stopped_on_error = Some("write: EIO".into());
+        assert!(s.check(&[2048]).is_ok());
+        s.kept.clear();
         assert!(s.check(&[2048]).is_err());
         let mut s = state();
         s.regs.state = FwState::Operational;

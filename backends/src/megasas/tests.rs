@@ -37,6 +37,8 @@ struct Hba {
     hba: Megasas,
     mem: GuestMemoryHandle,
     disks: Vec<Arc<MemoryDisk>>,
+    /// While set, every disk's reads, writes and flushes fail with it.
+    fault: Arc<std::sync::Mutex<Option<i32>>>,
     mmio: u64,
     io: u64,
     msix: EventFd,
@@ -70,9 +72,15 @@ impl Hba {
                 })
             })
             .collect();
+        let fault = Arc::new(std::sync::Mutex::new(None));
         let backends = images
             .iter()
-            .map(|d| d.clone() as Arc<dyn BlockBackend>)
+            .map(|d| {
+                Arc::new(Faulty {
+                    disk: d.clone(),
+                    fault: fault.clone(),
+                }) as Arc<dyn BlockBackend>
+            })
             .collect();
         let mut hba = Megasas::new(&ctx, backends, &config).unwrap();
         let bars = hba.allocate_bars(&mut BarAllocator::default()).unwrap();
@@ -102,9 +110,15 @@ impl Hba {
             hba,
             mem: ctx.memory,
             disks: images,
+            fault,
             msix,
             intx,
         }
+    }
+
+    /// Makes the disks fail with `errno` from now on (`None`: work again).
+    fn set_fault(&self, errno: Option<i32>) {
+        *self.fault.lock().unwrap() = errno;
     }
 
     fn mem(&self) -> Arc<GuestMemory> {
@@ -165,6 +179,65 @@ impl Hba {
         self.post(FRAME);
         assert_eq!(self.frame_status(FRAME), status::OK);
         assert_eq!(self.hba.fw_state(), FwState::Operational);
+    }
+}
+
+/// A disk whose reads, writes and flushes fail with an errno while one is
+/// set, where a file's errors surface; else the disk itself.
+struct Faulty {
+    disk: Arc<MemoryDisk>,
+    fault: Arc<std::sync::Mutex<Option<i32>>>,
+}
+
+impl Faulty {
+    fn check(&self) -> std::io::Result<()> {
+        match *self.fault.lock().unwrap() {
+            Some(errno) => Err(std::io::Error::from_raw_os_error(errno)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl BlockBackend for Faulty {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.check()?;
+        self.disk.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.check()?;
+        self.disk.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.check()?;
+        self.disk.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.disk.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.disk.write_zeroes(offset, len)
+    }
+    fn read_only(&self) -> bool {
+        self.disk.read_only()
+    }
+    fn id(&self) -> String {
+        self.disk.id()
+    }
+    fn file_backed(&self) -> bool {
+        self.disk.file_backed()
+    }
+    fn page_cached(&self) -> bool {
+        self.disk.page_cached()
+    }
+    fn fd_for(&self, access: crate::storage::FdAccess<'_>) -> Option<std::os::fd::RawFd> {
+        // While failing, engines run requests through the methods above.
+        match *self.fault.lock().unwrap() {
+            Some(_) => None,
+            None => self.disk.fd_for(access),
+        }
     }
 }
 
@@ -862,4 +935,115 @@ fn restored_frames_wait_for_their_memory() {
     assert!(!v.hba.run_deferred());
     assert_eq!(v.hba.queued_frames(), 0);
     assert_eq!(v.frame_status(FRAME), status::INVALID_SGL);
+}
+
+/// Back-end errors: reported as a medium error, or (stop) the frame kept,
+/// nothing more run until resume, then the kept frame and the queued ones
+/// run, across a snapshot too.
+#[test]
+fn back_end_errors_report_or_stop() {
+    for aio in [Aio::Sync, Aio::Threads(2), Aio::IoUring] {
+        // Report: the guest gets MEDIUM ERROR, and the next frame works.
+        let mut t = Hba::new(
+            1,
+            MegasasConfig {
+                aio,
+                ..Default::default()
+            },
+        );
+        t.init(8, false);
+        t.set_fault(Some(libc::EIO));
+        t.write(FRAME, &ld_frame(true, 0, 4, 1, &[(BUF, 512)], 1));
+        t.post(FRAME);
+        t.hba.complete_in_flight(None);
+        assert_eq!(
+            t.frame_status(FRAME),
+            status::SCSI_DONE_WITH_ERROR,
+            "{aio:?}"
+        );
+        let sense = t.read(SENSE, 14);
+        assert_eq!(
+            (sense[2], sense[12]),
+            (3, 0x0c),
+            "MEDIUM ERROR, write error"
+        );
+        assert_eq!(t.hba.stopped_on_error(), None);
+        t.set_fault(None);
+        t.write(FRAME, &ld_frame(true, 0, 4, 1, &[(BUF, 512)], 2));
+        t.post(FRAME);
+        t.hba.complete_in_flight(None);
+        assert_eq!(t.frame_status(FRAME), status::OK);
+
+        // Stop: ENOSPC keeps the write; a read queued after it waits.
+        let mut t = Hba::new(
+            1,
+            MegasasConfig {
+                aio,
+                on_error: ErrorPolicy::Stop,
+                ..Default::default()
+            },
+        );
+        t.init(8, false);
+        t.write(BUF, &[0x3c; 512]);
+        t.set_fault(Some(libc::ENOSPC));
+        t.write(FRAME, &ld_frame(true, 0, 4, 1, &[(BUF, 512)], 1));
+        t.post(FRAME);
+        t.hba.complete_in_flight(None);
+        let reason = t.hba.stopped_on_error().expect("stopped");
+        assert!(reason.contains("write of 512 bytes at block 4"), "{reason}");
+        assert_eq!((t.frame_status(FRAME), t.hba.kept_frames()), (0xff, 1));
+        // (Another block: on I/O threads the two run at the same time.)
+        t.write(FRAME + 0x100, &ld_frame(false, 0, 8, 1, &[(HIGH, 512)], 2));
+        t.post(FRAME + 0x100);
+        assert_eq!(
+            (t.frame_status(FRAME + 0x100), t.hba.queued_frames()),
+            (0xff, 1)
+        );
+        assert_eq!(t.rd32(PI), 0, "nothing completed");
+
+        // Moved while stopped: the new controller keeps the stop.
+        Pausable::pause(&mut t.hba).unwrap();
+        let snap = Snapshottable::snapshot(&mut t.hba).unwrap();
+        let mut u = Hba::new(
+            1,
+            MegasasConfig {
+                aio,
+                on_error: ErrorPolicy::Stop,
+                ..Default::default()
+            },
+        );
+        for (addr, len) in [(0u64, 0x20_0000usize), (HIGH, 0x10_0000)] {
+            let b = t.read(addr, len);
+            u.write(addr, &b);
+        }
+        Lifecycle::restore(&mut u.hba, &snap).unwrap();
+        assert!(u.hba.stopped_on_error().is_some());
+        assert_eq!(u.hba.kept_frames(), 1);
+        assert!(!u.hba.run_deferred(), "stopped: nothing runs");
+
+        // The storage has room again: resume runs the write, then the read.
+        Pausable::resume(&mut u.hba).unwrap();
+        assert_eq!(u.hba.stopped_on_error(), None);
+        while u.hba.run_deferred() {}
+        u.hba.complete_in_flight(None);
+        assert_eq!(
+            (u.frame_status(FRAME), u.frame_status(FRAME + 0x100)),
+            (status::OK, status::OK),
+            "{aio:?}"
+        );
+        assert_eq!(u.disks[0].contents()[4 * 512..5 * 512], [0x3c; 512]);
+        assert_eq!(u.read(HIGH, 512), [8; 512]);
+        let mut posted = [u.rd32(RING), u.rd32(RING + 4)];
+        posted.sort();
+        assert_eq!((posted, u.rd32(PI)), ([1, 2], 2), "each posted once");
+
+        // A reset forgets a stop and what it kept.
+        u.set_fault(Some(libc::EIO));
+        u.write(FRAME, &ld_frame(true, 0, 4, 1, &[(BUF, 512)], 3));
+        u.post(FRAME);
+        u.hba.complete_in_flight(None);
+        assert!(u.hba.stopped_on_error().is_some());
+        Lifecycle::reset(&mut u.hba, ResetReason::Command);
+        assert_eq!((u.hba.stopped_on_error(), u.hba.kept_frames()), (None, 0));
+    }
 }

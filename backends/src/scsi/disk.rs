@@ -11,7 +11,6 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use log::warn;
 use thiserror::Error;
 use vfio_user_server::guest_memory::GuestMemory;
 
@@ -88,6 +87,44 @@ pub struct Outcome {
     pub data_in: u64,
     /// The error, if the command failed.
     pub sense: Option<Sense>,
+    /// The back end's error behind `sense`, if the back end failed: a
+    /// controller that stops on storage errors keeps the command instead
+    /// of completing it.
+    pub failure: Option<TransferFailure>,
+}
+
+/// A transfer the back end failed, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransferFailure {
+    /// The transfer.
+    pub transfer: Transfer,
+    /// The error's errno, if it had one.
+    pub errno: Option<i32>,
+    /// The error's kind.
+    pub kind: io::ErrorKind,
+}
+
+impl TransferFailure {
+    /// The back end's error (again).
+    pub fn error(&self) -> io::Error {
+        match self.errno {
+            Some(errno) => io::Error::from_raw_os_error(errno),
+            None => io::Error::from(self.kind),
+        }
+    }
+}
+
+impl std::fmt::Display for TransferFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = &self.transfer;
+        match t.kind {
+            TransferKind::Read => write!(f, "read of {} bytes at block {}", t.len, t.lba),
+            TransferKind::Write { .. } => {
+                write!(f, "write of {} bytes at block {}", t.len, t.lba)
+            }
+            TransferKind::Flush => write!(f, "flush"),
+        }
+    }
 }
 
 impl Outcome {
@@ -96,6 +133,7 @@ impl Outcome {
         Outcome {
             data_in,
             sense: None,
+            failure: None,
         }
     }
 
@@ -104,6 +142,7 @@ impl Outcome {
         Outcome {
             data_in: 0,
             sense: Some(sense),
+            failure: None,
         }
     }
 
@@ -145,14 +184,19 @@ pub struct Transfer {
 
 impl Transfer {
     /// The outcome of the transfer, given what the back end returned (the
-    /// bytes read, or the error).
+    /// bytes read, or the error, kept in [`Outcome::failure`] for the
+    /// controller to report or act on).
     pub fn outcome(&self, result: io::Result<u64>) -> Outcome {
         let e = match result {
             Ok(n) if self.kind == TransferKind::Read => return Outcome::good(n),
             Ok(_) => return Outcome::good(0),
             Err(e) => e,
         };
-        warn!("scsi: {:?} at block {}: {e}", self.kind, self.lba);
+        let failure = TransferFailure {
+            transfer: *self,
+            errno: e.raw_os_error(),
+            kind: e.kind(),
+        };
         let sense = if e.kind() == io::ErrorKind::PermissionDenied {
             Sense::write_protected()
         } else if e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC) {
@@ -162,7 +206,10 @@ impl Transfer {
         } else {
             Sense::write_error(self.lba)
         };
-        Outcome::check(sense)
+        Outcome {
+            failure: Some(failure),
+            ..Outcome::check(sense)
+        }
     }
 }
 

@@ -26,7 +26,7 @@ mod rsoc;
 pub mod sense;
 
 pub use disk::{
-    Outcome, Plan, ReadWrite, ScsiDisk, ScsiDiskConfig, ScsiDiskError, Transfer, TransferKind,
-    BLOCK_SIZE, STATUS_CHECK_CONDITION, STATUS_GOOD,
+    Outcome, Plan, ReadWrite, ScsiDisk, ScsiDiskConfig, ScsiDiskError, Transfer, TransferFailure,
+    TransferKind, BLOCK_SIZE, STATUS_CHECK_CONDITION, STATUS_GOOD,
 };
 pub use sense::Sense;

@@ -6,17 +6,14 @@ use std::sync::Arc;
 
 use backends::block_io::Aio;
 use backends::megasas::{Megasas, MegasasConfig};
-use backends::storage::{BlockBackend, MAX_IO_THREADS};
-use clap::builder::RangedU64ValueParser;
+use backends::storage::BlockBackend;
 use clap::{ArgAction, Args};
+use serde::{Deserialize, Serialize};
 use vfio_user_server::pci::PciAdapter;
 use vfio_user_server::DeviceContext;
 
-use serde::{Deserialize, Serialize};
-
-use super::{
-    disk_fds, disk_from_fds, open_disk, resolve_aio, same_path, AioArg, Built, DeviceFds, DiskFds,
-};
+use super::storage::{disk_fds, disk_from_fds, open_disk, DiskFds, StorageOptions};
+use super::{same_path, Built, DeviceFds};
 use crate::cli::CommonOptions;
 
 /// Size of the in-memory disk served without `--disk`.
@@ -29,34 +26,9 @@ pub struct MegasasArgs {
     /// at most 64; default: a 64 MiB in-memory disk)
     #[arg(long, value_name = "FILE", action = ArgAction::Append, verbatim_doc_comment)]
     pub disk: Vec<PathBuf>,
-    /// Refuse guest writes to every disk
-    #[arg(long)]
-    pub readonly: bool,
-    /// Open the images with O_DIRECT: no host page cache; aligned
-    /// requests go straight between the images and guest memory
-    #[arg(long, verbatim_doc_comment)]
-    pub direct: bool,
-    /// How reads, writes and flushes run: io_uring = in flight on
-    /// an io_uring per disk; threads = in flight on --io-threads
-    /// threads per disk; sync = on the event loop, one at a time.
-    /// Default: the best the host has (io_uring, else threads; the
-    /// start-up line says which)
-    #[arg(
-        long,
-        value_name = "MODE",
-        verbatim_doc_comment,
-        hide_possible_values = true
-    )]
-    pub aio: Option<AioArg>,
-    /// I/O threads per disk of --aio threads (at most 64; default
-    /// 4). Without --aio: 0 = --aio sync, N = --aio threads
-    #[arg(
-        long,
-        value_name = "N",
-        verbatim_doc_comment,
-        value_parser = RangedU64ValueParser::<usize>::new().range(0..=MAX_IO_THREADS as u64)
-    )]
-    pub io_threads: Option<usize>,
+    /// The options of every storage kind.
+    #[command(flatten)]
+    pub storage: StorageOptions,
     /// The options every kind takes.
     #[command(flatten)]
     pub common: CommonOptions,
@@ -76,14 +48,19 @@ pub fn build(args: &MegasasArgs, inherited: Option<DeviceFds>) -> Result<Built, 
         None if args.disk.is_empty() => {
             raw.push(open_disk(
                 None,
-                args.readonly,
-                args.direct,
+                args.storage.readonly,
+                args.storage.direct,
                 DEFAULT_DISK_BYTES,
             )?);
         }
         None => {
             for path in &args.disk {
-                raw.push(open_disk(Some(path), args.readonly, args.direct, 0)?);
+                raw.push(open_disk(
+                    Some(path),
+                    args.storage.readonly,
+                    args.storage.direct,
+                    0,
+                )?);
             }
         }
         Some(fds) => {
@@ -98,7 +75,7 @@ pub fn build(args: &MegasasArgs, inherited: Option<DeviceFds>) -> Result<Built, 
             }
             let mut files = fds.files.into_iter();
             for d in &layout.disks {
-                raw.push(disk_from_fds(d, &mut files, args.readonly)?);
+                raw.push(disk_from_fds(d, &mut files, args.storage.readonly)?);
             }
         }
     }
@@ -107,7 +84,7 @@ pub fn build(args: &MegasasArgs, inherited: Option<DeviceFds>) -> Result<Built, 
     for d in &raw {
         layout.disks.push(disk_fds(d, &mut files)?);
     }
-    let (aio, aio_note) = resolve_aio(args.aio, args.io_threads, !args.disk.is_empty())?;
+    let (aio, aio_note) = args.storage.aio(!args.disk.is_empty())?;
     let fds = DeviceFds {
         layout: serde_json::to_value(&layout).map_err(|e| e.to_string())?,
         files,
@@ -127,16 +104,15 @@ pub fn build(args: &MegasasArgs, inherited: Option<DeviceFds>) -> Result<Built, 
         .collect();
     let ctx = DeviceContext::default();
     let config = MegasasConfig {
-        read_only: args.readonly,
+        read_only: args.storage.readonly,
         aio,
+        on_error: args.storage.on_error,
     };
     let hba =
         Megasas::new(&ctx, disks, &config).map_err(|e| format!("cannot create megasas: {e}"))?;
     let aio = hba.aio();
     let adapter = PciAdapter::new(hba).map_err(|e| format!("cannot create PCI device: {e}"))?;
-    let ro = if args.readonly { ", read-only" } else { "" };
-    let direct = if args.direct { ", O_DIRECT" } else { "" };
-    let mut notes: Vec<String> = aio_note.into_iter().collect();
+    let mut notes = args.storage.notes(&args.common, aio_note);
     notes.push(
         "The guest's megaraid_sas driver shows each disk as SCSI H:2:T:0 (T = 0, 1, ...).".into(),
     );
@@ -144,14 +120,16 @@ pub fn build(args: &MegasasArgs, inherited: Option<DeviceFds>) -> Result<Built, 
         device: Box::new(adapter),
         ctx,
         description: format!(
-            "megasas (MegaRAID SAS 1078) with {} logical drive(s): {}{ro}{direct} (aio: {aio}{})",
+            "megasas (MegaRAID SAS 1078) with {} logical drive(s): {}{} (aio: {aio}{}, on error: {})",
             what.len(),
             what.join(", "),
+            args.storage.describe(),
             if matches!(aio, Aio::Threads(_)) {
                 " per disk"
             } else {
                 ""
-            }
+            },
+            args.storage.on_error
         ),
         notes,
         fds,
@@ -167,14 +145,7 @@ pub fn upgrade_refusals(old: &MegasasArgs, new: &MegasasArgs) -> Vec<String> {
     if !same_disks {
         out.push("--disk (different images)".to_string());
     }
-    for (name, same) in [
-        ("--readonly", old.readonly == new.readonly),
-        ("--direct", old.direct == new.direct),
-    ] {
-        if !same {
-            out.push(name.to_string());
-        }
-    }
+    out.extend(old.storage.upgrade_refusals(&new.storage));
     out
 }
 
@@ -198,8 +169,8 @@ mod tests {
     fn disks_accumulate() {
         let a = parse("megasas --socket s --disk a --disk b --readonly --io-threads 2");
         assert_eq!(a.disk, [std::path::PathBuf::from("a"), "b".into()]);
-        assert!(a.readonly && !a.direct);
-        assert_eq!(a.io_threads, Some(2));
+        assert!(a.storage.readonly && !a.storage.direct);
+        assert_eq!(a.storage.io_threads, Some(2));
         assert!(parse("megasas --socket s").disk.is_empty());
         assert!(cli::parse(["megasas", "--socket", "s", "--io-threads", "65"]).is_err());
     }
