@@ -283,13 +283,6 @@ fn vm_blk_reboot() {
     stop_daemon(&mut daemon);
 }
 
-/// QEMU 11.1.3 aborts when a vfio-user-pci device with MSI-X is finalized
-/// (hot-unplug): `vfio_user_msix_teardown()` removes the PBA region from a
-/// BAR that QOM has already torn down. Upstream patch: "vfio-user: do not
-/// remove the PBA region" (qemu-devel, Oct 2025). Not in Debian's 11.1.3.
-const QEMU_UNPLUG_ABORT: &str =
-    "memory_region_del_subregion: Assertion `subregion->container == mr' failed";
-
 #[test]
 fn vm_blk_hotplug() {
     let Some(env) = vm::env() else { return };
@@ -307,7 +300,7 @@ fn vm_blk_hotplug() {
         .arg("-device")
         .arg("pcie-root-port,id=rp0,chassis=1")
         .qmp(&qmp_sock);
-    let mut vm = Vm::start(&env, spec);
+    let vm = Vm::start(&env, spec);
     let mut qmp = Qmp::connect(&qmp_sock, t(30)).expect("QMP connect");
     let pci = qmp.execute("query-pci", None).expect("query-pci");
     assert!(find_pci_device(&pci, "vfu0").is_none());
@@ -358,50 +351,7 @@ fn vm_blk_hotplug() {
     let after = std::fs::read(&img).expect("read image");
     assert_eq!(changed_only_at(&original, &after, W_OFF, W_LEN), pattern);
 
-    // Unplug.
-    qmp.execute("device_del", Some(Json::obj([("id", Json::str("vfu0"))])))
-        .expect("device_del");
-    let deleted = qmp.wait_event(
-        "DEVICE_DELETED",
-        |e| {
-            e.get("data")
-                .and_then(|d| d.get("device"))
-                .and_then(Json::as_str)
-                == Some("vfu0")
-        },
-        t(60),
-    );
-    match deleted {
-        Ok(ev) => {
-            eprintln!("vm_blk_hotplug: {ev}");
-            let pci = qmp.execute("query-pci", None).expect("query-pci");
-            assert!(
-                find_pci_device(&pci, "vfu0").is_none(),
-                "vfu0 still present: {pci}"
-            );
-            let run = vm.finish();
-            run.assert_passed();
-            run.expect("unplugged", "1");
-        }
-        Err(e) => {
-            // Without the event, QEMU must have died of the known bug.
-            let exited = vm.wait_exit(t(10)).is_some();
-            let run = vm.kill_and_collect();
-            assert!(
-                exited && run.stderr_has(QEMU_UNPLUG_ABORT),
-                "no DEVICE_DELETED ({e}) and not the known QEMU abort\nQMP:\n{}\n{}",
-                qmp.transcript.join("\n"),
-                run.report()
-            );
-            eprintln!(
-                "vm_blk_hotplug: NOTE: known QEMU 11.1 bug: device_del aborted QEMU ({}): {}; \
-                 guest printed unplugged={}",
-                run.status_text(),
-                QEMU_UNPLUG_ABORT,
-                run.markers.get("unplugged").unwrap_or("<nothing>")
-            );
-        }
-    }
+    vm::unplug_and_finish(&mut qmp, vm, "vfu0", "vm_blk_hotplug");
 
     // The daemon survives the unplug (or QEMU's death) and serves again.
     check_daemon_after(&mut daemon);

@@ -256,11 +256,6 @@ fn vm_megasas_two_disks() {
     scsi_run("vm_megasas_two_disks", 2, &[], |s| s);
 }
 
-/// QEMU 11.1.3 aborts when a vfio-user-pci device with MSI-X is unplugged
-/// (see `vm_blk_hotplug`); the daemon must not care.
-const QEMU_UNPLUG_ABORT: &str =
-    "memory_region_del_subregion: Assertion `subregion->container == mr' failed";
-
 /// The adapter plugged into a running guest with QMP `device_add` behind
 /// a PCIe root port: the driver probes it, the disk appears and takes
 /// I/O; then `device_del` (which QEMU 11.1.3 may abort on).
@@ -284,7 +279,7 @@ fn vm_megasas_hotplug() {
         .arg("-device")
         .arg("pcie-root-port,id=rp0,chassis=1")
         .qmp(&qmp_sock);
-    let mut vm = Vm::start(&env, spec);
+    let vm = Vm::start(&env, spec);
     let mut qmp = Qmp::connect(&qmp_sock, t(30)).expect("QMP connect");
     if vm.wait_result("waiting_for_disk", t(150)).is_none() {
         panic!("guest never got ready\n{}", vm.kill_and_collect().report());
@@ -326,35 +321,7 @@ fn vm_megasas_hotplug() {
     expected[W_OFF..W_OFF + W_LEN].copy_from_slice(&after[W_OFF..W_OFF + W_LEN]);
     assert!(after == expected, "image changed outside the guest's write");
 
-    qmp.execute("device_del", Some(Json::obj([("id", Json::str("vfu0"))])))
-        .expect("device_del");
-    let deleted = qmp.wait_event(
-        "DEVICE_DELETED",
-        |e| {
-            e.get("data")
-                .and_then(|d| d.get("device"))
-                .and_then(Json::as_str)
-                == Some("vfu0")
-        },
-        t(60),
-    );
-    match deleted {
-        Ok(_) => {
-            let run = vm.finish();
-            run.assert_passed();
-            run.expect("unplugged", "1");
-        }
-        Err(e) => {
-            let exited = vm.wait_exit(t(10)).is_some();
-            let run = vm.kill_and_collect();
-            assert!(
-                exited && run.stderr_has(QEMU_UNPLUG_ABORT),
-                "no DEVICE_DELETED ({e}) and not the known QEMU abort\n{}",
-                run.report()
-            );
-            eprintln!("vm_megasas_hotplug: NOTE: known QEMU 11.1 bug: device_del aborted QEMU");
-        }
-    }
+    vm::unplug_and_finish(&mut qmp, vm, "vfu0", "vm_megasas_hotplug");
     // The daemon lives on and serves the next client.
     assert!(
         daemon.wait_log_count("client detached", 1, t(10)),

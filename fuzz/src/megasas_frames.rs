@@ -115,6 +115,7 @@ fn device(
     let config = MegasasConfig {
         read_only,
         aio: backends::block_io::Aio::Sync,
+        ..Default::default()
     };
     let mut hba = Megasas::new(&ctx, backends, &config).expect("megasas");
     let bars = hba

@@ -195,6 +195,65 @@ pub fn vfio_user_device(socket: &Path, id: &str, bus: Option<&str>) -> qmp::Json
     Json::obj(m)
 }
 
+/// QEMU 11.1.3 aborts when a vfio-user-pci device with MSI-X is finalized
+/// (hot-unplug): `vfio_user_msix_teardown()` removes the PBA region from a
+/// BAR that QOM has already torn down. Upstream patch: "vfio-user: do not
+/// remove the PBA region" (qemu-devel, Oct 2025). Not in Debian's 11.1.3.
+pub const QEMU_UNPLUG_ABORT: &str =
+    "memory_region_del_subregion: Assertion `subregion->container == mr' failed";
+
+/// Unplugs device `id` with QMP `device_del` and lets the guest finish: it
+/// must see the device go (its `unplugged` marker) and QEMU no longer list
+/// it, unless QEMU died of [`QEMU_UNPLUG_ABORT`] (said in a NOTE line
+/// naming `test`).
+pub fn unplug_and_finish(qmp: &mut qmp::Qmp, mut vm: Vm, id: &str, test: &str) {
+    use qmp::Json;
+    let t = Duration::from_secs;
+    qmp.execute("device_del", Some(Json::obj([("id", Json::str(id))])))
+        .expect("device_del");
+    let deleted = qmp.wait_event(
+        "DEVICE_DELETED",
+        |e| {
+            e.get("data")
+                .and_then(|d| d.get("device"))
+                .and_then(Json::as_str)
+                == Some(id)
+        },
+        t(60),
+    );
+    match deleted {
+        Ok(ev) => {
+            eprintln!("{test}: {ev}");
+            let pci = qmp.execute("query-pci", None).expect("query-pci");
+            assert!(
+                qmp::find_pci_device(&pci, id).is_none(),
+                "{id} still present: {pci}"
+            );
+            let run = vm.finish();
+            run.assert_passed();
+            run.expect("unplugged", "1");
+        }
+        Err(e) => {
+            // Without the event, QEMU must have died of the known bug.
+            let exited = vm.wait_exit(t(10)).is_some();
+            let run = vm.kill_and_collect();
+            assert!(
+                exited && run.stderr_has(QEMU_UNPLUG_ABORT),
+                "no DEVICE_DELETED ({e}) and not the known QEMU abort\nQMP:\n{}\n{}",
+                qmp.transcript.join("\n"),
+                run.report()
+            );
+            eprintln!(
+                "{test}: NOTE: known QEMU 11.1 bug: device_del aborted QEMU ({}): {}; \
+                 guest printed unplugged={}",
+                run.status_text(),
+                QEMU_UNPLUG_ABORT,
+                run.markers.get("unplugged").unwrap_or("<nothing>")
+            );
+        }
+    }
+}
+
 impl VmSpec {
     pub fn new(test: &str) -> VmSpec {
         VmSpec {
