@@ -14,11 +14,15 @@
 #   bash bench/vm-fio.sh [--kind virtio-blk|megasas] [--rounds N] [--runtime S]
 #                        [--ramp S] [--modes page,direct] [--jobs LIST]
 #                        [--size-mib N] [--dir DIR] [--aio MODE]
+#                        [--builtin-page CACHE] [--builtin-direct CACHE]
 #
 # Defaults: virtio-blk, 5 rounds, 5 s per job after 1 s of ramp, both modes, the
 # jobs randread-4k-qd1, randwrite-4k-qd1, randread-4k-qd32, randwrite-4k-qd32,
 # read-1m-qd8, write-1m-qd8 (RW-BS-qdN), a 256 MiB image of random bytes in
 # $TMPDIR (default /tmp; it must allow O_DIRECT), the daemon's default --aio.
+# --builtin-page/--builtin-direct replace QEMU's cache options of a mode, e.g.
+# writethrough and directsync to compare with a device that writes through
+# (megasas reports its write cache off, so each write is durable on completion).
 # megasas compares with QEMU's megasas + scsi-hd. A default run boots 20 guests
 # and takes about 20 minutes; --rounds 1 --runtime 2 is a smoke run of a few.
 # Nothing is pinned: QEMU's vCPU thread takes one CPU, and the device (our daemon,
@@ -35,6 +39,8 @@ jobs=randread-4k-qd1,randwrite-4k-qd1,randread-4k-qd32,randwrite-4k-qd32,read-1m
 size_mib=256
 dir=${TMPDIR:-/tmp}
 aio=
+builtin_page=cache=writeback,aio=threads
+builtin_direct=cache=none,aio=io_uring
 while (($#)); do
     case $1 in
         --kind) kind=$2 ;;
@@ -46,6 +52,8 @@ while (($#)); do
         --size-mib) size_mib=$2 ;;
         --dir) dir=$2 ;;
         --aio) aio=$2 ;;
+        --builtin-page) builtin_page=$2 ;;
+        --builtin-direct) builtin_direct=$2 ;;
         -h | --help)
             sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
             exit 0
@@ -74,6 +82,17 @@ img=$work/disk.img
 head -c $((size_mib << 20)) /dev/urandom >"$img"
 sync
 
+# CPU time (user + system) of this shell's children that have exited, in ms.
+children_cpu_ms() {
+    # (times in a pipeline would run in a subshell, which has no children)
+    times >"$work/times"
+    awk 'NR == 2 {
+        t = 0
+        for (i = 1; i <= 2; i++) { split($i, p, /[ms]/); t += p[1] * 60000 + p[2] * 1000 }
+        printf "%d\n", t
+    }' "$work/times"
+}
+
 # run SIDE MODE: one boot; prints "JOB IOPS KiB/s LAT_us" lines
 run() {
     local side=$1 mode=$2 out=$work/console
@@ -93,8 +112,8 @@ run() {
         head -n 1 "$work/daemon.out" | sed 's/^/  /' >&2
         dev=(-device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"$work/dev.sock\"}}")
     else
-        local cache=cache=writeback,aio=threads
-        [[ $mode == direct ]] && cache=cache=none,aio=io_uring
+        local cache=$builtin_page
+        [[ $mode == direct ]] && cache=$builtin_direct
         dev=(-drive "file=$img,if=none,id=d0,format=raw,$cache")
         if [[ $kind == virtio-blk ]]; then
             dev+=(-device virtio-blk-pci,drive=d0)
@@ -102,9 +121,19 @@ run() {
             dev+=(-device megasas,id=hba -device scsi-hd,drive=d0,bus=hba.0)
         fi
     fi
+    local before
+    children_cpu_ms >"$work/before"
+    before=$(<"$work/before")
     VMTEST_FIO=1 VMTEST_APPEND="vmtest=fio vt.timeout=1200 vt.jobs=$jobs vt.runtime=$runtime vt.ramp=$ramp" \
         timeout 1500 bash ch-integration/vmm-env/run-qemu.sh "$env_dir" -- "${dev[@]}" >"$out" 2>&1 || true
+    children_cpu_ms >"$work/after"
+    echo "  QEMU CPU over the boot ($side): $(($(<"$work/after") - before)) ms" >&2
     if [[ -n $daemon_pid ]]; then
+        # The daemon's CPU time over the boot (utime + stime, in clock ticks),
+        # to tell its share of a request from the transport's and QEMU's.
+        if read -r -a st <"/proc/$daemon_pid/stat" 2>/dev/null; then
+            echo "  daemon CPU over the boot: $(((st[13] + st[14]) * 1000 / $(getconf CLK_TCK))) ms" >&2
+        fi
         kill "$daemon_pid" 2>/dev/null || true
         wait "$daemon_pid" 2>/dev/null || true
         daemon_pid=
@@ -153,8 +182,8 @@ for mode in ${modes//,/ }; do
         o=$(awk -v m="$mode" -v j="$job" -v c="$col" '$1 == m && $2 == "ours" && $3 == j { print $c }' "$work/results" | median)
         b=$(awk -v m="$mode" -v j="$job" -v c="$col" '$1 == m && $2 == "builtin" && $3 == j { print $c }' "$work/results" | median)
         [[ -z $o || -z $b ]] && continue
-        what=$([[ $mode == page ]] && echo "page cache (ours default / cache=writeback)" ||
-            echo "direct (ours --direct / cache=none,aio=io_uring)")
+        what=$([[ $mode == page ]] && echo "page cache (ours default / $builtin_page)" ||
+            echo "direct (ours --direct / $builtin_direct)")
         awk -v w="$what" -v j="$job" -v o="$o" -v b="$b" -v u="$unit" 'BEGIN {
             d = (u == "IOPS") ? 1 : 1024
             printf "| %s | %s | %.0f %s | %.0f %s | %.2f |\n", w, j, o / d, u, b / d, u, (b > 0) ? o / b : 0
