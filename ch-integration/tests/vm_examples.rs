@@ -91,8 +91,25 @@ where
     assert_eq!(bars, expected.bars, "BAR sizes of {bdf}\n{}", run.report());
     eprintln!("guest saw {pci}; BARs {bars:?} ({:.1?})", run.elapsed);
 
-    // QEMU's connection is gone; a new client is served.
-    let mut client = vfio_user::Client::new(&socket).expect("connect after QEMU");
+    // QEMU's connection is gone; a new client is served. QEMU's end of the
+    // socket can outlive its process for a moment: its main loop watches
+    // fds through an io_uring, whose pending polls hold the socket until
+    // the kernel tears the ring down, after the exit was reaped. Until
+    // then the server rightly sees a live client and refuses a second
+    // one (seen in about 1 run of 6): try again for a bounded time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut attempts = 0;
+    let mut client = loop {
+        attempts += 1;
+        match vfio_user::Client::new(&socket) {
+            Ok(c) => break c,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("connect after QEMU, attempt {attempts}: {e:?}; again");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("connect after QEMU: {e:?} ({attempts} attempts in 10 s)"),
+        }
+    };
     let mut ids = [0u8; 4];
     client.region_read(7, 0, &mut ids).expect("config read");
     let want = u32::from(expected.vendor) | u32::from(expected.device) << 16;
