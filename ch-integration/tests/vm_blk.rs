@@ -676,15 +676,7 @@ fn vm_blk_fio_direct() {
     let run = Vm::start(&env, spec).finish();
     run.assert_passed();
     run.expect("verify_rc", "0");
-    for job in ["randread-4k-qd32", "randwrite-4k-qd32", "read-1m-qd8"] {
-        let r = run.result(&format!("job_{job}"));
-        let iops: f64 = r
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        assert!(iops > 0.0, "{job}: {r}\n{}", run.report());
-    }
+    run.expect_fio_jobs(&["randread-4k-qd32", "randwrite-4k-qd32", "read-1m-qd8"]);
     check_daemon_after(&mut daemon);
     stop_daemon(&mut daemon);
 }

@@ -211,15 +211,7 @@ fn vm_megasas_fio_direct() {
     let run = Vm::start(&env, spec).finish();
     run.assert_passed();
     run.expect("verify_rc", "0");
-    for job in ["randwrite-4k-qd32", "read-1m-qd8"] {
-        let r = run.result(&format!("job_{job}"));
-        let iops: f64 = r
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        assert!(iops > 0.0, "{job}: {r}\n{}", run.report());
-    }
+    run.expect_fio_jobs(&["randwrite-4k-qd32", "read-1m-qd8"]);
     assert!(daemon.is_running(), "daemon died; log:\n{}", daemon.log());
 }
 

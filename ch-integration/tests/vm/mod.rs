@@ -662,6 +662,19 @@ impl VmRun {
         }
     }
 
+    /// Asserts that each fio job of `jobs` reported more than 0 IOPS.
+    pub fn expect_fio_jobs(&self, jobs: &[&str]) {
+        for job in jobs {
+            let r = self.result(&format!("job_{job}"));
+            let iops: f64 = r
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            assert!(iops > 0.0, "{job}: {r}\n{}", self.report());
+        }
+    }
+
     /// Asserts result `key` equals `want`.
     pub fn expect(&self, key: &str, want: &str) {
         let got = self.result(key);
