@@ -4,14 +4,14 @@
 //! `PciAdapter`, called directly with the server's DMA table and
 //! interrupts, in guest RAM of two regions with a hole between them.
 
-use std::os::fd::RawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backends::block_io::{Aio, ErrorPolicy};
-use backends::storage::{BlockBackend, FdAccess, IoBuf, MemoryDisk, RawFile, RawFileOptions};
+use backends::storage::faulty::{Call, FaultyDisk};
+use backends::storage::{BlockBackend, MemoryDisk, RawFile, RawFileOptions};
 use backends::virtio_blk::{VirtioBlkConfig, VirtioBlkPci};
 use integration_tests::virtio_driver::common_cfg as cc;
 use integration_tests::virtio_driver::device_status::{
@@ -1258,154 +1258,13 @@ fn reposted_heads_do_not_grow_the_requests_in_flight() {
     assert_eq!(blk(&mut d).device().in_flight(), 0);
 }
 
-/// The back-end calls a [`FaultyDisk`] fails.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Call {
-    Read,
-    Write,
-    Flush,
-    WriteZeroes,
-}
-
-/// Calls of `call` touching `[start, end)` of the disk (any flush) fail
-/// with `errno`, `times` more times (`None`: until cleared).
-#[derive(Clone, Debug)]
-struct Fault {
-    call: Call,
-    start: u64,
-    end: u64,
-    errno: i32,
-    times: Option<usize>,
-}
-
-/// A real raw image whose calls fail where the test says: a wrapper at the
-/// `BlockBackend` interface, which is where the errors of `RawFile` (a
-/// failed `pwritev`, `fdatasync`, ...) reach the device, on the event loop
-/// and on the I/O threads alike.
-struct FaultyDisk {
-    inner: RawFile,
-    faults: Mutex<Vec<Fault>>,
-    /// Calls failed so far.
-    failed: AtomicUsize,
-}
-
-impl FaultyDisk {
-    fn new(inner: RawFile) -> Self {
-        FaultyDisk {
-            inner,
-            faults: Mutex::new(Vec::new()),
-            failed: AtomicUsize::new(0),
-        }
-    }
-
-    /// Fails `call`s on sectors `[sector, sector + sectors)` with `errno`.
-    fn fail(&self, call: Call, sector: u64, sectors: u64, errno: i32, times: Option<usize>) {
-        self.faults.lock().unwrap().push(Fault {
-            call,
-            start: sector * 512,
-            end: (sector + sectors) * 512,
-            errno,
-            times,
-        });
-    }
-
-    /// No more faults: the storage is fixed.
-    fn clear(&self) {
-        self.faults.lock().unwrap().clear();
-    }
-
-    fn failed(&self) -> usize {
-        self.failed.load(Ordering::SeqCst)
-    }
-
-    /// Whether `f` fails a `call` on `[offset, offset + len)`.
-    fn hits(f: &Fault, call: Call, offset: u64, len: u64) -> bool {
-        f.call == call
-            && (call == Call::Flush || (offset < f.end && offset + len > f.start))
-            && f.times != Some(0)
-    }
-
-    /// The error for a `call` on `[offset, offset + len)`, if one is due.
-    fn check(&self, call: Call, offset: u64, len: u64) -> std::io::Result<()> {
-        let mut faults = self.faults.lock().unwrap();
-        let due = faults.iter_mut().find(|f| Self::hits(f, call, offset, len));
-        let Some(f) = due else { return Ok(()) };
-        if let Some(n) = &mut f.times {
-            *n -= 1;
-        }
-        self.failed.fetch_add(1, Ordering::SeqCst);
-        Err(std::io::Error::from_raw_os_error(f.errno))
-    }
-}
-
-fn bufs_len(bufs: &[IoBuf<'_>]) -> u64 {
-    bufs.iter().map(|b| b.len() as u64).sum()
-}
-
-impl BlockBackend for FaultyDisk {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.check(Call::Read, offset, buf.len() as u64)?;
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.check(Call::Write, offset, buf.len() as u64)?;
-        self.inner.write_at(buf, offset)
-    }
-    fn read_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> std::io::Result<()> {
-        self.check(Call::Read, offset, bufs_len(bufs))?;
-        self.inner.read_vectored_at(bufs, offset)
-    }
-    fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> std::io::Result<()> {
-        self.check(Call::Write, offset, bufs_len(bufs))?;
-        self.inner.write_vectored_at(bufs, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.check(Call::Flush, 0, 0)?;
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.check(Call::WriteZeroes, offset, len)?;
-        self.inner.write_zeroes(offset, len)
-    }
-    fn read_only(&self) -> bool {
-        self.inner.read_only()
-    }
-    fn id(&self) -> String {
-        "faulty".into()
-    }
-    // The io_uring runs what would succeed on the image itself; what is to
-    // fail comes back here, where it fails.
-    fn file_backed(&self) -> bool {
-        true
-    }
-    fn fd_for(&self, access: FdAccess<'_>) -> Option<RawFd> {
-        let (call, offset, len) = match access {
-            FdAccess::Read { bufs, offset } => (Call::Read, offset, bufs_len(bufs)),
-            FdAccess::Write { bufs, offset } => (Call::Write, offset, bufs_len(bufs)),
-            FdAccess::Flush => (Call::Flush, 0, 0),
-            FdAccess::Fallocate { offset, len } => (Call::WriteZeroes, offset, len),
-        };
-        let faults = self.faults.lock().unwrap();
-        if faults.iter().any(|f| Self::hits(f, call, offset, len)) {
-            return None;
-        }
-        self.inner.fd_for(access)
-    }
-}
-
 /// What the image holds before the tests write to it.
 fn image_pattern() -> Vec<u8> {
     pattern(DISK_SIZE as usize, 11)
 }
 
 /// A raw image holding [`image_pattern`], behind a [`FaultyDisk`].
-fn faulty_disk() -> (Arc<FaultyDisk>, TempFile) {
+fn faulty_disk() -> (Arc<FaultyDisk<RawFile>>, TempFile) {
     let tmp = TempFile::new().unwrap();
     tmp.as_file().write_all_at(&image_pattern(), 0).unwrap();
     let file = RawFile::open(tmp.as_path(), RawFileOptions::default()).unwrap();
@@ -1414,7 +1273,7 @@ fn faulty_disk() -> (Arc<FaultyDisk>, TempFile) {
 
 /// A driver of a device over `disk` with `on_error` (on the I/O threads
 /// of the `on_io_threads` re-runs), its queue of 16 set up.
-fn faulty_driver(disk: &Arc<FaultyDisk>, on_error: ErrorPolicy) -> Driver {
+fn faulty_driver(disk: &Arc<FaultyDisk<RawFile>>, on_error: ErrorPolicy) -> Driver {
     let config = VirtioBlkConfig {
         on_error,
         aio: aio(),

@@ -18,6 +18,7 @@ use super::dcmd::opcode as op;
 use super::frame::{cmd, flags, status};
 use super::regs::reg;
 use super::*;
+use crate::storage::faulty::{Call, FaultyDisk};
 use crate::storage::MemoryDisk;
 
 const HIGH: u64 = 0x1_0000_0000;
@@ -36,9 +37,7 @@ const IEEE: u16 = flags::IEEE | flags::SGL64;
 struct Hba {
     hba: Megasas,
     mem: GuestMemoryHandle,
-    disks: Vec<Arc<MemoryDisk>>,
-    /// While set, every disk's reads, writes and flushes fail with it.
-    fault: Arc<std::sync::Mutex<Option<i32>>>,
+    disks: Vec<Arc<FaultyDisk<MemoryDisk>>>,
     mmio: u64,
     io: u64,
     msix: EventFd,
@@ -61,26 +60,20 @@ impl Hba {
             memory: GuestMemoryHandle::new(ram),
             ..Default::default()
         };
-        let images: Vec<Arc<MemoryDisk>> = (0..disks)
+        let images: Vec<Arc<FaultyDisk<MemoryDisk>>> = (0..disks)
             .map(|d| {
                 let data: Vec<u8> = (0..DISK_BYTES).map(|i| (i >> 9) as u8 ^ d as u8).collect();
                 // On io_uring, the ring reads and writes the disk's file.
-                Arc::new(if config.aio == Aio::IoUring {
+                Arc::new(FaultyDisk::new(if config.aio == Aio::IoUring {
                     MemoryDisk::in_memfd(&data, false).unwrap()
                 } else {
                     MemoryDisk::from_vec(data, false)
-                })
+                }))
             })
             .collect();
-        let fault = Arc::new(std::sync::Mutex::new(None));
         let backends = images
             .iter()
-            .map(|d| {
-                Arc::new(Faulty {
-                    disk: d.clone(),
-                    fault: fault.clone(),
-                }) as Arc<dyn BlockBackend>
-            })
+            .map(|d| d.clone() as Arc<dyn BlockBackend>)
             .collect();
         let mut hba = Megasas::new(&ctx, backends, &config).unwrap();
         let bars = hba.allocate_bars(&mut BarAllocator::default()).unwrap();
@@ -110,7 +103,6 @@ impl Hba {
             hba,
             mem: ctx.memory,
             disks: images,
-            fault,
             msix,
             intx,
         }
@@ -118,7 +110,15 @@ impl Hba {
 
     /// Makes the disks fail with `errno` from now on (`None`: work again).
     fn set_fault(&self, errno: Option<i32>) {
-        *self.fault.lock().unwrap() = errno;
+        let sectors = DISK_BYTES as u64 / 512;
+        for d in &self.disks {
+            d.clear();
+            if let Some(errno) = errno {
+                for call in [Call::Read, Call::Write, Call::Flush] {
+                    d.fail(call, 0, sectors, errno, None);
+                }
+            }
+        }
     }
 
     fn mem(&self) -> Arc<GuestMemory> {
@@ -179,65 +179,6 @@ impl Hba {
         self.post(FRAME);
         assert_eq!(self.frame_status(FRAME), status::OK);
         assert_eq!(self.hba.fw_state(), FwState::Operational);
-    }
-}
-
-/// A disk whose reads, writes and flushes fail with an errno while one is
-/// set, where a file's errors surface; else the disk itself.
-struct Faulty {
-    disk: Arc<MemoryDisk>,
-    fault: Arc<std::sync::Mutex<Option<i32>>>,
-}
-
-impl Faulty {
-    fn check(&self) -> std::io::Result<()> {
-        match *self.fault.lock().unwrap() {
-            Some(errno) => Err(std::io::Error::from_raw_os_error(errno)),
-            None => Ok(()),
-        }
-    }
-}
-
-impl BlockBackend for Faulty {
-    fn size(&self) -> u64 {
-        self.disk.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.check()?;
-        self.disk.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.check()?;
-        self.disk.write_at(buf, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.check()?;
-        self.disk.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.disk.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.disk.write_zeroes(offset, len)
-    }
-    fn read_only(&self) -> bool {
-        self.disk.read_only()
-    }
-    fn id(&self) -> String {
-        self.disk.id()
-    }
-    fn file_backed(&self) -> bool {
-        self.disk.file_backed()
-    }
-    fn page_cached(&self) -> bool {
-        self.disk.page_cached()
-    }
-    fn fd_for(&self, access: crate::storage::FdAccess<'_>) -> Option<std::os::fd::RawFd> {
-        // While failing, engines run requests through the methods above.
-        match *self.fault.lock().unwrap() {
-            Some(_) => None,
-            None => self.disk.fd_for(access),
-        }
     }
 }
 
@@ -515,8 +456,12 @@ fn ld_read_and_write_block_math() {
     );
     t.post(FRAME);
     assert_eq!(t.frame_status(FRAME), status::OK);
-    assert_eq!(t.disks[1].contents()[5 * 512..8 * 512], data[..]);
-    assert_eq!(t.disks[0].contents()[5 * 512], 5, "drive 0 untouched");
+    assert_eq!(t.disks[1].inner().contents()[5 * 512..8 * 512], data[..]);
+    assert_eq!(
+        t.disks[0].inner().contents()[5 * 512],
+        5,
+        "drive 0 untouched"
+    );
     // Read them back at another LBA: blocks 6-7.
     t.write(FRAME, &ld_frame(false, 1, 6, 2, &[(HIGH, 1024)], 8));
     t.post(FRAME);
@@ -558,7 +503,7 @@ fn read_only_drives_refuse_writes() {
     );
     assert!(t.hba.read_only());
     t.init(8, false);
-    let before = t.disks[0].contents();
+    let before = t.disks[0].inner().contents();
     t.write(FRAME, &ld_frame(true, 0, 0, 1, &[(BUF, 512)], 1));
     t.post(FRAME);
     assert_eq!(t.frame_status(FRAME), status::SCSI_DONE_WITH_ERROR);
@@ -570,7 +515,7 @@ fn read_only_drives_refuse_writes() {
     t.post(FRAME);
     assert_eq!(t.frame_status(FRAME), status::SCSI_DONE_WITH_ERROR);
     assert_eq!(t.read(SENSE, 3)[2], 7, "DATA PROTECT");
-    assert_eq!(t.disks[0].contents(), before);
+    assert_eq!(t.disks[0].inner().contents(), before);
 }
 
 #[test]
@@ -634,11 +579,11 @@ fn dcmds_linux_and_seabios_send() {
     let (s, b) = run(&mut t, op::CTRL_GET_INFO, 16);
     assert_eq!((s, &b[..4]), (status::OK, &[0x00, 0x10, 0x60, 0x00][..]));
     // CACHE_FLUSH and SHUTDOWN flush every drive.
-    let flushes: Vec<u64> = t.disks.iter().map(|d| d.flush_count()).collect();
+    let flushes: Vec<u64> = t.disks.iter().map(|d| d.inner().flush_count()).collect();
     assert_eq!(run(&mut t, op::CACHE_FLUSH, 0).0, status::OK);
     assert_eq!(run(&mut t, op::CTRL_SHUTDOWN, 0).0, status::OK);
     for (d, f) in t.disks.iter().zip(flushes) {
-        assert_eq!(d.flush_count(), f + 2);
+        assert_eq!(d.inner().flush_count(), f + 2);
     }
 
     // EVENT_WAIT is held; a second one is refused; ABORT drops it.
@@ -795,7 +740,10 @@ fn transfers_in_flight(aio: Aio) {
         (t.frame_status(FRAME), t.frame_status(FRAME + 0x100)),
         (0, 0)
     );
-    assert_eq!(t.disks[0].contents()[10 * 512..12 * 512], [0x5a; 1024]);
+    assert_eq!(
+        t.disks[0].inner().contents()[10 * 512..12 * 512],
+        [0x5a; 1024]
+    );
     assert_eq!(t.read(HIGH, 1)[0], 20);
     assert!(t.msix.read().unwrap() >= 1);
     // Pausing completes what is in flight; nothing runs while paused.
@@ -1031,7 +979,7 @@ fn back_end_errors_report_or_stop() {
             (status::OK, status::OK),
             "{aio:?}"
         );
-        assert_eq!(u.disks[0].contents()[4 * 512..5 * 512], [0x3c; 512]);
+        assert_eq!(u.disks[0].inner().contents()[4 * 512..5 * 512], [0x3c; 512]);
         assert_eq!(u.read(HIGH, 512), [8; 512]);
         let mut posted = [u.rd32(RING), u.rd32(RING + 4)];
         posted.sort();

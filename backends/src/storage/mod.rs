@@ -5,6 +5,8 @@
 //! against [`BlockBackend::size`] and fails with
 //! [`io::ErrorKind::InvalidInput`] instead of panicking when out of range.
 
+#[cfg(any(test, feature = "test-support"))]
+pub mod faulty;
 mod memory;
 mod raw_file;
 mod workers;
