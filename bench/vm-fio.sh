@@ -15,6 +15,7 @@
 #                        [--ramp S] [--modes page,direct] [--jobs LIST]
 #                        [--size-mib N] [--dir DIR] [--aio MODE]
 #                        [--builtin-page CACHE] [--builtin-direct CACHE]
+#                        [--daemon-args "ARGS"]
 #
 # Defaults: virtio-blk, 5 rounds, 5 s per job after 1 s of ramp, both modes, the
 # jobs randread-4k-qd1, randwrite-4k-qd1, randread-4k-qd32, randwrite-4k-qd32,
@@ -22,7 +23,8 @@
 # $TMPDIR (default /tmp; it must allow O_DIRECT), the daemon's default --aio.
 # --builtin-page/--builtin-direct replace QEMU's cache options of a mode, e.g.
 # writethrough and directsync to compare with a device that writes through
-# (megasas reports its write cache off, so each write is durable on completion).
+# (megasas with --daemon-args --write-through: each write durable on completion).
+# --daemon-args adds options (split at spaces) to our daemon in both modes.
 # megasas compares with QEMU's megasas + scsi-hd. A default run boots 20 guests
 # and takes about 20 minutes; --rounds 1 --runtime 2 is a smoke run of a few.
 # Nothing is pinned: QEMU's vCPU thread takes one CPU, and the device (our daemon,
@@ -41,6 +43,7 @@ dir=${TMPDIR:-/tmp}
 aio=
 builtin_page=cache=writeback,aio=threads
 builtin_direct=cache=none,aio=io_uring
+daemon_args=
 while (($#)); do
     case $1 in
         --kind) kind=$2 ;;
@@ -54,6 +57,7 @@ while (($#)); do
         --aio) aio=$2 ;;
         --builtin-page) builtin_page=$2 ;;
         --builtin-direct) builtin_direct=$2 ;;
+        --daemon-args) daemon_args=$2 ;;
         -h | --help)
             sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
             exit 0
@@ -101,6 +105,8 @@ run() {
         local -a opts=(--disk "$img")
         [[ $mode == direct ]] && opts+=(--direct)
         [[ -n $aio ]] && opts+=(--aio "$aio")
+        local -a extra=()
+        [[ -n $daemon_args ]] && read -ra extra <<<"$daemon_args" && opts+=("${extra[@]}")
         rm -f "$work/dev.sock"
         "$daemon_bin" "$kind" --socket "$work/dev.sock" "${opts[@]}" \
             >"$work/daemon.out" 2>"$work/daemon.err" &
@@ -182,8 +188,9 @@ for mode in ${modes//,/ }; do
         o=$(awk -v m="$mode" -v j="$job" -v c="$col" '$1 == m && $2 == "ours" && $3 == j { print $c }' "$work/results" | median)
         b=$(awk -v m="$mode" -v j="$job" -v c="$col" '$1 == m && $2 == "builtin" && $3 == j { print $c }' "$work/results" | median)
         [[ -z $o || -z $b ]] && continue
-        what=$([[ $mode == page ]] && echo "page cache (ours default / $builtin_page)" ||
-            echo "direct (ours --direct / $builtin_direct)")
+        ours_page=${daemon_args:-default}
+        what=$([[ $mode == page ]] && echo "page cache (ours $ours_page / $builtin_page)" ||
+            echo "direct (ours --direct${daemon_args:+ $daemon_args} / $builtin_direct)")
         awk -v w="$what" -v j="$job" -v o="$o" -v b="$b" -v u="$unit" 'BEGIN {
             d = (u == "IOPS") ? 1 : 1024
             printf "| %s | %s | %.0f %s | %.0f %s | %.2f |\n", w, j, o / d, u, b / d, u, (b > 0) ? o / b : 0

@@ -83,8 +83,10 @@ fn check_image(run: &VmRun, dev: &str, before: &[u8], after: &[u8]) {
 }
 
 /// The guest-side checks every run shares: one adapter, probed without
-/// errors, the disks where megaraid_sas puts logical drives.
-fn check_guest(run: &VmRun, disks: usize) {
+/// errors, the disks where megaraid_sas puts logical drives, with the
+/// write cache the daemon reports (none if it writes through or the
+/// disks are read-only).
+fn check_guest(run: &VmRun, disks: usize, write_through: bool) {
     run.assert_passed();
     run.expect("proc_name", "megaraid_sas");
     run.expect("init_done", "1");
@@ -95,7 +97,12 @@ fn check_guest(run: &VmRun, disks: usize) {
     assert_eq!(got, want, "SCSI addresses\n{}", run.report());
     for (_, dev) in &found {
         run.expect(&format!("size_{dev}"), &(IMAGE_SIZE / 512).to_string());
-        run.expect(&format!("cache_{dev}"), "write_through");
+        let cache = if write_through {
+            "write_through"
+        } else {
+            "write_back"
+        };
+        run.expect(&format!("cache_{dev}"), cache);
     }
 }
 
@@ -147,7 +154,8 @@ fn scsi_run(
         .vfio_user(&daemon.socket, "vfu0");
     let run = Vm::start(&env, spec(base)).finish();
     eprintln!("{name}: guest run {:.1}s", run.elapsed.as_secs_f64());
-    check_guest(&run, disks);
+    let no_cache = extra.contains(&"--write-through") || extra.contains(&"--readonly");
+    check_guest(&run, disks, no_cache);
     let read_only = extra.contains(&"--readonly");
     for ((_, dev), (path, before)) in scsi_disks(&run).iter().zip(&imgs) {
         let after = std::fs::read(path).expect("read image");
@@ -179,13 +187,13 @@ fn vm_megasas_read_write() {
     run.expect("intx_interrupts", "0");
 }
 
-/// The same I/O on I/O threads with O_DIRECT images.
+/// The same I/O on I/O threads with O_DIRECT images, written through.
 #[test]
 fn vm_megasas_io_threads_direct() {
     scsi_run(
         "vm_megasas_io_threads_direct",
         1,
-        &["--io-threads", "2", "--direct"],
+        &["--io-threads", "2", "--direct", "--write-through"],
         |s| s,
     );
 }
@@ -377,7 +385,7 @@ fn vm_megasas_daemon_restarted() {
         "vm_megasas_daemon_restarted: guest run {:.1}s",
         run.elapsed.as_secs_f64()
     );
-    check_guest(&run, 1);
+    check_guest(&run, 1, false);
     run.expect("read_sda", &sha256_hex(&original[..4096]));
     run.expect("match_sda_1m", "1");
     run.expect("match_sda_4k", "1");

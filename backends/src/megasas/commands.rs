@@ -316,9 +316,8 @@ impl Megasas {
         Some(Completion::status(cmd_status))
     }
 
-    /// Makes every completed write durable (they were written through;
-    /// this covers back ends that buffer anyway).
-    fn flush_disks(&self) -> u8 {
+    /// Makes every completed write durable; returns the frame status.
+    pub(super) fn flush_disks(&self) -> u8 {
         let mut s = status::OK;
         for (i, d) in self.disks.iter().enumerate() {
             if let Err(e) = d.flush() {
@@ -327,6 +326,16 @@ impl Megasas {
             }
         }
         s
+    }
+
+    /// Flushes the drives if they have a write cache (nothing waits in it
+    /// otherwise); returns the frame status.
+    pub(super) fn flush_write_cache(&self) -> u8 {
+        if self.disks.iter().any(|d| d.write_cache()) {
+            self.flush_disks()
+        } else {
+            status::OK
+        }
     }
 
     /// ABORT: only a held EVENT_WAIT can be aborted; it is dropped without

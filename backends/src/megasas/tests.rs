@@ -358,10 +358,10 @@ fn init_then_posted_frames_interrupt() {
     assert_eq!((t.rd32(RING), t.rd32(PI)), (42, 1));
     assert!(t.msix.read().is_err());
     assert_eq!(t.r32(reg::OSTS), 0x8000_0000);
-    // Linux enables replies: the pending one interrupts.
+    // Linux enables replies: the pending one interrupts. Under MSI-X the
+    // message acknowledges it: the status no longer shows it.
     t.w32(reg::OMSK, !0x8000_0000);
     assert_eq!(t.msix.read().unwrap(), 1);
-    t.w32(reg::ODCR0, 0x8000_0000);
     assert_eq!(t.r32(reg::OSTS), 0);
     // The controller information is there.
     let info = t.read(BUF, 0x600);
@@ -372,6 +372,7 @@ fn init_then_posted_frames_interrupt() {
     t.post(FRAME);
     assert_eq!((t.rd32(RING + 4), t.rd32(PI)), (43, 2));
     assert_eq!(t.msix.read().unwrap(), 1);
+    assert_eq!(t.r32(reg::OSTS), 0);
     t.write(
         FRAME,
         &scsi_frame(0, 0, &[0, 0, 0, 0, 0, 0], 0, flags::DONT_POST, 44),
@@ -387,10 +388,49 @@ fn init_then_posted_frames_interrupt() {
     t.write(FRAME, &scsi_frame(0, 0, &[0, 0, 0, 0, 0, 0], 0, 0, 45));
     t.post(FRAME);
     assert_eq!(t.intx.read().unwrap(), 1);
+    // INTx stays pending until the driver clears it.
+    assert_eq!(t.r32(reg::OSTS), 0x8000_0000);
+    t.w32(reg::ODCR0, 0x8000_0000);
+    assert_eq!(t.r32(reg::OSTS), 0);
     // INIT again while operational is refused.
     t.write(FRAME, &header(cmd::INIT, flags::DONT_POST, 0, 0, 0));
     t.post(FRAME);
     assert_eq!(t.frame_status(FRAME), status::WRONG_STATE);
+}
+
+/// Under MSI-X, replies posted before the driver's handler read a
+/// register ride on the message already sent; after a read (or a write
+/// other than posting frames), the next reply sends a message again.
+/// (INTx is raised for every batch: `init_then_posted_frames_interrupt`.)
+#[test]
+fn msix_messages_cover_replies_until_the_handler_reads() {
+    let mut t = Hba::new(1, MegasasConfig::default());
+    t.enable_msix();
+    t.init(16, false);
+    t.w32(reg::OMSK, !0x8000_0000);
+    let tur = |context| scsi_frame(0, 0, &[0, 0, 0, 0, 0, 0], 0, 0, context);
+    t.write(FRAME, &tur(1));
+    t.post(FRAME);
+    assert_eq!(t.msix.read().unwrap(), 1);
+    // The handler has not run yet: posted, no second message.
+    t.write(FRAME, &tur(2));
+    t.post(FRAME);
+    assert_eq!(t.rd32(PI), 2);
+    assert!(t.msix.read().is_err(), "covered by the first message");
+    // The handler reads the status, then takes both replies.
+    assert_eq!(t.r32(reg::OSTS), 0);
+    t.write(FRAME, &tur(3));
+    t.post(FRAME);
+    assert_eq!((t.rd32(RING + 8), t.rd32(PI)), (3, 3));
+    assert_eq!(t.msix.read().unwrap(), 1, "a new message after the read");
+    // Masking and unmasking sends one again.
+    t.w32(reg::OMSK, u32::MAX);
+    t.write(FRAME, &tur(4));
+    t.post(FRAME);
+    assert!(t.msix.read().is_err(), "masked");
+    t.w32(reg::OMSK, !0x8000_0000);
+    assert_eq!(t.msix.read().unwrap(), 1);
+    assert_eq!(t.rd32(PI), 4);
 }
 
 #[test]
@@ -490,6 +530,57 @@ fn ld_read_and_write_block_math() {
     t.write(FRAME, &ld_frame(true, 0, 0, 0, &[], 11));
     t.post(FRAME);
     assert_eq!(t.frame_status(FRAME), status::OK);
+}
+
+/// Write-back (the default): a write completes without a flush; a device
+/// reset and a pause flush (CACHE_FLUSH and SHUTDOWN:
+/// `dcmds_linux_and_seabios_send`), the driver's doorbell reset does not,
+/// and MODE SENSE says WCE=1. Write-through: every write is flushed
+/// before it completes.
+#[test]
+fn write_back_and_write_through() {
+    let flushes = |t: &Hba| t.disks[0].inner().flush_count();
+    let mode_sense_caching = [0x1a, 0x08, 0x08, 0, 0xff, 0];
+    for write_through in [false, true] {
+        let mut t = Hba::new(
+            1,
+            MegasasConfig {
+                write_through,
+                ..Default::default()
+            },
+        );
+        t.init(8, false);
+        t.write(FRAME, &scsi_frame(0, 0, &mode_sense_caching, 255, 0, 1));
+        t.post(FRAME);
+        assert_eq!(t.frame_status(FRAME), status::OK);
+        let wce = t.read(BUF + 6, 1)[0] & 0x04 != 0;
+        assert_eq!(wce, !write_through, "WCE");
+
+        let before = flushes(&t);
+        t.write(BUF, &[0x4b; 1024]);
+        t.write(FRAME, &ld_frame(true, 0, 2, 2, &[(BUF, 1024)], 2));
+        t.post(FRAME);
+        assert_eq!(t.frame_status(FRAME), status::OK);
+        assert_eq!(t.disks[0].inner().contents()[1024..2048], [0x4b; 1024]);
+        let per_write = u64::from(write_through);
+        assert_eq!(
+            flushes(&t),
+            before + per_write,
+            "write-through: {write_through}"
+        );
+
+        // Device resets and pauses flush a write cache, and only a write
+        // cache; the driver's doorbell reset does not wait for one.
+        let cached = u64::from(!write_through);
+        t.hba.reset(ResetReason::Command);
+        assert_eq!(flushes(&t), before + per_write + cached);
+        t.hba.write_config_register(1, 0, &[0x07]);
+        t.init(8, false);
+        t.w32(reg::IDB, 7);
+        assert_eq!(flushes(&t), before + per_write + cached);
+        Pausable::pause(&mut t.hba).unwrap();
+        assert_eq!(flushes(&t), before + per_write + 2 * cached);
+    }
 }
 
 #[test]
@@ -916,6 +1007,9 @@ fn back_end_errors_report_or_stop() {
             "MEDIUM ERROR, write error"
         );
         assert_eq!(t.hba.stopped_on_error(), None);
+        // The write cache cannot be flushed: the controller refuses to
+        // pause (a snapshot would not hold what the guest wrote).
+        assert!(Pausable::pause(&mut t.hba).is_err());
         t.set_fault(None);
         t.write(FRAME, &ld_frame(true, 0, 4, 1, &[(BUF, 512)], 2));
         t.post(FRAME);
@@ -949,7 +1043,9 @@ fn back_end_errors_report_or_stop() {
         );
         assert_eq!(t.rd32(PI), 0, "nothing completed");
 
-        // Moved while stopped: the new controller keeps the stop.
+        // Moved while stopped: the new controller keeps the stop. (The
+        // storage takes the pause's cache flush.)
+        t.set_fault(None);
         Pausable::pause(&mut t.hba).unwrap();
         let snap = Snapshottable::snapshot(&mut t.hba).unwrap();
         let mut u = Hba::new(

@@ -63,6 +63,11 @@ pub struct ScsiDiskConfig {
     /// How back-end reads, writes and flushes run: on the caller's thread,
     /// or in flight on I/O threads or an io_uring.
     pub aio: Aio,
+    /// Report a write cache (WCE=1) and complete writes once the back end
+    /// took them, durable at SYNCHRONIZE CACHE, FUA or [`ScsiDisk::flush`];
+    /// otherwise (WCE=0) every write is flushed before it completes. A
+    /// read-only disk has none.
+    pub write_cache: bool,
 }
 
 impl Default for ScsiDiskConfig {
@@ -76,6 +81,7 @@ impl Default for ScsiDiskConfig {
             max_transfer_blocks: 0,
             index: 0,
             aio: Aio::Sync,
+            write_cache: false,
         }
     }
 }
@@ -249,6 +255,7 @@ pub struct ScsiDisk<C> {
     identity: Identity,
     blocks: u64,
     read_only: bool,
+    write_cache: bool,
 }
 
 impl<C> ScsiDisk<C> {
@@ -285,6 +292,8 @@ impl<C> ScsiDisk<C> {
             identity,
             blocks,
             read_only,
+            // Nothing is ever written: no cache to report or flush.
+            write_cache: config.write_cache && !read_only,
         })
     }
 
@@ -296,6 +305,12 @@ impl<C> ScsiDisk<C> {
     /// Whether writes are refused.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Whether completed writes may wait in the back end's cache for a
+    /// flush.
+    pub fn write_cache(&self) -> bool {
+        self.write_cache
     }
 
     /// The unit serial number.
@@ -353,8 +368,8 @@ impl<C> ScsiDisk<C> {
     /// `data_len` bytes, and returns its transfer. Writes to a read-only
     /// disk fail with DATA PROTECT, ranges beyond the capacity with LBA
     /// OUT OF RANGE, and a buffer shorter than the transfer with INVALID
-    /// FIELD IN CDB. Writes are written through: they are durable once
-    /// they complete.
+    /// FIELD IN CDB. Without a write cache, or with FUA, a write is
+    /// durable once it completes.
     pub fn plan_read_write(&self, rw: ReadWrite, data_len: u64) -> Plan {
         if rw.write && self.read_only {
             return Sense::write_protected().into();
@@ -372,9 +387,11 @@ impl<C> ScsiDisk<C> {
             return Plan::Done(Outcome::good(0));
         }
         let kind = if rw.write {
-            // The write cache is reported off: a completed write must be
+            // With the write cache reported off, a completed write must be
             // durable whether or not FUA asked for it.
-            TransferKind::Write { flush: true }
+            TransferKind::Write {
+                flush: rw.fua || !self.write_cache,
+            }
         } else {
             TransferKind::Read
         };
@@ -403,6 +420,7 @@ impl<C> ScsiDisk<C> {
             blocks: self.blocks,
             block_size: BLOCK_SIZE,
             read_only: self.read_only,
+            write_cache: self.write_cache,
         }
     }
 
@@ -888,6 +906,39 @@ mod tests {
             &[0x35, 0, 0, 0, 0x08, 0, 0, 0, 1, 0],
             Sense::lba_out_of_range(),
         );
+        assert_eq!(d.flush_count(), before + 2);
+        s.flush().unwrap();
+        assert_eq!(d.flush_count(), before + 3);
+    }
+
+    #[test]
+    fn a_write_cache_flushes_only_when_asked() {
+        let (_, read_only) = disk(ScsiDiskConfig {
+            write_cache: true,
+            read_only: true,
+            ..Default::default()
+        });
+        assert!(!read_only.write_cache(), "nothing to cache");
+        let (d, mut s) = disk(ScsiDiskConfig {
+            write_cache: true,
+            ..Default::default()
+        });
+        assert!(s.write_cache());
+        // MODE SENSE(6), caching page: WCE=1.
+        let (o, b) = run(&mut s, &[0x1a, 0x08, 0x08, 0, 0xff, 0], 255, 0);
+        assert_eq!(o.data_in, 4 + 20);
+        assert_eq!((b[4], b[6] & 0x04), (0x08, 0x04));
+        // A write lands in the back end without a flush.
+        let before = d.flush_count();
+        let (o, _) = run(&mut s, &[0x2a, 0, 0, 0, 0, 5, 0, 0, 1, 0], 512, 0x5a);
+        assert_eq!(o, Outcome::good(0));
+        assert_eq!(d.contents()[5 * 512..6 * 512], [0x5a; 512]);
+        assert_eq!(d.flush_count(), before);
+        // FUA, SYNCHRONIZE CACHE and the controller's flush do flush.
+        run(&mut s, &[0x2a, 0x08, 0, 0, 0, 6, 0, 0, 1, 0], 512, 0x6a);
+        assert_eq!(d.contents()[6 * 512], 0x6a);
+        assert_eq!(d.flush_count(), before + 1);
+        run(&mut s, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, 0);
         assert_eq!(d.flush_count(), before + 2);
         s.flush().unwrap();
         assert_eq!(d.flush_count(), before + 3);

@@ -1,9 +1,11 @@
 //! MODE SENSE(6) and (10): the caching and control mode pages, with a
 //! block descriptor (SPC-4 6.11-6.12, 7.5; SBC-3 6.5).
 //!
-//! The write cache is reported off (WCE=0) and cannot be changed: a write
-//! the disk completed is on the back end (it is written through), so an
-//! initiator that never sends SYNCHRONIZE CACHE loses nothing.
+//! The caching page reports the disk's write cache as it is, and it cannot
+//! be changed: off (WCE=0) when every write is durable before it completes,
+//! so an initiator that never sends SYNCHRONIZE CACHE loses nothing; on
+//! (WCE=1) when completed writes may still sit in the back end's cache
+//! until a flush.
 
 use super::cdb::{opcode, Cdb};
 use super::sense::Sense;
@@ -25,8 +27,9 @@ const PC_SAVED: u8 = 3;
 const WRITE_PROTECT: u8 = 0x80;
 /// LONGLBA bit of the MODE SENSE(10) header.
 const LONGLBA: u8 = 0x01;
-/// Caching page: RCD=0 (read cache on), WCE=0 (write cache off).
-const CACHING_FLAGS: u8 = 0x00;
+/// Caching page byte 2: WCE (the write cache is on). RCD stays 0: the
+/// read cache is on.
+const WCE: u8 = 0x04;
 /// Control page byte 2: GLTSD (no implicit log saving).
 const CONTROL_GLTSD: u8 = 0x02;
 /// Control page busy timeout: unlimited.
@@ -41,6 +44,8 @@ pub struct ModeParams {
     pub block_size: u32,
     /// Whether the medium is write-protected.
     pub read_only: bool,
+    /// Whether completed writes may wait in a cache for a flush (WCE).
+    pub write_cache: bool,
 }
 
 /// The response to MODE SENSE(6) or MODE SENSE(10) `cdb`, before
@@ -61,10 +66,10 @@ pub fn mode_sense(cdb: &Cdb<'_>, p: &ModeParams) -> Result<Vec<u8>, Sense> {
     let changeable = pc == PC_CHANGEABLE;
     let mut pages = Vec::new();
     match page {
-        PAGE_CACHING => pages.extend(caching_page(changeable)),
+        PAGE_CACHING => pages.extend(caching_page(changeable, p.write_cache)),
         PAGE_CONTROL => pages.extend(control_page(changeable)),
         PAGE_ALL => {
-            pages.extend(caching_page(changeable));
+            pages.extend(caching_page(changeable, p.write_cache));
             pages.extend(control_page(changeable));
         }
         _ => return Err(Sense::invalid_field(2, None)),
@@ -104,12 +109,12 @@ pub fn mode_sense(cdb: &Cdb<'_>, p: &ModeParams) -> Result<Vec<u8>, Sense> {
 
 /// The caching page (20 bytes); every field reads 0 when `changeable`
 /// (nothing can be changed).
-fn caching_page(changeable: bool) -> [u8; 20] {
+fn caching_page(changeable: bool, write_cache: bool) -> [u8; 20] {
     let mut b = [0u8; 20];
     b[0] = PAGE_CACHING;
     b[1] = 18;
-    if !changeable {
-        b[2] = CACHING_FLAGS;
+    if !changeable && write_cache {
+        b[2] = WCE;
     }
     b
 }
@@ -134,6 +139,7 @@ mod tests {
         blocks: 0x1_0000_0001,
         block_size: 512,
         read_only: false,
+        write_cache: false,
     };
 
     fn run(cdb: &[u8], p: &ModeParams) -> Result<Vec<u8>, Sense> {
@@ -150,6 +156,13 @@ mod tests {
         assert_eq!(r[12..14], [0x08, 18]);
         assert_eq!(r[14] & 0x04, 0, "WCE=0");
         assert_eq!(r[14] & 0x01, 0, "RCD=0");
+        // A write cache: WCE=1, still not changeable.
+        let cached = ModeParams {
+            write_cache: true,
+            ..P
+        };
+        assert_eq!(run(&[0x1a, 8, 0x08, 0, 0xff, 0], &cached).unwrap()[6], 0x04);
+        assert_eq!(run(&[0x1a, 8, 0x48, 0, 0xff, 0], &cached).unwrap()[6], 0);
         // Read-only: WP.
         let ro = ModeParams {
             read_only: true,

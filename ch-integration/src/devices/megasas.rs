@@ -26,6 +26,13 @@ pub struct MegasasArgs {
     /// at most 64; default: a 64 MiB in-memory disk)
     #[arg(long, value_name = "FILE", action = ArgAction::Append, verbatim_doc_comment)]
     pub disk: Vec<PathBuf>,
+    /// Report the drives' write cache off and make every write durable
+    /// before it completes (a flush per write). Default: a write completes
+    /// once it is in the image (the host's page cache, or the disk with
+    /// --direct), and the drives are flushed at the driver's cache flush
+    /// and shutdown, at resets and when the device pauses
+    #[arg(long, verbatim_doc_comment)]
+    pub write_through: bool,
     /// The options of every storage kind.
     #[command(flatten)]
     pub storage: StorageOptions,
@@ -107,6 +114,7 @@ pub fn build(args: &MegasasArgs, inherited: Option<DeviceFds>) -> Result<Built, 
         read_only: args.storage.readonly,
         aio,
         on_error: args.storage.on_error,
+        write_through: args.write_through,
     };
     let hba =
         Megasas::new(&ctx, disks, &config).map_err(|e| format!("cannot create megasas: {e}"))?;
@@ -120,10 +128,15 @@ pub fn build(args: &MegasasArgs, inherited: Option<DeviceFds>) -> Result<Built, 
         device: Box::new(adapter),
         ctx,
         description: format!(
-            "megasas (MegaRAID SAS 1078) with {} logical drive(s): {}{} (aio: {aio}{}, on error: {})",
+            "megasas (MegaRAID SAS 1078) with {} logical drive(s): {}{}, {} (aio: {aio}{}, on error: {})",
             what.len(),
             what.join(", "),
             args.storage.describe(),
+            if args.write_through {
+                "write-through"
+            } else {
+                "write-back cache"
+            },
             if matches!(aio, Aio::Threads(_)) {
                 " per disk"
             } else {
@@ -169,7 +182,8 @@ mod tests {
     fn disks_accumulate() {
         let a = parse("megasas --socket s --disk a --disk b --readonly --io-threads 2");
         assert_eq!(a.disk, [std::path::PathBuf::from("a"), "b".into()]);
-        assert!(a.storage.readonly && !a.storage.direct);
+        assert!(a.storage.readonly && !a.storage.direct && !a.write_through);
+        assert!(parse("megasas --socket s --write-through").write_through);
         assert_eq!(a.storage.io_threads, Some(2));
         assert!(parse("megasas --socket s").disk.is_empty());
         assert!(cli::parse(["megasas", "--socket", "s", "--io-threads", "65"]).is_err());
