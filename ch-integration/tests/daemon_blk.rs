@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 
 use common::*;
@@ -30,26 +30,12 @@ const BLK_WANT: u64 = VERSION_1
 
 const IMAGE_SIZE: u64 = 8 << 20;
 
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
 /// A raw image with a known pattern, in the daemon's temp dir.
 fn image(dir: &TempDir) -> std::path::PathBuf {
     let path = dir.as_path().join("disk.img");
     let mut f = std::fs::File::create(&path).unwrap();
     f.write_all(&pattern(7, IMAGE_SIZE as usize)).unwrap();
     path
-}
-
-fn read_image(path: &std::path::Path, off: u64, len: usize) -> Vec<u8> {
-    let mut f = std::fs::File::open(path).unwrap();
-    f.seek(SeekFrom::Start(off)).unwrap();
-    let mut b = vec![0u8; len];
-    f.read_exact(&mut b).unwrap();
-    b
 }
 
 fn daemon_with_image(extra: &[&str]) -> (Daemon, std::path::PathBuf) {

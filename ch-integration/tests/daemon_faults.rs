@@ -40,21 +40,6 @@ const W_LEN: usize = 64 << 10;
 /// The room left when the tmpfs is filled: part of the write fits.
 const ROOM: u64 = 16 << 10;
 
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
-fn read_image(path: &Path, off: u64, len: usize) -> Vec<u8> {
-    let mut b = vec![0u8; len];
-    File::open(path)
-        .unwrap()
-        .read_exact_at(&mut b, off)
-        .unwrap();
-    b
-}
-
 /// A daemon serving a sparse image on a small tmpfs, with a control
 /// socket. The tmpfs is unmounted before the daemon's directory goes.
 struct OnSmallFs {

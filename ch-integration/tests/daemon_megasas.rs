@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -54,25 +54,11 @@ const CACHE_FLUSH: u32 = 0x0110_1000;
 
 const REPLY_ENTRIES: u32 = 16;
 
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
 fn image(dir: &TempDir, name: &str, seed: u8) -> PathBuf {
     let path = dir.as_path().join(name);
     let mut f = std::fs::File::create(&path).unwrap();
     f.write_all(&pattern(seed, IMAGE_SIZE as usize)).unwrap();
     path
-}
-
-fn read_image(path: &Path, off: u64, len: usize) -> Vec<u8> {
-    let mut f = std::fs::File::open(path).unwrap();
-    f.seek(SeekFrom::Start(off)).unwrap();
-    let mut b = vec![0u8; len];
-    f.read_exact(&mut b).unwrap();
-    b
 }
 
 /// How a frame completed.

@@ -6,9 +6,9 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::mig::*;
@@ -28,26 +28,12 @@ const IMAGE_SIZE: u64 = 8 << 20;
 const PAGE: u64 = 4096;
 const BLOCK: usize = 4096;
 
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
 /// A raw image with a known pattern in `dir`.
 fn image(dir: &TempDir) -> PathBuf {
     let path = dir.as_path().join("disk.img");
     let mut f = std::fs::File::create(&path).unwrap();
     f.write_all(&pattern(7, IMAGE_SIZE as usize)).unwrap();
     path
-}
-
-fn read_image(path: &Path, off: u64, len: usize) -> Vec<u8> {
-    let mut f = std::fs::File::open(path).unwrap();
-    f.seek(SeekFrom::Start(off)).unwrap();
-    let mut b = vec![0u8; len];
-    f.read_exact(&mut b).unwrap();
-    b
 }
 
 /// The 4 KiB block request `n` writes: unique per request.

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use common::*;
@@ -29,25 +29,11 @@ const STATUS_LIVE: u8 = 1 | 2 | 8 | 4;
 
 const IMAGE_SIZE: u64 = 8 << 20;
 
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
 fn image(dir: &Path) -> PathBuf {
     let path = dir.join("disk.img");
     let mut f = std::fs::File::create(&path).unwrap();
     f.write_all(&pattern(7, IMAGE_SIZE as usize)).unwrap();
     path
-}
-
-fn read_image(path: &Path, off: u64, len: usize) -> Vec<u8> {
-    let mut f = std::fs::File::open(path).unwrap();
-    f.seek(SeekFrom::Start(off)).unwrap();
-    let mut b = vec![0u8; len];
-    f.read_exact(&mut b).unwrap();
-    b
 }
 
 #[test]

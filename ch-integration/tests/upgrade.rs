@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixDatagram, UnixStream};
@@ -24,24 +23,10 @@ use vmm_sys_util::tempdir::TempDir;
 const BLK_WANT: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_BLK_F_FLUSH;
 const IMAGE_SIZE: usize = 8 << 20;
 
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
 fn image(dir: &Path) -> PathBuf {
     let path = dir.join("disk.img");
     std::fs::write(&path, pattern(7, IMAGE_SIZE)).unwrap();
     path
-}
-
-fn read_image(path: &Path, off: u64, len: usize) -> Vec<u8> {
-    let mut f = std::fs::File::open(path).unwrap();
-    f.seek(SeekFrom::Start(off)).unwrap();
-    let mut b = vec![0u8; len];
-    f.read_exact(&mut b).unwrap();
-    b
 }
 
 fn s(p: &Path) -> String {

@@ -397,60 +397,29 @@ fn a_state_of_another_format_or_kind_is_refused() {
     let dir = TempDir::new().unwrap();
     let (mut s, _client) = server(&dir);
     let h = s.export_handover(Duration::from_secs(1)).unwrap();
-    let dup = |h: &Handover| {
-        h.fds
-            .iter()
-            .map(|f| f.try_clone().unwrap())
-            .collect::<Vec<_>>()
+    // The state changed by `change`, with copies of the fds, to a new
+    // device: the error it is refused with.
+    let refused = |change: &dyn Fn(&mut HandoverState)| {
+        let mut state = h.state.clone();
+        change(&mut state);
+        let fds = h.fds.iter().map(|f| f.try_clone().unwrap()).collect();
+        let (device, ctx) = test_device();
+        Server::import_handover(
+            Handover { state, fds },
+            device,
+            ctx,
+            ServerConfig::default(),
+        )
+        .err()
+        .unwrap()
     };
-    let mut state = h.state.clone();
-    state.format = HANDOVER_FORMAT - 1;
-    let (device, ctx) = test_device();
-    let e = Server::import_handover(
-        Handover {
-            state,
-            fds: dup(&h),
-        },
-        device,
-        ctx,
-        ServerConfig::default(),
-    )
-    .err()
-    .unwrap();
+    let e = refused(&|s| s.format = HANDOVER_FORMAT - 1);
     assert!(matches!(e, HandoverError::Format { .. }), "{e}");
     assert!(e.to_string().contains("format 0"), "{e}");
-
-    let mut state = h.state.clone();
-    state.kind = "virtio-blk".into();
-    let (device, ctx) = test_device();
-    let e = Server::import_handover(
-        Handover {
-            state,
-            fds: dup(&h),
-        },
-        device,
-        ctx,
-        ServerConfig::default(),
-    )
-    .err()
-    .unwrap();
+    let e = refused(&|s| s.kind = "virtio-blk".into());
     assert!(matches!(e, HandoverError::Kind { .. }), "{e}");
-
     // An fd index out of range.
-    let mut state = h.state.clone();
-    state.listener = 99;
-    let (device, ctx) = test_device();
-    let e = Server::import_handover(
-        Handover {
-            state,
-            fds: dup(&h),
-        },
-        device,
-        ctx,
-        ServerConfig::default(),
-    )
-    .err()
-    .unwrap();
+    let e = refused(&|s| s.listener = 99);
     assert!(matches!(e, HandoverError::Invalid(_)), "{e}");
 }
 
