@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::small_fs::{in_private_mount_ns, SmallFs};
-use vm::qmp::{find_pci_device, Json, Qmp};
 use vm::{random_bytes, sha256_hex, Daemon, Vm, VmSpec};
 use vmm_sys_util::tempdir::TempDir;
 
@@ -38,17 +37,6 @@ fn image(size: usize) -> (TempDir, PathBuf, Vec<u8>) {
 
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
-}
-
-/// Asserts `after` equals `before` except in `[off, off+len)`, and returns
-/// the SHA-256 of that range of `after`.
-fn changed_only_at(before: &[u8], after: &[u8], off: usize, len: usize) -> String {
-    assert_eq!(before.len(), after.len(), "image size changed");
-    assert!(
-        before[..off] == after[..off] && before[off + len..] == after[off + len..],
-        "image changed outside the guest's write at {off}+{len}"
-    );
-    sha256_hex(&after[off..off + len])
 }
 
 /// The `vmtest=blk` read/write checks shared by two tests.
@@ -74,7 +62,7 @@ fn check_blk_run(run: &vm::VmRun, original: &[u8], img: &Path) {
     // nothing else changed.
     let after = std::fs::read(img).expect("read image");
     assert_eq!(
-        changed_only_at(original, &after, W_OFF, W_LEN),
+        vm::changed_only_at(original, &after, W_OFF, W_LEN),
         pattern,
         "image bytes at the guest's write offset"
     );
@@ -288,70 +276,22 @@ fn vm_blk_hotplug() {
     let Some(env) = vm::env() else { return };
     let (dir, img, original) = image(IMAGE_SIZE);
     let mut daemon = Daemon::start(dir.as_path(), &["--disk", path_str(&img)]);
-    let qmp_sock = dir.as_path().join("qmp.sock");
-    let t = Duration::from_secs;
-
-    let spec = VmSpec::new("hotplug")
-        .param("pattern", "random")
-        .param("offset", W_OFF)
-        .param("count", W_LEN)
-        .param("plug_wait", 150)
-        .param("unplug_wait", 60)
-        .arg("-device")
-        .arg("pcie-root-port,id=rp0,chassis=1")
-        .qmp(&qmp_sock);
-    let vm = Vm::start(&env, spec);
-    let mut qmp = Qmp::connect(&qmp_sock, t(30)).expect("QMP connect");
-    let pci = qmp.execute("query-pci", None).expect("query-pci");
-    assert!(find_pci_device(&pci, "vfu0").is_none());
-    assert!(
-        find_pci_device(&pci, "rp0").is_some(),
-        "no root port: {pci}"
+    vm::hotplug_and_unplug(
+        &env,
+        dir.as_path(),
+        &daemon.socket,
+        &vm::Hotplug {
+            test: "vm_blk_hotplug",
+            ids: (0x1af4, 0x1042),
+            disk_prefix: "vd",
+            image: &img,
+            original: &original,
+            write: (W_OFF, W_LEN),
+            odirect: false,
+        },
     );
-
-    // Plug once the guest waits for it, so that it is a real hot-plug.
-    let ready = vm.wait_result("waiting_for_disk", t(150));
-    assert!(
-        ready.is_some(),
-        "guest never got ready\n{}",
-        vm.kill_and_collect().report()
-    );
-    assert_eq!(daemon.log_count("client attached"), 0);
-    let dev = vm::vfio_user_device(&daemon.socket, "vfu0", Some("rp0"));
-    if let Err(e) = qmp.execute("device_add", Some(dev)) {
-        panic!("device_add: {e}\n{}", vm.kill_and_collect().report());
-    }
-    let pci = qmp.execute("query-pci", None).expect("query-pci");
-    let d = find_pci_device(&pci, "vfu0").unwrap_or_else(|| panic!("vfu0 not in query-pci: {pci}"));
-    let id = d.get("id").expect("id");
-    assert_eq!(id.get("vendor").and_then(Json::as_i64), Some(0x1af4), "{d}");
-    assert_eq!(id.get("device").and_then(Json::as_i64), Some(0x1042), "{d}");
+    // One client: QEMU attached at the plug, not at boot.
     assert_eq!(daemon.log_count("client attached"), 1);
-
-    // The guest found the disk and did its I/O.
-    let io_done = vm.wait_result("waiting_for_unplug", t(120));
-    let console = vm::Markers::parse(&vm.console());
-    if io_done.is_none() {
-        panic!(
-            "guest did not finish its I/O\n{}",
-            vm.kill_and_collect().report()
-        );
-    }
-    let get = |k: &str| console.get(k).unwrap_or("<missing>").to_string();
-    assert!(get("plugged").starts_with("vd"), "{console:?}");
-    assert!(
-        console.all("pci").iter().any(|p| p.ends_with(" 1AF4:1042")),
-        "{console:?}"
-    );
-    assert_eq!(get("blk_rc"), "0", "{console:?}");
-    assert_eq!(get("size_sectors"), (IMAGE_SIZE / 512).to_string());
-    assert_eq!(get("read_sha256"), sha256_hex(&original[..4096]));
-    assert_eq!(get("readback_match"), "1", "{console:?}");
-    let pattern = get("pattern_sha256");
-    let after = std::fs::read(&img).expect("read image");
-    assert_eq!(changed_only_at(&original, &after, W_OFF, W_LEN), pattern);
-
-    vm::unplug_and_finish(&mut qmp, vm, "vfu0", "vm_blk_hotplug");
 
     // The daemon survives the unplug (or QEMU's death) and serves again.
     check_daemon_after(&mut daemon);

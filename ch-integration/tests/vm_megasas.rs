@@ -14,7 +14,6 @@ mod vm;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vm::qmp::{find_pci_device, Json, Qmp};
 use vm::{random_bytes, sha256_hex, Daemon, Vm, VmRun, VmSpec};
 use vmm_sys_util::tempdir::TempDir;
 
@@ -265,63 +264,21 @@ fn vm_megasas_hotplug() {
     let (dir, imgs) = images(1);
     let (img, original) = &imgs[0];
     let mut daemon = Daemon::start_kind(dir.as_path(), &[], "megasas", &["--disk", path_str(img)]);
-    let qmp_sock = dir.as_path().join("qmp.sock");
     let t = Duration::from_secs;
-    const W_OFF: usize = MIB;
-    const W_LEN: usize = MIB;
-    let spec = VmSpec::new("hotplug")
-        .param("pattern", "random")
-        .param("offset", W_OFF)
-        .param("count", W_LEN)
-        .param("odirect", 1)
-        .param("plug_wait", 150)
-        .param("unplug_wait", 60)
-        .arg("-device")
-        .arg("pcie-root-port,id=rp0,chassis=1")
-        .qmp(&qmp_sock);
-    let vm = Vm::start(&env, spec);
-    let mut qmp = Qmp::connect(&qmp_sock, t(30)).expect("QMP connect");
-    if vm.wait_result("waiting_for_disk", t(150)).is_none() {
-        panic!("guest never got ready\n{}", vm.kill_and_collect().report());
-    }
-    let dev = vm::vfio_user_device(&daemon.socket, "vfu0", Some("rp0"));
-    if let Err(e) = qmp.execute("device_add", Some(dev)) {
-        panic!("device_add: {e}\n{}", vm.kill_and_collect().report());
-    }
-    let pci = qmp.execute("query-pci", None).expect("query-pci");
-    let d = find_pci_device(&pci, "vfu0").unwrap_or_else(|| panic!("vfu0 not in query-pci: {pci}"));
-    let id = d.get("id").expect("id");
-    assert_eq!(id.get("vendor").and_then(Json::as_i64), Some(0x1000), "{d}");
-    assert_eq!(id.get("device").and_then(Json::as_i64), Some(0x0060), "{d}");
-
-    // The guest found the disk and did its I/O.
-    if vm.wait_result("waiting_for_unplug", t(150)).is_none() {
-        panic!(
-            "guest did not finish its I/O\n{}",
-            vm.kill_and_collect().report()
-        );
-    }
-    let console = vm::Markers::parse(&vm.console());
-    let get = |k: &str| console.get(k).unwrap_or("<missing>").to_string();
-    assert!(get("plugged").starts_with("sd"), "{console:?}");
-    assert!(
-        console.all("pci").iter().any(|p| p.ends_with(" 1000:0060")),
-        "{console:?}"
+    vm::hotplug_and_unplug(
+        &env,
+        dir.as_path(),
+        &daemon.socket,
+        &vm::Hotplug {
+            test: "vm_megasas_hotplug",
+            ids: (0x1000, 0x0060),
+            disk_prefix: "sd",
+            image: img,
+            original,
+            write: (MIB, MIB),
+            odirect: true,
+        },
     );
-    assert_eq!(get("blk_rc"), "0", "{console:?}");
-    assert_eq!(get("size_sectors"), (IMAGE_SIZE / 512).to_string());
-    assert_eq!(get("read_sha256"), sha256_hex(&original[..4096]));
-    assert_eq!(get("readback_match"), "1", "{console:?}");
-    let after = std::fs::read(img).expect("read image");
-    assert_eq!(
-        sha256_hex(&after[W_OFF..W_OFF + W_LEN]),
-        get("pattern_sha256")
-    );
-    let mut expected = original.clone();
-    expected[W_OFF..W_OFF + W_LEN].copy_from_slice(&after[W_OFF..W_OFF + W_LEN]);
-    assert!(after == expected, "image changed outside the guest's write");
-
-    vm::unplug_and_finish(&mut qmp, vm, "vfu0", "vm_megasas_hotplug");
     // The daemon lives on and serves the next client.
     assert!(
         daemon.wait_log_count("client detached", 1, t(10)),

@@ -195,6 +195,113 @@ pub fn vfio_user_device(socket: &Path, id: &str, bus: Option<&str>) -> qmp::Json
     Json::obj(m)
 }
 
+/// A storage device hot-plugged by [`hotplug_and_unplug`], and what the
+/// guest must find.
+pub struct Hotplug<'a> {
+    /// The test, for the log.
+    pub test: &'a str,
+    /// The device's PCI vendor and device ID.
+    pub ids: (u16, u16),
+    /// The guest's name of the disk starts with this (`vd`, `sd`).
+    pub disk_prefix: &'a str,
+    /// The image served, and its bytes before the guest ran.
+    pub image: &'a Path,
+    pub original: &'a [u8],
+    /// Where and how much the guest writes.
+    pub write: (usize, usize),
+    /// Whether the guest writes with O_DIRECT.
+    pub odirect: bool,
+}
+
+/// Boots a guest with an empty PCIe root port, plugs the daemon at
+/// `socket` into it with QMP `device_add` once the guest waits for a disk
+/// (a real hot-plug: the device was not there before), checks the guest's
+/// I/O on the disk (the `hotplug` script: a read, then random bytes written
+/// and read back) and that the image holds the write and nothing else
+/// changed, then unplugs it ([`unplug_and_finish`]). `dir` holds the QMP
+/// socket.
+pub fn hotplug_and_unplug(env: &Path, dir: &Path, socket: &Path, h: &Hotplug<'_>) {
+    use qmp::{find_pci_device, Json, Qmp};
+    let t = Duration::from_secs;
+    let qmp_sock = dir.join("qmp.sock");
+    let (w_off, w_len) = h.write;
+    let spec = VmSpec::new("hotplug")
+        .param("pattern", "random")
+        .param("offset", w_off)
+        .param("count", w_len)
+        .param("odirect", u8::from(h.odirect))
+        .param("plug_wait", 150)
+        .param("unplug_wait", 60)
+        .arg("-device")
+        .arg("pcie-root-port,id=rp0,chassis=1")
+        .qmp(&qmp_sock);
+    let vm = Vm::start(env, spec);
+    let mut qmp = Qmp::connect(&qmp_sock, t(30)).expect("QMP connect");
+    let pci = qmp.execute("query-pci", None).expect("query-pci");
+    assert!(find_pci_device(&pci, "vfu0").is_none());
+    assert!(
+        find_pci_device(&pci, "rp0").is_some(),
+        "no root port: {pci}"
+    );
+    if vm.wait_result("waiting_for_disk", t(150)).is_none() {
+        panic!("guest never got ready\n{}", vm.kill_and_collect().report());
+    }
+    let dev = vfio_user_device(socket, "vfu0", Some("rp0"));
+    if let Err(e) = qmp.execute("device_add", Some(dev)) {
+        panic!("device_add: {e}\n{}", vm.kill_and_collect().report());
+    }
+    let pci = qmp.execute("query-pci", None).expect("query-pci");
+    let d = find_pci_device(&pci, "vfu0").unwrap_or_else(|| panic!("vfu0 not in query-pci: {pci}"));
+    let id = d.get("id").expect("id");
+    assert_eq!(
+        id.get("vendor").and_then(Json::as_i64),
+        Some(i64::from(h.ids.0)),
+        "{d}"
+    );
+    assert_eq!(
+        id.get("device").and_then(Json::as_i64),
+        Some(i64::from(h.ids.1)),
+        "{d}"
+    );
+
+    // The guest found the disk and did its I/O.
+    if vm.wait_result("waiting_for_unplug", t(150)).is_none() {
+        panic!(
+            "guest did not finish its I/O\n{}",
+            vm.kill_and_collect().report()
+        );
+    }
+    let console = Markers::parse(&vm.console());
+    let get = |k: &str| console.get(k).unwrap_or("<missing>").to_string();
+    assert!(get("plugged").starts_with(h.disk_prefix), "{console:?}");
+    let pci_id = format!(" {:04X}:{:04X}", h.ids.0, h.ids.1);
+    assert!(
+        console.all("pci").iter().any(|p| p.ends_with(&pci_id)),
+        "{console:?}"
+    );
+    assert_eq!(get("blk_rc"), "0", "{console:?}");
+    assert_eq!(get("size_sectors"), (h.original.len() / 512).to_string());
+    assert_eq!(get("read_sha256"), sha256_hex(&h.original[..4096]));
+    assert_eq!(get("readback_match"), "1", "{console:?}");
+    let after = std::fs::read(h.image).expect("read image");
+    assert_eq!(
+        changed_only_at(h.original, &after, w_off, w_len),
+        get("pattern_sha256")
+    );
+    unplug_and_finish(&mut qmp, vm, "vfu0", h.test);
+}
+
+/// Asserts `after` equals `before` except in `[off, off+len)`, and returns
+/// the SHA-256 of that range of `after`.
+pub fn changed_only_at(before: &[u8], after: &[u8], off: usize, len: usize) -> String {
+    assert_eq!(before.len(), after.len(), "image size changed");
+    assert!(
+        before[..off] == after[..off] && before[off + len..] == after[off + len..],
+        "image changed outside the guest's write at {off}+{len}"
+    );
+    sha256_hex(&after[off..off + len])
+}
+
 /// QEMU 11.1.3 aborts when a vfio-user-pci device with MSI-X is finalized
 /// (hot-unplug): `vfio_user_msix_teardown()` removes the PBA region from a
 /// BAR that QOM has already torn down. Upstream patch: "vfio-user: do not
