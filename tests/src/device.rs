@@ -50,6 +50,23 @@ pub fn dma_pattern(n: u32) -> u64 {
     ((n as u64) << 32) | (!n) as u64
 }
 
+/// The regions of a minimal PCI device: BAR0 of [`BAR0_SIZE`] bytes and
+/// config space of [`CONFIG_SIZE`], both read and written through
+/// messages, nothing else.
+pub fn bar0_and_config_region(index: u32) -> RegionDescription {
+    let size = match index {
+        0 => BAR0_SIZE,
+        7 => CONFIG_SIZE,
+        _ => 0,
+    };
+    RegionDescription {
+        size,
+        read: size > 0,
+        write: size > 0,
+        mmap: None,
+    }
+}
+
 /// What the device saw, shared with the test.
 #[derive(Debug, Default)]
 pub struct DeviceState {

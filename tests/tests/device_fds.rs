@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use integration_tests::device::bar0_and_config_region;
 use integration_tests::*;
 use vfio_user_server::irq::IrqIndexInfo;
 use vfio_user_server::vm_migration::{Migratable, Pausable, Snapshottable, Transportable};
@@ -127,17 +128,7 @@ struct LevelDevice {
 
 impl Device for LevelDevice {
     fn region(&self, index: u32) -> RegionDescription {
-        let size = match index {
-            0 => 0x1000,
-            7 => 256,
-            _ => 0,
-        };
-        RegionDescription {
-            size,
-            read: size > 0,
-            write: size > 0,
-            mmap: None,
-        }
+        bar0_and_config_region(index)
     }
 
     fn irq_layout(&self) -> Vec<IrqIndexInfo> {

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use integration_tests::client::{payload, poll_readable};
+use integration_tests::device::bar0_and_config_region;
 use integration_tests::proto::*;
 use integration_tests::*;
 use vfio_user_server::irq::IrqIndexInfo;
@@ -29,17 +30,7 @@ struct MsgDmaDevice {
 
 impl Device for MsgDmaDevice {
     fn region(&self, index: u32) -> RegionDescription {
-        let size = match index {
-            0 => 0x1000,
-            7 => 256,
-            _ => 0,
-        };
-        RegionDescription {
-            size,
-            read: size > 0,
-            write: size > 0,
-            mmap: None,
-        }
+        bar0_and_config_region(index)
     }
 
     fn irq_layout(&self) -> Vec<IrqIndexInfo> {
