@@ -121,9 +121,10 @@ pub struct MegasasConfig {
     /// Report the drives' write cache off and make every write durable
     /// before it completes. Otherwise (as QEMU's `scsi-hd` with a
     /// write-back cache) writes complete once the back end took them
-    /// and are flushed at the driver's CACHE_FLUSH and SHUTDOWN, at every
-    /// reset and when the controller pauses: Linux's driver never sends
-    /// SYNCHRONIZE CACHE to a logical drive.
+    /// and are flushed at the driver's CACHE_FLUSH and SHUTDOWN, at device
+    /// resets (not the driver's doorbell resets) and when the controller
+    /// pauses: Linux's driver never sends SYNCHRONIZE CACHE to a logical
+    /// drive.
     pub write_through: bool,
 }
 

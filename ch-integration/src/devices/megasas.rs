@@ -30,7 +30,8 @@ pub struct MegasasArgs {
     /// before it completes (a flush per write). Default: a write completes
     /// once it is in the image (the host's page cache, or the disk with
     /// --direct), and the drives are flushed at the driver's cache flush
-    /// and shutdown, at resets and when the device pauses
+    /// and shutdown, at device resets (guest reboot, client leaving) and
+    /// when the device pauses
     #[arg(long, verbatim_doc_comment)]
     pub write_through: bool,
     /// The options of every storage kind.
