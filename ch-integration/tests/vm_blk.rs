@@ -279,7 +279,7 @@ fn vm_blk_hotplug() {
     vm::hotplug_and_unplug(
         &env,
         dir.as_path(),
-        &daemon.socket,
+        &daemon,
         &vm::Hotplug {
             test: "vm_blk_hotplug",
             ids: (0x1af4, 0x1042),
@@ -290,9 +290,6 @@ fn vm_blk_hotplug() {
             odirect: false,
         },
     );
-    // One client: QEMU attached at the plug, not at boot.
-    assert_eq!(daemon.log_count("client attached"), 1);
-
     // The daemon survives the unplug (or QEMU's death) and serves again.
     check_daemon_after(&mut daemon);
     stop_daemon(&mut daemon);

@@ -268,7 +268,7 @@ fn vm_megasas_hotplug() {
     vm::hotplug_and_unplug(
         &env,
         dir.as_path(),
-        &daemon.socket,
+        &daemon,
         &vm::Hotplug {
             test: "vm_megasas_hotplug",
             ids: (0x1000, 0x0060),

@@ -213,14 +213,15 @@ pub struct Hotplug<'a> {
     pub odirect: bool,
 }
 
-/// Boots a guest with an empty PCIe root port, plugs the daemon at
-/// `socket` into it with QMP `device_add` once the guest waits for a disk
-/// (a real hot-plug: the device was not there before), checks the guest's
+/// Boots a guest with an empty PCIe root port, plugs `daemon`'s device
+/// into it with QMP `device_add` once the guest waits for a disk (a real
+/// hot-plug: neither QEMU nor the daemon saw the device before, and QEMU
+/// attaches once, at the plug), checks the guest's
 /// I/O on the disk (the `hotplug` script: a read, then random bytes written
 /// and read back) and that the image holds the write and nothing else
 /// changed, then unplugs it ([`unplug_and_finish`]). `dir` holds the QMP
 /// socket.
-pub fn hotplug_and_unplug(env: &Path, dir: &Path, socket: &Path, h: &Hotplug<'_>) {
+pub fn hotplug_and_unplug(env: &Path, dir: &Path, daemon: &Daemon, h: &Hotplug<'_>) {
     use qmp::{find_pci_device, Json, Qmp};
     let t = Duration::from_secs;
     let qmp_sock = dir.join("qmp.sock");
@@ -246,7 +247,8 @@ pub fn hotplug_and_unplug(env: &Path, dir: &Path, socket: &Path, h: &Hotplug<'_>
     if vm.wait_result("waiting_for_disk", t(150)).is_none() {
         panic!("guest never got ready\n{}", vm.kill_and_collect().report());
     }
-    let dev = vfio_user_device(socket, "vfu0", Some("rp0"));
+    assert_eq!(daemon.log_count("client attached"), 0);
+    let dev = vfio_user_device(&daemon.socket, "vfu0", Some("rp0"));
     if let Err(e) = qmp.execute("device_add", Some(dev)) {
         panic!("device_add: {e}\n{}", vm.kill_and_collect().report());
     }
@@ -263,6 +265,7 @@ pub fn hotplug_and_unplug(env: &Path, dir: &Path, socket: &Path, h: &Hotplug<'_>
         Some(i64::from(h.ids.1)),
         "{d}"
     );
+    assert_eq!(daemon.log_count("client attached"), 1);
 
     // The guest found the disk and did its I/O.
     if vm.wait_result("waiting_for_unplug", t(150)).is_none() {
