@@ -456,7 +456,12 @@ impl EventLoop {
             // out; a disconnect it causes is picked up just below.
             deferred_left = false;
             for s in self.servers.iter_mut() {
+                // Messages left by a client's last turn get the next one.
+                if s.has_message_backlog() {
+                    s.handle_connection_event(false, false);
+                }
                 deferred_left |= s.run_deferred();
+                deferred_left |= s.has_message_backlog();
                 s.check_guest_memory();
             }
             self.expire_handshakes();

@@ -25,6 +25,11 @@ use crate::wire::{flags, Header, DEFAULT_MAX_DATA_XFER_SIZE, HEADER_SIZE};
 const RX_BUFFER: usize = 64 * 1024;
 /// Reads per wake-up: bounded work keeps other devices on the loop served.
 const READS_PER_WAKEUP: usize = 64;
+/// Time the messages of one wake-up may take once one is handled: a read
+/// can hold a thousand messages, each allowed to be slow (a dirty-page
+/// report walks up to 2^26 pages). The rest wait in the buffer for the
+/// loop's next turn, after the other fds.
+const WORK_PER_WAKEUP: Duration = Duration::from_millis(2);
 
 /// What a handler answers.
 pub(crate) enum Reply {
@@ -143,6 +148,9 @@ pub(super) struct Connection {
     pub(super) accepted: Instant,
     max_msg_size: usize,
     max_queued_reply_bytes: usize,
+    /// Messages wait in `rx`: handling stopped at the reply limit or after
+    /// [`WORK_PER_WAKEUP`]. Nothing more is read until they are handled.
+    backlog: bool,
     /// The client as the protocol sees it.
     pub(super) session: Session,
 }
@@ -168,6 +176,7 @@ impl Connection {
             accepted: Instant::now(),
             max_msg_size,
             max_queued_reply_bytes,
+            backlog: false,
             session: Session {
                 negotiated: false,
                 client_max_xfer: DEFAULT_MAX_DATA_XFER_SIZE,
@@ -186,9 +195,15 @@ impl Connection {
     /// What to watch the socket for.
     pub(super) fn interest(&self) -> Interest {
         Interest {
-            read: self.tx_bytes < self.max_queued_reply_bytes,
+            read: self.tx_bytes < self.max_queued_reply_bytes && !self.backlog,
             write: !self.tx.is_empty(),
         }
+    }
+
+    /// Whether received messages wait that can be handled now, without
+    /// reading (the loop comes back for them before it sleeps).
+    pub(super) fn has_backlog(&self) -> bool {
+        self.backlog && self.tx_bytes < self.max_queued_reply_bytes
     }
 
     /// Whether the peer has closed or shut down its end.
@@ -203,11 +218,18 @@ impl Connection {
         n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 
-    /// Reads what is available and hands every complete message to
-    /// `handle`, queueing the reply it returns (none for a message that
-    /// needs none). Returns false once the client is gone or broke the
-    /// framing of fds.
+    /// Handles the messages waiting from before, then reads what is
+    /// available and hands every complete message to `handle`, queueing
+    /// the reply it returns (none for a message that needs none), as far
+    /// as the reply limit and [`WORK_PER_WAKEUP`] allow. Returns false once
+    /// the client is gone or broke the framing of fds.
     pub(super) fn read_messages(&mut self, handle: &mut MessageHandler<'_>) -> bool {
+        if self.backlog {
+            self.process_buffer(handle);
+            if self.backlog {
+                return true;
+            }
+        }
         for _ in 0..READS_PER_WAKEUP {
             if self.tx_bytes >= self.max_queued_reply_bytes {
                 return true;
@@ -263,6 +285,9 @@ impl Connection {
             }
             self.rx_len += r.bytes;
             self.process_buffer(handle);
+            if self.backlog {
+                break;
+            }
             let at_boundary = self.rx_len == 0 && matches!(self.read_state, ReadState::Message);
             if r.bytes < end - start || at_boundary {
                 // Short read (the socket is most likely drained) or a whole
@@ -274,8 +299,13 @@ impl Connection {
         true
     }
 
-    /// Handles every complete message in the receive buffer.
+    /// Handles the complete messages in the receive buffer, in order,
+    /// until the replies queued reach their limit or the messages have
+    /// taken [`WORK_PER_WAKEUP`]; what is left sets `backlog`.
     fn process_buffer(&mut self, handle: &mut MessageHandler<'_>) {
+        let started = Instant::now();
+        let mut handled = 0usize;
+        self.backlog = false;
         let mut consumed = 0;
         loop {
             let avail = self.rx_len - consumed;
@@ -295,6 +325,15 @@ impl Connection {
             if avail < HEADER_SIZE {
                 break;
             }
+            // A client that does not read its replies is not read either;
+            // one whose messages take long shares the loop's turns.
+            if self.tx_bytes >= self.max_queued_reply_bytes
+                || (handled > 0 && started.elapsed() >= WORK_PER_WAKEUP)
+            {
+                self.backlog = true;
+                break;
+            }
+            handled += 1;
             let hdr = match Header::decode(&self.rx[consumed..consumed + HEADER_SIZE]) {
                 Ok(h) => h,
                 Err(_) => break,
@@ -446,10 +485,10 @@ impl Connection {
     }
 
     /// The connection as it stands, for a hand-over: the socket, the
-    /// session, and the bytes (with their fds) of a message received only
-    /// in part. Duplicates of the fds go to `fds`, which the state
-    /// indexes. Every complete message has been handled (`process_buffer`
-    /// runs after every read); the reply queue must be empty
+    /// session, and the bytes (with their fds) of the messages not handled
+    /// yet: one received only in part, and complete ones left for the
+    /// loop's next turn. Duplicates of the fds go to `fds`, which the
+    /// state indexes. The reply queue must be empty
     /// ([`Connection::flush_within`]) and no message-DMA request pending.
     pub(super) fn export(&self, fds: &mut Vec<OwnedFd>) -> io::Result<ConnectionState> {
         if !self.tx.is_empty() || !self.session.pending.is_empty() {
@@ -495,8 +534,11 @@ impl Connection {
     ) -> Result<Connection, HandoverError> {
         let bad = |what: &str| HandoverError::Invalid(format!("connection: {what}"));
         let rx = from_hex(&state.rx).ok_or_else(|| bad("received bytes are not hex"))?;
-        if rx.len() > max_msg_size || state.discard.is_some_and(|n| n > max_msg_size) {
-            return Err(bad("more pending input than a message"));
+        // At most a full receive buffer: one large message, or a buffer of
+        // small ones.
+        if rx.len() > max_msg_size.max(RX_BUFFER) || state.discard.is_some_and(|n| n > max_msg_size)
+        {
+            return Err(bad("more pending input than a receive buffer"));
         }
         let mut rx_fds = Vec::with_capacity(state.rx_fds.len());
         for r in &state.rx_fds {
@@ -527,6 +569,8 @@ impl Connection {
         conn.session.client_max_xfer = state.client_max_xfer;
         conn.session.dma_layout = state.dma_layout;
         conn.session.next_msg_id = state.next_msg_id;
+        // Complete messages the exporting server had not reached yet.
+        conn.backlog = conn.rx_len > 0;
         Ok(conn)
     }
 

@@ -365,7 +365,16 @@ impl Server {
         self.served.client_gone();
     }
 
-    /// Handles readable/writable/hang-up events on the connection.
+    /// Whether messages the client sent wait to be handled without its
+    /// socket becoming readable: the last turn stopped at its time limit
+    /// (or a hand-over brought them). [`Server::handle_connection_event`]
+    /// handles them.
+    pub fn has_message_backlog(&self) -> bool {
+        self.conn.as_ref().is_some_and(Connection::has_backlog)
+    }
+
+    /// Handles readable/writable/hang-up events on the connection, and the
+    /// messages waiting from its last turn ([`Server::has_message_backlog`]).
     /// Returns false once the client is gone.
     pub fn handle_connection_event(&mut self, readable: bool, writable: bool) -> bool {
         let Some(conn) = self.conn.as_mut() else {
@@ -373,7 +382,7 @@ impl Server {
         };
         let served = &mut self.served;
         let ok = (!writable || conn.flush().is_ok())
-            && (!readable
+            && (!(readable || conn.has_backlog())
                 || conn.read_messages(&mut |session, message| served.dispatch(session, message)));
         // Requests the handlers queued go out only now, after their replies.
         if !ok || !self.send_queued() {
