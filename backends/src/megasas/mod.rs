@@ -81,8 +81,9 @@ pub const MSIX_TABLE_OFFSET: u64 = 0x2000;
 pub const MSIX_PBA_OFFSET: u64 = 0x3800;
 /// Product name in the controller information.
 const PRODUCT: &str = "MegaRAID SAS 1078 (vfio-user)";
-/// Frames queued and not fetched yet, at most: beyond the commands a
-/// driver may have outstanding, a port write is dropped.
+/// Frames the controller holds (queued, running, kept on an error), at
+/// most: beyond the commands a driver may have outstanding, a port write
+/// is dropped.
 pub const MAX_QUEUED_FRAMES: usize = 4096;
 /// Frames run per call of [`Lifecycle::run_deferred`].
 const FRAMES_PER_RUN: usize = 64;
@@ -360,12 +361,21 @@ impl Megasas {
         }
     }
 
+    /// Frames the controller holds: queued, running on I/O threads or an
+    /// io_uring, and kept on an error.
+    fn frames_held(&self) -> usize {
+        self.queued.len() + self.in_flight() + self.kept_frames()
+    }
+
     /// A frame address was written to a queue port.
     fn queue_frame(&mut self, addr: u64) {
         if self.regs.state == FwState::Fault {
             debug!("megasas: frame {addr:#x} posted to a stopped adapter");
-        } else if self.queued.len() >= MAX_QUEUED_FRAMES {
-            debug!("megasas: frame {addr:#x} dropped: {MAX_QUEUED_FRAMES} frames queued");
+        } else if self.frames_held() >= MAX_QUEUED_FRAMES {
+            // A driver keeps at most the firmware's MAX_CMDS outstanding:
+            // only a broken or hostile one gets here, e.g. posting one
+            // slow frame over and over.
+            debug!("megasas: frame {addr:#x} dropped: {MAX_QUEUED_FRAMES} frames held");
         } else {
             self.queued.push_back(addr);
         }

@@ -100,17 +100,26 @@ impl ReplyQueue {
         }
     }
 
-    /// Whether a restored state is usable: entries in range and the head
-    /// inside the ring.
+    /// Whether a restored state is usable: entries in range, the head
+    /// inside the ring, and the ring and indices inside the address space
+    /// (guest memory can change before the next post, which checks it).
     pub fn is_valid(&self) -> bool {
-        (1..=MAX_ENTRIES).contains(&self.entries) && self.head < self.entries
+        (1..=MAX_ENTRIES).contains(&self.entries)
+            && self.head < self.entries
+            && self.ring.checked_add(self.ring_len()).is_some()
+            && self.producer.checked_add(4).is_some()
+            && self.consumer.checked_add(4).is_some()
     }
 
     /// Posts `context`: writes it at the head, moves the head on and
     /// publishes it. Fails if the ring or the index is no longer in guest
     /// memory (the queue is then left as it was).
     pub fn post(&mut self, mem: &GuestMemory, context: u64) -> Result<(), QueueError> {
-        let slot = GuestAddress(self.ring + u64::from(self.head) * self.slot_size());
+        let slot = self
+            .ring
+            .checked_add(u64::from(self.head) * self.slot_size())
+            .map(GuestAddress)
+            .ok_or(QueueError::Outside)?;
         let written = if self.context64 {
             mem.write_obj(context.to_le(), slot)
         } else {
@@ -214,5 +223,21 @@ mod tests {
         assert_eq!(q.head, 0);
         assert!(!ReplyQueue { head: 4, ..q }.is_valid());
         assert!(!ReplyQueue::default().is_valid());
+        // A restored ring at the top of the address space is refused, and
+        // posting to one fails instead of wrapping around to address 0.
+        let top = ReplyQueue {
+            ring: u64::MAX - 0xf,
+            head: 3,
+            ..q
+        };
+        assert!(!top.is_valid());
+        assert!(!ReplyQueue {
+            producer: u64::MAX - 1,
+            ..q
+        }
+        .is_valid());
+        let mut top = top;
+        assert_eq!(top.post(&m, 1), Err(QueueError::Outside));
+        assert_eq!(top.head, 3);
     }
 }

@@ -785,6 +785,34 @@ fn hostile_frames_are_contained() {
 }
 
 #[test]
+fn frames_held_in_every_state_stay_bounded() {
+    let mut t = Hba::new(
+        1,
+        MegasasConfig {
+            on_error: ErrorPolicy::Stop,
+            ..Default::default()
+        },
+    );
+    t.init(8, false);
+    t.set_fault(Some(libc::ENOSPC));
+    t.write(FRAME, &ld_frame(true, 0, 4, 1, &[(BUF, 512)], 1));
+    t.post(FRAME);
+    t.hba.complete_in_flight(None);
+    assert_eq!(t.hba.kept_frames(), 1);
+    // Stopped: posts queue up, and the kept frame counts against the
+    // bound, so that resuming cannot queue more than it.
+    for _ in 0..MAX_QUEUED_FRAMES + 10 {
+        t.w32(reg::IQP, FRAME as u32);
+    }
+    assert_eq!(
+        t.hba.queued_frames() + t.hba.kept_frames(),
+        MAX_QUEUED_FRAMES
+    );
+    Pausable::resume(&mut t.hba).unwrap();
+    assert_eq!(t.hba.queued_frames(), MAX_QUEUED_FRAMES);
+}
+
+#[test]
 fn transfers_on_io_threads() {
     transfers_in_flight(Aio::Threads(2));
 }

@@ -56,7 +56,9 @@ pub struct ScsiDiskConfig {
     pub serial: Option<String>,
     /// Refuse writes even if the back end takes them.
     pub read_only: bool,
-    /// Largest transfer the block limits page reports, in blocks (0: none).
+    /// Largest transfer in blocks, reported in the block limits page and
+    /// enforced: a longer read or write fails with INVALID FIELD IN CDB
+    /// (0: no limit).
     pub max_transfer_blocks: u32,
     /// Tells disks with the same serial apart in their NAA name.
     pub index: u32,
@@ -367,12 +369,18 @@ impl<C> ScsiDisk<C> {
     /// Checks a read or write of the disk with a data buffer of
     /// `data_len` bytes, and returns its transfer. Writes to a read-only
     /// disk fail with DATA PROTECT, ranges beyond the capacity with LBA
-    /// OUT OF RANGE, and a buffer shorter than the transfer with INVALID
-    /// FIELD IN CDB. Without a write cache, or with FUA, a write is
-    /// durable once it completes.
+    /// OUT OF RANGE, and a transfer longer than the disk's maximum or a
+    /// buffer shorter than the transfer with INVALID FIELD IN CDB. Without
+    /// a write cache, or with FUA, a write is durable once it completes.
     pub fn plan_read_write(&self, rw: ReadWrite, data_len: u64) -> Plan {
         if rw.write && self.read_only {
             return Sense::write_protected().into();
+        }
+        // What the block limits page promises, held to: one command's
+        // transfer (and the event loop's time on it) stays bounded.
+        let max = self.identity.max_transfer_blocks;
+        if max != 0 && rw.blocks > u64::from(max) {
+            return Sense::new(key::ILLEGAL_REQUEST, asc::INVALID_FIELD_IN_CDB).into();
         }
         match rw.lba.checked_add(rw.blocks) {
             Some(end) if end <= self.blocks => {}
@@ -861,6 +869,27 @@ mod tests {
         );
         let (o, _) = run(&mut s, &[0x28, 0, 0, 0, 0, 0, 0, 0, 9, 0], 4096, 0);
         assert_eq!(o.sense.map(|s| (s.key, s.asc)), Some((5, 0x24)));
+    }
+
+    #[test]
+    fn transfers_above_the_maximum_are_refused() {
+        let (d, mut s) = disk(ScsiDiskConfig {
+            max_transfer_blocks: 8,
+            ..Default::default()
+        });
+        // 8 blocks go, 9 do not: neither read nor write touches the disk.
+        let (o, b) = run(&mut s, &[0x28, 0, 0, 0, 0, 2, 0, 0, 8, 0], 4096, 0);
+        assert_eq!((o.data_in, b[0], b[4095]), (4096, 2, 9));
+        let before = d.contents();
+        let mut w16 = [0u8; 16];
+        w16[0] = 0x8a;
+        w16[13] = 9;
+        let (o, _) = run(&mut s, &w16, 9 * 512, 0x55);
+        assert_eq!(o.sense.map(|s| (s.key, s.asc)), Some((5, 0x24)));
+        assert_eq!(d.contents(), before);
+        let (o, _) = run(&mut s, &[0x28, 0, 0, 0, 0, 0, 0, 0, 9, 0], 9 * 512, 0);
+        assert_eq!(o.sense.map(|s| (s.key, s.asc)), Some((5, 0x24)));
+        assert_eq!(o.data_in, 0);
     }
 
     #[test]
