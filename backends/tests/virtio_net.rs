@@ -593,3 +593,56 @@ fn receive_buffers_posted_while_a_pair_is_off_serve_it_once_on() {
     assert_eq!(d.wait_used(rx(1), 1), [(head, 300)]);
     assert_eq!(read_bufs(&d, &bufs, 300), with_num_buffers(&f, 1));
 }
+
+/// A virtio-net state as a snapshot carries it, with any values.
+#[derive(serde::Serialize)]
+struct NetStateFields {
+    mac: [u8; 6],
+    active_pairs: u16,
+    guest_offloads: Option<u64>,
+}
+
+#[test]
+fn a_refused_state_leaves_the_device_as_it_was() {
+    use vfio_user_server::vm_migration::Snapshot;
+    let (mut d, peers) = ready(1, ALL);
+    d.transport.device().lifecycle().pause().unwrap();
+    let good = d.transport.device().lifecycle().snapshot().unwrap();
+    // The transport's state is fine each time; the device's own is not a
+    // virtio-net state at all, has more queue pairs than the device, or a
+    // multicast MAC.
+    let fields = |mac: [u8; 6], active_pairs: u16| {
+        Snapshot::new_from_state(&NetStateFields {
+            mac,
+            active_pairs,
+            guest_offloads: None,
+        })
+        .unwrap()
+    };
+    let mut unicast = [0u8; 6];
+    for (i, b) in unicast.iter_mut().enumerate() {
+        *b = d.device_config(i as u64, 1) as u8;
+    }
+    for device in [
+        Snapshot::new_from_state(&7u32).unwrap(),
+        fields(unicast, 2),
+        fields([0x03, 0, 0, 0, 0, 1], 1),
+    ] {
+        let mut snap = good.clone();
+        snap.add_snapshot("device".into(), device);
+        assert!(d.transport.device().lifecycle().restore(&snap).is_err());
+    }
+    // The same fields with valid values are taken: the test's state is the
+    // device's.
+    let mut snap = good.clone();
+    snap.add_snapshot("device".into(), fields(unicast, 1));
+    d.transport.device().lifecycle().restore(&snap).unwrap();
+    d.transport.device().lifecycle().resume().unwrap();
+    // Still the device it was: frames from the TAP side reach the guest.
+    let (head, bufs) = post_rx(&mut d, rx(0), &[200]);
+    let f = frame(150, 7);
+    peers[0].send(&f).unwrap();
+    settle(&mut d);
+    assert_eq!(d.wait_used(rx(0), 1), [(head, 150)]);
+    assert_eq!(read_bufs(&d, &bufs, 150), with_num_buffers(&f, 1));
+}

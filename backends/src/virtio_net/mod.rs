@@ -608,6 +608,13 @@ impl VirtioDevice for VirtioNet {
                 self.pairs()
             )));
         }
+        // What the constructor and the guest's MAC_ADDR_SET refuse.
+        if state.mac[0] & 1 != 0 {
+            return Err(MigratableError::Restore(format!(
+                "multicast MAC {:02x?} in the snapshot",
+                state.mac
+            )));
+        }
         self.config.mac = state.mac;
         self.restored = Some(state);
         Ok(())

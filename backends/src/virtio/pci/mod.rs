@@ -634,8 +634,26 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         let mut pci = self.pci.clone();
         pci.set_state(&s.pci).map_err(|e| e.to_string())?;
 
+        // A device that refuses the state goes back to the one it had: a
+        // refused stream leaves the function as it was, not half-applied.
+        let previous = self.device.snapshot().map_err(|e| e.to_string())?;
         self.device.reset();
-        self.device.restore(device).map_err(|e| e.to_string())?;
+        if let Err(e) = self.device.restore(device) {
+            self.device.reset();
+            let back = self.device.restore(previous.as_ref()).and_then(|()| {
+                if self.active {
+                    self.device
+                        .activate(self.common.driver_features)
+                        .map_err(|e| MigratableError::Restore(e.to_string()))
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(back) = back {
+                error!("virtio-pci: the device's previous state did not come back: {back}");
+            }
+            return Err(e.to_string());
+        }
         self.pci = pci;
         self.queues = queues;
         let vectors: Vec<u16> = s.queues.iter().map(|q| q.vector).collect();
