@@ -330,6 +330,11 @@ impl MigrationState {
 
     /// Walks to `target` one direct arc at a time.
     fn transition(&mut self, target: MigState, mut side: DeviceSide<'_>) -> Result<(), i32> {
+        // ERROR is where a failed arc lands, never a state to ask for (the
+        // kernel refuses it too, even in ERROR).
+        if target == MigState::Error {
+            return Err(libc::EINVAL);
+        }
         while self.state != target {
             let next = self.state.next_hop(target).ok_or(libc::EINVAL)?;
             self.arc(next, &mut side)?;
@@ -496,6 +501,42 @@ mod tests {
         let mut bad = chunk(8);
         bad.truncate(MigData::SIZE + 4);
         assert_eq!(errno(m.data_write(&bad, 100)), Some(libc::EINVAL));
+    }
+
+    use crate::vm_migration::{MigratableError, Pausable};
+
+    /// A device whose pause fails.
+    struct Unpausable;
+    impl Pausable for Unpausable {
+        fn pause(&mut self) -> Result<(), MigratableError> {
+            Err(MigratableError::Pause("no".into()))
+        }
+    }
+    impl crate::vm_migration::Snapshottable for Unpausable {}
+    impl crate::vm_migration::Transportable for Unpausable {}
+    impl crate::vm_migration::Migratable for Unpausable {}
+    impl Lifecycle for Unpausable {
+        fn reset(&mut self, _reason: crate::device::ResetReason) {}
+    }
+
+    #[test]
+    fn error_is_never_a_state_to_ask_for() {
+        let (mut device, irqs) = (Unpausable, Irqs::default());
+        let mut m = MigrationState::default();
+        let mut to = |m: &mut MigrationState, state: MigState| {
+            let side = DeviceSide {
+                device: &mut device,
+                irqs: &irqs,
+                held: false,
+            };
+            m.transition(state, side)
+        };
+        assert_eq!(to(&mut m, MigState::Error), Err(libc::EINVAL));
+        assert_eq!(m.state, MigState::Running);
+        // A failed pause lands in ERROR; asking for ERROR there fails too.
+        assert_eq!(to(&mut m, MigState::Stop), Err(libc::EIO));
+        assert_eq!(m.state, MigState::Error);
+        assert_eq!(to(&mut m, MigState::Error), Err(libc::EINVAL));
     }
 
     #[test]
