@@ -1175,29 +1175,12 @@ struct HeldDisk {
 }
 
 impl BlockBackend for HeldDisk {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
+    integration_tests::forward_to_inner_disk!();
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         while self.held.load(Ordering::SeqCst) {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.write_zeroes(offset, len)
-    }
-    fn read_only(&self) -> bool {
-        false
     }
     fn id(&self) -> String {
         "held".into()

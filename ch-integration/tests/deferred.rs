@@ -75,9 +75,7 @@ impl GatedDisk {
 }
 
 impl BlockBackend for GatedDisk {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
+    integration_tests::forward_to_inner_disk!();
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut s = self.state.lock().unwrap();
         s.0 = true;
@@ -87,21 +85,6 @@ impl BlockBackend for GatedDisk {
         }
         drop(s);
         self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.write_zeroes(offset, len)
-    }
-    fn read_only(&self) -> bool {
-        false
     }
     fn id(&self) -> String {
         "gated".into()
@@ -137,26 +120,9 @@ impl PipeDisk {
 }
 
 impl BlockBackend for PipeDisk {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
+    integration_tests::forward_to_inner_disk!();
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.write_zeroes(offset, len)
-    }
-    fn read_only(&self) -> bool {
-        false
     }
     fn id(&self) -> String {
         "pipe".into()

@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod device;
+pub mod forwarding_disk;
 pub mod guest_ram;
 pub mod harness;
 pub mod in_process;
