@@ -650,6 +650,15 @@ impl RawFile {
         self.direct.as_ref().map(|d| (d.offset_align, d.mem_align))
     }
 
+    /// With `O_DIRECT`, what a write that is no read-modify-write cycle
+    /// holds (shared): `fallocate` on the buffered fd changes blocks that a
+    /// cycle on another I/O thread may be about to write back.
+    fn direct_write_lock(&self) -> Option<std::sync::RwLockReadGuard<'_, ()>> {
+        self.direct
+            .as_ref()
+            .map(|d| d.rmw.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// Bytes copied through bounce buffers since the image was opened:
     /// with `O_DIRECT`, those of buffers or ranges that were not aligned;
     /// 0 without.
@@ -844,6 +853,7 @@ impl BlockBackend for RawFile {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         check_writable(self.read_only)?;
         check_range(self.size, offset, len)?;
+        let _write = self.direct_write_lock();
         match fallocate(
             &self.file,
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -860,12 +870,17 @@ impl BlockBackend for RawFile {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         check_writable(self.read_only)?;
         check_range(self.size, offset, len)?;
-        match fallocate(
-            &self.file,
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        ) {
+        let zeroed = {
+            // (Not held over the fallback below: its writes take it.)
+            let _write = self.direct_write_lock();
+            fallocate(
+                &self.file,
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        };
+        match zeroed {
             Err(e) if unsupported(&e) => {
                 let zeroes = vec![0u8; len.min(ZERO_CHUNK) as usize];
                 let mut pos = offset;
@@ -1064,6 +1079,32 @@ mod tests {
         let mut b = vec![0u8; 700];
         t.as_file().read_exact_at(&mut b, size - 700).unwrap();
         assert_eq!(b, pattern(700, 1));
+    }
+
+    #[test]
+    fn direct_zeroing_waits_for_a_read_modify_write_cycle() {
+        let t = image(1 << 20);
+        let Some(f) = open(&t, true) else { return };
+        let d = f.direct.as_ref().unwrap();
+        // A cycle on another I/O thread has read its block and is about to
+        // write it back: zeroing or discarding must not slip in between.
+        let cycle = d.rmw.write().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                f.write_zeroes(0, 4096).unwrap();
+                f.discard(4096, 4096).unwrap();
+                tx.send(()).unwrap();
+            });
+            let waited = rx.recv_timeout(std::time::Duration::from_millis(200));
+            assert!(waited.is_err(), "zeroed during the cycle");
+            drop(cycle);
+            rx.recv_timeout(std::time::Duration::from_secs(10))
+                .expect("zeroed after the cycle");
+        });
+        let mut back = [0xffu8; 4096];
+        f.read_at(&mut back, 0).unwrap();
+        assert_eq!(back, [0; 4096]);
     }
 
     /// A page-aligned buffer of `len` bytes, with room for `slack` more.
