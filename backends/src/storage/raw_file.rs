@@ -882,6 +882,23 @@ impl BlockBackend for RawFile {
         };
         match zeroed {
             Err(e) if unsupported(&e) => {
+                // tmpfs and memfd images: a punched hole reads as zeroes, and
+                // allocating it again keeps the space a write-zeroes without
+                // unmap promises; two calls instead of writing it all.
+                let punched = {
+                    let _write = self.direct_write_lock();
+                    fallocate(
+                        &self.file,
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        offset,
+                        len,
+                    )
+                    .and_then(|()| fallocate(&self.file, libc::FALLOC_FL_KEEP_SIZE, offset, len))
+                };
+                match punched {
+                    Err(e) if unsupported(&e) => {}
+                    r => return r,
+                }
                 let zeroes = vec![0u8; len.min(ZERO_CHUNK) as usize];
                 let mut pos = offset;
                 let end = offset + len;
@@ -1079,6 +1096,27 @@ mod tests {
         let mut b = vec![0u8; 700];
         t.as_file().read_exact_at(&mut b, size - 700).unwrap();
         assert_eq!(b, pattern(700, 1));
+    }
+
+    #[test]
+    fn zeroing_an_in_memory_image_keeps_it_allocated() {
+        let size = 4u64 << 20;
+        let f = RawFile::in_memory(size).unwrap();
+        let data = pattern(size as usize, 9);
+        f.write_at(&data, 0).unwrap();
+        let blocks = || f.file.metadata().unwrap().blocks();
+        let full = blocks();
+        assert!(full >= size / 512);
+        f.write_zeroes(4096, 1 << 20).unwrap();
+        let mut back = vec![0xffu8; size as usize];
+        f.read_at(&mut back, 0).unwrap();
+        assert!(back[4096..4096 + (1 << 20)].iter().all(|b| *b == 0));
+        assert_eq!(back[..4096], data[..4096]);
+        assert_eq!(back[4096 + (1 << 20)..], data[4096 + (1 << 20)..]);
+        assert_eq!(blocks(), full, "the zeroed range is still allocated");
+        // Discard may give it back.
+        f.discard(4096, 1 << 20).unwrap();
+        assert!(blocks() < full);
     }
 
     #[test]
