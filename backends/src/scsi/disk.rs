@@ -9,6 +9,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -258,6 +259,18 @@ pub struct ScsiDisk<C> {
     blocks: u64,
     read_only: bool,
     write_cache: bool,
+    /// A write completed that no flush has covered yet: without one,
+    /// [`ScsiDisk::flush`] has nothing to do (a guest that sends cache
+    /// flushes over and over costs no `fdatasync` each).
+    unflushed: AtomicBool,
+}
+
+/// Notes a completed transfer: a write that was not flushed with it
+/// leaves the disk with something to flush.
+fn note_completed(unflushed: &AtomicBool, t: &Transfer) {
+    if matches!(t.kind, TransferKind::Write { flush: false }) {
+        unflushed.store(true, Ordering::Release);
+    }
 }
 
 impl<C> ScsiDisk<C> {
@@ -296,6 +309,9 @@ impl<C> ScsiDisk<C> {
             read_only,
             // Nothing is ever written: no cache to report or flush.
             write_cache: config.write_cache && !read_only,
+            // What the back end holds from before (another process, a
+            // crash) is flushed by the first flush.
+            unflushed: AtomicBool::new(true),
         })
     }
 
@@ -489,7 +505,10 @@ impl<C> ScsiDisk<C> {
         };
         match self.io.start(op, memory, (t, completion)) {
             Ok(Started::InFlight) => None,
-            Ok(Started::Done((t, completion), r)) => Some((completion, t.outcome(r))),
+            Ok(Started::Done((t, completion), r)) => {
+                note_completed(&self.unflushed, &t);
+                Some((completion, t.outcome(r)))
+            }
             Err(((t, completion), e)) => Some((completion, t.outcome(Err(e)))),
         }
     }
@@ -503,13 +522,22 @@ impl<C> ScsiDisk<C> {
             }
             TransferKind::Flush => self.io.flush().map(|()| 0),
         };
+        note_completed(&self.unflushed, &t);
         t.outcome(result)
     }
 
     /// Makes every completed write durable, on this thread (a controller's
-    /// cache flush or shutdown).
+    /// cache flush or shutdown, a pause, a reset); nothing to do if no
+    /// write completed since the last one.
     pub fn flush(&self) -> io::Result<()> {
-        self.io.flush()
+        if !self.unflushed.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let r = self.io.flush();
+        if r.is_err() {
+            self.unflushed.store(true, Ordering::Release);
+        }
+        r
     }
 
     /// Hands the transfers started since the last call to the I/O threads.
@@ -536,18 +564,28 @@ impl<C> ScsiDisk<C> {
     /// Hands the outcomes of finished transfers to `f`, with their
     /// completion values.
     pub fn collect<F: FnMut(C, Outcome)>(&mut self, mut f: F) {
-        self.io.collect(|(t, c), r| f(c, t.outcome(r)));
+        let unflushed = &self.unflushed;
+        self.io.collect(|(t, c), r| {
+            note_completed(unflushed, &t);
+            f(c, t.outcome(r))
+        });
     }
 
     /// Waits for every transfer started, then collects them all.
     pub fn drain_and_collect<F: FnMut(C, Outcome)>(&mut self, mut f: F) {
-        self.io.drain_and_collect(|(t, c), r| f(c, t.outcome(r)));
+        let unflushed = &self.unflushed;
+        self.io.drain_and_collect(|(t, c), r| {
+            note_completed(unflushed, &t);
+            f(c, t.outcome(r))
+        });
     }
 
     /// Waits for every transfer started and drops them without an outcome
     /// (a reset: nobody waits for them any more).
     pub fn forget_all(&mut self) {
         self.io.forget_all();
+        // Writes among them may have reached the back end.
+        self.unflushed.store(true, Ordering::Release);
     }
 }
 
@@ -971,6 +1009,45 @@ mod tests {
         assert_eq!(d.flush_count(), before + 2);
         s.flush().unwrap();
         assert_eq!(d.flush_count(), before + 3);
+        // The controller's flush has nothing to do until a write completes
+        // (FUA writes are flushed already).
+        s.flush().unwrap();
+        run(&mut s, &[0x2a, 0x08, 0, 0, 0, 6, 0, 0, 1, 0], 512, 0x6b);
+        assert_eq!(d.flush_count(), before + 4);
+        s.flush().unwrap();
+        assert_eq!(d.flush_count(), before + 4);
+        run(&mut s, &[0x2a, 0, 0, 0, 0, 7, 0, 0, 1, 0], 512, 0x7a);
+        s.flush().unwrap();
+        s.flush().unwrap();
+        assert_eq!(d.flush_count(), before + 5);
+    }
+
+    #[test]
+    fn a_failed_flush_is_tried_again_by_the_next() {
+        let d = Arc::new(crate::storage::faulty::FaultyDisk::new(
+            MemoryDisk::from_vec(vec![0; 1 << 20], false),
+        ));
+        let mut s: ScsiDisk<u32> = ScsiDisk::new(
+            d.clone(),
+            &ScsiDiskConfig {
+                write_cache: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        s.flush().unwrap();
+        run(&mut s, &[0x2a, 0, 0, 0, 0, 5, 0, 0, 1, 0], 512, 0x5a);
+        d.fail(
+            crate::storage::faulty::Call::Flush,
+            0,
+            2048,
+            libc::EIO,
+            Some(1),
+        );
+        assert!(s.flush().is_err());
+        let before = d.inner().flush_count();
+        s.flush().unwrap();
+        assert_eq!(d.inner().flush_count(), before + 1, "flushed again");
     }
 
     /// A back end whose every call fails with `kind`.
