@@ -356,8 +356,15 @@ impl Upgrader {
                 json!({"ok": false, "error": e})
             }
         };
-        reply(&pending.reply_to, &answer);
-        drop(pending);
+        // The hand-over directory goes before the answer: whoever reads
+        // it finds the upgrade over, its traces included.
+        let Pending {
+            reply_to,
+            _dir: dir,
+            ..
+        } = pending;
+        drop(dir);
+        reply(&reply_to, &answer);
         if self.done() {
             self.stop.stop();
         }
