@@ -650,13 +650,15 @@ impl RawFile {
         self.direct.as_ref().map(|d| (d.offset_align, d.mem_align))
     }
 
-    /// With `O_DIRECT`, what a write that is no read-modify-write cycle
-    /// holds (shared): `fallocate` on the buffered fd changes blocks that a
-    /// cycle on another I/O thread may be about to write back.
-    fn direct_write_lock(&self) -> Option<std::sync::RwLockReadGuard<'_, ()>> {
-        self.direct
+    /// `fallocate(mode)` of the range. With `O_DIRECT` it holds what a
+    /// write that is no read-modify-write cycle holds (shared): it changes
+    /// blocks that a cycle on another I/O thread may be about to write back.
+    fn fallocate_range(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let _write = self
+            .direct
             .as_ref()
-            .map(|d| d.rmw.read().unwrap_or_else(|e| e.into_inner()))
+            .map(|d| d.rmw.read().unwrap_or_else(|e| e.into_inner()));
+        fallocate(&self.file, mode, offset, len)
     }
 
     /// Bytes copied through bounce buffers since the image was opened:
@@ -853,13 +855,8 @@ impl BlockBackend for RawFile {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         check_writable(self.read_only)?;
         check_range(self.size, offset, len)?;
-        let _write = self.direct_write_lock();
-        match fallocate(
-            &self.file,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        ) {
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match self.fallocate_range(mode, offset, len) {
             // Discard is a hint: a file system without hole punching just
             // keeps the data.
             Err(e) if unsupported(&e) => Ok(()),
@@ -870,35 +867,21 @@ impl BlockBackend for RawFile {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         check_writable(self.read_only)?;
         check_range(self.size, offset, len)?;
-        let zeroed = {
-            // (Not held over the fallback below: its writes take it.)
-            let _write = self.direct_write_lock();
-            fallocate(
-                &self.file,
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            )
-        };
-        match zeroed {
+        let zero_range = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        match self.fallocate_range(zero_range, offset, len) {
             Err(e) if unsupported(&e) => {
                 // tmpfs and memfd images: a punched hole reads as zeroes, and
                 // allocating it again keeps the space a write-zeroes without
                 // unmap promises; two calls instead of writing it all.
-                let punched = {
-                    let _write = self.direct_write_lock();
-                    fallocate(
-                        &self.file,
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        offset,
-                        len,
-                    )
-                    .and_then(|()| fallocate(&self.file, libc::FALLOC_FL_KEEP_SIZE, offset, len))
-                };
+                let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                let punched = self
+                    .fallocate_range(punch, offset, len)
+                    .and_then(|()| self.fallocate_range(libc::FALLOC_FL_KEEP_SIZE, offset, len));
                 match punched {
                     Err(e) if unsupported(&e) => {}
                     r => return r,
                 }
+                // Else the zeroes are written, a chunk at a time.
                 let zeroes = vec![0u8; len.min(ZERO_CHUNK) as usize];
                 let mut pos = offset;
                 let end = offset + len;
