@@ -125,9 +125,14 @@ fn test_device() -> (Box<dyn Device>, DeviceContext) {
 
 /// A server listening in `dir`, with `client` attached.
 fn server(dir: &TempDir) -> (Server, UnixStream) {
+    server_with(dir, ServerConfig::default())
+}
+
+/// [`server`] with `config`.
+fn server_with(dir: &TempDir, config: ServerConfig) -> (Server, UnixStream) {
     let listener = UnixListener::bind(dir.as_path().join("s.sock")).unwrap();
     let (device, ctx) = test_device();
-    let mut s = Server::from_listener(listener, device, ctx, ServerConfig::default()).unwrap();
+    let mut s = Server::from_listener(listener, device, ctx, config).unwrap();
     let (ours, client) = UnixStream::pair().unwrap();
     client
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -176,7 +181,8 @@ fn reply(client: &mut UnixStream, id: u16) -> Vec<u8> {
 }
 
 /// Lets `server` handle what the client sent, as a level-triggered event
-/// loop does: again while its socket has input.
+/// loop does: again while its socket has input or messages wait for their
+/// turn.
 fn serve(server: &mut Server) {
     for _ in 0..16 {
         assert!(server.handle_connection_event(true, true));
@@ -186,7 +192,7 @@ fn serve(server: &mut Server) {
             revents: 0,
         };
         // SAFETY: one valid pollfd, no waiting.
-        if unsafe { libc::poll(&mut p, 1, 0) } == 0 {
+        if unsafe { libc::poll(&mut p, 1, 0) } == 0 && !server.has_message_backlog() {
             return;
         }
     }
@@ -362,6 +368,48 @@ fn a_server_goes_on_in_another_process() {
     ram.read_exact_at(&mut b, 0x1000 + 0x10).unwrap();
     assert_eq!(u32::from_le_bytes(b), 0xbbbb);
     assert!(new.irq_unmask_fd().1.is_some());
+}
+
+#[test]
+fn messages_waiting_for_their_turn_cross_a_hand_over() {
+    let dir = TempDir::new().unwrap();
+    // One reply queued stops the handling of a client's messages.
+    let config = ServerConfig {
+        max_queued_reply_bytes: 1,
+        ..ServerConfig::default()
+    };
+    let (mut old, mut client) = server_with(&dir, config.clone());
+    let ram = TempFile::new().unwrap().into_file();
+    ram.set_len(0x8000).unwrap();
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let _unmask = set_up(&mut old, &mut client, &ram, &irq);
+
+    // Three writes in one go: the first is handled, the others wait.
+    let waiting = [region_write(11, 0xb), region_write(12, 0xc)].concat();
+    client
+        .write_all(&[region_write(10, 0xa), waiting.clone()].concat())
+        .unwrap();
+    assert!(old.handle_connection_event(true, true));
+    assert!(old.has_message_backlog());
+    reply(&mut client, 10);
+
+    let handover = old.export_handover(Duration::from_secs(1)).unwrap();
+    let c = handover.state.connection.as_ref().unwrap();
+    assert_eq!(c.rx, to_hex(&waiting));
+    let (device, ctx) = test_device();
+    let mut new = Server::import_handover(handover, device, ctx, config).unwrap();
+    old.finish_handover();
+    // The new server knows they wait, and handles them in order without
+    // the client sending anything more.
+    assert!(new.has_message_backlog());
+    serve(&mut new);
+    assert!(!new.has_message_backlog());
+    reply(&mut client, 11);
+    reply(&mut client, 12);
+    let mut b = [0u8; 4];
+    use std::os::unix::fs::FileExt;
+    ram.read_exact_at(&mut b, 0x1000 + 0x10).unwrap();
+    assert_eq!(u32::from_le_bytes(b), 0xc);
 }
 
 #[test]
