@@ -123,9 +123,10 @@ fn serve(kind: &DeviceKind, argv: &[OsString]) -> Result<(), String> {
         }
     };
     if taken_from.is_some() {
-        // The socket files are ours from now on.
+        // The socket files are ours from now on. (Complete messages the
+        // hand-over brought are the connection's backlog: the event loop's
+        // first turn handles them.)
         server.claim_socket_path(&opts.socket);
-        server.process_received();
     }
     run(
         kind,

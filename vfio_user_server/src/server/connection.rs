@@ -573,14 +573,6 @@ impl Connection {
         conn.backlog = conn.rx_len > 0;
         Ok(conn)
     }
-
-    /// Handles the complete messages already in the receive buffer (none
-    /// unless a hand-over brought some).
-    pub(super) fn process_received(&mut self, handle: &mut MessageHandler<'_>) {
-        if self.rx_len > 0 {
-            self.process_buffer(handle);
-        }
-    }
 }
 
 #[cfg(test)]

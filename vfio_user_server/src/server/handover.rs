@@ -443,18 +443,6 @@ impl Server {
     pub fn claim_socket_path(&mut self, path: &std::path::Path) {
         self.socket.claim(path);
     }
-
-    /// Handles the complete messages a hand-over brought in the receive
-    /// buffer, if any (an exporting server leaves none); the event loop
-    /// handles the rest as it arrives.
-    pub fn process_received(&mut self) {
-        let Some(conn) = self.conn.as_mut() else {
-            return;
-        };
-        let served = &mut self.served;
-        conn.process_received(&mut |session, message| served.dispatch(session, message));
-        self.send_queued();
-    }
 }
 
 /// Maps the guest memory of a hand-over again.
