@@ -208,6 +208,12 @@ impl DirectIo {
         }
     }
 
+    /// The shared side of `rmw`, held by every write that is no
+    /// read-modify-write cycle.
+    fn plain_write(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.rmw.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether `b` can be handed to the kernel as it is.
     fn aligned(&self, b: &IoBuf<'_>) -> bool {
         b.is_empty()
@@ -244,7 +250,7 @@ impl DirectIo {
             let _cycle = self.rmw.write().unwrap_or_else(|e| e.into_inner());
             return self.unaligned(bufs, offset, total, write);
         }
-        let _write = write.then(|| self.rmw.read().unwrap_or_else(|e| e.into_inner()));
+        let _write = write.then(|| self.plain_write());
         if bufs.iter().all(|b| self.aligned(b)) {
             // The usual case (guest pages): straight into guest memory.
             return transfer_vectored(&self.file, bufs, offset, write);
@@ -654,10 +660,7 @@ impl RawFile {
     /// write that is no read-modify-write cycle holds (shared): it changes
     /// blocks that a cycle on another I/O thread may be about to write back.
     fn fallocate_range(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        let _write = self
-            .direct
-            .as_ref()
-            .map(|d| d.rmw.read().unwrap_or_else(|e| e.into_inner()));
+        let _write = self.direct.as_ref().map(DirectIo::plain_write);
         fallocate(&self.file, mode, offset, len)
     }
 
