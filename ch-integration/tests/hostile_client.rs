@@ -167,15 +167,8 @@ fn a_client_that_reads_no_replies_holds_the_daemon_to_its_reply_limit() {
     let mut requests = Vec::new();
     let ids: Vec<u16> = (0..1024)
         .map(|_| {
-            let id = a.next_id();
-            requests.extend(integration_tests::client::header(
-                id,
-                proto::cmd::REGION_READ,
-                (16 + access.len()) as u32,
-                0,
-                0,
-            ));
-            requests.extend_from_slice(&access);
+            let (id, m) = a.message(proto::cmd::REGION_READ, 0, &access);
+            requests.extend(m);
             id
         })
         .collect();

@@ -418,11 +418,18 @@ impl RawClient {
         self.stream.write_all(&bytes[sent..])
     }
 
-    /// Builds and sends one message; returns its id.
-    pub fn send(&mut self, command: u16, flags: u32, payload: &[u8], fds: &[RawFd]) -> u16 {
+    /// Builds one message with a fresh id, without sending it (to send
+    /// several in one write); returns the id and the bytes.
+    pub fn message(&mut self, command: u16, flags: u32, payload: &[u8]) -> (u16, Vec<u8>) {
         let id = self.next_id();
         let mut m = header(id, command, (HDR + payload.len()) as u32, flags, 0);
         m.extend_from_slice(payload);
+        (id, m)
+    }
+
+    /// Builds and sends one message; returns its id.
+    pub fn send(&mut self, command: u16, flags: u32, payload: &[u8], fds: &[RawFd]) -> u16 {
+        let (id, m) = self.message(command, flags, payload);
         self.send_bytes(&m, fds).expect("send");
         id
     }
