@@ -18,7 +18,7 @@ use super::frame::{cmd, flags, offset, status, Frame, FRAME_SIZE};
 use super::regs::FwState;
 use super::reply_queue::ReplyQueue;
 use super::sgl::{read_sgl, SglFormat};
-use super::{HeldFrame, Megasas, Pending, SenseBuffer, PCI_IDS, PRODUCT};
+use super::{CacheFlush, DiskJob, HeldFrame, Megasas, Pending, SenseBuffer, PCI_IDS, PRODUCT};
 use crate::guest_sg::SgList;
 use crate::scsi::{Outcome, ReadWrite, Sense, BLOCK_SIZE, STATUS_CHECK_CONDITION};
 
@@ -212,7 +212,8 @@ impl Megasas {
         frame: &Frame,
         held: HeldFrame,
     ) -> Option<Completion> {
-        let Some(disk) = self.disks.get_mut(usize::from(frame.target())) else {
+        let drive = usize::from(frame.target());
+        let Some(disk) = self.disks.get_mut(drive) else {
             return Some(Completion::status(status::DEVICE_NOT_FOUND));
         };
         let blocks = u64::from(frame.data_len());
@@ -228,9 +229,11 @@ impl Megasas {
             fua: false,
         };
         let plan = disk.plan_read_write(rw, sg.len());
-        let p = pending(frame, held);
-        let done = disk.execute(plan, &sg, mem, p);
-        done.and_then(|(p, o)| self.settle(&p, o))
+        let done = disk.execute(plan, &sg, mem, pending(frame, held));
+        if let Some((job, outcome)) = done {
+            self.job_done(mem, drive, job, outcome);
+        }
+        None
     }
 
     /// LD_SCSI_IO: the CDB goes to the logical drive's SCSI disk.
@@ -240,7 +243,8 @@ impl Megasas {
         frame: &Frame,
         held: HeldFrame,
     ) -> Option<Completion> {
-        let disk = match self.disks.get_mut(usize::from(frame.target())) {
+        let drive = usize::from(frame.target());
+        let disk = match self.disks.get_mut(drive) {
             Some(d) if frame.lun() == 0 => d,
             _ => return Some(Completion::status(status::DEVICE_NOT_FOUND)),
         };
@@ -252,13 +256,20 @@ impl Megasas {
             Err(s) => return Some(Completion::status(s)),
         };
         let plan = disk.plan(frame.cdb(), &sg);
-        let p = pending(frame, held);
-        let done = disk.execute(plan, &sg, mem, p);
-        done.and_then(|(p, o)| self.settle(&p, o))
+        let done = disk.execute(plan, &sg, mem, pending(frame, held));
+        if let Some((job, outcome)) = done {
+            self.job_done(mem, drive, job, outcome);
+        }
+        None
     }
 
     /// A DCMD; EVENT_WAIT is held (`None`).
-    fn dcmd(&mut self, mem: &GuestMemory, frame: &Frame, held: HeldFrame) -> Option<Completion> {
+    fn dcmd(
+        &mut self,
+        mem: &Arc<GuestMemory>,
+        frame: &Frame,
+        held: HeldFrame,
+    ) -> Option<Completion> {
         let op = frame.u32(offset::OPCODE);
         debug!("megasas: DCMD {} ({op:#010x})", dcmd::name(op));
         let sg = match frame_sgl(
@@ -302,7 +313,7 @@ impl Megasas {
                 }
             }
             opcode::CACHE_FLUSH | opcode::CTRL_SHUTDOWN | opcode::HIBERNATE_SHUTDOWN => {
-                (self.flush_disks(), None)
+                return self.start_cache_flush(mem, held);
             }
             _ => (status::INVALID_DCMD, None),
         };
@@ -316,26 +327,66 @@ impl Megasas {
         Some(Completion::status(cmd_status))
     }
 
-    /// Makes every completed write durable; returns the frame status.
-    pub(super) fn flush_disks(&self) -> u8 {
+    /// CACHE_FLUSH or SHUTDOWN: makes every completed write durable, on
+    /// the drives' I/O threads if they have them (the frame completes
+    /// once the last drive's flush has, [`Megasas::cache_flush_done`]).
+    /// Returns the completion if every drive is done already.
+    fn start_cache_flush(
+        &mut self,
+        mem: &Arc<GuestMemory>,
+        frame: HeldFrame,
+    ) -> Option<Completion> {
+        let id = self.next_cache_flush;
+        self.next_cache_flush = id.wrapping_add(1);
+        let mut flush = CacheFlush {
+            id,
+            frame,
+            drives_left: 0,
+            status: status::OK,
+        };
+        for (i, d) in self.disks.iter_mut().enumerate() {
+            match d.start_flush(mem, DiskJob::CacheFlush(id)) {
+                None => flush.drives_left += 1,
+                Some((_, outcome)) => flush.note(i, &outcome),
+            }
+        }
+        if flush.drives_left == 0 {
+            return Some(Completion::status(flush.status));
+        }
+        self.cache_flushes.push(flush);
+        None
+    }
+
+    /// Drive `drive`'s part of the cache flush `id` ended with `outcome`;
+    /// the frame completes with the last part. (A flush a reset dropped
+    /// is gone: nothing to complete.)
+    fn cache_flush_done(&mut self, mem: &GuestMemory, drive: usize, id: u64, outcome: Outcome) {
+        let Some(i) = self.cache_flushes.iter().position(|f| f.id == id) else {
+            return;
+        };
+        let flush = &mut self.cache_flushes[i];
+        flush.note(drive, &outcome);
+        flush.drives_left -= 1;
+        if flush.drives_left == 0 {
+            let flush = self.cache_flushes.swap_remove(i);
+            self.finish(mem, flush.frame, Completion::status(flush.status));
+        }
+    }
+
+    /// Flushes the drives, on this thread, if they have a write cache
+    /// (nothing waits in it otherwise); returns the frame status.
+    pub(super) fn flush_write_cache(&self) -> u8 {
         let mut s = status::OK;
         for (i, d) in self.disks.iter().enumerate() {
+            if !d.write_cache() {
+                continue;
+            }
             if let Err(e) = d.flush() {
                 warn!("megasas: flush of disk {i}: {e}");
                 s = status::FLUSH_FAILED;
             }
         }
         s
-    }
-
-    /// Flushes the drives if they have a write cache (nothing waits in it
-    /// otherwise); returns the frame status.
-    pub(super) fn flush_write_cache(&self) -> u8 {
-        if self.disks.iter().any(|d| d.write_cache()) {
-            self.flush_disks()
-        } else {
-            status::OK
-        }
     }
 
     /// ABORT: only a held EVENT_WAIT can be aborted; it is dropped without
@@ -353,6 +404,26 @@ impl Megasas {
         status::OK
     }
 
+    /// Drive `drive` did `job`, with `outcome` (on the spot or in
+    /// flight): its frame completes, unless it is kept or waits for other
+    /// drives.
+    pub(super) fn job_done(
+        &mut self,
+        mem: &GuestMemory,
+        drive: usize,
+        job: DiskJob,
+        outcome: Outcome,
+    ) {
+        match job {
+            DiskJob::Scsi(p) => {
+                if let Some(c) = self.settle(&p, outcome) {
+                    self.finish(mem, p.frame, c);
+                }
+            }
+            DiskJob::CacheFlush(id) => self.cache_flush_done(mem, drive, id, outcome),
+        }
+    }
+
     /// How the SCSI frame `p` that ended with `outcome` completes: as
     /// the outcome says, or not now (`None`) when the back end failed and
     /// the policy stops on that: the frame is kept to run again on resume,
@@ -367,14 +438,6 @@ impl Megasas {
             warn!("megasas: frame {:#x}: {f}: {e}", p.frame.addr);
         }
         Some(Completion::scsi(p, outcome))
-    }
-
-    /// Completes the SCSI frame `p` with `outcome` (from the I/O threads),
-    /// unless it is kept ([`Megasas::settle`]).
-    pub(super) fn complete_scsi(&mut self, mem: &GuestMemory, p: Pending, outcome: Outcome) {
-        if let Some(c) = self.settle(&p, outcome) {
-            self.finish(mem, p.frame, c);
-        }
     }
 
     /// Writes the completion of `held` into it (the command status last)
@@ -412,13 +475,23 @@ impl Megasas {
     }
 }
 
-/// What completing `frame` later needs.
-fn pending(frame: &Frame, held: HeldFrame) -> Pending {
-    Pending {
+/// What completing the SCSI frame `frame` later needs.
+fn pending(frame: &Frame, held: HeldFrame) -> DiskJob {
+    DiskJob::Scsi(Pending {
         frame: held,
         sense: SenseBuffer {
             addr: frame.sense_addr(),
             len: frame.sense_len(),
         },
+    })
+}
+
+impl CacheFlush {
+    /// Notes drive `drive`'s outcome: a failure fails the frame.
+    fn note(&mut self, drive: usize, outcome: &Outcome) {
+        if let Some(f) = &outcome.failure {
+            warn!("megasas: flush of disk {drive}: {}", f.error());
+            self.status = status::FLUSH_FAILED;
+        }
     }
 }

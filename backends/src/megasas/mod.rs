@@ -148,11 +148,32 @@ struct SenseBuffer {
     len: u8,
 }
 
-/// A frame whose transfer runs on a disk's I/O threads.
+/// A SCSI frame whose transfer runs on a disk's I/O threads.
 #[derive(Clone, Copy, Debug)]
 struct Pending {
     frame: HeldFrame,
     sense: SenseBuffer,
+}
+
+/// What runs on a disk's I/O threads or io_uring.
+#[derive(Clone, Copy, Debug)]
+enum DiskJob {
+    /// A SCSI frame's transfer.
+    Scsi(Pending),
+    /// The drive's part of the cache flush (CACHE_FLUSH or SHUTDOWN) with
+    /// this id.
+    CacheFlush(u64),
+}
+
+/// A CACHE_FLUSH or SHUTDOWN frame waiting for its drives' flushes.
+#[derive(Clone, Copy, Debug)]
+struct CacheFlush {
+    id: u64,
+    frame: HeldFrame,
+    /// Drives whose flush is still running.
+    drives_left: usize,
+    /// OK, or FLUSH_FAILED once a drive failed.
+    status: u8,
 }
 
 /// The MegaRAID SAS controller.
@@ -162,11 +183,15 @@ pub struct Megasas {
     regs: Registers,
     reply_queue: Option<ReplyQueue>,
     /// Logical drive `i` is disk `i`.
-    disks: Vec<ScsiDisk<Pending>>,
+    disks: Vec<ScsiDisk<DiskJob>>,
     /// Frame addresses written to the queue port and not run yet.
     queued: VecDeque<u64>,
     /// The EVENT_WAIT the driver left with us.
     event_wait: Option<HeldFrame>,
+    /// Cache flushes running on the drives' I/O threads.
+    cache_flushes: Vec<CacheFlush>,
+    /// The id of the next cache flush.
+    next_cache_flush: u64,
     /// Sequence number of the newest event (there are none after boot).
     event_seq: u32,
     /// Replies were posted since the last interrupt.
@@ -260,6 +285,8 @@ impl Megasas {
             disks,
             queued: VecDeque::new(),
             event_wait: None,
+            cache_flushes: Vec::new(),
+            next_cache_flush: 0,
             event_seq: 0,
             replies: false,
             msix_outstanding: false,
@@ -326,6 +353,7 @@ impl Megasas {
         }
         self.queued.clear();
         self.event_wait = None;
+        self.cache_flushes.clear();
         self.stop.clear();
     }
 
@@ -427,11 +455,13 @@ impl Megasas {
     /// (every disk's transfers, once they have all run, if `fd` is
     /// `None`), then interrupts.
     fn complete_in_flight(&mut self, fd: Option<RawFd>) {
-        let mut done: Vec<(Pending, Outcome)> = Vec::new();
-        for d in &mut self.disks {
+        let mut done: Vec<(usize, DiskJob, Outcome)> = Vec::new();
+        for (i, d) in self.disks.iter_mut().enumerate() {
             match fd {
-                None => d.drain_and_collect(|p, o| done.push((p, o))),
-                Some(fd) if d.completion_fd() == Some(fd) => d.collect(|p, o| done.push((p, o))),
+                None => d.drain_and_collect(|job, o| done.push((i, job, o))),
+                Some(fd) if d.completion_fd() == Some(fd) => {
+                    d.collect(|job, o| done.push((i, job, o)))
+                }
                 Some(_) => {}
             }
         }
@@ -439,8 +469,8 @@ impl Megasas {
             return;
         }
         let memory = self.memory.memory().into_inner();
-        for (p, outcome) in done {
-            self.complete_scsi(&memory, p, outcome);
+        for (drive, job, outcome) in done {
+            self.job_done(&memory, drive, job, outcome);
         }
         self.interrupt();
     }

@@ -883,6 +883,114 @@ fn transfers_in_flight(aio: Aio) {
 }
 
 #[test]
+fn cache_flushes_on_io_threads() {
+    cache_flushes_in_flight(Aio::Threads(2));
+}
+
+#[test]
+fn cache_flushes_on_io_uring() {
+    match crate::block_io::io_uring_support() {
+        Ok(()) => cache_flushes_in_flight(Aio::IoUring),
+        Err(why) => eprintln!("SKIP io_uring: {why}"),
+    }
+}
+
+/// CACHE_FLUSH and SHUTDOWN run on the drives' I/O threads or io_uring,
+/// not on the event loop: the frame completes when the last drive's
+/// flush is collected, FLUSH_FAILED if one failed (and the next flush
+/// tries that drive again); a reset drops a flush in flight.
+fn cache_flushes_in_flight(aio: Aio) {
+    let mut t = Hba::new(
+        2,
+        MegasasConfig {
+            aio,
+            ..Default::default()
+        },
+    );
+    t.init(8, false);
+    let flush = |t: &mut Hba, opcode: u32, context: u32| {
+        t.write(FRAME, &dcmd_frame(opcode, 0, 0, context));
+        t.post(FRAME);
+    };
+    // The ring takes no flush of an in-memory disk (nothing to wait
+    // for): it is done on the spot. (Its flush of a file is the block
+    // layer's test.)
+    let on_ring = aio == Aio::IoUring;
+    let running = |t: &Hba, drives: usize| {
+        let expect = if on_ring {
+            (status::OK, 0)
+        } else {
+            (0xff, drives)
+        };
+        assert_eq!(
+            (t.frame_status(FRAME), t.hba.in_flight()),
+            expect,
+            "{aio:?}"
+        );
+    };
+    // Both drives hold what was there before: both flush, in flight.
+    flush(&mut t, op::CACHE_FLUSH, 1);
+    running(&t, 2);
+    t.hba.complete_in_flight(None);
+    assert_eq!((t.frame_status(FRAME), t.rd32(PI)), (status::OK, 1));
+    assert_eq!(t.rd32(RING), 1, "the flush's context is posted");
+    // Only drive 1 took a write since: only it flushes.
+    t.write(FRAME + 0x800, &ld_frame(true, 1, 4, 1, &[(BUF, 512)], 2));
+    t.post(FRAME + 0x800);
+    t.hba.complete_in_flight(None);
+    flush(&mut t, op::CTRL_SHUTDOWN, 3);
+    running(&t, 1);
+    t.hba.complete_in_flight(None);
+    assert_eq!((t.frame_status(FRAME), t.rd32(PI)), (status::OK, 3));
+    // Nothing written since: done on the spot.
+    flush(&mut t, op::CACHE_FLUSH, 4);
+    assert_eq!((t.frame_status(FRAME), t.hba.in_flight()), (status::OK, 0));
+
+    // Drive 0 cannot flush: the frame fails, and the next flush tries
+    // drive 0 again (and drive 1, which took a write).
+    t.write(FRAME + 0x800, &ld_frame(true, 0, 4, 1, &[(BUF, 512)], 5));
+    t.post(FRAME + 0x800);
+    t.write(FRAME + 0x900, &ld_frame(true, 1, 4, 1, &[(BUF, 512)], 6));
+    t.post(FRAME + 0x900);
+    t.hba.complete_in_flight(None);
+    t.disks[0].fail(Call::Flush, 0, 0, libc::EIO, Some(1));
+    flush(&mut t, op::CACHE_FLUSH, 7);
+    t.hba.complete_in_flight(None);
+    assert_eq!(t.frame_status(FRAME), status::FLUSH_FAILED);
+    assert_eq!(t.disks[0].failed(), 1);
+    let counts = |t: &Hba| {
+        t.disks
+            .iter()
+            .map(|d| d.inner().flush_count())
+            .collect::<Vec<_>>()
+    };
+    let before = counts(&t);
+    flush(&mut t, op::CACHE_FLUSH, 8);
+    t.hba.complete_in_flight(None);
+    assert_eq!(t.frame_status(FRAME), status::OK);
+    assert_eq!(
+        counts(&t),
+        [before[0] + 1, before[1]],
+        "drive 0 again, drive 1 was clean"
+    );
+    if on_ring {
+        return;
+    }
+
+    // A reset drops a flush in flight: its frame never completes.
+    t.write(FRAME + 0x800, &ld_frame(true, 0, 4, 1, &[(BUF, 512)], 9));
+    t.post(FRAME + 0x800);
+    t.hba.complete_in_flight(None);
+    let pi = t.rd32(PI);
+    flush(&mut t, op::CACHE_FLUSH, 10);
+    assert_eq!(t.hba.in_flight(), 1);
+    t.w32(reg::IDB, super::regs::doorbell::READY);
+    t.hba.complete_in_flight(None);
+    assert_eq!((t.frame_status(FRAME), t.rd32(PI)), (0xff, pi));
+    assert_eq!(t.hba.in_flight(), 0);
+}
+
+#[test]
 fn snapshot_and_restore() {
     let mut t = Hba::new(2, MegasasConfig::default());
     t.init(8, true);

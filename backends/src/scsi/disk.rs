@@ -265,13 +265,26 @@ pub struct ScsiDisk<C> {
     unflushed: AtomicBool,
 }
 
-/// Notes a completed transfer: a write that was not flushed with it
-/// leaves the disk with something to flush.
-fn note_completed(unflushed: &AtomicBool, t: &Transfer) {
-    if matches!(t.kind, TransferKind::Write { flush: false }) {
+/// Notes a completed transfer: a write that was not flushed with it, and
+/// a flush that failed, leave the disk with something to flush.
+fn note_completed<T>(unflushed: &AtomicBool, t: &Transfer, result: &io::Result<T>) {
+    let dirty = match t.kind {
+        TransferKind::Write { flush: false } => true,
+        TransferKind::Flush => result.is_err(),
+        _ => false,
+    };
+    if dirty {
         unflushed.store(true, Ordering::Release);
     }
 }
+
+/// The transfer of a cache flush.
+const FLUSH: Transfer = Transfer {
+    kind: TransferKind::Flush,
+    lba: 0,
+    offset: 0,
+    len: 0,
+};
 
 impl<C> ScsiDisk<C> {
     /// A disk on `backend`, presented as `config` says.
@@ -487,6 +500,18 @@ impl<C> ScsiDisk<C> {
         if !self.io.runs_in_flight() || !std::ptr::eq(data.memory(), &**memory) {
             return Some((completion, self.run(t, data)));
         }
+        self.start(t, data, memory, completion)
+    }
+
+    /// Starts `t` on the I/O threads or the io_uring; returns its outcome
+    /// if it is done already.
+    fn start(
+        &mut self,
+        t: Transfer,
+        data: &SgList<'_>,
+        memory: &Arc<GuestMemory>,
+        completion: C,
+    ) -> Option<(C, Outcome)> {
         let op = match t.kind {
             TransferKind::Read => BlockOp::Read {
                 sg: data,
@@ -506,10 +531,14 @@ impl<C> ScsiDisk<C> {
         match self.io.start(op, memory, (t, completion)) {
             Ok(Started::InFlight) => None,
             Ok(Started::Done((t, completion), r)) => {
-                note_completed(&self.unflushed, &t);
+                note_completed(&self.unflushed, &t, &r);
                 Some((completion, t.outcome(r)))
             }
-            Err(((t, completion), e)) => Some((completion, t.outcome(Err(e)))),
+            Err(((t, completion), e)) => {
+                let r = Err(e);
+                note_completed(&self.unflushed, &t, &r);
+                Some((completion, t.outcome(r)))
+            }
         }
     }
 
@@ -522,22 +551,40 @@ impl<C> ScsiDisk<C> {
             }
             TransferKind::Flush => self.io.flush().map(|()| 0),
         };
-        note_completed(&self.unflushed, &t);
+        note_completed(&self.unflushed, &t, &result);
         t.outcome(result)
     }
 
-    /// Makes every completed write durable, on this thread (a controller's
-    /// cache flush or shutdown, a pause, a reset); nothing to do if no
-    /// write completed since the last one.
+    /// Makes every completed write durable, on this thread (a pause, a
+    /// reset); nothing to do if no write completed since the last one.
     pub fn flush(&self) -> io::Result<()> {
         if !self.unflushed.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
         let r = self.io.flush();
-        if r.is_err() {
-            self.unflushed.store(true, Ordering::Release);
-        }
+        note_completed(&self.unflushed, &FLUSH, &r);
         r
+    }
+
+    /// [`ScsiDisk::flush`] for a command (a controller's cache flush or
+    /// shutdown): in flight on the I/O threads or the io_uring if the disk
+    /// has them, its outcome coming back with `completion` from
+    /// [`ScsiDisk::collect`] once submitted, so that the `fdatasync` does
+    /// not hold up the caller. Returns the outcome of what is done
+    /// already: nothing to flush, or flushed on this thread.
+    pub fn start_flush(
+        &mut self,
+        memory: &Arc<GuestMemory>,
+        completion: C,
+    ) -> Option<(C, Outcome)> {
+        if !self.io.runs_in_flight() {
+            return Some((completion, FLUSH.outcome(self.flush().map(|()| 0))));
+        }
+        if !self.unflushed.swap(false, Ordering::AcqRel) {
+            return Some((completion, Outcome::good(0)));
+        }
+        // A flush moves no data: its list is empty.
+        self.start(FLUSH, &SgList::new(memory), memory, completion)
     }
 
     /// Hands the transfers started since the last call to the I/O threads.
@@ -566,7 +613,7 @@ impl<C> ScsiDisk<C> {
     pub fn collect<F: FnMut(C, Outcome)>(&mut self, mut f: F) {
         let unflushed = &self.unflushed;
         self.io.collect(|(t, c), r| {
-            note_completed(unflushed, &t);
+            note_completed(unflushed, &t, &r);
             f(c, t.outcome(r))
         });
     }
@@ -575,7 +622,7 @@ impl<C> ScsiDisk<C> {
     pub fn drain_and_collect<F: FnMut(C, Outcome)>(&mut self, mut f: F) {
         let unflushed = &self.unflushed;
         self.io.drain_and_collect(|(t, c), r| {
-            note_completed(unflushed, &t);
+            note_completed(unflushed, &t, &r);
             f(c, t.outcome(r))
         });
     }
