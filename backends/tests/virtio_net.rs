@@ -13,7 +13,7 @@ use backends::virtio::VirtioDevice;
 use backends::virtio_net::{NetHeader, VirtioNetConfig, VirtioNetPci, NET_HDR_LEN};
 use integration_tests::virtio_driver::common_cfg as cc;
 use integration_tests::virtio_driver::*;
-use vfio_user_server::device::{AsLifecycle, DeviceContext};
+use vfio_user_server::device::{AsLifecycle, DeviceContext, Interest};
 use vfio_user_server::pci::PciAdapter;
 
 /// The device as these tests serve it.
@@ -404,6 +404,7 @@ fn every_control_command_is_answered() {
     let mac: Vec<u8> = (0..6).map(|i| d.device_config(i, 1) as u8).collect();
     assert_eq!(mac, new_mac);
     assert_eq!(command(&mut d, CTRL_MAC, 1, &[0x03, 0, 0, 0, 0, 7]), ERR);
+    assert_eq!(command(&mut d, CTRL_MAC, 1, &[0; 6]), ERR, "all zeros");
     assert_eq!(command(&mut d, CTRL_MAC, 1, &[0x02, 0, 0]), ERR, "short");
     assert_eq!(command(&mut d, CTRL_VLAN, 0, &[5, 0]), OK);
     assert_eq!(command(&mut d, CTRL_VLAN, 1, &[5, 0]), OK);
@@ -609,16 +610,19 @@ fn a_refused_state_leaves_the_device_as_it_was() {
     d.transport.device().lifecycle().pause().unwrap();
     let good = d.transport.device().lifecycle().snapshot().unwrap();
     // The transport's state is fine each time; the device's own is not a
-    // virtio-net state at all, has more queue pairs than the device, or a
-    // multicast MAC.
-    let fields = |mac: [u8; 6], active_pairs: u16| {
+    // virtio-net state at all, has more queue pairs than the device, a
+    // multicast or all-zero MAC, or guest offloads the driver did not
+    // negotiate (refused when the restored state is activated, before the
+    // transport takes its part).
+    let with_offloads = |mac: [u8; 6], active_pairs: u16, guest_offloads: Option<u64>| {
         Snapshot::new_from_state(&NetStateFields {
             mac,
             active_pairs,
-            guest_offloads: None,
+            guest_offloads,
         })
         .unwrap()
     };
+    let fields = |mac: [u8; 6], active_pairs: u16| with_offloads(mac, active_pairs, None);
     let mut unicast = [0u8; 6];
     for (i, b) in unicast.iter_mut().enumerate() {
         *b = d.device_config(i as u64, 1) as u8;
@@ -627,6 +631,8 @@ fn a_refused_state_leaves_the_device_as_it_was() {
         Snapshot::new_from_state(&7u32).unwrap(),
         fields(unicast, 2),
         fields([0x03, 0, 0, 0, 0, 1], 1),
+        fields([0; 6], 1),
+        with_offloads(unicast, 1, Some(1 << 40)),
     ] {
         let mut snap = good.clone();
         snap.add_snapshot("device".into(), device);
@@ -645,4 +651,109 @@ fn a_refused_state_leaves_the_device_as_it_was() {
     settle(&mut d);
     assert_eq!(d.wait_used(rx(0), 1), [(head, 150)]);
     assert_eq!(read_bufs(&d, &bufs, 150), with_num_buffers(&f, 1));
+}
+
+#[test]
+fn a_state_restored_before_the_driver_came_is_not_its_negotiation() {
+    use vfio_user_server::vm_migration::Snapshot;
+    // A device snapshotted before any driver set it up, its own state
+    // saying two pairs and every offload (as a stream may).
+    let (mut d, _peers) = connect(2, true);
+    d.transport.device().lifecycle().pause().unwrap();
+    let mut snap = d.transport.device().lifecycle().snapshot().unwrap();
+    let mac = [0x02, 0, 0, 0, 0, 9];
+    let device = Snapshot::new_from_state(&NetStateFields {
+        mac,
+        active_pairs: 2,
+        guest_offloads: Some(0),
+    })
+    .unwrap();
+    snap.add_snapshot("device".into(), device);
+    d.transport.device().lifecycle().restore(&snap).unwrap();
+    d.transport.device().lifecycle().resume().unwrap();
+    // The driver's set-up starts with a reset: its negotiation is its
+    // own (one pair, the offloads it acked); the MAC is the device's.
+    d.init(ALL, QUEUE_SIZE);
+    assert_eq!(net(&mut d).device().active_pairs(), 1);
+    let all = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN;
+    assert_eq!(net(&mut d).device().offloads(), all);
+    let got: Vec<u8> = (0..6).map(|i| d.device_config(i, 1) as u8).collect();
+    assert_eq!(got, mac);
+}
+
+/// A back end whose next read fails with EIO, once.
+struct FailingRead {
+    inner: Box<dyn NetBackend>,
+    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl NetBackend for FailingRead {
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.inner.fd()
+    }
+    fn read_frame(&self, bufs: &[backends::storage::IoBuf<'_>]) -> std::io::Result<usize> {
+        if self.fail.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.read_frame(bufs)
+    }
+    fn write_frame(&self, bufs: &[backends::storage::IoBuf<'_>]) -> std::io::Result<usize> {
+        self.inner.write_frame(bufs)
+    }
+    fn set_offload(&self, flags: u32) -> std::io::Result<()> {
+        self.inner.set_offload(flags)
+    }
+    fn link_up(&self) -> bool {
+        self.inner.link_up()
+    }
+}
+
+#[test]
+fn a_failed_read_of_the_back_end_is_tried_again_at_the_next_link_poll() {
+    let (b, peer) = seqpacket_pair().unwrap();
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let backends: Vec<Box<dyn NetBackend>> = vec![Box::new(FailingRead {
+        inner: Box::new(b),
+        fail: fail.clone(),
+    })];
+    let config = VirtioNetConfig {
+        mac: DEVICE_MAC,
+        queue_size: QUEUE_SIZE,
+        ..Default::default()
+    };
+    let ctx = DeviceContext::default();
+    let net = VirtioNetPci::new(ctx.clone(), backends, config).unwrap();
+    let mut d = VirtioDriver::connect_with_ram(
+        InProcess::new(PciAdapter::new(net).unwrap(), ctx),
+        GuestRam::with_regions(&[(0, 4 << 20)]),
+    );
+    d.install_msix();
+    d.init(ALL, QUEUE_SIZE);
+    // Every fd the loop watches is non-blocking: a readiness handled late
+    // (the link timer re-armed meanwhile) must not hold up the loop.
+    let watched = d.transport.device().lifecycle().watched_fds().to_vec();
+    for w in &watched {
+        // SAFETY: F_GETFL on a descriptor the device holds open.
+        let fl = unsafe { libc::fcntl(w.fd, libc::F_GETFL) };
+        assert!(fl >= 0 && fl & libc::O_NONBLOCK != 0, "fd {} blocks", w.fd);
+    }
+    // The guest's only receive buffers are posted (it will not kick
+    // again); the read of the first frame fails.
+    let (head, bufs) = post_rx(&mut d, rx(0), &[1526]);
+    fail.store(true, std::sync::atomic::Ordering::Relaxed);
+    let f = frame(300, 3);
+    peer.send(&f).unwrap();
+    settle(&mut d);
+    assert!(d.poll_used(rx(0)).is_empty());
+    assert!(
+        !fail.load(std::sync::atomic::Ordering::Relaxed),
+        "the read failed"
+    );
+    // The link poll (the timer fired: handled now, without waiting a
+    // period) watches the back end again, and the frame comes in.
+    let timer = watched.last().unwrap().fd;
+    (d.transport.device().lifecycle()).handle_event(timer, Interest::READ);
+    settle(&mut d);
+    assert_eq!(d.wait_used(rx(0), 1), [(head, 300)]);
+    assert_eq!(read_bufs(&d, &bufs, 300), with_num_buffers(&f, 1));
 }

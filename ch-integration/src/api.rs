@@ -7,7 +7,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,15 +33,14 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Listens on `path` (which must not exist), owner-only.
+    /// Listens on `path` (which must not exist), owner-only; the socket
+    /// appears there once it takes connections.
     pub fn bind(path: &Path) -> Result<ApiServer, String> {
         if path.symlink_metadata().is_ok() {
             return Err(format!("api socket path {} already exists", path.display()));
         }
-        let listener = UnixListener::bind(path)
-            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("cannot set permissions of {}: {e}", path.display()))?;
+        let listener = vfio_user_server::server::listen_at(path, 0o600)
+            .map_err(|e| format!("api socket: {e}"))?;
         Self::from_listener(listener, path)
     }
 

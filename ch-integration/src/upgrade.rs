@@ -51,7 +51,8 @@ pub const PAUSE_LIMIT: Duration = Duration::from_secs(3);
 /// How long the client has to take the replies already queued for it
 /// before the device state is taken.
 const FLUSH_LIMIT: Duration = Duration::from_millis(500);
-/// Largest hand-over message accepted (a device state is at most 256 MiB).
+/// Largest hand-over message accepted (a device state, a message being
+/// received and those waiting for their turn, hex-encoded).
 const MAX_STATE_BYTES: usize = 300 << 20;
 /// Largest hello, ready or go message.
 const MAX_SMALL_BYTES: usize = 64 << 10;
@@ -682,9 +683,18 @@ fn take(
         .to_string());
     }
     let msg: StateMessage = serde_json::from_value(v).map_err(|e| format!("bad state: {e}"))?;
-    let want = msg.server_fds + msg.device_fds + usize::from(msg.api_socket);
-    if fds.len() != want {
-        return Err(format!("{} fds for a state that has {want}", fds.len()));
+    let want = msg
+        .server_fds
+        .checked_add(msg.device_fds)
+        .and_then(|n| n.checked_add(usize::from(msg.api_socket)));
+    if want != Some(fds.len()) {
+        return Err(format!(
+            "{} fds for a state that names {} + {} + {}",
+            fds.len(),
+            msg.server_fds,
+            msg.device_fds,
+            usize::from(msg.api_socket)
+        ));
     }
     let mut fds = fds.into_iter();
     let server_fds: Vec<OwnedFd> = fds.by_ref().take(msg.server_fds).collect();

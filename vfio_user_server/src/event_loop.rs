@@ -127,6 +127,24 @@ struct Registered {
     irq_unmask: (u64, Option<EventFd>),
 }
 
+/// Makes reads and writes of `fd` return `EAGAIN` instead of blocking:
+/// the event loop must never wait on a descriptor it watches (an epoll
+/// readiness can be stale by the time it is handled).
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl takes any descriptor number (EBADF if it is none);
+    // no memory is passed.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if fl & libc::O_NONBLOCK == 0 && libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// The event loop.
 pub struct EventLoop {
     epoll: RawFd,

@@ -547,13 +547,8 @@ impl Irqs {
 /// The flag lives in the file description shared with the client, so a
 /// client that clears it again can still stall the loop (docs/security.md).
 fn set_nonblocking(f: &File) {
-    let fd = f.as_raw_fd();
-    // SAFETY: fcntl on a descriptor we own; no memory is passed.
-    unsafe {
-        let fl = libc::fcntl(fd, libc::F_GETFL);
-        if fl >= 0 && fl & libc::O_NONBLOCK == 0 {
-            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
-        }
+    if let Err(e) = crate::event_loop::set_nonblocking(f.as_raw_fd()) {
+        log::debug!("an interrupt fd stays blocking: {e}");
     }
 }
 

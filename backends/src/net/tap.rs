@@ -19,6 +19,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use thiserror::Error;
+use vfio_user_server::event_loop::set_nonblocking;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
 use crate::storage::IoBuf;
@@ -234,13 +235,7 @@ impl Tap {
         if flags & want != want {
             return Err(TapError::NotTap(name));
         }
-        // SAFETY: F_GETFL/F_SETFL on an fd we own; no memory is passed.
-        unsafe {
-            let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-            if fl < 0 || libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
-                return Err(err("F_SETFL", io::Error::last_os_error()));
-            }
-        }
+        set_nonblocking(file.as_raw_fd()).map_err(|e| err("F_SETFL", e))?;
         Ok(Tap { file, name })
     }
 

@@ -27,6 +27,7 @@ use log::{debug, warn};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vfio_user_server::device::{DeviceContext, Interest, WatchedFd};
+use vfio_user_server::event_loop::set_nonblocking;
 use vfio_user_server::vm_migration::{MigratableError, Snapshot};
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -75,6 +76,9 @@ pub enum VirtioNetError {
     /// The link poll timer could not be made.
     #[error("timer: {0}")]
     Timer(vmm_sys_util::errno::Error),
+    /// The link poll timer could not be made non-blocking.
+    #[error("timer: {0}")]
+    TimerFlags(std::io::Error),
     /// The PCI transport could not be built.
     #[error("virtio-pci transport: {0}")]
     Transport(#[from] VirtioPciError),
@@ -150,9 +154,12 @@ pub struct VirtioNet {
     link_up: bool,
     announce: bool,
     config_changed: bool,
-    /// A pair's receive ring was found empty: its fd is not watched for
-    /// input until the guest posts buffers.
+    /// A pair's receive ring was found empty, or its back end failed a
+    /// read: its fd is not watched for input until the guest posts
+    /// buffers, or (a failure) the next link poll tries it again.
     rx_waiting: Vec<bool>,
+    /// A pair's back end failed a read (see `rx_waiting`).
+    rx_failed: Vec<bool>,
     /// A pair's back end refused a frame: transmit waits for it to become
     /// writable.
     tx_blocked: Vec<bool>,
@@ -205,6 +212,9 @@ impl VirtioNet {
             features |= bit(VIRTIO_NET_F_MQ);
         }
         let link_timer = TimerFd::new().map_err(VirtioNetError::Timer)?;
+        // A readiness handled after the timer was re-armed (a reset and an
+        // activation in between) must not block the loop for a period.
+        set_nonblocking(link_timer.as_raw_fd()).map_err(VirtioNetError::TimerFlags)?;
         let mut watched: Vec<WatchedFd> = backends
             .iter()
             .map(|b| WatchedFd {
@@ -231,6 +241,7 @@ impl VirtioNet {
             announce: false,
             config_changed: false,
             rx_waiting: vec![false; pairs],
+            rx_failed: vec![false; pairs],
             tx_blocked: vec![false; pairs],
             overflow: vec![0; 1],
             restored: None,
@@ -301,19 +312,26 @@ impl VirtioNet {
                 Rx::Frame => {
                     used += 1;
                     count(&self.stats.rx_frames);
+                    self.rx_failed[pair] = false;
                 }
                 Rx::Dropped => {
                     used += 1;
                     count(&self.stats.rx_dropped);
+                    self.rx_failed[pair] = false;
                 }
                 Rx::Empty => break,
                 Rx::NoBuffers => {
                     // Watched again when the guest posts buffers.
                     self.rx_waiting[pair] = true;
+                    self.rx_failed[pair] = false;
                     break;
                 }
                 Rx::Failed(e) => {
-                    warn!("virtio-net: receive on pair {pair}: {e}");
+                    // Once per failure, not per poll: the pair is tried
+                    // again at the next link poll.
+                    if !std::mem::replace(&mut self.rx_failed[pair], true) {
+                        warn!("virtio-net: receive on pair {pair}: {e}");
+                    }
                     self.rx_waiting[pair] = true;
                     break;
                 }
@@ -363,7 +381,8 @@ impl VirtioNet {
             (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET) if c.len >= 6 => {
                 let mut mac = [0u8; 6];
                 mac.copy_from_slice(&c.data[..6]);
-                if mac[0] & 1 != 0 {
+                // Unicast, as the constructor and restore take it.
+                if mac[0] & 1 != 0 || mac == [0; 6] {
                     return err;
                 }
                 self.config.mac = mac;
@@ -406,7 +425,21 @@ impl VirtioNet {
 
     /// Looks at the back end's link after the timer fired.
     fn poll_link(&mut self) {
+        // Non-blocking: EAGAIN if the expiry was taken already.
         let _ = self.link_timer.wait();
+        // A back end that failed a read is watched again: without that, a
+        // guest with a full receive ring (which never kicks it) would
+        // receive nothing more after one error.
+        let mut retry = false;
+        for (failed, waiting) in self.rx_failed.iter().zip(self.rx_waiting.iter_mut()) {
+            if *failed && *waiting {
+                *waiting = false;
+                retry = true;
+            }
+        }
+        if retry {
+            self.update_interest();
+        }
         let up = self.backends[0].link_up();
         if up != self.link_up {
             debug!("virtio-net: link {}", if up { "up" } else { "down" });
@@ -472,8 +505,25 @@ impl VirtioDevice for VirtioNet {
 
     fn activate(&mut self, features: u64) -> Result<(), VirtioError> {
         self.acked_features = features & self.avail_features;
-        self.active = true;
         let restored = self.restored.take();
+        if let Some(s) = &restored {
+            // What the control queue would have refused this driver.
+            if s.active_pairs > 1 && !self.acked(VIRTIO_NET_F_MQ) {
+                return Err(VirtioError::Activate(format!(
+                    "{} active queue pairs restored without multiqueue negotiated",
+                    s.active_pairs
+                )));
+            }
+            let allowed = self.acked_features & GUEST_OFFLOADS;
+            if let Some(o) = s.guest_offloads {
+                if !self.acked(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS) || o & !allowed != 0 {
+                    return Err(VirtioError::Activate(format!(
+                        "restored guest offloads {o:#x}, negotiated {allowed:#x}"
+                    )));
+                }
+            }
+        }
+        self.active = true;
         self.active_pairs = restored.as_ref().map_or(1, |s| s.active_pairs.max(1));
         self.guest_offloads = restored.as_ref().and_then(|s| s.guest_offloads);
         // Without mergeable buffers, one byte tells a frame that did not
@@ -485,6 +535,7 @@ impl VirtioDevice for VirtioNet {
         };
         self.overflow = vec![0; overflow];
         self.rx_waiting.fill(false);
+        self.rx_failed.fill(false);
         self.tx_blocked.fill(false);
         self.apply_offloads()
             .map_err(|e| VirtioError::Activate(format!("TAP offloads: {e}")))?;
@@ -505,6 +556,9 @@ impl VirtioDevice for VirtioNet {
 
     fn reset(&mut self) {
         self.active = false;
+        // A restored state not activated yet is the driver's no more: the
+        // next activation is a new negotiation.
+        self.restored = None;
         self.acked_features = 0;
         self.active_pairs = 1;
         self.guest_offloads = None;
@@ -519,6 +573,7 @@ impl VirtioDevice for VirtioNet {
             w.interest = Interest::NONE;
         }
         self.rx_waiting.fill(false);
+        self.rx_failed.fill(false);
         self.tx_blocked.fill(false);
     }
 
@@ -609,10 +664,10 @@ impl VirtioDevice for VirtioNet {
             )));
         }
         // What the constructor and the guest's MAC_ADDR_SET refuse.
-        if state.mac[0] & 1 != 0 {
+        if state.mac[0] & 1 != 0 || state.mac == [0; 6] {
             return Err(MigratableError::Restore(format!(
-                "multicast MAC {:02x?} in the snapshot",
-                state.mac
+                "MAC {} in the snapshot",
+                format_mac(&state.mac)
             )));
         }
         self.config.mac = state.mac;

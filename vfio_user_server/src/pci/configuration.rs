@@ -354,6 +354,8 @@ impl PciConfiguration {
     /// Restores a state saved from a configuration with the same layout.
     /// Fails with [`PciDeviceError::InvalidCapability`] if the sizes differ
     /// or the MSI/MSI-X capabilities are not where this layout has them.
+    /// Only the registers are taken: which bits the guest may write is
+    /// this function's layout, whatever the state says.
     pub fn set_state(&mut self, state: &PciConfigurationState) -> Result<(), PciDeviceError> {
         let size = self.registers.len();
         if state.registers.len() != size
@@ -371,8 +373,6 @@ impl PciConfiguration {
             }
         }
         self.registers.copy_from_slice(&state.registers);
-        self.writable_bits.copy_from_slice(&state.writable_bits);
-        self.w1c_bits.copy_from_slice(&state.w1c_bits);
         Ok(())
     }
 }
@@ -815,5 +815,16 @@ mod tests {
         let mut moved = state.clone();
         moved.registers[msix] = 0x05;
         assert!(d.set_state(&moved).is_err());
+
+        // Which bits the guest may write stays this layout's, whatever a
+        // state says: the IDs and the BAR's size stay read-only.
+        let mut open = state.clone();
+        open.writable_bits.fill(0xff);
+        open.w1c_bits.fill(0);
+        d.set_state(&open).unwrap();
+        let id = d.read_reg(0);
+        write32(&mut d, 0, 0x1234_5678);
+        write32(&mut d, 4, 0xffff_ffff);
+        assert_eq!((d.read_reg(0), d.read_reg(4)), (id, 0xffff_f000));
     }
 }

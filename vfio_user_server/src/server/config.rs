@@ -31,6 +31,9 @@ pub struct ServerConfig {
 /// soon as they connect.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Default of [`ServerConfig::max_migration_bytes`].
+pub const DEFAULT_MAX_MIGRATION_BYTES: usize = 16 << 20;
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -38,7 +41,9 @@ impl Default for ServerConfig {
             dma_limits: DmaLimits::default(),
             write_multiple: true,
             socket_mode: 0o600,
-            max_migration_bytes: 256 << 20,
+            // A device's state is KiBs to a few MiB; parsing it can take
+            // many times its size (serde's buffering of unknown fields).
+            max_migration_bytes: DEFAULT_MAX_MIGRATION_BYTES,
             max_queued_reply_bytes: 4 << 20,
             handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
         }

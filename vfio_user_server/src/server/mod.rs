@@ -48,7 +48,7 @@ pub use self::config::{ServerConfig, DEFAULT_HANDSHAKE_TIMEOUT};
 pub use self::handover::{Handover, HandoverError, HandoverState, HANDOVER_FORMAT};
 pub use self::migration::MigState;
 pub use self::saved_state::IRQS_SNAPSHOT_ID;
-pub use self::socket_file::ServerError;
+pub use self::socket_file::{listen_at, ServerError};
 pub use self::version::{ADVERTISED_MAX_MSG_FDS, OUR_MINOR};
 
 /// One device on one listening socket.

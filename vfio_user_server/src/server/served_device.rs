@@ -132,7 +132,15 @@ impl ServedDevice {
         let irqs = self.irqs.clone();
         let device = self.lifecycle();
         device.pause()?;
-        saved_state::restore(device, &irqs, snapshot)?;
+        if let Err(e) = saved_state::restore(device, &irqs, snapshot) {
+            // Refused, nothing applied: the device goes on as it was.
+            if !self.paused {
+                if let Err(r) = self.lifecycle().resume() {
+                    warn!("the device does not resume after a refused restore: {r}");
+                }
+            }
+            return Err(e);
+        }
         self.paused = false;
         self.resume_on_irqs = true;
         self.lifecycle().resume()

@@ -56,22 +56,7 @@ impl SocketFile {
             info!("removing stale socket {}", path.display());
             std::fs::remove_file(path).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
         }
-        // Bind and listen under a temporary name, then move the socket into
-        // place: a client that sees the path can connect at once.
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(".{}.tmp", std::process::id()));
-        let tmp = PathBuf::from(tmp);
-        let _ = std::fs::remove_file(&tmp);
-        let listener =
-            UnixListener::bind(&tmp).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
-        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| ServerError::Permissions(path.to_path_buf(), e))
-            .and_then(|()| rename_noreplace(&tmp, path));
-        if let Err(e) = placed {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        let mut s = Self::from_listener(listener)?;
+        let mut s = Self::from_listener(listen_at(path, mode)?)?;
         s.claim(path);
         Ok(s)
     }
@@ -121,6 +106,29 @@ impl Drop for SocketFile {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// A socket listening at `path`, which must not exist, with permissions
+/// `mode`. It appears at its path only once it listens with its mode set:
+/// a client that sees the path can connect at once, and nobody can
+/// connect meanwhile. The file is the caller's to remove.
+pub fn listen_at(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
+    // Bind and listen under a temporary name, then move the socket into
+    // place.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener =
+        UnixListener::bind(&tmp).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| ServerError::Permissions(path.to_path_buf(), e))
+        .and_then(|()| rename_noreplace(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
 }
 
 /// Renames `from` to `to`, failing if `to` exists.

@@ -636,9 +636,20 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
 
         // A device that refuses the state goes back to the one it had: a
         // refused stream leaves the function as it was, not half-applied.
+        // The device is activated (if the state is active) before the
+        // transport takes the state, so that nothing can fail after.
         let previous = self.device.snapshot().map_err(|e| e.to_string())?;
         self.device.reset();
-        if let Err(e) = self.device.restore(device) {
+        let applied = self.device.restore(device).and_then(|()| {
+            if s.active {
+                (self.device)
+                    .activate(s.common.driver_features)
+                    .map_err(|e| MigratableError::Restore(e.to_string()))
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = applied {
             self.device.reset();
             let back = self.device.restore(previous.as_ref()).and_then(|()| {
                 if self.active {
@@ -659,14 +670,8 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         let vectors: Vec<u16> = s.queues.iter().map(|q| q.vector).collect();
         self.common.set_state(&s.common, &vectors);
         self.isr = s.isr;
-        self.active = false;
+        self.active = s.active;
         self.retry = false;
-        if s.active {
-            self.device
-                .activate(self.common.driver_features)
-                .map_err(|e| e.to_string())?;
-            self.active = true;
-        }
         Ok(())
     }
 }

@@ -1,9 +1,12 @@
 //! A server with guest memory, interrupt eventfds, a negotiated client and
-//! a message half sent, handed over and going on with the same client.
+//! a message half sent, handed over and going on with the same client;
+//! and a server's state restored, or refused, in place.
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
@@ -26,11 +29,11 @@ const MSIX: u32 = 2;
 
 /// A device with one register: a write stores the value, copies it into
 /// guest memory at [`MAILBOX`] and raises MSI-X vector 1. Its state is
-/// the value; pauses are counted.
+/// the value; whether it is paused is shared with the test.
 struct TestDev {
     ctx: DeviceContext,
     value: u32,
-    pauses: u32,
+    paused: Arc<AtomicBool>,
 }
 
 impl Device for TestDev {
@@ -80,7 +83,12 @@ impl Device for TestDev {
 
 impl Pausable for TestDev {
     fn pause(&mut self) -> Result<(), MigratableError> {
-        self.pauses += 1;
+        self.paused.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), MigratableError> {
+        self.paused.store(false, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -114,13 +122,20 @@ impl Lifecycle for TestDev {
 }
 
 fn test_device() -> (Box<dyn Device>, DeviceContext) {
+    let (device, ctx, _) = watched_test_device();
+    (device, ctx)
+}
+
+/// [`test_device`], and whether it is paused.
+fn watched_test_device() -> (Box<dyn Device>, DeviceContext, Arc<AtomicBool>) {
     let ctx = DeviceContext::default();
+    let paused = Arc::new(AtomicBool::new(false));
     let dev = TestDev {
         ctx: ctx.clone(),
         value: 0,
-        pauses: 0,
+        paused: paused.clone(),
     };
-    (Box::new(dev), ctx)
+    (Box::new(dev), ctx, paused)
 }
 
 /// A server listening in `dir`, with `client` attached.
@@ -514,4 +529,20 @@ fn hex_round_trip() {
     assert_eq!(from_hex(&to_hex(&b)).unwrap(), b);
     assert!(from_hex("abc").is_none());
     assert!(from_hex("zz").is_none());
+}
+
+#[test]
+fn a_refused_restore_leaves_the_device_running() {
+    let dir = TempDir::new().unwrap();
+    let listener = UnixListener::bind(dir.as_path().join("s.sock")).unwrap();
+    let (device, ctx, paused) = watched_test_device();
+    let mut s = Server::from_listener(listener, device, ctx, ServerConfig::default()).unwrap();
+    // Not the device's state (a string, not its register value).
+    let bad = Snapshot::new_from_state(&"not a value").unwrap();
+    assert!(s.restore(&bad).is_err());
+    assert!(!paused.load(Ordering::Relaxed), "left paused");
+    // A good one is taken, and the device runs.
+    s.restore(&Snapshot::new_from_state(&7u32).unwrap())
+        .unwrap();
+    assert!(!paused.load(Ordering::Relaxed));
 }
