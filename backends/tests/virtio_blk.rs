@@ -130,6 +130,7 @@ in_flight!(
     device_reset_through_status_zero,
     full_reset_through_adapter,
     pause_defers_and_resume_processes,
+    off_the_bus_takes_nothing,
     snapshot_restore,
     storage_errors_are_reported_by_default,
     storage_errors_stop_the_device_until_resumed,
@@ -967,6 +968,9 @@ fn full_reset_through_adapter() {
         .device()
         .lifecycle()
         .reset(ResetReason::LostConnection);
+    // The command register too: bus mastering is off until the driver
+    // turns it on again (`init`).
+    assert_eq!(d.cfg_read(4, 2) & 0x4, 0);
     d.init(ALL & !VIRTIO_RING_F_EVENT_IDX, 16);
     assert_eq!(
         read_sectors(&mut d, 0, 0, 512),
@@ -1027,6 +1031,30 @@ fn pause_defers_and_resume_processes() {
     assert_eq!(d.take_result(0, req.head).0, VIRTIO_BLK_S_OK);
     assert!(d.msix[1].fired());
     assert_eq!(&disk.contents()[1024..1536], &[6u8; 512]);
+}
+
+/// With bus mastering off (a kernel handing over to another with kexec
+/// clears it) the device takes nothing off its rings: they may be memory
+/// the guest uses for something else by then. Once it is on again, the
+/// doorbells rung meanwhile are served.
+#[test]
+fn off_the_bus_takes_nothing() {
+    let disk = memdisk();
+    let mut d = ready(disk.clone());
+    d.set_bus_master(false);
+    let buf = d.ram.alloc(512, 16);
+    d.ram.write(buf, &[8u8; 512]);
+    let req = d.blk_submit_descs(0, VIRTIO_BLK_T_OUT, 3, &[Desc::readable(buf, 512)]);
+    d.kick(0);
+    d.settle();
+    assert!(d.poll_used(0).is_empty());
+    assert!(disk.contents()[1536..2048].iter().all(|b| *b == 0));
+    assert!(!d.msix[1].fired());
+    d.set_bus_master(true);
+    d.settle();
+    assert_eq!(d.wait_used(0, 1), [(req.head, 1)]);
+    assert_eq!(d.take_result(0, req.head).0, VIRTIO_BLK_S_OK);
+    assert_eq!(&disk.contents()[1536..2048], &[8u8; 512]);
 }
 
 #[test]

@@ -757,3 +757,26 @@ fn a_failed_read_of_the_back_end_is_tried_again_at_the_next_link_poll() {
     assert_eq!(d.wait_used(rx(0), 1), [(head, 300)]);
     assert_eq!(read_bufs(&d, &bufs, 300), with_num_buffers(&f, 1));
 }
+
+#[test]
+fn frames_wait_while_the_device_is_off_the_bus() {
+    let (mut d, peers) = ready(1, ALL);
+    let (head, bufs) = post_rx(&mut d, rx(0), &[1526]);
+    // The guest's kernel hands over to another (kexec): bus mastering off.
+    // The receive buffers it posted are not written.
+    d.set_bus_master(false);
+    let f = frame(400, 5);
+    peers[0].send(&f).unwrap();
+    settle(&mut d);
+    assert!(d.poll_used(rx(0)).is_empty());
+    assert_eq!(d.ram.read(bufs[0].0, 16), vec![0u8; 16]);
+    assert!(
+        peers[0].device_has_input(),
+        "the frame waits in the back end"
+    );
+    // On again: the frame comes in.
+    d.set_bus_master(true);
+    settle(&mut d);
+    assert_eq!(d.wait_used(rx(0), 1), [(head, 400)]);
+    assert_eq!(read_bufs(&d, &bufs, 400), with_num_buffers(&f, 1));
+}

@@ -662,6 +662,9 @@ impl Harness {
             peers,
             stats: Stats::default(),
         };
+        // Memory space and bus mastering on, as the guest's PCI core
+        // leaves them.
+        h.dev.region_write(7, 4, &[0x06, 0]).expect("command register");
         if flags & 4 == 0 {
             h.enable_msix();
         }

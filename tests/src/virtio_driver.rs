@@ -43,6 +43,11 @@ pub use crate::transport::{
 };
 use crate::RawClient;
 
+/// The PCI command register, and its memory space and bus master bits.
+const PCI_COMMAND: u64 = 0x04;
+const COMMAND_MEMORY: u64 = 1 << 1;
+const COMMAND_BUS_MASTER: u64 = 1 << 2;
+
 /// virtio-blk request type: read.
 pub const VIRTIO_BLK_T_IN: u32 = 0;
 /// virtio-blk request type: write.
@@ -471,7 +476,9 @@ impl VirtioDriver<RawClient> {
 
 impl<T: Transport> VirtioDriver<T> {
     /// Fresh guest RAM ([`GuestRam::new`]) mapped into the device, BARs
-    /// sized, capabilities found; the device is not initialised.
+    /// sized, memory space and bus mastering on (as firmware and the
+    /// guest's PCI core leave them), capabilities found; the device is not
+    /// initialised.
     pub fn connect_with(transport: T) -> VirtioDriver<T> {
         VirtioDriver::connect_with_ram(transport, GuestRam::new())
     }
@@ -498,8 +505,20 @@ impl<T: Transport> VirtioDriver<T> {
             done: HashSet::new(),
         };
         d.bar_sizes = d.size_bars();
+        d.set_bus_master(true);
         d.find_caps();
         d
+    }
+
+    /// Turns bus mastering on or off (the rest of the command register
+    /// as [`VirtioDriver::connect_with_ram`] left it).
+    pub fn set_bus_master(&mut self, on: bool) {
+        let bits = if on {
+            COMMAND_MEMORY | COMMAND_BUS_MASTER
+        } else {
+            COMMAND_MEMORY
+        };
+        self.cfg_write(PCI_COMMAND, 2, bits);
     }
 
     /// The MSI-X eventfds by vector.
@@ -751,10 +770,14 @@ impl<T: Transport> VirtioDriver<T> {
         self.common_write(MSIX_CONFIG, 2, u64::from(vector));
     }
 
-    /// Resets the device and negotiates `want` & offered, as a guest does
-    /// (ACKNOWLEDGE, DRIVER, features, FEATURES_OK, which must stick).
+    /// Turns bus mastering on, resets the device and negotiates `want` &
+    /// offered, as a guest does (ACKNOWLEDGE, DRIVER, features,
+    /// FEATURES_OK, which must stick).
     /// Returns the negotiated features.
     pub fn negotiate(&mut self, want: u64) -> u64 {
+        // As a guest driver's probe does first (`pci_set_master`): after a
+        // device reset the command register is back to power-on.
+        self.set_bus_master(true);
         self.set_status(0);
         assert_eq!(self.status(), 0);
         self.set_status(ACKNOWLEDGE);

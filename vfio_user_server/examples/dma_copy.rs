@@ -41,8 +41,6 @@ const COUNT: usize = 0x1c;
 const REGS: usize = 0x20;
 /// Largest copy, which bounds what one doorbell costs.
 const MAX_LEN: u64 = 1 << 20;
-/// Bus master enable in the command register: no DMA without it.
-const COMMAND_BUS_MASTER: u16 = 1 << 2;
 /// The child snapshot holding the PCI function's state.
 const PCI_SNAPSHOT_ID: &str = "pci";
 
@@ -91,7 +89,7 @@ impl DmaCopy {
     /// writes nothing (the destination is checked first).
     fn copy(&self) -> bool {
         let (src, dst, len) = (self.reg(SRC, 8), self.reg(DST, 8), self.reg(LEN, 4));
-        if self.pci.config().command() & COMMAND_BUS_MASTER == 0 || len > MAX_LEN {
+        if !self.pci.config().bus_master() || len > MAX_LEN {
             return false;
         }
         let memory = self.memory.memory();

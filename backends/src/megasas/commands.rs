@@ -22,9 +22,6 @@ use super::{CacheFlush, DiskJob, HeldFrame, Megasas, Pending, SenseBuffer, PCI_I
 use crate::guest_sg::SgList;
 use crate::scsi::{Outcome, ReadWrite, Sense, BLOCK_SIZE, STATUS_CHECK_CONDITION};
 
-/// Bus master enable in the command register: no DMA without it.
-const COMMAND_BUS_MASTER: u16 = 1 << 2;
-
 /// How a frame completes.
 #[derive(Clone, Copy, Debug)]
 struct Completion {
@@ -81,7 +78,7 @@ impl Megasas {
         if memory.num_regions() == 0 {
             return false;
         }
-        if self.pci.config().command() & COMMAND_BUS_MASTER == 0 {
+        if !self.pci.config().bus_master() {
             debug!(
                 "megasas: {} frame(s) dropped: bus mastering is off",
                 self.queued.len()

@@ -176,8 +176,17 @@ impl MemoryDisk {
     fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
         check_writable(self.read_only)?;
         let span = self.span(offset, len)?;
-        // At most the disk's length, a usize.
-        span.copy_from(&vec![0u8; len as usize]);
+        // A chunk at a time: the range may be as long as the disk.
+        const CHUNK: usize = 64 << 10;
+        let zeros = [0u8; CHUNK];
+        let mut done = 0;
+        while done < span.len() {
+            let n = CHUNK.min(span.len() - done);
+            let part = (span.subslice(done, n))
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            part.copy_from(&zeros[..n]);
+            done += n;
+        }
         Ok(())
     }
 

@@ -34,6 +34,7 @@ const CAPABILITY_END: usize = 0x100;
 /// parity error response, SERR# enable, INTx disable.
 const COMMAND_WRITABLE: u16 = 0x0547;
 const COMMAND_INTX_DISABLE: u16 = 1 << 10;
+const COMMAND_BUS_MASTER: u16 = 1 << 2;
 const STATUS_CAPABILITY_LIST: u16 = 1 << 4;
 /// Status bits cleared by writing 1: master data parity error, signaled
 /// target abort, received target/master abort, signaled system error,
@@ -308,6 +309,12 @@ impl PciConfiguration {
     /// The command register.
     pub fn command(&self) -> u16 {
         self.read_u16(COMMAND)
+    }
+
+    /// Whether the guest let the function master the bus (command bit 2):
+    /// without it the device must not read or write guest memory.
+    pub fn bus_master(&self) -> bool {
+        self.command() & COMMAND_BUS_MASTER != 0
     }
 
     /// Whether the guest disabled INTx (command bit 10).

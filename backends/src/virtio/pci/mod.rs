@@ -756,21 +756,33 @@ impl<D: VirtioDevice + 'static> Lifecycle for VirtioPciDevice<D> {
     }
 
     fn watched_fds(&self) -> &[WatchedFd] {
-        // Events are not handled while paused: an fd that stays ready (a
-        // TAP with frames waiting, a timer that fired) would wake the event
-        // loop over and over until resume.
-        if self.paused {
+        // Events are not handled while paused, or while the guest keeps the
+        // device off the bus: an fd that stays ready (a TAP with frames
+        // waiting, a timer that fired) would wake the event loop over and
+        // over until then.
+        if self.paused || !self.pci.config().bus_master() {
             return &[];
         }
         self.device.watched_fds()
     }
 
     fn handle_event(&mut self, fd: RawFd, ready: Interest) {
+        if !self.pci.config().bus_master() {
+            return;
+        }
         self.complete_in_flight(|device, queues, mem| device.handle_event(fd, ready, queues, mem));
     }
 
+    /// Takes requests off the rings. Not while the guest keeps the device
+    /// off the bus (bus master enable clear, e.g. a kernel handing over
+    /// to another with `kexec`): the rings may be memory the guest uses
+    /// for something else by then. Doorbells wait for the bit.
     fn run_deferred(&mut self) -> bool {
-        if !self.active || self.paused || !(self.retry || self.kicked.contains(&true)) {
+        if !self.active
+            || self.paused
+            || !self.pci.config().bus_master()
+            || !(self.retry || self.kicked.contains(&true))
+        {
             return false;
         }
         let memory = self.memory.clone();
@@ -838,7 +850,12 @@ impl<D: VirtioDevice + 'static> PciDevice for VirtioPciDevice<D> {
     }
 
     fn write_config_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
+        let bus_master = self.pci.config().bus_master();
         self.pci.write_config_register(reg_idx, offset, data);
+        if !bus_master && self.pci.config().bus_master() {
+            // Doorbells rung while the device could not reach the rings.
+            self.kick_all();
+        }
         if Some(reg_idx) == self.pci_cfg_data_reg() {
             if let Some((bar_offset, len)) = self.pci_cfg_window() {
                 let value = self.pci.read_config_register(reg_idx).to_le_bytes();
@@ -962,7 +979,11 @@ mod tests {
             stopped: None,
             retries: 0,
         };
-        VirtioPciDevice::with_device(ctx, d, false).unwrap()
+        let mut d = VirtioPciDevice::with_device(ctx, d, false).unwrap();
+        // Memory space and bus mastering on, as the guest's PCI core
+        // leaves them.
+        d.write_config_register(1, 0, &[0x06, 0]);
+        d
     }
 
     fn bring_up(d: &mut VirtioPciDevice<Dummy>) {
