@@ -977,6 +977,29 @@ fn cache_flushes_in_flight(aio: Aio) {
         return;
     }
 
+    // A second flush while the first is in flight does not answer before
+    // it: it flushes too (the first may not even have started).
+    t.write(FRAME + 0x800, &ld_frame(true, 0, 4, 1, &[(BUF, 512)], 11));
+    t.post(FRAME + 0x800);
+    t.hba.complete_in_flight(None);
+    flush(&mut t, op::CACHE_FLUSH, 12);
+    let second = FRAME + 0x400;
+    t.write(second, &dcmd_frame(op::CTRL_SHUTDOWN, 0, 0, 13));
+    t.post(second);
+    assert_eq!(
+        (
+            t.frame_status(FRAME),
+            t.frame_status(second),
+            t.hba.in_flight()
+        ),
+        (0xff, 0xff, 2)
+    );
+    t.hba.complete_in_flight(None);
+    assert_eq!(
+        (t.frame_status(FRAME), t.frame_status(second)),
+        (status::OK, status::OK)
+    );
+
     // A reset drops a flush in flight: its frame never completes.
     t.write(FRAME + 0x800, &ld_frame(true, 0, 4, 1, &[(BUF, 512)], 9));
     t.post(FRAME + 0x800);

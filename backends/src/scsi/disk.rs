@@ -263,6 +263,10 @@ pub struct ScsiDisk<C> {
     /// [`ScsiDisk::flush`] has nothing to do (a guest that sends cache
     /// flushes over and over costs no `fdatasync` each).
     unflushed: AtomicBool,
+    /// Flushes started in flight and not collected yet: a flush asked for
+    /// meanwhile cannot count on them (they may not have started, or
+    /// fail) and runs too, even with nothing new to flush.
+    flushes_in_flight: usize,
 }
 
 /// Notes a completed transfer: a write that was not flushed with it, and
@@ -325,6 +329,7 @@ impl<C> ScsiDisk<C> {
             // What the back end holds from before (another process, a
             // crash) is flushed by the first flush.
             unflushed: AtomicBool::new(true),
+            flushes_in_flight: 0,
         })
     }
 
@@ -529,7 +534,12 @@ impl<C> ScsiDisk<C> {
             TransferKind::Flush => BlockOp::Flush,
         };
         match self.io.start(op, memory, (t, completion)) {
-            Ok(Started::InFlight) => None,
+            Ok(Started::InFlight) => {
+                if t.kind == TransferKind::Flush {
+                    self.flushes_in_flight += 1;
+                }
+                None
+            }
             Ok(Started::Done((t, completion), r)) => {
                 note_completed(&self.unflushed, &t, &r);
                 Some((completion, t.outcome(r)))
@@ -580,7 +590,8 @@ impl<C> ScsiDisk<C> {
         if !self.io.runs_in_flight() {
             return Some((completion, FLUSH.outcome(self.flush().map(|()| 0))));
         }
-        if !self.unflushed.swap(false, Ordering::AcqRel) {
+        let dirty = self.unflushed.swap(false, Ordering::AcqRel);
+        if !dirty && self.flushes_in_flight == 0 {
             return Some((completion, Outcome::good(0)));
         }
         // A flush moves no data: its list is empty.
@@ -611,18 +622,24 @@ impl<C> ScsiDisk<C> {
     /// Hands the outcomes of finished transfers to `f`, with their
     /// completion values.
     pub fn collect<F: FnMut(C, Outcome)>(&mut self, mut f: F) {
-        let unflushed = &self.unflushed;
+        let (unflushed, flushing) = (&self.unflushed, &mut self.flushes_in_flight);
         self.io.collect(|(t, c), r| {
             note_completed(unflushed, &t, &r);
+            if t.kind == TransferKind::Flush {
+                *flushing = flushing.saturating_sub(1);
+            }
             f(c, t.outcome(r))
         });
     }
 
     /// Waits for every transfer started, then collects them all.
     pub fn drain_and_collect<F: FnMut(C, Outcome)>(&mut self, mut f: F) {
-        let unflushed = &self.unflushed;
+        let (unflushed, flushing) = (&self.unflushed, &mut self.flushes_in_flight);
         self.io.drain_and_collect(|(t, c), r| {
             note_completed(unflushed, &t, &r);
+            if t.kind == TransferKind::Flush {
+                *flushing = flushing.saturating_sub(1);
+            }
             f(c, t.outcome(r))
         });
     }
@@ -631,6 +648,7 @@ impl<C> ScsiDisk<C> {
     /// (a reset: nobody waits for them any more).
     pub fn forget_all(&mut self) {
         self.io.forget_all();
+        self.flushes_in_flight = 0;
         // Writes among them may have reached the back end.
         self.unflushed.store(true, Ordering::Release);
     }

@@ -663,8 +663,10 @@ impl VirtioDevice for VirtioNet {
                 self.pairs()
             )));
         }
-        // What the constructor and the guest's MAC_ADDR_SET refuse.
-        if state.mac[0] & 1 != 0 || state.mac == [0; 6] {
+        // What the constructor and the guest's MAC_ADDR_SET refuse. (An
+        // all-zero MAC, which both refuse too, is taken: earlier daemons
+        // let a guest set one, and their states must still move.)
+        if state.mac[0] & 1 != 0 {
             return Err(MigratableError::Restore(format!(
                 "MAC {} in the snapshot",
                 format_mac(&state.mac)

@@ -173,6 +173,15 @@ pub struct VirtioPciDevice<D: VirtioDevice> {
     isr: u8,
     active: bool,
     paused: bool,
+    /// The guest took bus mastering away (a kernel handing over to another
+    /// with `kexec` clears it instead of resetting the device): nothing
+    /// is taken off the rings and no device fd is watched until the
+    /// device is reset or, bus mastering back, the driver rings a
+    /// doorbell. The rings may be memory the guest uses for something
+    /// else by then, and the new kernel sets the bit before it resets the
+    /// device. (Firmware that never sets the bit, e.g. Cloud Hypervisor's,
+    /// is served as before.)
+    off_bus: bool,
     /// Resumed while the device was stopped on an error: its kept requests
     /// are retried ([`VirtioDevice::retry`]) before the rings are looked at.
     retry: bool,
@@ -271,6 +280,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             isr: 0,
             active: false,
             paused: false,
+            off_bus: false,
             retry: false,
         })
     }
@@ -326,6 +336,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         self.active = false;
         self.retry = false;
         self.kicked.fill(false);
+        self.off_bus = false;
     }
 
     /// Raises an interrupt: MSI-X `vector`, or INTx with `isr_bit` set in
@@ -510,6 +521,14 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     }
 
     fn notify(&mut self, offset: u64) {
+        if self.off_bus {
+            if !self.pci.config().bus_master() {
+                // A doorbell the device cannot answer: dropped.
+                return;
+            }
+            // Bus mastering is back and the driver wants the device again.
+            self.off_bus = false;
+        }
         let index = offset / u64::from(NOTIFY_OFF_MULTIPLIER);
         if let Ok(index) = usize::try_from(index) {
             self.kick(index);
@@ -672,6 +691,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         self.isr = s.isr;
         self.active = s.active;
         self.retry = false;
+        self.off_bus = false;
         Ok(())
     }
 }
@@ -760,27 +780,25 @@ impl<D: VirtioDevice + 'static> Lifecycle for VirtioPciDevice<D> {
         // device off the bus: an fd that stays ready (a TAP with frames
         // waiting, a timer that fired) would wake the event loop over and
         // over until then.
-        if self.paused || !self.pci.config().bus_master() {
+        if self.paused || self.off_bus {
             return &[];
         }
         self.device.watched_fds()
     }
 
     fn handle_event(&mut self, fd: RawFd, ready: Interest) {
-        if !self.pci.config().bus_master() {
+        if self.off_bus {
             return;
         }
         self.complete_in_flight(|device, queues, mem| device.handle_event(fd, ready, queues, mem));
     }
 
-    /// Takes requests off the rings. Not while the guest keeps the device
-    /// off the bus (bus master enable clear, e.g. a kernel handing over
-    /// to another with `kexec`): the rings may be memory the guest uses
-    /// for something else by then. Doorbells wait for the bit.
+    /// Takes requests off the rings, unless the guest took the device off
+    /// the bus (see `off_bus`).
     fn run_deferred(&mut self) -> bool {
         if !self.active
             || self.paused
-            || !self.pci.config().bus_master()
+            || self.off_bus
             || !(self.retry || self.kicked.contains(&true))
         {
             return false;
@@ -852,9 +870,8 @@ impl<D: VirtioDevice + 'static> PciDevice for VirtioPciDevice<D> {
     fn write_config_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
         let bus_master = self.pci.config().bus_master();
         self.pci.write_config_register(reg_idx, offset, data);
-        if !bus_master && self.pci.config().bus_master() {
-            // Doorbells rung while the device could not reach the rings.
-            self.kick_all();
+        if bus_master && !self.pci.config().bus_master() {
+            self.off_bus = true;
         }
         if Some(reg_idx) == self.pci_cfg_data_reg() {
             if let Some((bar_offset, len)) = self.pci_cfg_window() {
@@ -1070,6 +1087,42 @@ mod tests {
         d.reset(ResetReason::LostConnection);
         assert_eq!(d.device().resets, 1);
         assert!(!d.is_active());
+    }
+
+    #[test]
+    fn bus_mastering_taken_away_holds_the_device_until_a_doorbell_or_reset() {
+        // Firmware that never sets bus mastering (Cloud Hypervisor's) is
+        // served: only taking it away stops the device.
+        let mut d = dummy(false);
+        // Power-on config space (bus mastering off), memory space on.
+        d.reset(ResetReason::LostConnection);
+        d.write_config_register(1, 0, &[0x02, 0]);
+        bring_up(&mut d);
+        assert_eq!(d.watched_fds(), &[WatchedFd::readable(99)]);
+        d.handle_event(99, Interest::READ);
+        assert_eq!(d.device().events, 1);
+        // On, then off (a kernel handing over with kexec): nothing watched
+        // or handled, doorbells dropped.
+        d.write_config_register(1, 0, &[0x06, 0]);
+        d.write_config_register(1, 0, &[0x02, 0]);
+        assert!(d.watched_fds().is_empty());
+        d.handle_event(99, Interest::READ);
+        assert_eq!(d.device().events, 1);
+        d.kicked.fill(false);
+        d.notify(0);
+        assert!(!d.kicked.contains(&true));
+        // The new kernel turns it on before it resets the device: still
+        // held, until its driver rings.
+        d.write_config_register(1, 0, &[0x06, 0]);
+        assert!(d.watched_fds().is_empty());
+        d.notify(0);
+        assert_eq!(d.watched_fds(), &[WatchedFd::readable(99)]);
+        assert!(d.kicked[0]);
+        // A reset lets the device go too.
+        d.write_config_register(1, 0, &[0x02, 0]);
+        assert!(d.watched_fds().is_empty());
+        d.common_write(common::DEVICE_STATUS, &[0]);
+        assert_eq!(d.watched_fds(), &[WatchedFd::readable(99)]);
     }
 
     #[test]
