@@ -1395,7 +1395,7 @@ impl Harness {
         match (class, cmd) {
             (ctrl::RX, 0..=5) | (ctrl::MAC, ctrl::MAC_TABLE_SET) | (ctrl::VLAN, 0 | 1) => ctrl::OK,
             (ctrl::MAC, ctrl::MAC_ADDR_SET) if data.len() >= 6 => {
-                if data[0] & 1 != 0 {
+                if data[0] & 1 != 0 || data[..6] == [0; 6] {
                     return ctrl::ERR;
                 }
                 self.mac.copy_from_slice(&data[..6]);
