@@ -94,6 +94,12 @@ fn device(pairs: usize, offloads: bool) -> (Net, Vec<SeqPacketPeer>) {
         backends.push(Box::new(b));
         peers.push(p);
     }
+    (device_over(backends, offloads), peers)
+}
+
+/// A virtio-net device over `backends` (one per queue pair), served
+/// in-process.
+fn device_over(backends: Vec<Box<dyn NetBackend>>, offloads: bool) -> Net {
     let config = VirtioNetConfig {
         mac: DEVICE_MAC,
         offloads,
@@ -102,7 +108,7 @@ fn device(pairs: usize, offloads: bool) -> (Net, Vec<SeqPacketPeer>) {
     };
     let ctx = DeviceContext::default();
     let net = VirtioNetPci::new(ctx.clone(), backends, config).unwrap();
-    (InProcess::new(PciAdapter::new(net).unwrap(), ctx), peers)
+    InProcess::new(PciAdapter::new(net).unwrap(), ctx)
 }
 
 /// A driver of a new device, in 4 MiB of guest RAM, with an eventfd on
@@ -113,10 +119,16 @@ fn connect(pairs: usize, offloads: bool) -> (Driver, Vec<SeqPacketPeer>) {
 
 fn connect_with_ram(pairs: usize, offloads: bool, ram: GuestRam) -> (Driver, Vec<SeqPacketPeer>) {
     let (net, peers) = device(pairs, offloads);
+    (driver_of(net, ram), peers)
+}
+
+/// A driver of `net`, in `ram`, with an eventfd on every interrupt;
+/// nothing negotiated yet.
+fn driver_of(net: Net, ram: GuestRam) -> Driver {
     let mut d = VirtioDriver::connect_with_ram(net, ram);
     d.install_msix();
     d.install_intx();
-    (d, peers)
+    d
 }
 
 /// A device brought up with `want` & offered, every queue of 64
@@ -715,18 +727,8 @@ fn a_failed_read_of_the_back_end_is_tried_again_at_the_next_link_poll() {
         inner: Box::new(b),
         fail: fail.clone(),
     })];
-    let config = VirtioNetConfig {
-        mac: DEVICE_MAC,
-        queue_size: QUEUE_SIZE,
-        ..Default::default()
-    };
-    let ctx = DeviceContext::default();
-    let net = VirtioNetPci::new(ctx.clone(), backends, config).unwrap();
-    let mut d = VirtioDriver::connect_with_ram(
-        InProcess::new(PciAdapter::new(net).unwrap(), ctx),
-        GuestRam::with_regions(&[(0, 4 << 20)]),
-    );
-    d.install_msix();
+    let net = device_over(backends, true);
+    let mut d = driver_of(net, GuestRam::with_regions(&[(0, 4 << 20)]));
     d.init(ALL, QUEUE_SIZE);
     // Every fd the loop watches is non-blocking: a readiness handled late
     // (the link timer re-armed meanwhile) must not hold up the loop.

@@ -20,7 +20,7 @@ use super::reply_queue::ReplyQueue;
 use super::sgl::{read_sgl, SglFormat};
 use super::{CacheFlush, DiskJob, HeldFrame, Megasas, Pending, SenseBuffer, PCI_IDS, PRODUCT};
 use crate::guest_sg::SgList;
-use crate::scsi::{Outcome, ReadWrite, Sense, BLOCK_SIZE, STATUS_CHECK_CONDITION};
+use crate::scsi::{Outcome, Plan, ReadWrite, Sense, BLOCK_SIZE, STATUS_CHECK_CONDITION};
 
 /// How a frame completes.
 #[derive(Clone, Copy, Debug)]
@@ -226,10 +226,7 @@ impl Megasas {
             fua: false,
         };
         let plan = disk.plan_read_write(rw, sg.len());
-        let done = disk.execute(plan, &sg, mem, pending(frame, held));
-        if let Some((job, outcome)) = done {
-            self.job_done(mem, drive, job, outcome);
-        }
+        self.execute_scsi(mem, drive, plan, &sg, pending(frame, held));
         None
     }
 
@@ -253,11 +250,28 @@ impl Megasas {
             Err(s) => return Some(Completion::status(s)),
         };
         let plan = disk.plan(frame.cdb(), &sg);
-        let done = disk.execute(plan, &sg, mem, pending(frame, held));
-        if let Some((job, outcome)) = done {
+        self.execute_scsi(mem, drive, plan, &sg, pending(frame, held));
+        None
+    }
+
+    /// Runs `plan` of a SCSI frame (`job`) on drive `drive`: the frame
+    /// completes now if that is done at once, otherwise once it is
+    /// collected from the drive's I/O threads.
+    fn execute_scsi(
+        &mut self,
+        mem: &Arc<GuestMemory>,
+        drive: usize,
+        plan: Plan,
+        sg: &SgList<'_>,
+        job: DiskJob,
+    ) {
+        // (The caller found the drive.)
+        let Some(disk) = self.disks.get_mut(drive) else {
+            return;
+        };
+        if let Some((job, outcome)) = disk.execute(plan, sg, mem, job) {
             self.job_done(mem, drive, job, outcome);
         }
-        None
     }
 
     /// A DCMD; EVENT_WAIT is held (`None`).

@@ -823,8 +823,14 @@ fn transfers_on_io_threads() {
 
 #[test]
 fn transfers_on_io_uring() {
+    on_io_uring(transfers_in_flight);
+}
+
+/// Runs `test` with [`Aio::IoUring`], or says it skips where the kernel
+/// has no io_uring for us.
+fn on_io_uring(test: fn(Aio)) {
     match crate::block_io::io_uring_support() {
-        Ok(()) => transfers_in_flight(Aio::IoUring),
+        Ok(()) => test(Aio::IoUring),
         Err(why) => eprintln!("SKIP io_uring: {why}"),
     }
 }
@@ -889,10 +895,7 @@ fn cache_flushes_on_io_threads() {
 
 #[test]
 fn cache_flushes_on_io_uring() {
-    match crate::block_io::io_uring_support() {
-        Ok(()) => cache_flushes_in_flight(Aio::IoUring),
-        Err(why) => eprintln!("SKIP io_uring: {why}"),
-    }
+    on_io_uring(cache_flushes_in_flight);
 }
 
 /// CACHE_FLUSH and SHUTDOWN run on the drives' I/O threads or io_uring,

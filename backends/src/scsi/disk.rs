@@ -282,6 +282,20 @@ fn note_completed<T>(unflushed: &AtomicBool, t: &Transfer, result: &io::Result<T
     }
 }
 
+/// [`note_completed`] for a transfer collected from the I/O threads,
+/// which also counts a flush as no longer in flight.
+fn note_collected<T>(
+    unflushed: &AtomicBool,
+    flushes_in_flight: &mut usize,
+    t: &Transfer,
+    result: &io::Result<T>,
+) {
+    note_completed(unflushed, t, result);
+    if t.kind == TransferKind::Flush {
+        *flushes_in_flight = flushes_in_flight.saturating_sub(1);
+    }
+}
+
 /// The transfer of a cache flush.
 const FLUSH: Transfer = Transfer {
     kind: TransferKind::Flush,
@@ -624,10 +638,7 @@ impl<C> ScsiDisk<C> {
     pub fn collect<F: FnMut(C, Outcome)>(&mut self, mut f: F) {
         let (unflushed, flushing) = (&self.unflushed, &mut self.flushes_in_flight);
         self.io.collect(|(t, c), r| {
-            note_completed(unflushed, &t, &r);
-            if t.kind == TransferKind::Flush {
-                *flushing = flushing.saturating_sub(1);
-            }
+            note_collected(unflushed, flushing, &t, &r);
             f(c, t.outcome(r))
         });
     }
@@ -636,10 +647,7 @@ impl<C> ScsiDisk<C> {
     pub fn drain_and_collect<F: FnMut(C, Outcome)>(&mut self, mut f: F) {
         let (unflushed, flushing) = (&self.unflushed, &mut self.flushes_in_flight);
         self.io.drain_and_collect(|(t, c), r| {
-            note_completed(unflushed, &t, &r);
-            if t.kind == TransferKind::Flush {
-                *flushing = flushing.saturating_sub(1);
-            }
+            note_collected(unflushed, flushing, &t, &r);
             f(c, t.outcome(r))
         });
     }

@@ -403,8 +403,7 @@ impl VirtioNet {
             }
             (VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET) if c.len >= 8 => {
                 let wanted = u64::from_le_bytes(c.data);
-                let allowed = self.acked_features & GUEST_OFFLOADS;
-                if !self.acked(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS) || wanted & !allowed != 0 {
+                if !self.guest_offloads_allowed(wanted) {
                     return err;
                 }
                 self.guest_offloads = Some(wanted);
@@ -421,6 +420,14 @@ impl VirtioNet {
                 err
             }
         }
+    }
+
+    /// Whether the driver may set the guest offloads `offloads`
+    /// (`GUEST_OFFLOADS_SET`): only with that command negotiated, and only
+    /// offloads it acked.
+    fn guest_offloads_allowed(&self, offloads: u64) -> bool {
+        self.acked(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
+            && offloads & !(self.acked_features & GUEST_OFFLOADS) == 0
     }
 
     /// Looks at the back end's link after the timer fired.
@@ -514,13 +521,14 @@ impl VirtioDevice for VirtioNet {
                     s.active_pairs
                 )));
             }
-            let allowed = self.acked_features & GUEST_OFFLOADS;
-            if let Some(o) = s.guest_offloads {
-                if !self.acked(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS) || o & !allowed != 0 {
-                    return Err(VirtioError::Activate(format!(
-                        "restored guest offloads {o:#x}, negotiated {allowed:#x}"
-                    )));
-                }
+            if let Some(o) = s
+                .guest_offloads
+                .filter(|&o| !self.guest_offloads_allowed(o))
+            {
+                return Err(VirtioError::Activate(format!(
+                    "restored guest offloads {o:#x}, negotiated {:#x}",
+                    self.acked_features & GUEST_OFFLOADS
+                )));
             }
         }
         self.active = true;
