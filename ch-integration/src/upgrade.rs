@@ -39,7 +39,7 @@ use serde_json::{json, Value};
 use vfio_user_server::event_loop::EventHandler;
 use vfio_user_server::server::handover::{peer_pid, recv_frame, send_frame};
 use vfio_user_server::{Handover, HandoverError, HandoverState, Server, ServerConfig, StopHandle};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::cli::{self, Command as CliCommand, HANDOVER_OPTION};
 use crate::devices::{Built, DeviceFds, DeviceKind};
@@ -218,7 +218,7 @@ impl Upgrader {
             device_fds,
             api_fd,
             stop,
-            wake: EventFd::new(EFD_NONBLOCK)?,
+            wake: vfio_user_server::event_loop::new_eventfd()?,
             pending: Mutex::new(None),
             done: AtomicBool::new(false),
         })

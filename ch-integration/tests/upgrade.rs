@@ -68,6 +68,7 @@ fn blk_requests_in_flight_survive_three_upgrades() {
     let mut drv = VirtioDriver::connect(&daemon.socket);
     drv.init(BLK_WANT, 64);
     io_works(&mut drv, 4096, 1);
+    let first_eventfds = eventfds(daemon.pid());
     let mut submitted: u16 = 2;
     let mut written: HashMap<u64, Vec<u8>> = HashMap::new();
 
@@ -120,6 +121,13 @@ fn blk_requests_in_flight_survive_three_upgrades() {
         assert!(described.contains(&want), "{described}");
     }
     assert_eq!(drv.used_idx(0), submitted, "a request completed twice");
+    // The last daemon runs without I/O threads, so it has one eventfd
+    // fewer than the first: none of its predecessors' is inherited.
+    let last_eventfds = eventfds(daemon.pid());
+    assert!(
+        last_eventfds < first_eventfds,
+        "eventfds: {first_eventfds} in the first daemon, {last_eventfds} after three upgrades"
+    );
     for (sector, data) in &written {
         assert!(
             read_image(&img, sector * 512, 4096) == *data,
@@ -141,6 +149,15 @@ fn blk_requests_in_flight_survive_three_upgrades() {
         !daemon.socket.exists() && !api.exists(),
         "sockets left behind"
     );
+}
+
+/// How many eventfds process `pid` has open.
+fn eventfds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.as_os_str() == "anon_inode:[eventfd]")
+        .count()
 }
 
 /// Writes that the test keeps in flight (`depth` of them, 4 KiB each over

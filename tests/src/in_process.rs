@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use vfio_user_server::device::{Device, DeviceContext, Interest, WatchedFd};
 use vfio_user_server::guest_memory::{DmaLimits, DmaTable};
-use vfio_user_server::irq::Irqs;
+use vfio_user_server::irq::{Irqs, MaskChange};
 use vfio_user_server::wire::{
     IrqSet, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD,
 };
@@ -218,10 +218,12 @@ impl<D: Device> Transport for InProcess<D> {
             Vec::new()
         };
         match self.irqs.set_irqs(&set, &[], files) {
-            Ok(Some((start, count, masked))) => {
-                self.device
-                    .lifecycle()
-                    .irq_mask_changed(index, start, count, masked);
+            Ok(Some(MaskChange { runs, masked })) => {
+                for (start, count) in runs {
+                    self.device
+                        .lifecycle()
+                        .irq_mask_changed(index, start, count, masked);
+                }
             }
             Ok(None) => {}
             Err(e) => panic!("SET_IRQS {set:?}: {e}"),

@@ -49,3 +49,31 @@ fn a_connection_closed_while_a_forked_child_holds_it_does_not_wake_the_loop() {
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
     second.ping();
 }
+
+#[test]
+fn a_client_that_half_closes_without_reading_its_replies_does_not_wake_the_loop() {
+    let s = spawn_server();
+    let mut c = RawClient::connect_negotiated(s.path());
+    // More than the 4 MiB of replies the server queues before it stops
+    // reading, none of them read.
+    for _ in 0..1200 {
+        let payload = payload::region_access(0, 0, 4096, &[]);
+        c.send(proto::cmd::REGION_READ, 0, &payload, &[]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: shuts down the writing half of our own socket.
+    assert_eq!(unsafe { libc::shutdown(c.fd(), libc::SHUT_WR) }, 0);
+    std::thread::sleep(Duration::from_millis(100));
+
+    let cpu = s.loop_cpu_time();
+    std::thread::sleep(WINDOW);
+    let used = s.loop_cpu_time() - cpu;
+    // The peer's half-close must not be reported on every wait while the
+    // server does not read.
+    assert!(used < WINDOW / 8, "loop used {used:?} of {WINDOW:?}");
+    // The server is not stuck on it: the next client is served once this
+    // one is gone.
+    drop(c);
+    let mut next = RawClient::connect_negotiated(s.path());
+    next.ping();
+}

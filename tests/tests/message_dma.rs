@@ -13,7 +13,7 @@ use vfio_user_server::irq::IrqIndexInfo;
 use vfio_user_server::message_dma::MessageDma;
 use vfio_user_server::vm_migration::{Migratable, Pausable, Snapshottable, Transportable};
 use vfio_user_server::{
-    Device, DeviceContext, DeviceError, Lifecycle, RegionDescription, ResetReason,
+    Device, DeviceContext, DeviceError, Lifecycle, RegionDescription, ResetReason, ServerConfig,
 };
 
 /// Guest address of the fd-less map the device DMAs into.
@@ -22,7 +22,7 @@ const TARGET: u64 = 0x20_0000;
 type Completions = Arc<Mutex<Vec<(u64, Result<Vec<u8>, i32>)>>>;
 
 /// BAR0 write at 0: read 8 bytes at TARGET + value; at 8: write the 8 data
-/// bytes at TARGET.
+/// bytes at TARGET; at 16: read `value` bytes at TARGET.
 struct MsgDmaDevice {
     dma: MessageDma,
     done: Completions,
@@ -50,6 +50,7 @@ impl Device for MsgDmaDevice {
         match offset {
             0 => self.dma.read(TARGET + v, 8),
             8 => self.dma.write(TARGET, data.to_vec()),
+            16 => self.dma.read(TARGET, v as u32),
             _ => return Ok(()),
         };
         Ok(())
@@ -70,16 +71,17 @@ impl Lifecycle for MsgDmaDevice {
 }
 
 fn setup(minor: u16) -> (TestServer, RawClient, Completions) {
+    setup_with(minor, ServerConfig::default())
+}
+
+fn setup_with(minor: u16, config: ServerConfig) -> (TestServer, RawClient, Completions) {
     let ctx = DeviceContext::default();
     let done = Completions::default();
     let dev = MsgDmaDevice {
         dma: ctx.message_dma.clone(),
         done: done.clone(),
     };
-    let s = spawn_devices(
-        vec![(Box::new(dev) as Box<dyn Device>, ctx)],
-        Default::default(),
-    );
+    let s = spawn_devices(vec![(Box::new(dev) as Box<dyn Device>, ctx)], config);
     let mut c = RawClient::connect(s.path()).unwrap();
     c.version_raw(&payload::version(
         0,
@@ -166,6 +168,26 @@ fn qemu_layout_read_and_write() {
     // QEMU answers a DMA_WRITE with a bare header.
     reply_to(&mut c, &req, hflags::REPLY, 0, &[]);
     assert_eq!(wait_done(&done, 2)[1].1, Ok(Vec::new()));
+    c.ping();
+}
+
+/// QEMU takes a DMA request no larger than the `max_data_xfer_size` we
+/// advertised, whatever it advertised itself.
+#[test]
+fn requests_larger_than_either_side_takes_fail_unsent() {
+    let config = ServerConfig {
+        max_data_xfer_size: 2048,
+        ..Default::default()
+    };
+    // The client (empty capabilities) takes 1 MiB.
+    let (_s, mut c, done) = setup_with(2, config);
+    c.region_write(0, 16, &4096u64.to_le_bytes()).ok();
+    assert_eq!(wait_done(&done, 1)[0].1, Err(libc::E2BIG));
+    c.expect_no_reply_within(100);
+    // Within both: sent.
+    c.region_write(0, 16, &2048u64.to_le_bytes()).ok();
+    let req = c.recv().unwrap();
+    assert_eq!(req.cmd, cmd::DMA_READ);
     c.ping();
 }
 

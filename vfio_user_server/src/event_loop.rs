@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, OnceLock};
 
 use log::{error, warn};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::device::{Interest, WatchedFd};
 use crate::server::Server;
@@ -145,6 +145,13 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// A new eventfd for the loop to watch: non-blocking (see
+/// [`set_nonblocking`]) and closed on exec, so that the new process of an
+/// upgrade inherits none of the old one's.
+pub fn new_eventfd() -> io::Result<EventFd> {
+    EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+}
+
 /// The event loop.
 pub struct EventLoop {
     epoll: RawFd,
@@ -213,7 +220,16 @@ fn watch_connection(
     let token = Token::Connection(i);
     let current = server.connection();
     let interest = server.interest();
-    let bits = |interest| epoll::Events::EPOLLRDHUP.bits() | epoll_bits(interest);
+    // A half-close is news only while the server reads: otherwise it
+    // would be reported, level-triggered, on every wait.
+    let bits = |interest: Interest| {
+        let rdhup = if interest.read {
+            epoll::Events::EPOLLRDHUP.bits()
+        } else {
+            0
+        };
+        rdhup | epoll_bits(interest)
+    };
     match (watched.as_mut(), current) {
         (Some(w), Some((serial, _))) if w.serial == serial => {
             if w.interest != interest {
@@ -316,7 +332,7 @@ impl EventLoop {
     /// Creates an empty loop.
     pub fn new() -> io::Result<EventLoop> {
         let epoll = epoll::create(true)?;
-        let stop = StopHandle(Arc::new(EventFd::new(EFD_NONBLOCK)?));
+        let stop = StopHandle(Arc::new(new_eventfd()?));
         ctl(
             epoll,
             epoll::ControlOptions::EPOLL_CTL_ADD,

@@ -39,6 +39,9 @@ pub enum IrqError {
         /// What was expected.
         want: usize,
     },
+    /// An interrupt fd that is not an eventfd (what it is instead).
+    #[error("interrupt fd is not an eventfd but {0}")]
+    NotEventfd(String),
 }
 
 impl IrqError {
@@ -46,6 +49,16 @@ impl IrqError {
     pub fn errno(&self) -> i32 {
         libc::EINVAL
     }
+}
+
+/// The vectors a SET_IRQS MASK or UNMASK set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MaskChange {
+    /// Runs of `(start, count)` vectors: with DATA_BOOL, only those whose
+    /// bool was 1.
+    pub runs: Vec<(u32, u32)>,
+    /// Whether they are now masked.
+    pub masked: bool,
 }
 
 /// What a device declares for one IRQ index.
@@ -390,13 +403,13 @@ impl Irqs {
 
     /// Handles DEVICE_SET_IRQS. `data` is the payload after the 20-byte
     /// head; `fds` are the received descriptors (all consumed or dropped).
-    /// Returns the vectors whose mask state changed as `(start, count, masked)`.
+    /// Returns what a MASK or UNMASK changed.
     pub fn set_irqs(
         &self,
         set: &IrqSet,
         data: &[u8],
         fds: Vec<File>,
-    ) -> Result<Option<(u32, u32, bool)>, IrqError> {
+    ) -> Result<Option<MaskChange>, IrqError> {
         let data_type = set.flags & IRQ_SET_DATA_TYPE_MASK;
         let action = set.flags & IRQ_SET_ACTION_TYPE_MASK;
         if set.flags & !(IRQ_SET_DATA_TYPE_MASK | IRQ_SET_ACTION_TYPE_MASK) != 0
@@ -423,17 +436,21 @@ impl Irqs {
             if !automask || set.start != 0 || set.count != 1 {
                 return Err(IrqError::BadFlags(set.flags));
             }
+            // A device without an interrupt pin has no INTx vector.
+            if idx.info.count == 0 {
+                return Err(IrqError::BadRange {
+                    index: set.index,
+                    start: set.start,
+                    count: set.count,
+                });
+            }
             if fds.len() > 1 {
                 return Err(IrqError::BadData {
                     got: fds.len(),
                     want: 1,
                 });
             }
-            idx.unmask_fd = fds.into_iter().next().map(|f| {
-                // SAFETY: `f` is an owned fd received from the client;
-                // ownership moves into the EventFd.
-                unsafe { EventFd::from_raw_fd(f.into_raw_fd()) }
-            });
+            idx.unmask_fd = fds.into_iter().next().map(client_eventfd).transpose()?;
             self.unmask_changed();
             return Ok(None);
         }
@@ -492,11 +509,12 @@ impl Irqs {
                             v.fd = None;
                         }
                     } else {
-                        for (v, f) in idx.vectors[range].iter_mut().zip(fds) {
-                            set_nonblocking(&f);
-                            // SAFETY: `f` is an owned fd received from the
-                            // client; ownership moves into the EventFd.
-                            v.fd = Some(unsafe { EventFd::from_raw_fd(f.into_raw_fd()) });
+                        let efds = fds
+                            .into_iter()
+                            .map(client_eventfd)
+                            .collect::<Result<Vec<_>, _>>()?;
+                        for (v, efd) in idx.vectors[range].iter_mut().zip(efds) {
+                            v.fd = Some(efd);
                             if v.pending && !v.masked {
                                 v.pending = false;
                                 fire(v, automask);
@@ -523,6 +541,7 @@ impl Irqs {
                     return Err(IrqError::BadFlags(set.flags));
                 }
                 let masked = action == IRQ_SET_ACTION_MASK;
+                let mut runs: Vec<(u32, u32)> = Vec::new();
                 for i in range.clone() {
                     if !selected(i) {
                         continue;
@@ -533,23 +552,43 @@ impl Irqs {
                         v.pending = false;
                         fire(v, automask);
                     }
+                    // `i` is below the index's vector count, a u32.
+                    let vector = i as u32;
+                    match runs.last_mut() {
+                        Some((start, count)) if *start + *count == vector => *count += 1,
+                        _ => runs.push((vector, 1)),
+                    }
                 }
-                Ok(Some((set.start, set.count, masked)))
+                Ok(Some(MaskChange { runs, masked }))
             }
             _ => Err(IrqError::BadFlags(set.flags)),
         }
     }
 }
 
-/// Makes a client's interrupt fd non-blocking. `fire` writes to it on the
-/// event loop thread: a blocking eventfd whose counter the client filled
-/// (or a full pipe passed as one) would otherwise block the loop forever.
-/// The flag lives in the file description shared with the client, so a
-/// client that clears it again can still stall the loop (docs/security.md).
-fn set_nonblocking(f: &File) {
+/// A client's interrupt fd, which must be an eventfd (a regular file on a
+/// FUSE or NFS mount, say, could make every write to it wait), made
+/// non-blocking: `fire` writes to it on the event loop thread, and a
+/// blocking eventfd whose counter the client filled would otherwise block
+/// the loop forever. The flag lives in the file description shared with
+/// the client, so a client that clears it again can still stall the loop
+/// (docs/security.md).
+fn client_eventfd(f: File) -> Result<EventFd, IrqError> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()));
+    match link {
+        Ok(target) if target.as_os_str() != "anon_inode:[eventfd]" => {
+            return Err(IrqError::NotEventfd(target.display().to_string()));
+        }
+        Ok(_) => {}
+        // No /proc to tell: taken as it is.
+        Err(e) => log::debug!("cannot tell what an interrupt fd is: {e}"),
+    }
     if let Err(e) = crate::event_loop::set_nonblocking(f.as_raw_fd()) {
         log::debug!("an interrupt fd stays blocking: {e}");
     }
+    // SAFETY: `f` is an owned fd received from the client; ownership moves
+    // into the EventFd.
+    Ok(unsafe { EventFd::from_raw_fd(f.into_raw_fd()) })
 }
 
 fn fire(v: &mut Vector, automask: bool) -> TriggerOutcome {
@@ -579,6 +618,17 @@ mod tests {
         let i = Irqs::default();
         i.configure(&IrqIndexInfo::pci_layout(true, 0, 4));
         i
+    }
+
+    #[test]
+    fn no_unmask_eventfd_without_an_intx_vector() {
+        let i = Irqs::default();
+        i.configure(&IrqIndexInfo::pci_layout(false, 0, 4));
+        let (_e, f) = efd();
+        let unmask = set(IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_UNMASK, 0, 0, 1);
+        let err = i.set_irqs(&unmask, &[], vec![f]).unwrap_err();
+        assert_eq!(err.errno(), libc::EINVAL);
+        assert!(matches!(err, IrqError::BadRange { .. }), "{err}");
     }
 
     fn set(flags: u32, index: u32, start: u32, count: u32) -> IrqSet {

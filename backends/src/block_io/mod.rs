@@ -1067,6 +1067,43 @@ mod tests {
     }
 
     #[test]
+    fn more_buffers_than_one_vectored_call_takes_in_every_engine() {
+        for aio in engines().into_iter().chain([Aio::Sync]) {
+            let mem = guest();
+            let d = disk_for(aio, 1 << 20);
+            let mut io: BlockIo<u32> = BlockIo::new(d.clone(), aio, "test").unwrap();
+            // 1100 buffers of 16 bytes, one every 32 bytes of the first region.
+            let mut sg = SgList::new(&mem);
+            for i in 0..1100u64 {
+                assert!(sg.push_buffer(GuestAddress(0x10000 + i * 32), 16));
+            }
+            let len = 1100 * 16;
+            let mut got = Vec::new();
+            let mut put = |c, r: io::Result<u64>| got.push((c, r.map_err(|e| e.kind())));
+            let read = BlockOp::Read {
+                sg: &sg,
+                sg_offset: 0,
+                len,
+                disk_offset: 2 * 512,
+            };
+            if aio == Aio::Sync {
+                put(1, io.read(&sg, 0, len, 2 * 512).map(|()| len));
+            } else {
+                start_or_done(&mut io, read, &mem, 1, &mut put);
+                io.drain_and_collect(&mut put);
+            }
+            assert_eq!(got, vec![(1, Ok(len))], "{aio}");
+            // Byte k of the transfer is disk byte 1024 + k, of sector
+            // (1024 + k) / 512.
+            for k in [0u64, 16 * 1024 + 15, len - 1] {
+                let at = 0x10000 + k / 16 * 32 + k % 16;
+                let want = ((1024 + k) / 512) as u8;
+                assert_eq!(mem.read_obj::<u8>(GuestAddress(at)).unwrap(), want, "{aio}");
+            }
+        }
+    }
+
+    #[test]
     fn requests_that_cannot_start_hand_their_completion_back() {
         for aio in engines() {
             let mem = guest();

@@ -27,7 +27,7 @@ use std::sync::OnceLock;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use log::warn;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::storage::{BlockBackend, FdAccess, IoBuf, IoOp};
 
@@ -151,6 +151,8 @@ pub(super) struct Uring {
     in_kernel: usize,
     /// Entries pushed to the submission queue and not submitted yet.
     unsubmitted: usize,
+    /// The last `io_uring_enter` failed (warned about once per streak).
+    submit_failing: bool,
     /// Completions reaped while waiting, not handed out yet.
     reaped: Vec<Cqe>,
     /// Whether reads, and writes, of a page-cached image are tried on the
@@ -163,7 +165,7 @@ impl Uring {
     /// A ring, with its completion eventfd.
     pub fn new() -> io::Result<Self> {
         let (ring, ops) = Ops::probe(SQ_ENTRIES)?;
-        let eventfd = EventFd::new(EFD_NONBLOCK)?;
+        let eventfd = vfio_user_server::event_loop::new_eventfd()?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(Uring {
             ring,
@@ -172,6 +174,7 @@ impl Uring {
             pending: VecDeque::new(),
             in_kernel: 0,
             unsubmitted: 0,
+            submit_failing: false,
             reaped: Vec::new(),
             nowait_read: true,
             nowait_write: true,
@@ -397,12 +400,16 @@ impl Uring {
                     // EBUSY or EAGAIN: the kernel is short of room; they
                     // stay queued and go with the next submission, which
                     // the completions it owes us (or this signal) bring.
-                    warn!("io_uring submission: {e}");
+                    if !self.submit_failing {
+                        warn!("io_uring submission: {e} (tried again until it succeeds)");
+                    }
+                    self.submit_failing = true;
                     self.signal();
-                    break;
+                    return;
                 }
             }
         }
+        self.submit_failing = false;
     }
 
     /// Takes the completions posted so far (and those reaped while
@@ -414,7 +421,8 @@ impl Uring {
         let _ = self.eventfd.read();
         out.append(&mut self.reaped);
         self.reap_cq(out);
-        if !self.pending.is_empty() {
+        // Also what a failed `io_uring_enter` left in the submission queue.
+        if !self.pending.is_empty() || self.unsubmitted > 0 {
             self.submit();
         }
     }
@@ -550,12 +558,12 @@ impl RingOp {
                 match self.op {
                     IoOp::Write { flush: true, .. } if done < total => backend.flush(),
                     IoOp::Write { flush: true, .. } if self.flush < 0 => {
-                        Err(io::Error::from_raw_os_error(-self.flush))
+                        Err(flush_error(backend, self.flush))
                     }
                     _ => Ok(()),
                 }
             }
-            IoOp::Flush if self.main < 0 => Err(io::Error::from_raw_os_error(-self.main)),
+            IoOp::Flush if self.main < 0 => Err(flush_error(backend, self.main)),
             IoOp::Flush => Ok(()),
             IoOp::Discard { .. } => match self
                 .failed_ranges
@@ -589,6 +597,13 @@ impl RingOp {
     }
 }
 
+/// The error of a flush the ring ran, which `backend` hears of.
+fn flush_error(backend: &dyn BlockBackend, result: i32) -> io::Error {
+    let e = io::Error::from_raw_os_error(-result);
+    backend.flush_failed(&e);
+    e
+}
+
 /// The part of `bufs` after their first `done` bytes.
 fn rest_of(bufs: &[IoBuf<'static>], mut done: usize) -> Vec<IoBuf<'static>> {
     let mut rest = Vec::with_capacity(bufs.len());
@@ -603,4 +618,66 @@ fn rest_of(bufs: &[IoBuf<'static>], mut done: usize) -> Vec<IoBuf<'static>> {
         done = 0;
     }
     rest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{RawFile, RawFileOptions};
+    use vmm_sys_util::tempfile::TempFile;
+
+    #[test]
+    fn a_flush_that_failed_on_the_ring_is_the_back_ends_too() {
+        let t = TempFile::new().unwrap();
+        t.as_file().set_len(1 << 20).unwrap();
+        let options = RawFileOptions {
+            read_only: false,
+            direct: false,
+        };
+        let image = RawFile::open(t.as_path(), options).unwrap();
+        let mut op = RingOp::queued(IoOp::Flush, 1);
+        let failed = Cqe {
+            token: 0,
+            part: PART_MAIN,
+            result: -libc::EIO,
+        };
+        assert!(op.record(&failed));
+        assert_eq!(
+            op.finish(&image).unwrap_err().raw_os_error(),
+            Some(libc::EIO)
+        );
+        // The page cache may have dropped the writes: no later flush of
+        // the image succeeds.
+        assert!(image.flush().is_err());
+    }
+
+    #[test]
+    fn entries_a_failed_submission_left_behind_go_with_the_next_reap() {
+        let t = TempFile::new().unwrap();
+        t.as_file().set_len(1 << 20).unwrap();
+        let options = RawFileOptions {
+            read_only: false,
+            direct: false,
+        };
+        let image = RawFile::open(t.as_path(), options).unwrap();
+        let Ok(mut ring) = Uring::new() else {
+            eprintln!("skipped: no io_uring here");
+            return;
+        };
+        // SAFETY: a flush has no buffers.
+        let prepared = unsafe { ring.prepare(7, &IoOp::Flush, &image) };
+        assert!(matches!(prepared, Prepared::Queued(1)));
+        // In the submission queue, as an `io_uring_enter` that failed
+        // with EAGAIN leaves it.
+        ring.push_pending();
+        assert_eq!((ring.pending.len(), ring.unsubmitted), (0, 1));
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while out.is_empty() && std::time::Instant::now() < deadline {
+            ring.reap(&mut out);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(out.len(), 1, "the flush never reached the kernel");
+        assert_eq!((out[0].token, out[0].result), (7, 0));
+    }
 }

@@ -156,4 +156,7 @@ impl<B: BlockBackend> BlockBackend for FaultyDisk<B> {
         }
         self.inner.fd_for(access)
     }
+    fn flush_failed(&self, error: &std::io::Error) {
+        self.inner.flush_failed(error)
+    }
 }

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::VolatileSlice;
 
 use super::{
-    check_range, check_writable, io_bufs_len, truncate_id, BlockBackend, FdAccess, StorageError,
+    check_range, check_writable, one_call_transfer, truncate_id, BlockBackend, FdAccess,
+    StorageError,
 };
 
 /// Where the bytes of a [`MemoryDisk`] are.
@@ -247,14 +248,9 @@ impl BlockBackend for MemoryDisk {
         let fd = self.memfd()?;
         let size = self.size();
         let ok = match access {
-            FdAccess::Read { bufs, offset } => io_bufs_len(bufs)
-                .and_then(|n| check_range(size, offset, n))
-                .is_ok(),
+            FdAccess::Read { bufs, offset } => one_call_transfer(size, bufs, offset).is_some(),
             FdAccess::Write { bufs, offset } => {
-                !self.read_only
-                    && io_bufs_len(bufs)
-                        .and_then(|n| check_range(size, offset, n))
-                        .is_ok()
+                !self.read_only && one_call_transfer(size, bufs, offset).is_some()
             }
             // Counted by `flush` itself.
             FdAccess::Flush => false,

@@ -241,6 +241,11 @@ pub trait BlockBackend: Send + Sync {
     fn fd_for(&self, _access: FdAccess<'_>) -> Option<RawFd> {
         None
     }
+
+    /// Tells the back end that a flush an engine ran on the descriptor of
+    /// [`BlockBackend::fd_for`] failed with `error`, as its own
+    /// [`BlockBackend::flush`] would have learnt it.
+    fn flush_failed(&self, _error: &io::Error) {}
 }
 
 /// An operation an asynchronous engine wants to run on a back end's file
@@ -323,6 +328,21 @@ pub(crate) fn bounce_write_vectored<D: BlockBackend + ?Sized>(
         }
     }
     Ok(())
+}
+
+/// Most iovecs passed to one `preadv`/`pwritev` (`IOV_MAX` on Linux).
+pub(crate) const MAX_IOVECS: usize = 1024;
+
+/// The length of a transfer of `bufs` at `offset` that one `preadv` or
+/// `pwritev` can do on an image of `size` bytes: at most [`MAX_IOVECS`]
+/// buffers, within the image. For [`BlockBackend::fd_for`].
+pub(crate) fn one_call_transfer(size: u64, bufs: &[IoBuf<'_>], offset: u64) -> Option<u64> {
+    if bufs.len() > MAX_IOVECS {
+        return None;
+    }
+    let total = io_bufs_len(bufs).ok()?;
+    check_range(size, offset, total).ok()?;
+    Some(total)
 }
 
 /// Checks that `[offset, offset + len)` lies within an image of `size`

@@ -14,12 +14,12 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use super::{
-    check_range, check_writable, io_bufs_len, truncate_id, BlockBackend, FdAccess, IoBuf,
-    StorageError,
+    check_range, check_writable, io_bufs_len, one_call_transfer, truncate_id, BlockBackend,
+    FdAccess, IoBuf, StorageError, MAX_IOVECS,
 };
 
 /// Offset, length and memory alignment used for `O_DIRECT` accesses when
@@ -37,9 +37,6 @@ const BOUNCE_BYTES: usize = 1 << 20;
 
 /// Bounce buffers kept for reuse per image.
 const SPARE_BOUNCE_BUFFERS: usize = 4;
-
-/// Most iovecs passed to one `preadv`/`pwritev` (`IOV_MAX` on Linux).
-const MAX_IOVECS: usize = 1024;
 
 /// Chunk size of the zero-writing fallback of `write_zeroes`.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -519,6 +516,15 @@ pub struct RawFile {
     size: u64,
     read_only: bool,
     id: String,
+    /// A flush of the page cache failed: Linux marks the pages it could
+    /// not write clean and reports the error once, so a later `fdatasync`
+    /// would succeed with those writes lost. Every later flush fails.
+    writeback_lost: AtomicBool,
+}
+
+/// The error of every flush after one failed ([`RawFile::flush_failed`]).
+fn writeback_lost() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
 }
 
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
@@ -607,6 +613,7 @@ impl RawFile {
             size,
             read_only,
             id,
+            writeback_lost: AtomicBool::new(false),
         })
     }
 
@@ -852,7 +859,26 @@ impl BlockBackend for RawFile {
         if self.read_only {
             return Ok(());
         }
-        self.file.sync_data()
+        if self.writeback_lost.load(Ordering::Acquire) {
+            return Err(writeback_lost());
+        }
+        let r = self.file.sync_data();
+        if let Err(e) = &r {
+            self.flush_failed(e);
+        }
+        r
+    }
+
+    fn flush_failed(&self, error: &io::Error) {
+        // O_DIRECT writes do not wait in the page cache: a failed flush
+        // lost none of them, and the next one may succeed for real.
+        if self.direct.is_none() && !self.writeback_lost.swap(true, Ordering::AcqRel) {
+            log::error!(
+                "flushing image {} failed ({error}): writes since the last flush may not be \
+                 on the disk, and every later flush of it fails",
+                self.id
+            );
+        }
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -919,17 +945,19 @@ impl BlockBackend for RawFile {
         let (bufs, offset, write) = match access {
             FdAccess::Read { bufs, offset } => (bufs, offset, false),
             FdAccess::Write { bufs, offset } => (bufs, offset, true),
-            FdAccess::Flush => return (!self.read_only).then(|| self.file.as_raw_fd()),
+            FdAccess::Flush => {
+                let ok = !self.read_only && !self.writeback_lost.load(Ordering::Acquire);
+                return ok.then(|| self.file.as_raw_fd());
+            }
             FdAccess::Fallocate { offset, len } => {
                 let ok = !self.read_only && check_range(self.size, offset, len).is_ok();
                 return ok.then(|| self.file.as_raw_fd());
             }
         };
-        if (write && self.read_only) || bufs.len() > MAX_IOVECS {
+        if write && self.read_only {
             return None;
         }
-        let total = io_bufs_len(bufs).ok()?;
-        check_range(self.size, offset, total).ok()?;
+        let total = one_call_transfer(self.size, bufs, offset)?;
         match &self.direct {
             None => Some(self.file.as_raw_fd()),
             Some(d) => {
@@ -1371,5 +1399,32 @@ mod tests {
         let mut r = vec![0u8; w.len()];
         d.read_at(&mut r, 512).unwrap();
         assert_eq!(r, w);
+    }
+
+    #[test]
+    fn a_failed_flush_of_the_page_cache_fails_every_later_one() {
+        let t = image(1 << 20);
+        let d = open(&t, false).unwrap();
+        d.write_at(&pattern(4096, 1), 0).unwrap();
+        d.flush().unwrap();
+        assert!(d.fd_for(FdAccess::Flush).is_some());
+        // As an engine reports an `fdatasync` of the ring that failed: the
+        // file itself would flush fine now, with the failed writes lost.
+        d.flush_failed(&io::Error::from_raw_os_error(libc::ENOSPC));
+        for _ in 0..2 {
+            assert_eq!(d.flush().unwrap_err().raw_os_error(), Some(libc::EIO));
+        }
+        // Engines may not run one on the file behind its back either.
+        assert!(d.fd_for(FdAccess::Flush).is_none());
+        // Reads and writes go on.
+        d.write_at(&pattern(4096, 2), 4096).unwrap();
+
+        // O_DIRECT writes never wait in the page cache: nothing was lost.
+        let Some(direct) = open(&t, true) else {
+            return;
+        };
+        direct.flush_failed(&io::Error::from_raw_os_error(libc::EIO));
+        direct.flush().unwrap();
+        assert!(direct.fd_for(FdAccess::Flush).is_some());
     }
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use log::error;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{BlockBackend, IoBuf};
 
@@ -178,7 +178,7 @@ impl IoWorkers {
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             idle: Condvar::new(),
-            completion: EventFd::new(EFD_NONBLOCK)?,
+            completion: vfio_user_server::event_loop::new_eventfd()?,
         });
         let mut pool = IoWorkers {
             shared,

@@ -13,6 +13,7 @@ use super::message_dma_pump;
 use super::migration::DeviceSide;
 use super::served_device::ServedDevice;
 use crate::device::ResetReason;
+use crate::irq::MaskChange;
 use crate::wire::*;
 
 impl ServedDevice {
@@ -293,9 +294,11 @@ impl ServedDevice {
         };
         match self.irqs.set_irqs(&set, &payload[IrqSet::SIZE..], fds) {
             Ok(changed) => {
-                if let Some((start, count, masked)) = changed {
-                    self.lifecycle()
-                        .irq_mask_changed(set.index, start, count, masked);
+                if let Some(MaskChange { runs, masked }) = changed {
+                    for (start, count) in runs {
+                        self.lifecycle()
+                            .irq_mask_changed(set.index, start, count, masked);
+                    }
                 }
                 if self.device.observes_raw_requests() {
                     self.device.irqs_set(&set, dups);

@@ -26,7 +26,13 @@ pub(super) fn pump(conn: &mut Connection, dev: &mut ServedDevice) {
             MessageDmaOp::Read { address, len } => (*address, *len as u64),
             MessageDmaOp::Write { address, data } => (*address, data.len() as u64),
         };
-        let errno = if len == 0 || len > conn.session.client_max_xfer as u64 {
+        // The client takes what it said it can receive, and QEMU's no more
+        // than what we said we can (it checks our DMA requests against it).
+        let max_xfer = conn
+            .session
+            .client_max_xfer
+            .min(dev.config.max_data_xfer_size);
+        let errno = if len == 0 || len > u64::from(max_xfer) {
             Some(libc::E2BIG)
         } else if dev.dma.find(address, len).is_none() {
             Some(libc::EFAULT)
