@@ -5,12 +5,13 @@
 //! `upgrade` (answered once a new process took over, or failed to: see
 //! [`crate::upgrade`]).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read as _, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use serde_json::{json, Value};
@@ -23,23 +24,80 @@ use crate::upgrade::Upgrader;
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
 
-/// The listening control socket.
+/// Requests waiting for the rest of their line; a new connection beyond
+/// this many closes the oldest.
+const MAX_WAITING: usize = 8;
+
+/// How long a connection may take to send its request line.
+const REQUEST_TIME: Duration = Duration::from_secs(5);
+
+/// A connection whose request line has not all come yet.
+struct WaitingRequest {
+    stream: UnixStream,
+    line: Vec<u8>,
+    since: Instant,
+}
+
+/// What reading a waiting request found.
+enum Read {
+    /// The whole line, or all the peer sent before it stopped sending.
+    Complete,
+    /// More to come.
+    Waiting,
+    /// Too long, or the connection failed: dropped.
+    Failed,
+}
+
+impl WaitingRequest {
+    /// Reads what has come, without waiting.
+    fn read(&mut self) -> Read {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match (&self.stream).read(&mut chunk) {
+                Ok(0) => return Read::Complete,
+                Ok(n) => {
+                    self.line.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = self.line.iter().position(|&b| b == b'\n') {
+                        self.line.truncate(end);
+                        return Read::Complete;
+                    }
+                    if self.line.len() as u64 > MAX_REQUEST {
+                        warn!("api request longer than {MAX_REQUEST} bytes: dropped");
+                        return Read::Failed;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Read::Waiting,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    warn!("api request failed: {e}");
+                    return Read::Failed;
+                }
+            }
+        }
+    }
+}
+
+/// The listening control socket. Requests are read as they come, on the
+/// event loop, never waited for: a peer that connects and sends nothing
+/// (or a byte at a time) costs the device nothing.
 pub struct ApiServer {
     listener: UnixListener,
     path: PathBuf,
+    /// Watches the listener and the waiting connections; the event loop
+    /// watches it.
+    epoll: OwnedFd,
+    waiting: VecDeque<WaitingRequest>,
     /// The device, for `status`.
     description: String,
     upgrader: Option<Arc<Upgrader>>,
 }
 
 impl ApiServer {
-    /// Listens on `path` (which must not exist), owner-only; the socket
-    /// appears there once it takes connections.
+    /// Listens on `path` (which must not exist, unless it is a stale socket
+    /// that a killed daemon left), owner-only; the socket appears there
+    /// once it takes connections.
     pub fn bind(path: &Path) -> Result<ApiServer, String> {
-        if path.symlink_metadata().is_ok() {
-            return Err(format!("api socket path {} already exists", path.display()));
-        }
-        let listener = vfio_user_server::server::listen_at(path, 0o600)
+        let listener = vfio_user_server::server::listen_in_place_of_stale(path, 0o600)
             .map_err(|e| format!("api socket: {e}"))?;
         Self::from_listener(listener, path)
     }
@@ -47,12 +105,16 @@ impl ApiServer {
     /// Serves on `listener`, bound at `path` (handed over by the daemon
     /// this one replaces); the file goes away with it.
     pub fn from_listener(listener: UnixListener, path: &Path) -> Result<ApiServer, String> {
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| format!("api socket: {e}"))?;
+        let fail = |e: std::io::Error| format!("api socket: {e}");
+        listener.set_nonblocking(true).map_err(fail)?;
+        // SAFETY: epoll_create1 returns a new descriptor, owned here.
+        let epoll = unsafe { OwnedFd::from_raw_fd(epoll::create(true).map_err(fail)?) };
+        watch(&epoll, listener.as_raw_fd()).map_err(fail)?;
         Ok(ApiServer {
             listener,
             path: path.to_path_buf(),
+            epoll,
+            waiting: VecDeque::new(),
             description: String::new(),
             upgrader: None,
         })
@@ -70,13 +132,41 @@ impl ApiServer {
         self.description = description;
     }
 
-    fn serve(&self, stream: UnixStream, server: &mut Server) -> std::io::Result<()> {
+    /// Takes the new connections, oldest waiting ones making room.
+    fn accept(&mut self) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            let watched = stream
+                .set_nonblocking(true)
+                .and_then(|()| watch(&self.epoll, stream.as_raw_fd()));
+            if let Err(e) = watched {
+                warn!("api connection: {e}");
+                continue;
+            }
+            if self.waiting.len() == MAX_WAITING {
+                // Closing it takes it out of the epoll set.
+                self.waiting.pop_front();
+            }
+            self.waiting.push_back(WaitingRequest {
+                stream,
+                line: Vec::new(),
+                since: Instant::now(),
+            });
+        }
+    }
+
+    fn serve(&self, request: WaitingRequest, server: &mut Server) -> std::io::Result<()> {
+        let WaitingRequest { stream, line, .. } = request;
+        // Nothing of ours watches it any more, and the reply (a line) fits
+        // in the socket's buffer.
+        epoll::ctl(
+            self.epoll.as_raw_fd(),
+            epoll::ControlOptions::EPOLL_CTL_DEL,
+            stream.as_raw_fd(),
+            epoll::Event::new(epoll::Events::empty(), 0),
+        )?;
         stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
         stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-        let mut line = String::new();
-        BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
-        let reply = match serde_json::from_str::<Value>(&line) {
+        let reply = match serde_json::from_slice::<Value>(&line) {
             Ok(req) if req.get("command").and_then(Value::as_str) == Some("upgrade") => {
                 match &self.upgrader {
                     // Answered when the upgrade ends.
@@ -94,6 +184,16 @@ impl ApiServer {
         out.push('\n');
         (&stream).write_all(out.as_bytes())
     }
+}
+
+/// Adds `fd` to `epoll`, for reading.
+fn watch(epoll: &OwnedFd, fd: RawFd) -> std::io::Result<()> {
+    epoll::ctl(
+        epoll.as_raw_fd(),
+        epoll::ControlOptions::EPOLL_CTL_ADD,
+        fd,
+        epoll::Event::new(epoll::Events::EPOLLIN, fd as u64),
+    )
 }
 
 fn execute(req: &Value, server: &mut Server, description: &str) -> Value {
@@ -145,7 +245,7 @@ fn execute(req: &Value, server: &mut Server, description: &str) -> Value {
 
 impl EventHandler for ApiServer {
     fn fd(&self) -> RawFd {
-        self.listener.as_raw_fd()
+        self.epoll.as_raw_fd()
     }
 
     fn handle(&mut self, servers: &mut [Server]) {
@@ -153,12 +253,26 @@ impl EventHandler for ApiServer {
         if self.upgrader.as_ref().is_some_and(|u| u.done()) {
             return;
         }
-        while let Ok((stream, _)) = self.listener.accept() {
-            let Some(server) = servers.first_mut() else {
-                return;
-            };
-            if let Err(e) = self.serve(stream, server) {
-                warn!("api request failed: {e}");
+        // What is ready is found by trying every waiting connection (a
+        // few at most); the epoll set only wakes the loop.
+        let mut events = [epoll::Event::new(epoll::Events::empty(), 0); MAX_WAITING + 1];
+        let _ = epoll::wait(self.epoll.as_raw_fd(), 0, &mut events);
+        self.accept();
+        let Some(server) = servers.first_mut() else {
+            return;
+        };
+        for mut request in std::mem::take(&mut self.waiting) {
+            match request.read() {
+                Read::Complete => {
+                    if let Err(e) = self.serve(request, server) {
+                        warn!("api request failed: {e}");
+                    }
+                }
+                Read::Waiting if request.since.elapsed() < REQUEST_TIME => {
+                    self.waiting.push_back(request)
+                }
+                Read::Waiting => warn!("api request not sent within {REQUEST_TIME:?}: dropped"),
+                Read::Failed => {}
             }
         }
     }

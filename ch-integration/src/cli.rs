@@ -149,10 +149,10 @@ pub enum ApiCommand {
         timeout: Duration,
         /// The new daemon's command line, after `--`: its kind and options
         /// (default: the running daemon's). Options that change what is
-        /// served (another image, TAP, socket, queue layout) are refused;
-        /// --io-threads, --busy-poll-us, --on-error, --log-level and
-        /// --handshake-timeout may change. Relative paths are taken from
-        /// the daemon's working directory
+        /// served (another image, TAP, socket, queue layout, write cache)
+        /// are refused; --aio, --io-threads, --busy-poll-us, --on-error,
+        /// --log-level and --handshake-timeout may change. Relative paths
+        /// are taken from the daemon's working directory
         #[arg(last = true, value_name = "ARGS", verbatim_doc_comment)]
         args: Vec<String>,
     },

@@ -218,22 +218,28 @@ fn run(
     Ok(())
 }
 
+/// Prints how to attach the VMMs. A closed stdout (`| head -1`, a script
+/// that read the first line) is no reason to stop serving.
 fn print_attach_help(socket: &std::path::Path, description: &str, notes: &[String]) {
     let abs = std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
     let s = abs.display();
-    println!("vfio-user-device: serving {description} on {s}");
+    let mut text = format!("vfio-user-device: serving {description} on {s}\n");
     for note in notes {
-        println!("{note}");
+        text.push_str(note);
+        text.push('\n');
     }
-    println!("Attach Cloud Hypervisor (guest memory must be shared):");
-    println!(
-        "  cloud-hypervisor --kernel vmlinux --cmdline 'console=ttyS0 root=/dev/vda' \\\n    --memory size=1G,shared=on --user-device socket={s}"
-    );
-    println!("Attach QEMU 10.1+ (guest memory must be shared):");
-    println!(
-        "  qemu-system-x86_64 -machine q35 -m 1G \\\n    -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n    -device '{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"path\":\"{s}\",\"type\":\"unix\"}}}}'"
-    );
-    println!("Stop with Ctrl-C (SIGINT) or SIGTERM.");
+    text.push_str(&format!(
+        "Attach Cloud Hypervisor (guest memory must be shared):\n\
+         \x20 cloud-hypervisor --kernel vmlinux --cmdline 'console=ttyS0 root=/dev/vda' \\\n\
+         \x20   --memory size=1G,shared=on --user-device socket={s}\n\
+         Attach QEMU 10.1+ (guest memory must be shared):\n\
+         \x20 qemu-system-x86_64 -machine q35 -m 1G \\\n\
+         \x20   -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n\
+         \x20   -device '{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"path\":\"{s}\",\"type\":\"unix\"}}}}'\n\
+         Stop with Ctrl-C (SIGINT) or SIGTERM.\n"
+    ));
+    let mut out = std::io::stdout();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// Sets up logging to stderr: `level` if given, else RUST_LOG (default info).

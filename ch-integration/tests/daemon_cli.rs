@@ -88,6 +88,32 @@ fn prints_attach_commands_and_stops_on_sigterm() {
     assert!(!sock.exists(), "socket left behind");
 }
 
+/// A script that reads the start-up line and closes the pipe (`| head -1`)
+/// does not take the daemon down.
+#[test]
+fn a_closed_stdout_does_not_stop_the_daemon() {
+    let dir = TempDir::new().unwrap();
+    let sock = dir.as_path().join("blk.sock");
+    let mut child = bin()
+        .args(["virtio-blk", "--socket", sock.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    common::wait_for_socket(&sock);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the daemon exited: {:?}",
+        child.try_wait()
+    );
+    std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
 #[test]
 fn help_exits_zero_on_stdout() {
     for args in [

@@ -119,10 +119,10 @@ fn snapshot_restore_via_api_with(extra: &[&str]) {
     assert_eq!(state["queues"][0]["vector"], 1);
     assert_eq!(state["msix_config"], 0);
 
-    // The daemon dies (SIGKILL: no clean-up at all). The operator removes
-    // the stale sockets and starts a new one from the snapshot.
+    // The daemon dies (SIGKILL: no clean-up at all). The operator starts
+    // a new one from the snapshot, which takes both stale sockets over.
     daemon.kill();
-    std::fs::remove_file(&api_sock).unwrap();
+    assert!(api_sock.exists(), "the killed daemon's api socket is left");
     let mut args = vec![
         "--disk",
         &img_s,
@@ -340,4 +340,50 @@ fn api_pause_survives_device_reset() {
     api_ok(&api_sock, &["resume"]);
     drv.wait_used_idx(0, 1);
     assert_eq!(drv.blk_complete(0, h).0, VIRTIO_BLK_S_OK);
+}
+
+/// A local peer on the control socket that sends nothing, or a byte at a
+/// time, holds up neither the device nor other requests.
+#[test]
+fn a_silent_api_peer_holds_up_nothing() {
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    let dir = TempDir::new().unwrap();
+    let api_sock = dir.as_path().join("api.sock");
+    let api_s = api_sock.to_str().unwrap().to_string();
+    let daemon = Daemon::start_in(dir, &["--api-socket", &api_s]);
+    wait_for_socket(&api_sock);
+    let mut drv = VirtioDriver::connect(&daemon.socket);
+    drv.init(BLK_WANT, 64);
+    // Silent peers, more than the daemon keeps, and one sending a byte
+    // at a time.
+    let silent: Vec<UnixStream> = (0..12)
+        .map(|_| UnixStream::connect(&api_sock).unwrap())
+        .collect();
+    let mut trickle = UnixStream::connect(&api_sock).unwrap();
+    let request = br#"{"command":"status"}"#;
+    trickle.write_all(&request[..3]).unwrap();
+    let started = Instant::now();
+    // The device answers at once, and so does the control socket.
+    let h = drv.blk_submit(0, VIRTIO_BLK_T_IN, 0, &[], 512);
+    drv.kick(0);
+    drv.wait_used_idx(0, 1);
+    assert_eq!(drv.blk_complete(0, h).0, VIRTIO_BLK_S_OK);
+    assert_eq!(api_ok(&api_sock, &["status"])["connected"], true);
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(1), "held up for {waited:?}");
+    // The trickling request is answered once its line is whole.
+    for b in &request[3..] {
+        trickle.write_all(std::slice::from_ref(b)).unwrap();
+    }
+    trickle.write_all(b"\n").unwrap();
+    trickle
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reply = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&trickle), &mut reply).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    drop(silent);
 }

@@ -30,6 +30,37 @@ fn wait_resets(s: &TestServer, idx: usize, n: usize) {
     );
 }
 
+/// A connection that never finished VERSION could change nothing: its
+/// going leaves the device as it was (a restored device waiting for its
+/// VMM survives another daemon's stale-socket check).
+#[test]
+fn a_client_that_never_negotiated_leaves_the_device_untouched() {
+    let _g = serial();
+    let s = spawn_server();
+    let mut a = RawClient::connect_negotiated(s.path());
+    a.write_ok(0, 0x10, &[1, 2, 3, 4]);
+    // A negotiated client leaving resets the device.
+    drop(a);
+    wait_resets(&s, 0, 1);
+    let mut b = RawClient::connect_negotiated(s.path());
+    b.write_ok(0, 0x10, &[5, 6, 7, 8]);
+    // `b` stays; a second, silent connection is turned away.
+    drop(RawClient::connect(s.path()).unwrap());
+    b.ping();
+    drop(b);
+    wait_resets(&s, 0, 2);
+    // Only connects and leaves, as a stale-socket check does.
+    for _ in 0..3 {
+        drop(std::os::unix::net::UnixStream::connect(s.path()).unwrap());
+    }
+    let mut c = RawClient::connect(s.path()).unwrap();
+    assert_eq!(c.get_info().err(), libc::EINVAL);
+    drop(c);
+    let mut d = RawClient::connect_negotiated(s.path());
+    d.ping();
+    assert_eq!(s.state().resets.len(), 2, "{:?}", s.state().resets);
+}
+
 #[test]
 fn disconnect_drops_maps_and_irqs_and_resets_the_device() {
     let _g = serial();

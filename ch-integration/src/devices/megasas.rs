@@ -160,6 +160,11 @@ pub fn upgrade_refusals(old: &MegasasArgs, new: &MegasasArgs) -> Vec<String> {
         out.push("--disk (different images)".to_string());
     }
     out.extend(old.storage.upgrade_refusals(&new.storage));
+    // The guest read the write cache setting at probe time, and relies on
+    // it (WCE=0: every completed write is durable).
+    if old.write_through != new.write_through {
+        out.push("--write-through".to_string());
+    }
     out
 }
 
@@ -201,6 +206,20 @@ mod tests {
         assert!(help.contains(&bound), "{help}");
         assert!(help.contains(&format!("{} MiB", super::DEFAULT_DISK_BYTES >> 20)));
         assert!(help.contains(&format!("at most {}", backends::megasas::dcmd::MAX_LDS)));
+    }
+
+    #[test]
+    fn an_upgrade_keeps_the_disks_and_how_they_are_served() {
+        let old = parse("megasas --socket s --disk a --write-through --io-threads 2");
+        let same = parse("megasas --socket s --disk a --write-through --aio sync");
+        assert!(super::upgrade_refusals(&old, &same).is_empty());
+        let back = parse("megasas --socket s --disk a");
+        assert_eq!(super::upgrade_refusals(&old, &back), ["--write-through"]);
+        let other = parse("megasas --socket s --disk b --write-through --direct");
+        assert_eq!(
+            super::upgrade_refusals(&old, &other),
+            ["--disk (different images)", "--direct"]
+        );
     }
 
     #[test]

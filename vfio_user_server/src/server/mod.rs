@@ -48,7 +48,7 @@ pub use self::config::{ServerConfig, DEFAULT_HANDSHAKE_TIMEOUT};
 pub use self::handover::{Handover, HandoverError, HandoverState, HANDOVER_FORMAT};
 pub use self::migration::MigState;
 pub use self::saved_state::IRQS_SNAPSHOT_ID;
-pub use self::socket_file::{listen_at, ServerError};
+pub use self::socket_file::{listen_at, listen_in_place_of_stale, ServerError};
 pub use self::version::{ADVERTISED_MAX_MSG_FDS, OUR_MINOR};
 
 /// One device on one listening socket.
@@ -355,11 +355,21 @@ impl Server {
     }
 
     /// Drops the client: DMA maps and interrupt fds go, the device is
-    /// reset, and the next client can attach.
+    /// reset, and the next client can attach. A client that never finished
+    /// VERSION could change nothing, and the device is left as it is: a
+    /// restored device waiting for its VMM outlives a stray connection
+    /// (another daemon's check for a stale socket, a health probe).
     pub fn disconnect(&mut self) {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
+        if !conn.session.negotiated {
+            info!(
+                "client left {:?} before negotiating: device untouched",
+                self.path()
+            );
+            return;
+        }
         message_dma_pump::fail_all(&mut conn.session, &mut self.served);
         info!("client detached from {:?}", self.path());
         self.served.client_gone();

@@ -43,20 +43,7 @@ impl SocketFile {
     /// Binds `path`, which must not exist unless it is a socket nobody
     /// listens on, with permissions `mode`.
     pub(super) fn bind(path: &Path, mode: u32) -> Result<SocketFile, ServerError> {
-        if let Ok(meta) = path.symlink_metadata() {
-            // A socket nobody listens on is what a killed server leaves
-            // behind: take it over. Anything else is somebody's file.
-            use std::os::unix::fs::FileTypeExt;
-            let stale = meta.file_type().is_socket()
-                && UnixStream::connect(path)
-                    .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused);
-            if !stale {
-                return Err(ServerError::PathExists(path.to_path_buf()));
-            }
-            info!("removing stale socket {}", path.display());
-            std::fs::remove_file(path).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
-        }
-        let mut s = Self::from_listener(listen_at(path, mode)?)?;
+        let mut s = Self::from_listener(listen_in_place_of_stale(path, mode)?)?;
         s.claim(path);
         Ok(s)
     }
@@ -108,15 +95,60 @@ impl Drop for SocketFile {
     }
 }
 
+/// [`listen_at`] `path`, which must not exist unless it is a socket nobody
+/// listens on: what a killed server leaves behind, taken over. Anything
+/// else at the path is somebody's file, and refused.
+pub fn listen_in_place_of_stale(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
+    if let Ok(meta) = path.symlink_metadata() {
+        use std::os::unix::fs::FileTypeExt;
+        let stale = meta.file_type().is_socket()
+            && UnixStream::connect(path)
+                .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused);
+        if !stale {
+            return Err(ServerError::PathExists(path.to_path_buf()));
+        }
+        info!("removing stale socket {}", path.display());
+        std::fs::remove_file(path).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
+    }
+    listen_at(path, mode)
+}
+
+/// The longest path a UNIX socket address holds (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
 /// A socket listening at `path`, which must not exist, with permissions
 /// `mode`. It appears at its path only once it listens with its mode set:
 /// a client that sees the path can connect at once, and nobody can
 /// connect meanwhile. The file is the caller's to remove.
 pub fn listen_at(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
+    use std::os::unix::ffi::OsStrExt;
+    let len = path.as_os_str().as_bytes().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(ServerError::Bind(
+            path.to_path_buf(),
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{len} bytes long, and a socket path has at most {MAX_SOCKET_PATH}"),
+            ),
+        ));
+    }
     // Bind and listen under a temporary name, then move the socket into
-    // place.
+    // place. Where the name beside it would be too long for a socket
+    // address, the directory is reached through a descriptor of it.
+    let name = format!(".{}.tmp", std::process::id());
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
+    tmp.push(&name);
+    let mut _dir = None;
+    if tmp.as_bytes().len() > MAX_SOCKET_PATH {
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let dir =
+            std::fs::File::open(parent).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
+        tmp = format!("/proc/self/fd/{}/{name}", dir.as_raw_fd()).into();
+        _dir = Some(dir);
+    }
     let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
     let listener =
@@ -159,5 +191,39 @@ fn rename_noreplace(from: &Path, to: &Path) -> Result<(), ServerError> {
         Err(ServerError::PathExists(to.to_path_buf()))
     } else {
         Err(ServerError::Bind(to.to_path_buf(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    use vmm_sys_util::tempdir::TempDir;
+
+    /// A path of `len` bytes in a new directory of `dir`.
+    fn path_of(dir: &TempDir, len: usize) -> PathBuf {
+        let base = dir.as_path().as_os_str().as_bytes().len() + 1;
+        dir.as_path().join("s".repeat(len - base))
+    }
+
+    #[test]
+    fn socket_paths_as_long_as_an_address_holds() {
+        let dir = TempDir::new_with_prefix("/tmp/vfu-sock-").unwrap();
+        for len in [60, 100, MAX_SOCKET_PATH] {
+            let path = path_of(&dir, len);
+            let listener = listen_at(&path, 0o600).unwrap();
+            let meta = path.symlink_metadata().unwrap();
+            assert!(meta.file_type().is_socket());
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+            UnixStream::connect(&path).unwrap();
+            drop(listener);
+            std::fs::remove_file(&path).unwrap();
+        }
+        // Nothing else was left in the directory.
+        assert_eq!(std::fs::read_dir(dir.as_path()).unwrap().count(), 0);
+        let too_long = path_of(&dir, MAX_SOCKET_PATH + 1);
+        let e = listen_at(&too_long, 0o600).unwrap_err().to_string();
+        assert!(e.contains("108 bytes long"), "{e}");
     }
 }
