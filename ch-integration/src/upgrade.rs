@@ -636,7 +636,7 @@ pub fn receive(
     let (body, fds) = recv_frame(&sock, MAX_STATE_BYTES, deadline)
         .map_err(|e| format!("no state from the old process: {e}"))?;
     let t0 = Instant::now();
-    let received = match take(kind, &body, fds, config) {
+    let mut received = match take(kind, &body, fds, config) {
         Ok(r) => r,
         Err(e) => {
             let answer = json!({ "error": e }).to_string();
@@ -657,6 +657,12 @@ pub fn receive(
     if go.get("go").and_then(Value::as_bool) != Some(true) {
         return Err("the old process did not let go".into());
     }
+    // The device is ours: it goes on (before, it touched nothing of the
+    // client's, not even an interrupt).
+    received
+        .server
+        .start_handed_over()
+        .map_err(|e| format!("the device does not go on: {e}"))?;
     Ok(received)
 }
 

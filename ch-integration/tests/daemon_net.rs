@@ -42,20 +42,20 @@ impl Drop for NetDaemon {
     }
 }
 
-/// Starts the daemon inside `ns` on its TAP `vtap0`.
+/// Starts the daemon inside `ns` on its TAP `vtap0`, with guest MAC `MAC`.
 fn start(ns: &NetNs, args: &[&str]) -> NetDaemon {
+    let mut all = vec!["--mac", MAC_TEXT];
+    all.extend_from_slice(args);
+    start_with(ns, &all)
+}
+
+/// Starts the daemon inside `ns` on its TAP `vtap0`, with `args`.
+fn start_with(ns: &NetNs, args: &[&str]) -> NetDaemon {
     let dir = TempDir::new().unwrap();
     let socket = dir.as_path().join("net.sock");
     let child = ns
         .exec(env!("CARGO_BIN_EXE_vfio-user-device"))
-        .args([
-            "virtio-net",
-            "--tap",
-            "vtap0",
-            "--mac",
-            MAC_TEXT,
-            "--socket",
-        ])
+        .args(["virtio-net", "--tap", "vtap0", "--socket"])
         .arg(&socket)
         .args(args)
         .stdout(Stdio::null())
@@ -449,4 +449,43 @@ fn frames_cross_the_tap_both_ways_across_upgrades() {
     for pid in successors {
         upgrade::kill(pid);
     }
+}
+
+/// A daemon started without `--mac` made one up; the daemon that takes
+/// over describes the MAC the guest has, not one of its own.
+#[test]
+fn an_upgrade_describes_the_mac_the_guest_has() {
+    let Some(ns) = NetNs::new() else {
+        return;
+    };
+    upgrade::become_subreaper();
+    ns.add_tap("vtap0", false, None);
+    let dir = TempDir::new().unwrap();
+    let api = dir.as_path().join("api.sock");
+    let api_s = api.to_str().unwrap().to_string();
+    let mut daemon = start_with(&ns, &["--api-socket", &api_s]);
+    let mut drv = VirtioDriver::connect(&daemon.socket);
+    drv.init(VIRTIO_F_VERSION_1 | F_MAC | F_STATUS, 64);
+    let mac: Vec<String> = (0..6)
+        .map(|i| format!("{:02x}", drv.device_config(i, 1)))
+        .collect();
+    let mac = mac.join(":");
+    let described = |api: &std::path::Path| {
+        api_ok(api, &["status"])["device"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(described(&api).contains(&mac), "{mac}: {}", described(&api));
+    let v = api_ok(&api, &["upgrade"]);
+    let pid = v["pid"].as_u64().unwrap() as u32;
+    let after = described(&api);
+    let now: Vec<String> = (0..6)
+        .map(|i| format!("{:02x}", drv.device_config(i, 1)))
+        .collect();
+    // The new daemon goes before anything is checked, failed or not.
+    upgrade::kill(pid);
+    assert!(after.contains(&mac), "{mac}: {after}");
+    assert_eq!(now.join(":"), mac);
+    assert_eq!(daemon.child.wait().unwrap().code(), Some(0));
 }

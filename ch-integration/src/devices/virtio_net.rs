@@ -80,13 +80,18 @@ struct Layout {
     /// The TAP was created by the first daemon (it goes away with the
     /// last one).
     created: bool,
+    /// The guest's MAC address, which the device state also carries: a
+    /// daemon started without `--mac` made one up, and its successors
+    /// describe that one. Absent from earlier daemons' hand-overs.
+    #[serde(default)]
+    mac: Option<[u8; 6]>,
 }
 
 /// Builds the virtio-net device described by `args`, on its TAP, or on
 /// the TAP queues a running daemon handed over (`inherited`).
 pub fn build(args: &VirtioNetArgs, inherited: Option<DeviceFds>) -> Result<Built, String> {
     let pairs = usize::from(args.num_queue_pairs);
-    let (taps, created) = match (inherited, &args.tap) {
+    let (taps, created, handed_mac) = match (inherited, &args.tap) {
         (Some(fds), _) => {
             let layout: Layout =
                 serde_json::from_value(fds.layout).map_err(|e| format!("handed-over fds: {e}"))?;
@@ -102,9 +107,13 @@ pub fn build(args: &VirtioNetArgs, inherited: Option<DeviceFds>) -> Result<Built
                 .map(Tap::from_file)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("handed-over TAP: {e}"))?;
-            (taps, layout.created)
+            (taps, layout.created, layout.mac)
         }
-        (None, Some(name)) => (Tap::open(name, pairs).map_err(|e| e.to_string())?, false),
+        (None, Some(name)) => (
+            Tap::open(name, pairs).map_err(|e| e.to_string())?,
+            false,
+            None,
+        ),
         (None, None) => {
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
@@ -112,9 +121,10 @@ pub fn build(args: &VirtioNetArgs, inherited: Option<DeviceFds>) -> Result<Built
             }
             let taps =
                 Tap::create(CREATED_TAP, pairs).map_err(|e| format!("cannot create a TAP: {e}"))?;
-            (taps, true)
+            (taps, true, None)
         }
     };
+    let mac = args.mac.or(handed_mac).unwrap_or_else(random_mac);
     let files = taps
         .iter()
         .map(|t| t.try_clone().map(Tap::into_file))
@@ -124,13 +134,13 @@ pub fn build(args: &VirtioNetArgs, inherited: Option<DeviceFds>) -> Result<Built
         layout: serde_json::to_value(Layout {
             taps: files.len(),
             created,
+            mac: Some(mac),
         })
         .map_err(|e| e.to_string())?,
         files,
     };
     let name = taps[0].name().to_string();
     let mtu = taps[0].mtu().map_err(|e| e.to_string())?;
-    let mac = args.mac.unwrap_or_else(random_mac);
     let backends: Vec<Box<dyn NetBackend>> = taps
         .into_iter()
         .map(|t| Box::new(t) as Box<dyn NetBackend>)

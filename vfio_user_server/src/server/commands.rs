@@ -404,6 +404,8 @@ impl ServedDevice {
         debug!("DEVICE_RESET from the client");
         self.lifecycle().reset(ResetReason::Command);
         self.mig.device_reset();
+        // Nothing restored is left to wait for.
+        self.resume_on_irqs = false;
         // A reset device runs again; one that the migration state or the
         // control socket holds stopped must stay stopped.
         if self.paused || self.mig.device_stopped() {

@@ -387,8 +387,9 @@ impl Server {
     /// same options and the same back-end fds) gets the same guest memory,
     /// interrupt eventfds and state, and goes on with the same client. The
     /// state's format and device kind are checked first. Nothing is read
-    /// from the client until the event loop serves the server; call
-    /// [`Server::claim_socket_path`] once the other process has let go.
+    /// from the client until the event loop serves the server, and the
+    /// device stays paused; once the other process has let go, call
+    /// [`Server::start_handed_over`] and [`Server::claim_socket_path`].
     pub fn import_handover(
         handover: Handover,
         device: Box<dyn Device>,
@@ -442,6 +443,13 @@ impl Server {
     /// away with this server from now on.
     pub fn claim_socket_path(&mut self, path: &std::path::Path) {
         self.socket.claim(path);
+    }
+
+    /// The other process let go: the device imported by
+    /// [`Server::import_handover`], paused until now, goes on (unless the
+    /// control socket held it paused there).
+    pub fn start_handed_over(&mut self) -> Result<(), MigratableError> {
+        self.served.start_handed_over()
     }
 }
 

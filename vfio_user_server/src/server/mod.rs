@@ -176,7 +176,7 @@ impl Server {
 
     /// The device's own fds and what to watch them for.
     pub fn device_watched_fds(&mut self) -> &[WatchedFd] {
-        if self.handed_over() {
+        if self.handed_over() || self.served.resume_on_irqs {
             return &[];
         }
         self.served.lifecycle().watched_fds()
@@ -232,7 +232,11 @@ impl Server {
     /// attached and the device is not paused (by [`Pausable::pause`], or
     /// by a migration state that stops it); returns whether work is left.
     pub fn run_deferred(&mut self) -> bool {
-        if self.conn.is_none() || self.served.paused || self.served.mig.device_stopped() {
+        if self.conn.is_none()
+            || self.served.paused
+            || self.served.mig.device_stopped()
+            || self.served.resume_on_irqs
+        {
             return false;
         }
         let more = self.served.lifecycle().run_deferred();

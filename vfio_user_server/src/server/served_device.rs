@@ -37,12 +37,16 @@ pub(super) struct ServedDevice {
     /// Paused through [`ServedDevice::pause`] (the control socket).
     pub(super) paused: bool,
     /// Set by [`ServedDevice::restore`]: the restored queues may hold
-    /// requests made available before the snapshot; pick them up once the
-    /// client can receive interrupts.
+    /// requests made available before the snapshot, whose buffers may lie
+    /// in any of the client's memory; the device does nothing (no deferred
+    /// work, no fds watched) until the client, done mapping it, installs
+    /// its interrupts.
     pub(super) resume_on_irqs: bool,
     pub(super) message_dma: MessageDma,
     /// `sigbus::faults()` when guest memory was last checked.
     pub(super) faults_seen: u64,
+    /// The process that handed the device over held it paused.
+    pub(super) held_at_handover: bool,
 }
 
 impl ServedDevice {
@@ -79,6 +83,7 @@ impl ServedDevice {
             resume_on_irqs: false,
             message_dma: ctx.message_dma,
             faults_seen: crate::sigbus::faults(),
+            held_at_handover: false,
         }
     }
 
@@ -147,9 +152,11 @@ impl ServedDevice {
     }
 
     /// Applies the state of a device handed over by another process, whose
-    /// guest memory and interrupt eventfds are already in place: the
-    /// device goes on where the other one paused, paused still if the
-    /// control socket held it (`held`).
+    /// guest memory and interrupt eventfds are already in place. The
+    /// device stays paused: it goes on where the other one paused at
+    /// [`ServedDevice::start_handed_over`], once the other process let go
+    /// (a restored device may signal at once, a configuration change say),
+    /// or stays paused if the control socket held it (`held`).
     pub(super) fn restore_handed_over(
         &mut self,
         snapshot: &Snapshot,
@@ -159,8 +166,15 @@ impl ServedDevice {
         let device = self.lifecycle();
         device.pause()?;
         saved_state::restore(device, &irqs, snapshot)?;
-        if held {
-            self.paused = true;
+        self.paused = true;
+        self.held_at_handover = held;
+        Ok(())
+    }
+
+    /// Lets a device restored by [`ServedDevice::restore_handed_over`] go
+    /// on, unless the control socket held it.
+    pub(super) fn start_handed_over(&mut self) -> Result<(), MigratableError> {
+        if self.held_at_handover || !self.paused {
             return Ok(());
         }
         self.paused = false;
@@ -190,6 +204,7 @@ impl ServedDevice {
             return;
         }
         device.reset(ResetReason::LostConnection);
+        self.resume_on_irqs = false;
     }
 
     /// Whether the device touched guest memory that the client took away

@@ -342,7 +342,7 @@ fn a_server_goes_on_in_another_process() {
     drop(handover);
     let state: HandoverState = serde_json::from_slice(&body).unwrap();
 
-    let (device, ctx) = test_device();
+    let (device, ctx, paused) = watched_test_device();
     let mut new = Server::import_handover(
         Handover { state, fds },
         device,
@@ -350,7 +350,11 @@ fn a_server_goes_on_in_another_process() {
         ServerConfig::default(),
     )
     .unwrap();
+    // Paused until the old process lets go.
+    assert!(paused.load(Ordering::Relaxed));
     old.finish_handover();
+    new.start_handed_over().unwrap();
+    assert!(!paused.load(Ordering::Relaxed));
     assert!(old.handed_over());
     assert!(!old.connected());
     assert!(new.connected());
@@ -414,6 +418,7 @@ fn messages_waiting_for_their_turn_cross_a_hand_over() {
     let (device, ctx) = test_device();
     let mut new = Server::import_handover(handover, device, ctx, config).unwrap();
     old.finish_handover();
+    new.start_handed_over().unwrap();
     // The new server knows they wait, and handles them in order without
     // the client sending anything more.
     assert!(new.has_message_backlog());
