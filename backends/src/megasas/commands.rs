@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use super::dcmd::{self, opcode, LogicalDrive};
 use super::frame::{cmd, flags, offset, status, Frame, FRAME_SIZE};
 use super::regs::FwState;
-use super::reply_queue::ReplyQueue;
+use super::reply_queue::{QueueError, ReplyQueue};
 use super::sgl::{read_sgl, SglFormat};
 use super::{CacheFlush, DiskJob, HeldFrame, Megasas, Pending, SenseBuffer, PCI_IDS, PRODUCT};
 use crate::guest_sg::SgList;
@@ -137,6 +137,11 @@ impl Megasas {
             ),
             cmd::LD_SCSI_IO | cmd::PD_SCSI_IO => (offset::PASS_SGL, u64::from(frame.data_len())),
             cmd::DCMD => (offset::IO_SGL, u64::from(frame.data_len())),
+            // Its queue information and the queue it sets up.
+            cmd::INIT => {
+                let queue = ReplyQueue::from_qinfo(mem, frame.u64(offset::QINFO));
+                return !matches!(queue, Err(QueueError::Info | QueueError::Outside));
+            }
             _ => return true,
         };
         let sense = frame.cmd() == cmd::DCMD

@@ -476,11 +476,15 @@ impl Megasas {
     }
 
     /// Raises an interrupt if replies were posted since the last one, and
-    /// the driver unmasked them.
+    /// the driver unmasked them. Under INTx the line is already up while
+    /// the driver has not acknowledged earlier replies (its handler takes
+    /// these too): another edge would only reach it after that handler,
+    /// with nothing left to take.
     fn interrupt(&mut self) {
         if std::mem::take(&mut self.replies) {
-            self.regs.reply_pending = true;
-            if self.regs.interrupts_enabled() {
+            let line_up = std::mem::replace(&mut self.regs.reply_pending, true);
+            let level = self.pci.interrupt_mode() != InterruptMode::MsiX;
+            if self.regs.interrupts_enabled() && !(level && line_up) {
                 self.signal_reply();
             }
         }

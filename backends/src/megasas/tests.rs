@@ -4,10 +4,11 @@
 use std::os::fd::{FromRawFd, IntoRawFd};
 
 use vfio_user_server::guest_memory::GuestMemory;
-use vfio_user_server::irq::IrqIndexInfo;
+use vfio_user_server::irq::{IrqIndexInfo, Irqs};
 use vfio_user_server::pci::{BarAllocator, PciAdapter};
 use vfio_user_server::wire::{
-    IrqSet, IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD, PCI_INTX_IRQ_INDEX, PCI_MSIX_IRQ_INDEX,
+    IrqSet, IRQ_SET_ACTION_TRIGGER, IRQ_SET_ACTION_UNMASK, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE,
+    PCI_INTX_IRQ_INDEX, PCI_MSIX_IRQ_INDEX,
 };
 use vfio_user_server::Device;
 use vm_memory::bitmap::AtomicBitmap;
@@ -42,6 +43,7 @@ struct Hba {
     io: u64,
     msix: EventFd,
     intx: EventFd,
+    irqs: Irqs,
 }
 
 fn eventfd_file(e: &EventFd) -> std::fs::File {
@@ -105,7 +107,21 @@ impl Hba {
             disks: images,
             msix,
             intx,
+            irqs: ctx.irqs,
         }
+    }
+
+    /// Unmasks INTx, as the VMM does at the guest's end of interrupt
+    /// (the line is masked from each edge it delivers till then).
+    fn intx_eoi(&self) {
+        let set = IrqSet {
+            argsz: 20,
+            flags: IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK,
+            index: PCI_INTX_IRQ_INDEX,
+            start: 0,
+            count: 1,
+        };
+        self.irqs.set_irqs(&set, &[], Vec::new()).unwrap();
     }
 
     /// Makes the disks fail with `errno` from now on (`None`: work again).
@@ -388,10 +404,23 @@ fn init_then_posted_frames_interrupt() {
     t.write(FRAME, &scsi_frame(0, 0, &[0, 0, 0, 0, 0, 0], 0, 0, 45));
     t.post(FRAME);
     assert_eq!(t.intx.read().unwrap(), 1);
-    // INTx stays pending until the driver clears it.
+    // INTx stays pending until the driver clears it; replies meanwhile
+    // raise no second edge (the handler to come takes them too).
     assert_eq!(t.r32(reg::OSTS), 0x8000_0000);
+    t.write(FRAME, &scsi_frame(0, 0, &[0, 0, 0, 0, 0, 0], 0, 0, 46));
+    t.post(FRAME);
+    assert!(t.intx.read().is_err(), "an edge while the line is up");
     t.w32(reg::ODCR0, 0x8000_0000);
     assert_eq!(t.r32(reg::OSTS), 0);
+    t.intx_eoi();
+    assert!(
+        t.intx.read().is_err(),
+        "an edge held back for the same replies"
+    );
+    // Once cleared, the next reply raises it again.
+    t.post(FRAME);
+    assert_eq!(t.intx.read().unwrap(), 1);
+    t.w32(reg::ODCR0, 0x8000_0000);
     // INIT again while operational is refused.
     t.write(FRAME, &header(cmd::INIT, flags::DONT_POST, 0, 0, 0));
     t.post(FRAME);
@@ -401,7 +430,7 @@ fn init_then_posted_frames_interrupt() {
 /// Under MSI-X, replies posted before the driver's handler read a
 /// register ride on the message already sent; after a read (or a write
 /// other than posting frames), the next reply sends a message again.
-/// (INTx is raised for every batch: `init_then_posted_frames_interrupt`.)
+/// (INTx is raised when the line goes up: `init_then_posted_frames_interrupt`.)
 #[test]
 fn msix_messages_cover_replies_until_the_handler_reads() {
     let mut t = Hba::new(1, MegasasConfig::default());
@@ -1140,6 +1169,43 @@ fn restored_frames_wait_for_their_memory() {
     assert!(!v.hba.run_deferred());
     assert_eq!(v.hba.queued_frames(), 0);
     assert_eq!(v.frame_status(FRAME), status::INVALID_SGL);
+}
+
+/// A queued INIT waits, like any frame, for its queue information and the
+/// queue it sets up to be mapped.
+#[test]
+fn a_restored_init_waits_for_its_queue() {
+    let mut t = Hba::new(1, MegasasConfig::default());
+    let mut q = Vec::new();
+    q.extend_from_slice(&0u32.to_le_bytes());
+    q.extend_from_slice(&8u32.to_le_bytes());
+    for a in [HIGH, HIGH + 0x1000, HIGH + 0x1004] {
+        q.extend_from_slice(&a.to_le_bytes());
+    }
+    t.write(QINFO, &q);
+    let mut f = header(cmd::INIT, 0, 0, 0, 7);
+    set(&mut f, 0x18, &QINFO.to_le_bytes());
+    t.write(FRAME, &f);
+    t.w32(reg::IQP, FRAME as u32);
+    Pausable::pause(&mut t.hba).unwrap();
+    let snap = t.hba.snapshot().unwrap();
+
+    let mut u = Hba::new(1, MegasasConfig::default());
+    let low =
+        vm_memory::GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 0x20_0000)])
+            .unwrap();
+    low.write_slice(&f, GuestAddress(FRAME)).unwrap();
+    low.write_slice(&q, GuestAddress(QINFO)).unwrap();
+    u.mem.lock().unwrap().replace(low);
+    u.hba.restore(&snap).unwrap();
+    assert!(!u.hba.run_deferred());
+    assert_eq!(u.hba.queued_frames(), 1, "INIT ran without its queue");
+    assert_eq!(u.hba.fw_state(), FwState::Ready);
+    u.mem.lock().unwrap().replace((*t.mem()).clone());
+    assert!(!u.hba.run_deferred());
+    assert_eq!(u.hba.queued_frames(), 0);
+    assert_eq!(u.hba.fw_state(), FwState::Operational);
+    assert_eq!(t.frame_status(FRAME), status::OK);
 }
 
 /// Back-end errors: reported as a medium error, or (stop) the frame kept,

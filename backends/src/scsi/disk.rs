@@ -206,12 +206,15 @@ impl Transfer {
             errno: e.raw_os_error(),
             kind: e.kind(),
         };
-        let sense = if e.kind() == io::ErrorKind::PermissionDenied {
-            Sense::write_protected()
-        } else if e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC) {
-            Sense::space_allocation_failed()
-        } else if self.kind == TransferKind::Read {
+        // A read that fails is a read error, whatever the back end says:
+        // write protection and a full disk are about writes.
+        let full = e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC);
+        let sense = if self.kind == TransferKind::Read {
             Sense::read_error(self.lba)
+        } else if e.kind() == io::ErrorKind::PermissionDenied {
+            Sense::write_protected()
+        } else if full {
+            Sense::space_allocation_failed()
         } else {
             Sense::write_error(self.lba)
         };
@@ -1178,18 +1181,20 @@ mod tests {
             &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             Sense::write_error(0),
         );
-        let mut s = failing(io::ErrorKind::StorageFull, 1 << 20);
-        check(
-            &mut s,
-            &[0x2a, 0, 0, 0, 0, 6, 0, 0, 1, 0],
-            Sense::space_allocation_failed(),
-        );
-        let mut s = failing(io::ErrorKind::PermissionDenied, 1 << 20);
-        check(
-            &mut s,
-            &[0x2a, 0, 0, 0, 0, 6, 0, 0, 1, 0],
-            Sense::write_protected(),
-        );
+        // A full disk or a refused access fails writes as such; reads
+        // that fail are read errors whatever the reason.
+        for (kind, write_sense) in [
+            (io::ErrorKind::StorageFull, Sense::space_allocation_failed()),
+            (io::ErrorKind::PermissionDenied, Sense::write_protected()),
+        ] {
+            let mut s = failing(kind, 1 << 20);
+            check(&mut s, &[0x2a, 0, 0, 0, 0, 6, 0, 0, 1, 0], write_sense);
+            check(
+                &mut s,
+                &[0x28, 0, 0, 0, 0, 4, 0, 0, 1, 0],
+                Sense::read_error(4),
+            );
+        }
     }
 
     #[test]
