@@ -44,7 +44,7 @@ enum Read {
     Complete,
     /// More to come.
     Waiting,
-    /// Too long, or the connection failed: dropped.
+    /// Too long, nothing sent at all, or the connection failed: dropped.
     Failed,
 }
 
@@ -54,6 +54,8 @@ impl WaitingRequest {
         let mut chunk = [0u8; 4096];
         loop {
             match (&self.stream).read(&mut chunk) {
+                // A peer that only checked the socket listens.
+                Ok(0) if self.line.is_empty() => return Read::Failed,
                 Ok(0) => return Read::Complete,
                 Ok(n) => {
                     self.line.extend_from_slice(&chunk[..n]);

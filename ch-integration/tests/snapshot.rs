@@ -133,7 +133,7 @@ fn snapshot_restore_via_api_with(extra: &[&str]) {
     ];
     args.extend_from_slice(extra);
     daemon.restart(&args);
-    wait_for_socket(&api_sock);
+    wait_for_listener(&api_sock);
     let v = api_ok(&api_sock, &["status"]);
     assert_eq!(v["paused"], false);
     assert_eq!(v["connected"], false);
@@ -425,7 +425,7 @@ fn a_restored_device_waits_for_the_whole_set_up() {
     let mut args = base.to_vec();
     args.extend(["--restore", snap_s.as_str()]);
     daemon.restart(&args);
-    wait_for_socket(&api_sock);
+    wait_for_listener(&api_sock);
 
     let mut client = vfio_user::Client::new(&daemon.socket).expect("reconnect");
     let regions = drv.ram.regions().to_vec();

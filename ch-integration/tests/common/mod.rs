@@ -188,6 +188,16 @@ pub fn wait_for_socket(socket: &Path) {
     }
 }
 
+/// Waits until something listens on `socket` (a stale socket file left by
+/// a killed daemon exists before its successor takes it over).
+pub fn wait_for_listener(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {socket:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The daemon binary.
 pub fn daemon_bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vfio-user-device"))
