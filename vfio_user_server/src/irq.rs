@@ -387,6 +387,15 @@ impl Irqs {
         Ok(fire(v, automask))
     }
 
+    /// Forgets every pending interrupt (a function reset), keeping the
+    /// client's eventfds and masks.
+    pub fn clear_pending(&self) {
+        let mut s = self.lock();
+        for v in s.indexes.iter_mut().flat_map(|i| i.vectors.iter_mut()) {
+            v.pending = false;
+        }
+    }
+
     /// Drops every installed eventfd and clears mask/pending state
     /// (disconnect).
     pub fn clear(&self) {

@@ -129,6 +129,8 @@ pub struct PciConfiguration {
     next_capability: usize,
     msi_cap: Option<usize>,
     msix_cap: Option<usize>,
+    /// Where the PMCSR of the power management capability is.
+    pmcsr: Option<usize>,
 }
 
 impl PciConfiguration {
@@ -150,6 +152,7 @@ impl PciConfiguration {
             next_capability: CAPABILITY_START,
             msi_cap: None,
             msix_cap: None,
+            pmcsr: None,
         };
         c.init(VENDOR_ID, &params.vendor_id.to_le_bytes());
         c.init(DEVICE_ID, &params.device_id.to_le_bytes());
@@ -258,6 +261,7 @@ impl PciConfiguration {
         match id {
             PciCapabilityId::Msi => self.msi_cap = Some(offset),
             PciCapabilityId::MsiX => self.msix_cap = Some(offset),
+            PciCapabilityId::PowerManagement => self.pmcsr = Some(offset + 4),
             _ => {}
         }
         self.last_capability = Some(offset);
@@ -295,7 +299,10 @@ impl PciConfiguration {
         };
         for (i, &v) in data.iter().enumerate() {
             let a = start + i;
-            let w = self.writable_bits[a];
+            let mut w = self.writable_bits[a];
+            if Some(a) == self.pmcsr && unsupported_power_state(v) {
+                w &= !PMCSR_POWER_STATE;
+            }
             let c = self.w1c_bits[a];
             self.registers[a] = ((self.registers[a] & !w) | (v & w)) & !(v & c);
         }
@@ -361,8 +368,11 @@ impl PciConfiguration {
     /// Restores a state saved from a configuration with the same layout.
     /// Fails with [`PciDeviceError::InvalidCapability`] if the sizes differ
     /// or the MSI/MSI-X capabilities are not where this layout has them.
-    /// Only the registers are taken: which bits the guest may write is
-    /// this function's layout, whatever the state says.
+    /// Only the bits the guest can write are taken from the state: which
+    /// bits those are, and everything else (IDs, BAR types and sizes,
+    /// capability headers and contents, the MSI-X table size), is this
+    /// function's own layout, whatever the state says. (No device sets a
+    /// write-1-to-clear bit, so those are the layout's too.)
     pub fn set_state(&mut self, state: &PciConfigurationState) -> Result<(), PciDeviceError> {
         let size = self.registers.len();
         if state.registers.len() != size
@@ -379,7 +389,14 @@ impl PciConfiguration {
                 return Err(PciDeviceError::InvalidCapability);
             }
         }
-        self.registers.copy_from_slice(&state.registers);
+        for ((reg, &saved), &writable) in self
+            .registers
+            .iter_mut()
+            .zip(&state.registers)
+            .zip(&self.writable_bits)
+        {
+            *reg = (*reg & !writable) | (saved & writable);
+        }
         Ok(())
     }
 }
@@ -564,6 +581,16 @@ impl PciCapability for PmCap {
         // PMCSR power state.
         vec![0x00, 0x00, 0x03, 0x00, 0x00, 0x00]
     }
+}
+
+/// The PMCSR power state bits (PM capability offset 4).
+const PMCSR_POWER_STATE: u8 = 0x03;
+
+/// Whether a write of `value` to the PM capability's PMCSR asks for D1 or
+/// D2, which [`PmCap`] does not advertise: such a write completes, but the
+/// state stays as it was (PCI PM 1.2, 3.2.4).
+fn unsupported_power_state(value: u8) -> bool {
+    matches!(value & PMCSR_POWER_STATE, 1 | 2)
 }
 
 #[cfg(test)]
@@ -752,9 +779,19 @@ mod tests {
         assert_eq!(c.read_reg(pcie / 4 + 1), 0x8000);
         write32(&mut c, pcie / 4 + 2, 0xffff_ffff);
         assert_eq!(c.read_reg(pcie / 4 + 2), 0x7cff);
-        // PM: power state writable.
+        // PM: power state writable, D3hot and back to D0; D1 and D2, not
+        // advertised, leave it as it is.
         write32(&mut c, pm / 4 + 1, 0xffff_ffff);
         assert_eq!(c.read_reg(pm / 4 + 1), 0x000b);
+        for unsupported in [1, 2] {
+            write32(&mut c, pm / 4 + 1, unsupported);
+            assert_eq!(c.read_reg(pm / 4 + 1), 0x000b);
+        }
+        c.write_config_register(pm / 4 + 1, 0, &[0]);
+        assert_eq!(c.read_reg(pm / 4 + 1), 0x0008);
+        c.write_config_register(pm / 4 + 1, 0, &[2]);
+        assert_eq!(c.read_reg(pm / 4 + 1), 0x0008);
+        write32(&mut c, pm / 4 + 1, 3);
         // Reset restores power-on values, keeps the layout.
         c.reset();
         assert!(!c.msix_enabled() && !c.msi_enabled());
@@ -833,5 +870,20 @@ mod tests {
         write32(&mut d, 0, 0x1234_5678);
         write32(&mut d, 4, 0xffff_ffff);
         assert_eq!((d.read_reg(0), d.read_reg(4)), (id, 0xffff_f000));
+
+        // Nor can a state set read-only bits: IDs, the BAR's type and size
+        // bits, the MSI-X table size, the capability pointer. The guest's
+        // own bits (the BAR address, MSI-X enable) are restored.
+        let mut forged = state.clone();
+        forged.registers[0] = 0x34;
+        forged.registers[0x10] = 0x01;
+        forged.registers[0x11] = 0x0f;
+        forged.registers[msix + 2] = 0xff;
+        forged.registers[0x34] = 0;
+        d.set_state(&forged).unwrap();
+        assert_eq!(d.read_reg(0), id);
+        assert_eq!(d.read_reg(4), 0xfe00_0000);
+        assert_eq!(d.read_reg(msix / 4) >> 16, 0x8000 | 7, "enabled, 8 vectors");
+        assert_eq!(d.read_reg(0x34 / 4) & 0xff, msix as u32);
     }
 }

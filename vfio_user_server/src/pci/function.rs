@@ -309,6 +309,8 @@ impl PciFunction {
         if let Some(m) = self.msix.as_mut() {
             m.table.reset();
         }
+        // What was raised before the reset is the old driver's.
+        self.irqs.clear_pending();
     }
 
     /// The state to save.
@@ -511,6 +513,29 @@ mod tests {
         let mut pba = [0u8; 8];
         assert!(f.read_bar(0, 0x3000, &mut pba));
         assert_eq!(u64::from_le_bytes(pba), 1 << 3);
+
+        // A function reset forgets it: the next driver gets no interrupt
+        // of the old one's when the vector is unmasked.
+        f.reset();
+        assert!(f.read_bar(0, 0x3000, &mut pba));
+        assert_eq!(u64::from_le_bytes(pba), 0);
+        assert!(!irqs.pending(PCI_MSIX_IRQ_INDEX, 3));
+        irqs.set_irqs(
+            &crate::wire::IrqSet {
+                argsz: 20,
+                flags: crate::wire::IRQ_SET_DATA_NONE | crate::wire::IRQ_SET_ACTION_UNMASK,
+                index: PCI_MSIX_IRQ_INDEX,
+                start: 3,
+                count: 1,
+            },
+            &[],
+            Vec::new(),
+        )
+        .unwrap();
+        assert!(
+            msix[3].read().is_err(),
+            "an interrupt from before the reset"
+        );
     }
 
     #[test]
