@@ -152,8 +152,14 @@ fn tx(pair: usize) -> usize {
     2 * pair + 1
 }
 
+/// The control queue: after every pair with multiqueue, after the first
+/// without (virtio 1.x 5.1.2).
 fn ctrl(d: &Driver) -> usize {
-    d.queues.len() - 1
+    if d.features & MQ != 0 {
+        d.queues.len() - 1
+    } else {
+        2
+    }
 }
 
 /// A frame with a vnet header (flags only) and `len - 12` bytes of a
@@ -605,6 +611,46 @@ fn receive_buffers_posted_while_a_pair_is_off_serve_it_once_on() {
     settle(&mut d);
     assert_eq!(d.wait_used(rx(1), 1), [(head, 300)]);
     assert_eq!(read_bufs(&d, &bufs, 300), with_num_buffers(&f, 1));
+}
+
+/// Linux may still send on a pair it is turning on (after a resume, before
+/// its VQ_PAIRS_SET) or off: the frames go out, and the chains come back.
+#[test]
+fn frames_sent_on_a_pair_that_is_off_go_out() {
+    let (mut d, peers) = ready(2, ALL);
+    // One pair on (as after a device reset); the guest sends on pair 1.
+    let f = frame(400, 3);
+    let a = d.ram.alloc(f.len() as u64, 1);
+    d.ram.write(a, &f);
+    let head = d.push(tx(1), &[Desc::readable(a, f.len() as u32)]);
+    d.kick(tx(1));
+    assert_eq!(d.wait_used(tx(1), 1), [(head, 0)]);
+    assert_eq!(peers[1].recv().unwrap(), Some(f));
+    // Turned on, the pair goes on sending from where it was.
+    assert_eq!(command(&mut d, CTRL_MQ, 0, &2u16.to_le_bytes()), OK);
+    let g = frame(200, 4);
+    let b = d.ram.alloc(g.len() as u64, 1);
+    d.ram.write(b, &g);
+    let head = d.push(tx(1), &[Desc::readable(b, g.len() as u32)]);
+    d.kick(tx(1));
+    assert_eq!(d.wait_used(tx(1), 1), [(head, 0)]);
+    assert_eq!(peers[1].recv().unwrap(), Some(g));
+}
+
+/// A driver without multiqueue has its control queue after the first pair,
+/// whatever the device offers (virtio 1.x 5.1.2).
+#[test]
+fn without_multiqueue_the_control_queue_follows_the_first_pair() {
+    let (mut d, _peers) = ready(2, ALL & !MQ);
+    assert_eq!(ctrl(&d), 2);
+    let mac = [0x02, 0, 0, 0, 0, 9];
+    let configured = d.device_config(0, 6);
+    assert_eq!(command(&mut d, CTRL_MAC, 1, &mac), OK);
+    assert_eq!(d.device_config(0, 6).to_le_bytes()[..6], mac);
+    // A reset takes back the MAC the driver set: the next driver (after a
+    // reboot, a kexec) reads the configured one.
+    d.set_status(0);
+    assert_eq!(d.device_config(0, 6), configured);
 }
 
 /// A virtio-net state as a snapshot carries it, with any values.

@@ -564,7 +564,7 @@ struct Harness {
     cursor: [u64; 2],
     // Device model.
     active_pairs: usize,
-    /// Pairs active when the driver last kicked queues for that.
+    /// Pairs active when the driver last kicked receive queues for that.
     kicked_pairs: usize,
     guest_offloads: Option<u64>,
     mac: [u8; 6],
@@ -726,10 +726,14 @@ impl Harness {
         self.dev.device()
     }
 
-    /// Resets the device and brings it up: features, every queue, DRIVER_OK.
+    /// Resets the device and brings it up: features, the queues of the
+    /// pairs it can use (every pair with multiqueue, one without) and the
+    /// control queue after them, DRIVER_OK.
     fn bring_up(&mut self) {
         self.cc_write(CC_STATUS, 0, 1);
         assert_eq!(self.status(), 0);
+        // A reset takes back a MAC the driver set.
+        self.mac = MAC;
         // A reset clears the offloads.
         for p in &self.peers {
             assert_eq!(p.offloads(), 0, "offloads after reset");
@@ -743,13 +747,13 @@ impl Harness {
         self.cc_write(CC_STATUS, u64::from(S_ACK | S_DRIVER | S_FEATURES_OK), 1);
         assert_ne!(self.status() & S_FEATURES_OK, 0, "FEATURES_OK refused");
         self.features = features;
-        let nq = 2 * self.pairs + 1;
+        let nq = self.ctrl_q() + 1;
         // The rings start zeroed.
         let zeros = vec![0u8; nq * RING_STRIDE as usize];
         self.mem.write_slice(&zeros, GuestAddress(0)).unwrap();
         self.queues.clear();
         for i in 0..nq {
-            let size = if i == 2 * self.pairs {
+            let size = if i == self.ctrl_q() {
                 self.sizes.1
             } else {
                 self.sizes.0
@@ -780,6 +784,21 @@ impl Harness {
 
     fn acked(&self, f: u64) -> bool {
         self.features & f != 0
+    }
+
+    /// The pairs whose queues the driver has: all with multiqueue, one
+    /// without.
+    fn queue_pairs(&self) -> usize {
+        if self.acked(feature::MQ) {
+            self.pairs
+        } else {
+            1
+        }
+    }
+
+    /// The control queue, after the pairs' queues (virtio 1.x 5.1.2).
+    fn ctrl_q(&self) -> usize {
+        2 * self.queue_pairs()
     }
 
     /// Runs the device as the event loop does until it is idle.
@@ -1223,7 +1242,7 @@ impl Harness {
     /// Checks everything the device did since the last check.
     fn check(&mut self) {
         // Control first: it changes what the pairs may do.
-        let q = 2 * self.pairs;
+        let q = self.ctrl_q();
         for (chain, len) in self.take_used(q) {
             self.check_command(&chain, len);
         }
@@ -1232,10 +1251,11 @@ impl Harness {
             "control commands left unanswered"
         );
         if self.active_pairs > self.kicked_pairs {
-            // A driver turning pairs on kicks their queues.
+            // A driver turning pairs on has posted their receive buffers
+            // (taken at a doorbell). Frames to send need none: the device
+            // sends them from any pair's queue.
             for pair in self.kicked_pairs..self.active_pairs {
                 self.kick(2 * pair);
-                self.kick(2 * pair + 1);
             }
             self.run();
             for (chain, len) in self.take_used(q) {
@@ -1246,6 +1266,15 @@ impl Harness {
         let active = self.device().device().active_pairs() as usize;
         assert_eq!(active, self.active_pairs, "active queue pairs");
         for pair in 0..self.pairs {
+            if pair >= self.queue_pairs() {
+                // No queues: the device reads none of its frames.
+                assert_eq!(
+                    self.peers[pair].device_has_input(),
+                    !self.frames[pair].is_empty(),
+                    "pair {pair}: frames read without queues"
+                );
+                continue;
+            }
             // Receive.
             let expected = if pair < self.active_pairs {
                 self.model_rx(pair)
@@ -1448,6 +1477,11 @@ impl Harness {
         usize::from(b) % self.pairs
     }
 
+    /// A pair with queues.
+    fn queue_pair(&self, b: u8) -> usize {
+        usize::from(b) % self.queue_pairs()
+    }
+
     // --- operations -------------------------------------------------
 
     fn step(&mut self, r: &mut Reader, seq: u32) {
@@ -1455,12 +1489,12 @@ impl Harness {
         let at = r.remaining();
         match tag {
             op::RX => {
-                let pair = self.pair(r.u8());
+                let pair = self.queue_pair(r.u8());
                 let spec = ChainSpec::decode(r);
                 self.post(2 * pair, &spec, true, seq);
             }
             op::TX => {
-                let pair = self.pair(r.u8());
+                let pair = self.queue_pair(r.u8());
                 let seed = u32::from(r.u8()) << 8 | seq;
                 let spec = ChainSpec::decode(r);
                 self.post(2 * pair + 1, &spec, false, seed);
@@ -1612,7 +1646,7 @@ impl Harness {
                 scratch: false,
             });
         }
-        let q = 2 * self.pairs;
+        let q = self.ctrl_q();
         let indirect = shape & 0x20 != 0 && self.acked(feature::INDIRECT_DESC);
         let raw: Vec<(u64, u32, u16)> = if indirect {
             let mut table = Writer::default();

@@ -6,6 +6,7 @@ pub mod device;
 pub mod event_loop;
 pub mod guest_memory;
 pub mod irq;
+pub mod log_limit;
 pub mod message_dma;
 pub mod pci;
 pub mod server;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use log::{debug, warn};
 use vfio_user_server::guest_memory::GuestMemory;
+use vfio_user_server::warn_limited;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use super::dcmd::{self, opcode, LogicalDrive};
@@ -451,7 +452,7 @@ impl Megasas {
                 self.stop.hold("megasas", p.frame.addr, f, &e);
                 return None;
             }
-            warn!("megasas: frame {:#x}: {f}: {e}", p.frame.addr);
+            warn_limited!("megasas: frame {:#x}: {f}: {e}", p.frame.addr);
         }
         Some(Completion::scsi(p, outcome))
     }

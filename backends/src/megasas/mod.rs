@@ -49,6 +49,7 @@ use vfio_user_server::pci::{
 use vfio_user_server::vm_migration::{
     Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable,
 };
+use vfio_user_server::warn_limited;
 use vm_memory::GuestAddressSpace;
 
 use self::dcmd::{PciIds, MAX_LDS, MAX_REQUEST_SECTORS};
@@ -382,7 +383,7 @@ impl Megasas {
             // Once: a driver that gave up says so once, a guest that keeps
             // writing it must not flood the log.
             if self.regs.state != FwState::Fault {
-                log::warn!("megasas: the driver stopped the adapter (doorbell {bits:#x})");
+                warn_limited!("megasas: the driver stopped the adapter (doorbell {bits:#x})");
             }
             self.abort_all();
             self.regs.state = FwState::Fault;

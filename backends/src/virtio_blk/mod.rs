@@ -30,12 +30,13 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use log::{debug, info, warn};
+use log::{debug, info};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vfio_user_server::device::{DeviceContext, Interest, WatchedFd};
 use vfio_user_server::guest_memory::GuestMemoryHandle;
 use vfio_user_server::vm_migration::{MigratableError, Snapshot};
+use vfio_user_server::warn_limited;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -584,13 +585,13 @@ impl VirtioBlk {
             let len = match mem.write_obj(status, c.status) {
                 Ok(()) => u32::try_from(written + 1).unwrap_or(u32::MAX),
                 Err(e) => {
-                    warn!("virtio-blk: chain {}: cannot write status: {e}", c.head);
+                    warn_limited!("virtio-blk: chain {}: cannot write status: {e}", c.head);
                     0
                 }
             };
             if let Some(q) = queues.get_mut(c.queue) {
                 if let Err(e) = q.add_used(mem, c.head, len) {
-                    warn!("virtio-blk: cannot complete chain {}: {e}", c.head);
+                    warn_limited!("virtio-blk: cannot complete chain {}: {e}", c.head);
                 }
                 if !used.contains(&c.queue) {
                     used.push(c.queue);
@@ -684,7 +685,7 @@ fn keep(
             true
         }
         _ => {
-            warn!("{NAME}: chain {head}: {op}: {e}");
+            warn_limited!("{NAME}: chain {head}: {op}: {e}");
             false
         }
     }
@@ -700,7 +701,7 @@ where
     match req.parse(chain, BLK_MAX_CHAIN_DESCRIPTORS) {
         Ok(()) => true,
         Err(e) => {
-            warn!("virtio-blk: chain {head}: {e}");
+            warn_limited!("virtio-blk: chain {head}: {e}");
             false
         }
     }
@@ -709,7 +710,7 @@ where
 /// Completes a chain whose buffers could not be handed to the I/O threads
 /// with IOERR; returns the used length.
 fn fail_start(req: &Request<'_>, head: u16, e: io::Error) -> u32 {
-    warn!("virtio-blk: chain {head}: {e}");
+    warn_limited!("virtio-blk: chain {head}: {e}");
     req.finish(S_IOERR, 0)
 }
 
@@ -786,7 +787,7 @@ impl VirtioDevice for VirtioBlk {
             match outcome {
                 Outcome::Done(len) => {
                     if let Err(e) = queue.add_used(mem, head, len) {
-                        warn!("virtio-blk: cannot complete chain {head}: {e}");
+                        warn_limited!("virtio-blk: cannot complete chain {head}: {e}");
                     }
                 }
                 Outcome::Started => {}
@@ -844,7 +845,7 @@ impl VirtioDevice for VirtioBlk {
             // Failed again: kept again, and the device stopped again.
             if let Outcome::Done(len) = outcome {
                 if let Err(e) = q.add_used(mem, head, len) {
-                    warn!("{NAME}: cannot complete chain {head}: {e}");
+                    warn_limited!("{NAME}: cannot complete chain {head}: {e}");
                 }
                 if !used.contains(&index) {
                     used.push(index);

@@ -132,6 +132,10 @@ fn count(counter: &AtomicU64) {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct NetState {
     mac: [u8; 6],
+    /// The MAC a reset goes back to (the VM's own, whatever a driver
+    /// set); `mac` in states of earlier daemons.
+    #[serde(default)]
+    configured_mac: Option<[u8; 6]>,
     active_pairs: u16,
     /// Offloads the guest set with `GUEST_OFFLOADS_SET` (acked features
     /// bits); `None` for what the acked features give.
@@ -145,6 +149,9 @@ pub struct VirtioNet {
     watched: Vec<WatchedFd>,
     link_timer: TimerFd,
     config: VirtioNetConfig,
+    /// The MAC the device was configured with: a reset takes back the one
+    /// a driver set.
+    configured_mac: [u8; 6],
     avail_features: u64,
     acked_features: u64,
     active: bool,
@@ -231,6 +238,7 @@ impl VirtioNet {
             backends,
             watched,
             link_timer,
+            configured_mac: config.mac,
             config,
             avail_features: features,
             acked_features: 0,
@@ -268,8 +276,14 @@ impl VirtioNet {
         self.backends.len()
     }
 
+    /// The control queue follows the queue pairs the driver can use: all
+    /// of them with multiqueue, one without (virtio 1.x 5.1.2).
     fn ctrl_queue(&self) -> usize {
-        2 * self.pairs()
+        if self.acked(VIRTIO_NET_F_MQ) {
+            2 * self.pairs()
+        } else {
+            2
+        }
     }
 
     fn acked(&self, feature: u32) -> bool {
@@ -282,7 +296,8 @@ impl VirtioNet {
             let running = self.active && pair < usize::from(self.active_pairs);
             self.watched[pair].interest = Interest {
                 read: running && !self.rx_waiting[pair],
-                write: running && self.tx_blocked[pair],
+                // Any pair's queue may send (see `process_queue`).
+                write: self.active && self.tx_blocked[pair],
             };
         }
     }
@@ -458,6 +473,7 @@ impl VirtioNet {
     fn state(&self) -> NetState {
         NetState {
             mac: self.config.mac,
+            configured_mac: Some(self.configured_mac),
             active_pairs: self.active_pairs,
             guest_offloads: self.guest_offloads,
         }
@@ -567,6 +583,7 @@ impl VirtioDevice for VirtioNet {
         // A restored state not activated yet is the driver's no more: the
         // next activation is a new negotiation.
         self.restored = None;
+        self.config.mac = self.configured_mac;
         self.acked_features = 0;
         self.active_pairs = 1;
         self.guest_offloads = None;
@@ -596,21 +613,24 @@ impl VirtioDevice for VirtioNet {
             return Ok(control(queue, mem, budget, |c| self.command(c)));
         }
         let pair = index / 2;
-        let rx = index.is_multiple_of(2);
-        if rx {
-            // The guest posted receive buffers: watch for frames again (at
-            // once, or when the pair is turned on), and take those already
-            // waiting.
-            self.rx_waiting[pair] = false;
+        if pair >= self.pairs() {
+            // Where the control queue is with multiqueue, without it.
+            return Ok(0);
         }
+        if !index.is_multiple_of(2) {
+            // Frames are sent from any pair's queue: Linux may still send
+            // on a pair it is turning on or off (and would wait forever
+            // for chains left on the ring).
+            return Ok(self.transmit_frames(pair, queue, mem, budget));
+        }
+        // The guest posted receive buffers: watch for frames again (at
+        // once, or when the pair is turned on), and take those already
+        // waiting.
+        self.rx_waiting[pair] = false;
         if pair >= usize::from(self.active_pairs) {
             return Ok(0);
         }
-        if rx {
-            Ok(self.receive_frames(pair, queue, mem, budget))
-        } else {
-            Ok(self.transmit_frames(pair, queue, mem, budget))
-        }
+        Ok(self.receive_frames(pair, queue, mem, budget))
     }
 
     fn watched_fds(&self) -> &[WatchedFd] {
@@ -674,13 +694,15 @@ impl VirtioDevice for VirtioNet {
         // What the constructor and the guest's MAC_ADDR_SET refuse. (An
         // all-zero MAC, which both refuse too, is taken: earlier daemons
         // let a guest set one, and their states must still move.)
-        if state.mac[0] & 1 != 0 {
+        let configured = state.configured_mac.unwrap_or(state.mac);
+        if let Some(bad) = [state.mac, configured].iter().find(|m| m[0] & 1 != 0) {
             return Err(MigratableError::Restore(format!(
                 "MAC {} in the snapshot",
-                format_mac(&state.mac)
+                format_mac(bad)
             )));
         }
         self.config.mac = state.mac;
+        self.configured_mac = configured;
         self.restored = Some(state);
         Ok(())
     }

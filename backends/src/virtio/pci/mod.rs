@@ -36,6 +36,7 @@ use vfio_user_server::pci::{
 use vfio_user_server::vm_migration::{
     Migratable, MigratableError, Pausable, Snapshot, Snapshottable, Transportable,
 };
+use vfio_user_server::warn_limited;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
@@ -371,14 +372,14 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         // the available event just stays behind): the device polls the
         // ring until it is idle, then turns them on again (`rearm`).
         if let Err(e) = q.disable_notification(mem) {
-            warn!("virtio-pci: queue {index}: {e}");
+            warn_limited!("virtio-pci: queue {index}: {e}");
             return None;
         }
         let used_before = q.next_used();
         let n = match self.device.process_queue(index, q, mem, SIGNAL_BATCH) {
             Ok(n) => n,
             Err(e) => {
-                warn!("virtio-pci: queue {index}: {e}");
+                warn_limited!("virtio-pci: queue {index}: {e}");
                 return None;
             }
         };
@@ -400,7 +401,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             Ok(true) => {}
             Ok(false) => return true,
             Err(e) => {
-                warn!("virtio-pci: queue {index}: {e}");
+                warn_limited!("virtio-pci: queue {index}: {e}");
                 return true;
             }
         }
