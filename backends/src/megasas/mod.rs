@@ -450,6 +450,11 @@ impl Megasas {
         }
         let action = self.regs.write(offset, u32::from_le_bytes(value));
         self.apply(action);
+        // The driver acknowledged the replies (or a reset dropped them):
+        // the INTx line goes down.
+        if !self.regs.reply_pending {
+            self.pci.intx_deassert();
+        }
     }
 
     /// Completes what the I/O threads of the disk watched on `fd` finished

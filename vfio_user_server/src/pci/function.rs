@@ -12,6 +12,8 @@
 //! that fall in the MSI-X windows, and adds [`PciFunction::snapshot`] to
 //! its own snapshot.
 
+use std::cell::Cell;
+
 use log::debug;
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +25,11 @@ use super::{
 use crate::irq::{IrqError, Irqs, TriggerOutcome};
 use crate::vm_migration::{MigratableError, Snapshot};
 use crate::wire::{PCI_INTX_IRQ_INDEX, PCI_MSIX_IRQ_INDEX, PCI_MSI_IRQ_INDEX};
+
+/// The command and status register's index.
+const COMMAND_STATUS_REG: usize = 1;
+/// Interrupt status (status register bit 3), in the 32-bit register.
+const STATUS_INTERRUPT: u32 = 1 << (16 + 3);
 
 /// Where the MSI-X table and PBA live, and the table itself.
 #[derive(Clone, Debug)]
@@ -65,6 +72,9 @@ pub struct PciFunctionState {
     /// The MSI-X table and the device's own pending bits, if it has MSI-X.
     #[serde(default)]
     pub msix: Option<MsixTableState>,
+    /// The INTx line is up (interrupt status).
+    #[serde(default)]
+    pub intx_asserted: bool,
 }
 
 /// One PCI function: configuration space, BARs and interrupts.
@@ -76,6 +86,11 @@ pub struct PciFunction {
     msix: Option<MsixWindows>,
     msi_vectors: u32,
     has_intx: bool,
+    /// The INTx line is up, status bit 3: raised by [`PciFunction::signal`]
+    /// when neither MSI-X nor MSI is on, also while the guest disabled
+    /// INTx (its edge then goes out when it enables it again), until the
+    /// device lowers it ([`PciFunction::intx_deassert`]).
+    intx_asserted: Cell<bool>,
     irqs: Irqs,
 }
 
@@ -91,6 +106,7 @@ impl PciFunction {
             allocated: false,
             msix: None,
             msi_vectors: 0,
+            intx_asserted: Cell::new(false),
             irqs,
         }
     }
@@ -209,12 +225,31 @@ impl PciFunction {
 
     /// Reads the 32-bit configuration register `reg_idx`.
     pub fn read_config_register(&self, reg_idx: usize) -> u32 {
-        self.config.read_reg(reg_idx)
+        let v = self.config.read_reg(reg_idx);
+        if reg_idx == COMMAND_STATUS_REG && self.intx_asserted.get() {
+            v | STATUS_INTERRUPT
+        } else {
+            v
+        }
     }
 
     /// Writes `data` at byte `offset` of configuration register `reg_idx`.
+    /// The guest enabling INTx again with the line up gets its edge.
     pub fn write_config_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
+        let was_disabled = self.config.intx_disabled();
         self.config.write_config_register(reg_idx, offset, data);
+        if was_disabled && self.intx_asserted.get() && self.interrupt_mode() == InterruptMode::Intx
+        {
+            if let Err(e) = self.irqs.trigger(PCI_INTX_IRQ_INDEX, 0) {
+                debug!("INTx: {e}");
+            }
+        }
+    }
+
+    /// Lowers the INTx line: the device's reason to interrupt is gone
+    /// (the driver acknowledged it).
+    pub fn intx_deassert(&self) {
+        self.intx_asserted.set(false);
     }
 
     /// Serves a read of BAR `bar` if it falls in the MSI-X table or PBA;
@@ -288,8 +323,18 @@ impl PciFunction {
         let index = match self.interrupt_mode() {
             InterruptMode::MsiX => PCI_MSIX_IRQ_INDEX,
             InterruptMode::Msi => PCI_MSI_IRQ_INDEX,
-            InterruptMode::Intx => return self.irqs.trigger(PCI_INTX_IRQ_INDEX, 0).map(Some),
-            InterruptMode::None => return Ok(None),
+            InterruptMode::Intx => {
+                self.intx_asserted.set(true);
+                return self.irqs.trigger(PCI_INTX_IRQ_INDEX, 0).map(Some);
+            }
+            InterruptMode::None => {
+                // Disabled by the guest: the line is up, and goes out once
+                // it enables INTx again.
+                if self.has_intx && !self.config.msix_enabled() && !self.config.msi_enabled() {
+                    self.intx_asserted.set(true);
+                }
+                return Ok(None);
+            }
         };
         self.irqs.trigger(index, vector).map(Some)
     }
@@ -311,6 +356,7 @@ impl PciFunction {
         }
         // What was raised before the reset is the old driver's.
         self.irqs.clear_pending();
+        self.intx_asserted.set(false);
     }
 
     /// The state to save.
@@ -318,6 +364,7 @@ impl PciFunction {
         PciFunctionState {
             config: self.config.state(),
             msix: self.msix.as_ref().map(|m| m.table.state()),
+            intx_asserted: self.intx_asserted.get(),
         }
     }
 
@@ -334,6 +381,7 @@ impl PciFunction {
         }
         self.config = config;
         self.msix = msix;
+        self.intx_asserted.set(state.intx_asserted && self.has_intx);
         Ok(())
     }
 
@@ -536,6 +584,49 @@ mod tests {
             msix[3].read().is_err(),
             "an interrupt from before the reset"
         );
+    }
+
+    /// INTx is a line: up from the signal until the device lowers it,
+    /// shown in the status register whether the guest disabled INTx or
+    /// not, and delivered when the guest enables INTx with the line up.
+    #[test]
+    fn intx_is_a_line_the_status_register_shows() {
+        let (mut f, irqs) = function(false);
+        let intx = install(&irqs, PCI_INTX_IRQ_INDEX, 1);
+        let status = |f: &PciFunction| f.read_config_register(1) >> 16 & 0x08 != 0;
+        assert!(!status(&f));
+        f.signal(0).unwrap();
+        assert_eq!(intx[0].read().unwrap(), 1);
+        assert!(status(&f));
+        f.intx_deassert();
+        assert!(!status(&f));
+        // Disabled by the guest: no edge, but the line is up...
+        f.write_config_register(1, 1, &[0x04]);
+        assert_eq!(f.signal(0).unwrap(), None);
+        assert!(intx[0].read().is_err());
+        assert!(status(&f));
+        // ...and the edge goes out when it enables INTx again (after the
+        // client's unmask of the edge before).
+        irqs.set_irqs(
+            &crate::wire::IrqSet {
+                argsz: 20,
+                flags: crate::wire::IRQ_SET_DATA_NONE | crate::wire::IRQ_SET_ACTION_UNMASK,
+                index: PCI_INTX_IRQ_INDEX,
+                start: 0,
+                count: 1,
+            },
+            &[],
+            Vec::new(),
+        )
+        .unwrap();
+        f.write_config_register(1, 1, &[0x00]);
+        assert_eq!(intx[0].read().unwrap(), 1);
+        // The line travels with the state, and a reset lowers it.
+        let (mut g, _) = function(false);
+        g.set_state(&f.state()).unwrap();
+        assert!(status(&g));
+        g.reset();
+        assert!(!status(&g));
     }
 
     #[test]

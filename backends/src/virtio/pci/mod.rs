@@ -334,6 +334,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         }
         self.common.reset();
         self.isr = 0;
+        self.pci.intx_deassert();
         self.active = false;
         self.retry = false;
         self.kicked.fill(false);
@@ -545,8 +546,11 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             Some(BarWindow::Common(o)) => self.common_read(o, data),
             Some(BarWindow::Isr) => {
                 if let Some(b) = data.first_mut() {
+                    // Reading the ISR acknowledges it (virtio 1.x 4.1.4.5):
+                    // the INTx line goes down.
                     *b = self.isr;
                     self.isr = 0;
+                    self.pci.intx_deassert();
                 }
             }
             Some(BarWindow::Device(o)) => self.device.read_config(o, data),
