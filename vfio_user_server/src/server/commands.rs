@@ -40,7 +40,7 @@ impl ServedDevice {
         let reply = if hdr.msg_type() != flags::TYPE_COMMAND {
             // No server-to-client request is outstanding, so any reply is
             // unsolicited; other types are invalid.
-            warn!("unexpected message type {:#x}", hdr.flags);
+            crate::warn_limited!("unexpected message type {:#x}", hdr.flags);
             Reply::Err(libc::EINVAL)
         } else if truncated {
             Reply::Err(libc::EINVAL)

@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::debug;
 
 use super::handover::{from_hex, to_hex, ConnectionState, FdTable, HandoverError, RxFdsState};
 use crate::device::Interest;
@@ -270,11 +270,11 @@ impl Connection {
             } else if got_fds {
                 let Some(offset) = last_message_start(&self.rx, start + r.bytes, start) else {
                     // fds not at a message start: protocol violation.
-                    warn!("fds received mid-message; dropping the client");
+                    crate::warn_limited!("fds received mid-message; dropping the client");
                     return false;
                 };
                 if self.rx_fds.iter().any(|f| f.offset == offset) {
-                    warn!("two sets of fds for one message; dropping the client");
+                    crate::warn_limited!("two sets of fds for one message; dropping the client");
                     return false;
                 }
                 self.rx_fds.push(ReceivedFds {
@@ -341,7 +341,7 @@ impl Connection {
             let size = hdr.msg_size as usize;
             if size < HEADER_SIZE || size > self.max_msg_size {
                 // Answer, then skip whatever body the size claims.
-                warn!("bad msg_size {size} for command {}", hdr.cmd);
+                crate::warn_limited!("bad msg_size {size} for command {}", hdr.cmd);
                 let body = size.saturating_sub(HEADER_SIZE);
                 self.rx_fds.retain(|f| f.offset != consumed);
                 consumed += HEADER_SIZE;

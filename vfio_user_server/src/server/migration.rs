@@ -348,7 +348,7 @@ impl MigrationState {
         let from = self.state;
         debug!("migration state {from:?} -> {to:?}");
         let fail = |s: &mut Self, what: String| {
-            log::warn!("migration {from:?} -> {to:?} failed: {what}");
+            crate::warn_limited!("migration {from:?} -> {to:?} failed: {what}");
             s.state = Error;
             libc::EIO
         };
@@ -413,7 +413,7 @@ impl MigrationState {
                 if let Err(e) = load_stream(device, irqs, &bytes) {
                     // The device keeps its previous state; a bad stream is
                     // refused, not half-applied.
-                    log::warn!("refusing migration stream: {e}");
+                    crate::warn_limited!("refusing migration stream: {e}");
                     self.state = Stop;
                     return Err(libc::EINVAL);
                 }

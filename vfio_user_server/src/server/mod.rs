@@ -286,7 +286,7 @@ impl Server {
                     // epoll set.
                     self.finish_if_hung_up();
                     if self.conn.is_some() {
-                        warn!("refusing a second client on {:?}", self.path());
+                        crate::warn_limited!("refusing a second client on {:?}", self.path());
                         drop(stream);
                         continue;
                     }
