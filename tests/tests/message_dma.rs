@@ -22,7 +22,8 @@ const TARGET: u64 = 0x20_0000;
 type Completions = Arc<Mutex<Vec<(u64, Result<Vec<u8>, i32>)>>>;
 
 /// BAR0 write at 0: read 8 bytes at TARGET + value; at 8: write the 8 data
-/// bytes at TARGET; at 16: read `value` bytes at TARGET.
+/// bytes at TARGET; at 16: read `value` bytes at TARGET; at 24: write 8
+/// bytes at TARGET + value.
 struct MsgDmaDevice {
     dma: MessageDma,
     done: Completions,
@@ -51,6 +52,7 @@ impl Device for MsgDmaDevice {
             0 => self.dma.read(TARGET + v, 8),
             8 => self.dma.write(TARGET, data.to_vec()),
             16 => self.dma.read(TARGET, v as u32),
+            24 => self.dma.write(TARGET + v, vec![0xaa; 8]),
             _ => return Ok(()),
         };
         Ok(())
@@ -168,6 +170,34 @@ fn qemu_layout_read_and_write() {
     // QEMU answers a DMA_WRITE with a bare header.
     reply_to(&mut c, &req, hflags::REPLY, 0, &[]);
     assert_eq!(wait_done(&done, 2)[1].1, Ok(Vec::new()));
+    c.ping();
+}
+
+/// A device write into memory the client mapped read-only (a ROM) is
+/// refused, unsent; reads of it go out.
+#[test]
+fn writes_to_read_only_memory_fail_unsent() {
+    let (_s, mut c, done) = setup(2);
+    let rom = TARGET + 0x1000;
+    c.call(
+        cmd::DMA_MAP,
+        &payload::dma_map(32, DMA_READ, 0, rom, 0x1000),
+    )
+    .ok();
+    // Into the ROM: refused at once, nothing sent.
+    c.region_write(0, 24, &0x1000u64.to_le_bytes()).ok();
+    assert_eq!(wait_done(&done, 1)[0].1, Err(libc::EACCES));
+    c.expect_no_reply_within(100);
+    // Into memory mapped read-write: sent.
+    c.region_write(0, 24, &0u64.to_le_bytes()).ok();
+    let req = c.recv().unwrap();
+    assert_eq!(req.cmd, cmd::DMA_WRITE);
+    reply_to(&mut c, &req, hflags::REPLY, 0, &[]);
+    wait_done(&done, 2);
+    // The ROM can be read.
+    c.region_write(0, 0, &0x1000u64.to_le_bytes()).ok();
+    let req = c.recv().unwrap();
+    assert_eq!(req.cmd, cmd::DMA_READ);
     c.ping();
 }
 

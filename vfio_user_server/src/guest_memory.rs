@@ -296,6 +296,15 @@ fn map_file(
     if !meta.file_type().is_file() || meta.len() < end {
         return Err(DmaError::BadFile(size, offset));
     }
+    // The kernel maps a hugetlbfs file in whole huge pages: a map of part
+    // of one could never be unmapped (nor replaced after a truncation).
+    if on_hugetlbfs(&file) {
+        use std::os::unix::fs::MetadataExt;
+        let huge = meta.blksize().max(1);
+        if offset % huge != 0 || size % huge != 0 {
+            return Err(DmaError::BadFile(size, offset));
+        }
+    }
     // vm-memory has no per-region permissions: a device write into a
     // read-only mapping (a guest pointing a DMA buffer at memory the client
     // mapped without WRITE, e.g. a ROM) would kill the whole process with
@@ -323,6 +332,16 @@ fn map_file(
         .build()
         .map_err(|e| DmaError::Mmap(e.to_string()))?;
     GuestRegionMmap::new(region, GuestAddress(address)).ok_or(DmaError::Invalid)
+}
+
+/// Whether `file` lies on hugetlbfs.
+fn on_hugetlbfs(file: &File) -> bool {
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    // SAFETY: `statfs` is plain integers: all zeroes is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid out-pointer for the call; the fd is open.
+    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    r == 0 && st.f_type as i64 == HUGETLBFS_MAGIC
 }
 
 /// Returns and clears the dirty bits of `[iova, iova + length)` as a bitmap
@@ -353,21 +372,29 @@ pub fn take_dirty_bitmap(
         }
         let mmap = region.get_mmap();
         let bits = mmap.bitmap();
-        let end_of_range = iova + length;
+        // Both ends of the range and of the region are at most 2^64 (a map
+        // may end at the top of the address space): u128, so that no page
+        // end wraps around.
+        let end_of_range = u128::from(iova) + u128::from(length);
+        let (start, to) = (u128::from(start), u128::from(to));
         // Walk the tracked 4 KiB pages (aligned to the region start) that
         // overlap the range; each sets every reported bit it touches.
-        let page = DIRTY_PAGE_SIZE as u64;
-        let mut off = (from - start) / page * page;
+        let page = DIRTY_PAGE_SIZE as u128;
+        let mut off = (u128::from(from) - start) / page * page;
         while start + off < to {
             let page_start = start + off;
             let page_end = page_start + page;
-            if bits.is_addr_set(off as usize) {
+            // Below the region's length, a usize.
+            let at = off as usize;
+            if bits.is_addr_set(at) {
                 // Clear only pages wholly reported, so nothing is lost.
-                if page_start >= iova && page_end <= end_of_range {
-                    bits.reset_addr_range(off as usize, 1);
+                if page_start >= u128::from(iova) && page_end <= end_of_range {
+                    bits.reset_addr_range(at, 1);
                 }
-                let first = (page_start.max(iova) - iova) / page_size;
-                let last = (page_end.min(end_of_range) - 1 - iova) / page_size;
+                let first =
+                    (page_start.max(u128::from(iova)) - u128::from(iova)) / u128::from(page_size);
+                let last =
+                    (page_end.min(end_of_range) - 1 - u128::from(iova)) / u128::from(page_size);
                 for k in first..=last {
                     bitmap[(k / 8) as usize] |= 1 << (k % 8);
                 }
@@ -415,6 +442,43 @@ mod tests {
             GuestMemoryAtomic::new(GuestMemory::new()),
             DmaLimits::default(),
         )
+    }
+
+    /// A map that ends at the top of the address space: its dirty pages
+    /// are reported, and the walk ends (it wrapped around before).
+    #[test]
+    fn a_report_at_the_top_of_the_address_space() {
+        let mut t = table();
+        let top = 0xffff_ffff_ffff_f000;
+        t.map(3, 0, top, 0xfff, Some(file(0x1000))).unwrap();
+        let mem = t.memory.memory();
+        mark_dirty(&mem, top + 0x10, 4);
+        let bitmap = take_dirty_bitmap(&mem, top, 0xfff, DIRTY_PAGE_SIZE as u64).unwrap();
+        assert_eq!(bitmap, [1, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    /// A hugetlbfs file is mapped in whole huge pages only (skipped where
+    /// the host has no free huge page).
+    #[test]
+    fn hugetlbfs_maps_take_whole_huge_pages() {
+        // SAFETY: a valid NUL-terminated name; the fd is owned below.
+        let fd = unsafe { libc::memfd_create(c"huge".as_ptr(), libc::MFD_HUGETLB) };
+        if fd < 0 {
+            eprintln!("SKIP: no hugetlbfs memfd here");
+            return;
+        }
+        // SAFETY: a fresh fd, owned by the File.
+        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let huge = 2 << 20;
+        if f.set_len(huge).is_err() {
+            eprintln!("SKIP: no free huge page here");
+            return;
+        }
+        let mut t = table();
+        let part = t.map(3, 0, 0x4000_0000, 0x1000, Some(f.try_clone().unwrap()));
+        assert!(matches!(part, Err(DmaError::BadFile(..))), "{part:?}");
+        t.map(3, 0, 0x4000_0000, huge, Some(f)).unwrap();
+        t.unmap(0x4000_0000, huge).unwrap();
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use super::connection::{Connection, Session};
 use super::served_device::ServedDevice;
 use crate::message_dma::{decode_reply, encode_request, MessageDmaOp, MAX_PENDING_REQUESTS};
-use crate::wire::{cmd, flags, Header};
+use crate::wire::{cmd, flags, Header, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE};
 
 fn command_of(op: &MessageDmaOp) -> u16 {
     match op {
@@ -22,9 +22,11 @@ pub(super) fn pump(conn: &mut Connection, dev: &mut ServedDevice) {
         let Some(req) = dev.message_dma.pop() else {
             return;
         };
-        let (address, len) = match &req.op {
-            MessageDmaOp::Read { address, len } => (*address, *len as u64),
-            MessageDmaOp::Write { address, data } => (*address, data.len() as u64),
+        let (address, len, access) = match &req.op {
+            MessageDmaOp::Read { address, len } => (*address, *len as u64, DMA_MAP_FLAG_READ),
+            MessageDmaOp::Write { address, data } => {
+                (*address, data.len() as u64, DMA_MAP_FLAG_WRITE)
+            }
         };
         // The client takes what it said it can receive, and QEMU's no more
         // than what we said we can (it checks our DMA requests against it).
@@ -34,10 +36,13 @@ pub(super) fn pump(conn: &mut Connection, dev: &mut ServedDevice) {
             .min(dev.config.max_data_xfer_size);
         let errno = if len == 0 || len > u64::from(max_xfer) {
             Some(libc::E2BIG)
-        } else if dev.dma.find(address, len).is_none() {
-            Some(libc::EFAULT)
         } else {
-            None
+            match dev.dma.find(address, len) {
+                None => Some(libc::EFAULT),
+                // Not what the client mapped it for (a write to its ROM).
+                Some(r) if r.flags & access == 0 => Some(libc::EACCES),
+                Some(_) => None,
+            }
         };
         if let Some(e) = errno {
             dev.lifecycle().message_dma_done(req.id, Err(e));
