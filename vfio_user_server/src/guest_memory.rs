@@ -301,7 +301,7 @@ fn map_file(
     if on_hugetlbfs(&file) {
         use std::os::unix::fs::MetadataExt;
         let huge = meta.blksize().max(1);
-        if offset % huge != 0 || size % huge != 0 {
+        if !offset.is_multiple_of(huge) || !size.is_multiple_of(huge) {
             return Err(DmaError::BadFile(size, offset));
         }
     }
