@@ -1280,6 +1280,50 @@ fn image_pattern() -> Vec<u8> {
 }
 
 /// A raw image holding [`image_pattern`], behind a [`FaultyDisk`].
+/// A device whose image failed a flush is saved with it: the device that
+/// goes on from the snapshot (on the same image, as after an upgrade or a
+/// migration) fails every flush too, where a new `fdatasync` of the file
+/// would succeed with the lost writes gone.
+#[test]
+fn a_failed_flush_travels_with_the_device() {
+    let tmp = TempFile::new().unwrap();
+    tmp.as_file().write_all_at(&image_pattern(), 0).unwrap();
+    let open = || Arc::new(RawFile::open(tmp.as_path(), RawFileOptions::default()).unwrap());
+    let image = open();
+    let mut d = connect(image.clone(), VirtioBlkConfig::default());
+    d.init(ALL, 16);
+    assert_eq!(
+        request(&mut d, 0, VIRTIO_BLK_T_FLUSH, 0, &[]).0,
+        VIRTIO_BLK_S_OK
+    );
+    // As the ring reports an `fdatasync` that failed.
+    image.flush_failed(&std::io::Error::from_raw_os_error(libc::EIO));
+    assert_eq!(
+        request(&mut d, 0, VIRTIO_BLK_T_FLUSH, 0, &[]).0,
+        VIRTIO_BLK_S_IOERR
+    );
+    d.transport.device().lifecycle().pause().unwrap();
+    let snap = d.transport.device().lifecycle().snapshot().unwrap();
+
+    let fresh = open();
+    let mut target = device(fresh.clone(), VirtioBlkConfig::default());
+    target.device().lifecycle().pause().unwrap();
+    target.device().lifecycle().restore(&snap).unwrap();
+    target.device().lifecycle().resume().unwrap();
+    let _source = d.reconnect(target);
+    assert!(fresh.writeback_lost());
+    assert_eq!(
+        request(&mut d, 0, VIRTIO_BLK_T_FLUSH, 0, &[]).0,
+        VIRTIO_BLK_S_IOERR
+    );
+    // Reads and writes go on.
+    assert_eq!(write_sectors(&mut d, 0, 8, &[7; 512]), VIRTIO_BLK_S_OK);
+    assert_eq!(
+        read_sectors(&mut d, 0, 8, 512),
+        (VIRTIO_BLK_S_OK, vec![7; 512])
+    );
+}
+
 fn faulty_disk() -> (Arc<FaultyDisk<RawFile>>, TempFile) {
     let tmp = TempFile::new().unwrap();
     tmp.as_file().write_all_at(&image_pattern(), 0).unwrap();

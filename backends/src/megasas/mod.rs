@@ -581,6 +581,12 @@ impl Lifecycle for Megasas {
         self.replies = false;
         self.msix_outstanding = false;
         self.restored_hold = !self.queued.is_empty() || !state.kept.is_empty();
+        for &d in &state.writeback_lost {
+            log::warn!(
+                "megasas: disk {d} of the saved controller failed a flush: every flush fails"
+            );
+            crate::storage::restore_writeback_lost(&**self.disks[d].backend());
+        }
         match state.stopped_on_error {
             Some(reason) => {
                 log::info!(
@@ -679,6 +685,9 @@ impl Snapshottable for Megasas {
             disk_blocks: self.disks.iter().map(ScsiDisk::blocks).collect(),
             stopped_on_error: self.stop.reason().map(str::to_string),
             kept: self.stop.held().to_vec(),
+            writeback_lost: (0..self.disks.len())
+                .filter(|&d| self.disks[d].backend().writeback_lost())
+                .collect(),
         };
         let mut snapshot = Snapshot::new_from_state(&state)?;
         snapshot.add_snapshot(PCI_SNAPSHOT_ID.into(), self.pci.snapshot()?);

@@ -29,6 +29,10 @@ pub(super) struct MegasasState {
     /// Frames kept on that error, to run again on resume.
     #[serde(default)]
     pub(super) kept: Vec<u64>,
+    /// The disks whose image failed a flush: accepted writes may be lost,
+    /// and every later flush of them fails.
+    #[serde(default)]
+    pub(super) writeback_lost: Vec<usize>,
 }
 
 impl MegasasState {
@@ -46,6 +50,9 @@ impl MegasasState {
         }
         if self.kept.len() > MAX_QUEUED_FRAMES {
             return Err(format!("{} kept frames", self.kept.len()));
+        }
+        if let Some(d) = self.writeback_lost.iter().find(|&&d| d >= blocks.len()) {
+            return Err(format!("disk {d} of {} lost writes", blocks.len()));
         }
         if self.stopped_on_error.is_none() != self.kept.is_empty() {
             return Err("kept frames without a stop, or a stop without frames".into());
@@ -72,6 +79,7 @@ mod tests {
             disk_blocks: vec![2048],
             stopped_on_error: None,
             kept: Vec::new(),
+            writeback_lost: Vec::new(),
         }
     }
 
@@ -89,6 +97,12 @@ mod tests {
         s.stopped_on_error = Some("write: EIO".into());
         assert!(s.check(&[2048]).is_ok());
         s.kept.clear();
+        assert!(s.check(&[2048]).is_err());
+        // Lost writes of a disk the controller has, not of another.
+        let mut s = state();
+        s.writeback_lost = vec![0];
+        assert!(s.check(&[2048]).is_ok());
+        s.writeback_lost = vec![1];
         assert!(s.check(&[2048]).is_err());
         let mut s = state();
         s.regs.state = FwState::Operational;

@@ -366,6 +366,11 @@ impl<C> ScsiDisk<C> {
         self.write_cache
     }
 
+    /// The back end the disk reads and writes.
+    pub fn backend(&self) -> &Arc<dyn BlockBackend> {
+        self.io.backend()
+    }
+
     /// The unit serial number.
     pub fn serial(&self) -> &str {
         &self.identity.serial

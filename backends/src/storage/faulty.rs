@@ -159,4 +159,7 @@ impl<B: BlockBackend> BlockBackend for FaultyDisk<B> {
     fn flush_failed(&self, error: &std::io::Error) {
         self.inner.flush_failed(error)
     }
+    fn writeback_lost(&self) -> bool {
+        self.inner.writeback_lost()
+    }
 }

@@ -244,8 +244,25 @@ pub trait BlockBackend: Send + Sync {
 
     /// Tells the back end that a flush an engine ran on the descriptor of
     /// [`BlockBackend::fd_for`] failed with `error`, as its own
-    /// [`BlockBackend::flush`] would have learnt it.
+    /// [`BlockBackend::flush`] would have learnt it. A device restored
+    /// from one whose flush failed tells its own back end so too.
     fn flush_failed(&self, _error: &io::Error) {}
+
+    /// Whether a failed flush may have lost accepted writes, so that every
+    /// later flush fails ([`BlockBackend::flush_failed`]): device state to
+    /// save, for the device that goes on from it.
+    fn writeback_lost(&self) -> bool {
+        false
+    }
+}
+
+/// Tells `backend` that the device it serves was saved after a flush had
+/// failed ([`BlockBackend::writeback_lost`]): writes may be lost, and no
+/// flush of the restored device may say otherwise.
+pub fn restore_writeback_lost(backend: &dyn BlockBackend) {
+    backend.flush_failed(&io::Error::other(
+        "a flush failed before the device was saved",
+    ));
 }
 
 /// An operation an asynchronous engine wants to run on a back end's file

@@ -523,7 +523,7 @@ pub struct RawFile {
 }
 
 /// The error of every flush after one failed ([`RawFile::flush_failed`]).
-fn writeback_lost() -> io::Error {
+fn writeback_lost_error() -> io::Error {
     io::Error::from_raw_os_error(libc::EIO)
 }
 
@@ -860,13 +860,17 @@ impl BlockBackend for RawFile {
             return Ok(());
         }
         if self.writeback_lost.load(Ordering::Acquire) {
-            return Err(writeback_lost());
+            return Err(writeback_lost_error());
         }
         let r = self.file.sync_data();
         if let Err(e) = &r {
             self.flush_failed(e);
         }
         r
+    }
+
+    fn writeback_lost(&self) -> bool {
+        self.writeback_lost.load(Ordering::Acquire)
     }
 
     fn flush_failed(&self, error: &io::Error) {

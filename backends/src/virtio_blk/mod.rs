@@ -30,7 +30,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use log::{debug, info};
+use log::{debug, info, warn};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vfio_user_server::device::{DeviceContext, Interest, WatchedFd};
@@ -48,7 +48,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 use self::request::*;
 use crate::block_io::{Aio, BlockIo, BlockOp, ErrorPolicy, ErrorStop, Started};
-use crate::storage::{BlockBackend, BLOCK_ID_BYTES};
+use crate::storage::{restore_writeback_lost, BlockBackend, BLOCK_ID_BYTES};
 use crate::virtio::{
     ChainWalk, GuestMemory, VirtioDevice, VirtioError, VirtioPciDevice, VirtioPciError, MAX_QUEUES,
 };
@@ -163,14 +163,20 @@ struct Kept {
 }
 
 /// The device's own state in a snapshot, only while it is stopped on an
-/// error: the chains it took off the rings and did not complete, which the
-/// device restored from it retries when it runs.
+/// error (the chains it took off the rings and did not complete, which the
+/// device restored from it retries when it runs) or a flush of its image
+/// failed.
 #[derive(Debug, Serialize, Deserialize)]
-struct StoppedState {
-    /// Why it stopped.
-    stopped_on_error: String,
+struct BlkState {
+    /// Why it stopped, if it did (always there in earlier daemons' states).
+    stopped_on_error: Option<String>,
     /// The kept chains, oldest first.
+    #[serde(default)]
     kept: Vec<Kept>,
+    /// A flush of the image failed: accepted writes may be lost, and every
+    /// later flush fails.
+    #[serde(default)]
+    writeback_lost: bool,
 }
 
 /// A back-end operation, for messages.
@@ -857,13 +863,17 @@ impl VirtioDevice for VirtioBlk {
     }
 
     fn snapshot(&mut self) -> Result<Option<Snapshot>, MigratableError> {
-        // Only a stopped device has state of its own: its kept requests.
-        let Some(reason) = self.stop.reason() else {
+        // Only a stopped device (its kept requests), or one whose image
+        // failed a flush, has state of its own.
+        let reason = self.stop.reason();
+        let writeback_lost = self.io.backend().writeback_lost();
+        if reason.is_none() && !writeback_lost {
             return Ok(None);
-        };
-        let state = StoppedState {
-            stopped_on_error: reason.to_string(),
+        }
+        let state = BlkState {
+            stopped_on_error: reason.map(str::to_string),
             kept: self.stop.held().to_vec(),
+            writeback_lost,
         };
         Snapshot::new_from_state(&state).map(Some)
     }
@@ -873,7 +883,7 @@ impl VirtioDevice for VirtioBlk {
             self.stop.clear();
             return Ok(());
         };
-        let state: StoppedState = snapshot.to_state()?;
+        let state: BlkState = snapshot.to_state()?;
         // At most a ring's worth per queue can have been taken.
         let most = usize::from(self.num_queues) * usize::from(self.queue_size);
         if state.kept.len() > most {
@@ -888,12 +898,25 @@ impl VirtioDevice for VirtioBlk {
                 k.queue, self.num_queues
             )));
         }
-        info!(
-            "{NAME}: restored stopped on an error ({}), {} request(s) to retry",
-            state.stopped_on_error,
-            state.kept.len()
-        );
-        self.stop.restore(state.stopped_on_error, state.kept);
+        if state.stopped_on_error.is_none() && !state.kept.is_empty() {
+            return Err(MigratableError::Restore(
+                "kept requests in the snapshot of a device that did not stop".into(),
+            ));
+        }
+        if state.writeback_lost {
+            warn!("{NAME}: the saved device's image failed a flush: every flush fails");
+            restore_writeback_lost(&**self.io.backend());
+        }
+        match state.stopped_on_error {
+            Some(reason) => {
+                info!(
+                    "{NAME}: restored stopped on an error ({reason}), {} request(s) to retry",
+                    state.kept.len()
+                );
+                self.stop.restore(reason, state.kept);
+            }
+            None => self.stop.clear(),
+        }
         Ok(())
     }
 }
