@@ -626,8 +626,8 @@ mod tests {
     use crate::storage::{RawFile, RawFileOptions};
     use vmm_sys_util::tempfile::TempFile;
 
-    #[test]
-    fn a_flush_that_failed_on_the_ring_is_the_back_ends_too() {
+    /// A 1 MiB image in the page cache, and its file (removed on drop).
+    fn image() -> (TempFile, RawFile) {
         let t = TempFile::new().unwrap();
         t.as_file().set_len(1 << 20).unwrap();
         let options = RawFileOptions {
@@ -635,6 +635,12 @@ mod tests {
             direct: false,
         };
         let image = RawFile::open(t.as_path(), options).unwrap();
+        (t, image)
+    }
+
+    #[test]
+    fn a_flush_that_failed_on_the_ring_is_the_back_ends_too() {
+        let (_t, image) = image();
         let mut op = RingOp::queued(IoOp::Flush, 1);
         let failed = Cqe {
             token: 0,
@@ -653,13 +659,7 @@ mod tests {
 
     #[test]
     fn entries_a_failed_submission_left_behind_go_with_the_next_reap() {
-        let t = TempFile::new().unwrap();
-        t.as_file().set_len(1 << 20).unwrap();
-        let options = RawFileOptions {
-            read_only: false,
-            direct: false,
-        };
-        let image = RawFile::open(t.as_path(), options).unwrap();
+        let (_t, image) = image();
         let Ok(mut ring) = Uring::new() else {
             eprintln!("skipped: no io_uring here");
             return;

@@ -464,6 +464,24 @@ mod tests {
         efds
     }
 
+    /// SET_IRQS MASK (or UNMASK) of vector `vector` of `index`, as the
+    /// client sends it.
+    fn set_mask(irqs: &Irqs, index: u32, vector: u32, masked: bool) {
+        let action = if masked {
+            crate::wire::IRQ_SET_ACTION_MASK
+        } else {
+            crate::wire::IRQ_SET_ACTION_UNMASK
+        };
+        let set = crate::wire::IrqSet {
+            argsz: 20,
+            flags: crate::wire::IRQ_SET_DATA_NONE | action,
+            index,
+            start: vector,
+            count: 1,
+        };
+        irqs.set_irqs(&set, &[], Vec::new()).unwrap();
+    }
+
     #[test]
     fn building_checks_the_layout() {
         let (mut f, _) = function(false);
@@ -545,18 +563,7 @@ mod tests {
         assert!(f.signal(9).is_err());
 
         // Masked vector 3 becomes pending and shows in the PBA.
-        irqs.set_irqs(
-            &crate::wire::IrqSet {
-                argsz: 20,
-                flags: crate::wire::IRQ_SET_DATA_NONE | crate::wire::IRQ_SET_ACTION_MASK,
-                index: PCI_MSIX_IRQ_INDEX,
-                start: 3,
-                count: 1,
-            },
-            &[],
-            Vec::new(),
-        )
-        .unwrap();
+        set_mask(&irqs, PCI_MSIX_IRQ_INDEX, 3, true);
         assert_eq!(f.signal(3).unwrap(), Some(TriggerOutcome::Pending));
         let mut pba = [0u8; 8];
         assert!(f.read_bar(0, 0x3000, &mut pba));
@@ -568,18 +575,7 @@ mod tests {
         assert!(f.read_bar(0, 0x3000, &mut pba));
         assert_eq!(u64::from_le_bytes(pba), 0);
         assert!(!irqs.pending(PCI_MSIX_IRQ_INDEX, 3));
-        irqs.set_irqs(
-            &crate::wire::IrqSet {
-                argsz: 20,
-                flags: crate::wire::IRQ_SET_DATA_NONE | crate::wire::IRQ_SET_ACTION_UNMASK,
-                index: PCI_MSIX_IRQ_INDEX,
-                start: 3,
-                count: 1,
-            },
-            &[],
-            Vec::new(),
-        )
-        .unwrap();
+        set_mask(&irqs, PCI_MSIX_IRQ_INDEX, 3, false);
         assert!(
             msix[3].read().is_err(),
             "an interrupt from before the reset"
@@ -607,18 +603,7 @@ mod tests {
         assert!(status(&f));
         // ...and the edge goes out when it enables INTx again (after the
         // client's unmask of the edge before).
-        irqs.set_irqs(
-            &crate::wire::IrqSet {
-                argsz: 20,
-                flags: crate::wire::IRQ_SET_DATA_NONE | crate::wire::IRQ_SET_ACTION_UNMASK,
-                index: PCI_INTX_IRQ_INDEX,
-                start: 0,
-                count: 1,
-            },
-            &[],
-            Vec::new(),
-        )
-        .unwrap();
+        set_mask(&irqs, PCI_INTX_IRQ_INDEX, 0, false);
         f.write_config_register(1, 1, &[0x00]);
         assert_eq!(intx[0].read().unwrap(), 1);
         // The line travels with the state, and a reset lowers it.
