@@ -188,7 +188,9 @@ impl<D: Device> Transport for InProcess<D> {
             panic!("DMA_MAP {address:#x}+{size:#x}: {e}");
         }
         if raw {
-            self.device.dma_mapped(flags, offset, address, size, seen);
+            if let Err(e) = self.device.dma_mapped(flags, offset, address, size, seen) {
+                panic!("DMA_MAP {address:#x}+{size:#x}: the device: {e}");
+            }
         }
         self.run();
     }
@@ -229,7 +231,9 @@ impl<D: Device> Transport for InProcess<D> {
             Err(e) => panic!("SET_IRQS {set:?}: {e}"),
         }
         if self.device.observes_raw_requests() {
-            self.device.irqs_set(&set, seen);
+            if let Err(e) = self.device.irqs_set(&set, seen) {
+                panic!("SET_IRQS {set:?}: the device: {e}");
+            }
         }
         self.run();
     }

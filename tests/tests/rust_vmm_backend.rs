@@ -39,6 +39,8 @@ type Log = Arc<Mutex<Vec<Call>>>;
 const GPIO_BAR: u32 = 2;
 const MMIO_BAR: u32 = 0;
 const MMIO_SIZE: u64 = 0x4000;
+/// A guest address whose DMA_MAP the backend refuses (EPERM).
+const REFUSED_MAP: u64 = 0x66_0000;
 
 /// A GPIO-like backend in the style of the crate's example: config space,
 /// an I/O BAR whose register 0 raises INTx every third read, and an
@@ -128,6 +130,9 @@ impl ServerBackend for GpioBackend {
             (m.dev(), m.ino())
         });
         self.record(Call::DmaMap(flags.bits(), offset, address, size, id));
+        if address == REFUSED_MAP {
+            return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+        }
         Ok(())
     }
 
@@ -157,6 +162,9 @@ impl ServerBackend for GpioBackend {
         fds: Vec<File>,
     ) -> Result<(), std::io::Error> {
         self.record(Call::SetIrqs(index, flags, start, count, fds.len()));
+        if (index, start, count) == (IRQ_MSIX, 1, 1) {
+            return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+        }
         if index == IRQ_INTX && flags & IRQ_DATA_EVENTFD != 0 && flags & IRQ_ACTION_TRIGGER != 0 {
             self.irq = fds.into_iter().next();
         }
@@ -432,6 +440,27 @@ fn backend_sees_cleanup_on_disconnect_and_errors_map_to_errnos() {
     );
     assert_eq!(c.region_read(MMIO_BAR, 0x666, 1).err(), libc::EIO);
     c.ping();
+    // A map the backend refuses is refused, and undone; so is a SET_IRQS.
+    let page = memfd("page", 0x1000);
+    assert_eq!(
+        c.dma_map(0, REFUSED_MAP, 0x1000, Some(page.as_raw_fd()))
+            .err(),
+        libc::EPERM
+    );
+    assert_eq!(c.dma_unmap(0, REFUSED_MAP, 0x1000).err(), libc::ENOENT);
+    let e = eventfd();
+    assert_eq!(
+        c.set_irqs(
+            IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER,
+            IRQ_MSIX,
+            1,
+            1,
+            &[],
+            &[e.as_raw_fd()]
+        )
+        .err(),
+        libc::EBUSY
+    );
     // Out-of-range requests never reach the backend.
     let before = log.lock().unwrap().len();
     assert_eq!(c.region_read(GPIO_BAR, 250, 8).err(), libc::EINVAL);

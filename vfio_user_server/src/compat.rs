@@ -107,20 +107,24 @@ impl<B: ServerBackend + Send> Device for RustVmmBackend<B> {
         true
     }
 
-    fn dma_mapped(&mut self, flags: u32, offset: u64, address: u64, size: u64, file: Option<File>) {
+    fn dma_mapped(
+        &mut self,
+        flags: u32,
+        offset: u64,
+        address: u64,
+        size: u64,
+        file: Option<File>,
+    ) -> Result<(), DeviceError> {
         let flags = DmaMapFlags::from_bits_truncate(flags);
-        if let Err(e) = self.backend.dma_map(flags, offset, address, size, file) {
-            log::warn!("backend dma_map failed: {e}");
-        }
+        self.backend
+            .dma_map(flags, offset, address, size, file)
+            .map_err(io_err)
     }
 
-    fn irqs_set(&mut self, set: &IrqSet, fds: Vec<File>) {
-        if let Err(e) = self
-            .backend
+    fn irqs_set(&mut self, set: &IrqSet, fds: Vec<File>) -> Result<(), DeviceError> {
+        self.backend
             .set_irqs(set.index, set.flags, set.start, set.count, fds)
-        {
-            log::warn!("backend set_irqs failed: {e}");
-        }
+            .map_err(io_err)
     }
 }
 

@@ -281,7 +281,8 @@ pub trait Device: AsLifecycle + Send {
         false
     }
 
-    /// A DMA map succeeded; `file` is a duplicate of the client's fd.
+    /// A DMA map succeeded; `file` is a duplicate of the client's fd. An
+    /// error undoes the map and is the client's reply.
     fn dma_mapped(
         &mut self,
         _flags: u32,
@@ -289,9 +290,18 @@ pub trait Device: AsLifecycle + Send {
         _address: u64,
         _size: u64,
         _file: Option<std::fs::File>,
-    ) {
+    ) -> Result<(), DeviceError> {
+        Ok(())
     }
 
-    /// A SET_IRQS succeeded; `fds` are duplicates of the client's fds.
-    fn irqs_set(&mut self, _set: &crate::wire::IrqSet, _fds: Vec<std::fs::File>) {}
+    /// A SET_IRQS succeeded; `fds` are duplicates of the client's fds. An
+    /// error is the client's reply (the server's own interrupt state has
+    /// taken the request already).
+    fn irqs_set(
+        &mut self,
+        _set: &crate::wire::IrqSet,
+        _fds: Vec<std::fs::File>,
+    ) -> Result<(), DeviceError> {
+        Ok(())
+    }
 }

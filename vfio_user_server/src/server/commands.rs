@@ -116,8 +116,15 @@ impl ServedDevice {
         match self.dma.map(m.flags, m.offset, m.address, m.size, file) {
             Ok(()) => {
                 if self.device.observes_raw_requests() {
-                    self.device
-                        .dma_mapped(m.flags, m.offset, m.address, m.size, dup);
+                    if let Err(e) = self
+                        .device
+                        .dma_mapped(m.flags, m.offset, m.address, m.size, dup)
+                    {
+                        debug!("DMA_MAP {:#x}+{:#x}: the device: {e}", m.address, m.size);
+                        // Nothing of it was used yet: undone, as refused.
+                        let _ = self.dma.unmap(m.address, m.size);
+                        return Reply::Err(e.errno());
+                    }
                 }
                 Reply::empty()
             }
@@ -301,7 +308,10 @@ impl ServedDevice {
                     }
                 }
                 if self.device.observes_raw_requests() {
-                    self.device.irqs_set(&set, dups);
+                    if let Err(e) = self.device.irqs_set(&set, dups) {
+                        debug!("SET_IRQS {set:?}: the device: {e}");
+                        return Reply::Err(e.errno());
+                    }
                 }
                 let installed = set.flags & IRQ_SET_DATA_EVENTFD != 0 && had_fds;
                 if installed && self.resume_on_irqs && !self.paused && !self.mig.device_stopped() {

@@ -475,7 +475,10 @@ fn import_memory(
         if served.device.observes_raw_requests() {
             served
                 .device
-                .dma_mapped(m.flags, m.offset, m.address, m.size, dup);
+                .dma_mapped(m.flags, m.offset, m.address, m.size, dup)
+                .map_err(|e| {
+                    HandoverError::Invalid(format!("DMA map {:#x}+{:#x}: {e}", m.address, m.size))
+                })?;
         }
     }
     Ok(())
@@ -508,7 +511,10 @@ fn import_irqs(
                 .try_clone()
                 .map(|e| vec![File::from(eventfd_into_owned(e))])
                 .unwrap_or_default();
-            served.device.irqs_set(&set, dup);
+            served
+                .device
+                .irqs_set(&set, dup)
+                .map_err(|e| HandoverError::Invalid(format!("interrupt {index}/{vector}: {e}")))?;
         }
     }
     served
