@@ -150,7 +150,14 @@ fn vm_blk_read_write() {
 /// The guest's I/O on a daemon that runs requests on I/O threads.
 #[test]
 fn vm_blk_read_write_on_io_threads() {
-    read_write_run(&["--io-threads", "2"], |spec| spec, |_, _| {});
+    read_write_run(
+        &["--io-threads", "2"],
+        |spec| spec,
+        |_, daemon| {
+            let line = daemon.serving_line();
+            assert!(line.contains("aio: threads (2 I/O thread(s))"), "{line}");
+        },
+    );
 }
 
 /// A guest without MSI (`pci=nomsi`): the virtio driver falls back to

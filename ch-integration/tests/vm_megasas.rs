@@ -148,6 +148,17 @@ fn scsi_run(
     }
     args.extend_from_slice(extra);
     let mut daemon = Daemon::start_kind(dir.as_path(), &[], "megasas", &args);
+    // The daemon runs as asked.
+    let line = daemon.serving_line();
+    for (flag, said) in [
+        ("--io-threads", "aio: threads ("),
+        ("--direct", "O_DIRECT"),
+        ("--write-through", "write-through"),
+    ] {
+        if extra.contains(&flag) {
+            assert!(line.contains(said), "{flag}: {line}");
+        }
+    }
     let base = VmSpec::new("scsi")
         .param("disks", disks)
         .vfio_user(&daemon.socket, "vfu0");

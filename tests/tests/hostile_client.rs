@@ -186,4 +186,26 @@ fn no_deadline_when_none_is_configured() {
     std::thread::sleep(Duration::from_millis(500));
     slow.negotiate();
     slow.ping();
+
+    // No deadline at all, where the default would set one (5 s: too long
+    // to wait for here): the server, driven by hand, says so.
+    for (timeout, deadline) in [
+        (None, false),
+        (ServerConfig::default().handshake_timeout, true),
+    ] {
+        let (mut server, _dir) = server_by_hand(ServerConfig {
+            handshake_timeout: timeout,
+            ..ServerConfig::default()
+        });
+        let _quiet = RawClient::connect(server.path().unwrap()).unwrap();
+        server.accept().unwrap();
+        assert!(server.connected());
+        assert_eq!(
+            server.handshake_deadline().is_some(),
+            deadline,
+            "{timeout:?}"
+        );
+        let far = std::time::Instant::now() + Duration::from_secs(3600);
+        assert_eq!(server.expire_handshake(far), deadline, "{timeout:?}");
+    }
 }

@@ -979,6 +979,16 @@ impl Daemon {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The start-up line: what is served, and how its I/O runs.
+    pub fn serving_line(&self) -> String {
+        std::fs::read_to_string(self.log_path.with_file_name("daemon.out"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("vfio-user-device: serving"))
+            .unwrap_or_default()
+            .to_string()
+    }
+
     /// Lines of the log containing `needle`.
     pub fn log_count(&self, needle: &str) -> usize {
         self.log().lines().filter(|l| l.contains(needle)).count()
