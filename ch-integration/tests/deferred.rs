@@ -152,17 +152,13 @@ fn in_flight_ring_read_completes_before<T: Transport>(
     assert_eq!(d.status() & 4, 4);
     assert_eq!(d.used_idx(0), 0, "the read did not wait for its data");
     let data = pattern(4096);
-    let feeder = {
+    let (feeder, fed) = {
         let (disk, data) = (disk.clone(), data.clone());
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(200));
-            disk.feed(&data);
-        })
+        release_later(Duration::from_millis(200), move || disk.feed(&data))
     };
-    let started = Instant::now();
     stop(&mut d);
     assert!(
-        started.elapsed() >= Duration::from_millis(150),
+        fed.load(Ordering::SeqCst),
         "answered before the read in flight finished"
     );
     feeder.join().unwrap();
@@ -222,20 +218,18 @@ fn a_reset_waits_for_io_in_flight_on_io_uring() {
     d.kick(0);
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(d.used_idx(0), 0, "the read did not wait for its data");
-    let feeder = {
+    let (feeder, fed) = {
         let disk = disk.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(200));
-            disk.feed(&pattern(4096));
+        release_later(Duration::from_millis(200), move || {
+            disk.feed(&pattern(4096))
         })
     };
     // The driver resets the device (status 0): the device forgets the read
     // but waits until the kernel is done with the guest's buffer.
-    let started = Instant::now();
     d.set_status(0);
     assert_eq!(d.status(), 0);
     assert!(
-        started.elapsed() >= Duration::from_millis(150),
+        fed.load(Ordering::SeqCst),
         "reset before the read in flight finished"
     );
     feeder.join().unwrap();
@@ -351,46 +345,77 @@ fn a_busy_device_does_not_starve_its_neighbour() {
     let busy_socket = served.socket(0).to_path_buf();
     let stop = Arc::new(AtomicBool::new(false));
     let stop_busy = stop.clone();
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let done_busy = done.clone();
     let busy = std::thread::spawn(move || {
         let mut d = VirtioDriver::connect(&busy_socket);
         d.init(VERSION_1 | EVENT_IDX, 128);
-        let mut done = 0u64;
         let mut in_flight = Vec::new();
         while !stop_busy.load(Ordering::Relaxed) {
             while in_flight.len() < 32 {
-                let sector = (done + in_flight.len() as u64) % 1024 * 8;
+                let n = done_busy.load(Ordering::Relaxed);
+                let sector = (n + in_flight.len() as u64) % 1024 * 8;
                 in_flight.push(d.blk_submit(0, VIRTIO_BLK_T_OUT, sector, &[0xa5; 4096], 0));
             }
             d.kick(0);
             for (head, _) in d.wait_used(0, 1) {
                 in_flight.retain(|&h| h != head);
-                done += 1;
+                done_busy.fetch_add(1, Ordering::Relaxed);
             }
         }
         d.wait_used(0, in_flight.len());
-        done
     });
+    // The busy device is busy before the other one's client starts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while done.load(Ordering::Relaxed) < 100 {
+        assert!(
+            Instant::now() < deadline,
+            "the busy device completed nothing"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
 
     // Device 1, on the same loop, serves its client meanwhile.
     let mut good = VirtioDriver::connect(served.socket(1));
     good.init(VERSION_1 | EVENT_IDX, 64);
+    let before = done.load(Ordering::Relaxed);
     for i in 0..50u64 {
         let (status, data) = good.blk_request(0, VIRTIO_BLK_T_IN, i * 8, &[], 4096);
         assert_eq!(status, VIRTIO_BLK_S_OK);
         assert_eq!(data, pattern(1 << 20)[(i * 4096) as usize..][..4096]);
     }
+    // ...while the busy one went on.
+    let during = done.load(Ordering::Relaxed) - before;
     stop.store(true, Ordering::Relaxed);
-    let done = busy.join().unwrap();
-    assert!(done > 0, "the busy device completed nothing");
+    busy.join().unwrap();
+    assert!(
+        during > 0,
+        "the busy device stopped while the other was served"
+    );
+}
+
+/// Runs `release` (what lets the I/O in flight finish) after `delay`, from
+/// another thread; the flag says it ran, set just before. A call that
+/// must wait for that I/O finds the flag set when it returns, whatever the
+/// machine's load (a wall-clock bound would not).
+fn release_later(
+    delay: Duration,
+    release: impl FnOnce() + Send + 'static,
+) -> (JoinHandle<()>, Arc<AtomicBool>) {
+    let released = Arc::new(AtomicBool::new(false));
+    let flag = released.clone();
+    let handle = std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        flag.store(true, Ordering::SeqCst);
+        release();
+    });
+    (handle, released)
 }
 
 /// Opens `disk`'s gate after `delay`, from another thread.
-fn open_later(disk: &Arc<GatedDisk>, delay: Duration) -> JoinHandle<()> {
+fn open_later(disk: &Arc<GatedDisk>, delay: Duration) -> (JoinHandle<()>, Arc<AtomicBool>) {
     let disk = disk.clone();
-    std::thread::spawn(move || {
-        std::thread::sleep(delay);
-        disk.open();
-    })
+    release_later(delay, move || disk.open())
 }
 
 /// A read held by the back end on an I/O thread, then `stop` with it in
@@ -408,11 +433,10 @@ fn in_flight_read_completes_before<T: Transport>(
     // The event loop is free while the I/O thread waits: it answers.
     assert_eq!(d.status() & 4, 4);
     assert_eq!(d.used_idx(0), 0);
-    let opener = open_later(disk, Duration::from_millis(200));
-    let started = Instant::now();
+    let (opener, opened) = open_later(disk, Duration::from_millis(200));
     stop(&mut d);
     assert!(
-        started.elapsed() >= Duration::from_millis(150),
+        opened.load(Ordering::SeqCst),
         "answered before the read in flight finished"
     );
     opener.join().unwrap();

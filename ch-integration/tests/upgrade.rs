@@ -647,10 +647,16 @@ fn one_upgrade_at_a_time() {
     let dir = TempDir::new().unwrap();
     let api = dir.as_path().join("api.sock");
     let slow = dir.as_path().join("slow.sh");
+    // The new binary says it started, then waits (10 s at most) until the
+    // test lets it go on: the first upgrade is under way meanwhile.
+    let started = dir.as_path().join("started");
+    let go_on = dir.as_path().join("go-on");
     std::fs::write(
         &slow,
         format!(
-            "#!/bin/sh\nsleep 1\nexec {} \"$@\"\n",
+            "#!/bin/sh\ntouch {}\nfor i in $(seq 100); do [ -e {} ] && break; sleep 0.1; done\nexec {} \"$@\"\n",
+            started.display(),
+            go_on.display(),
             env!("CARGO_BIN_EXE_vfio-user-device")
         ),
     )
@@ -661,8 +667,16 @@ fn one_upgrade_at_a_time() {
     wait_for_socket(&api);
     let api_path = api.clone();
     let first = std::thread::spawn(move || common::api(&api_path, &["upgrade", "--exec", &slow_s]));
-    std::thread::sleep(Duration::from_millis(300));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !started.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first upgrade did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let (ok, v) = common::api(&api, &["upgrade"]);
+    std::fs::write(&go_on, b"").unwrap();
     assert!(
         !ok && v["error"]
             .as_str()

@@ -228,10 +228,15 @@ fn a_device_that_keeps_watching_an_unread_fd_makes_the_loop_spin() {
     assert!(wait_until(Duration::from_secs(5), || events
         .load(Ordering::SeqCst)
         > 0));
+    // The same level reported over and over (counted, not timed: a loaded
+    // machine may give the loop little CPU, but it never sleeps).
     let cpu = s.loop_cpu_time();
     let before = events.load(Ordering::SeqCst);
-    std::thread::sleep(WINDOW);
-    let used = s.loop_cpu_time() - cpu;
-    assert!(events.load(Ordering::SeqCst) - before > 100);
-    assert!(used > WINDOW / 8, "loop used only {used:?}");
+    assert!(
+        wait_until(Duration::from_secs(10), || events.load(Ordering::SeqCst)
+            - before
+            > 1000),
+        "the loop did not spin"
+    );
+    assert!(s.loop_cpu_time() > cpu);
 }
