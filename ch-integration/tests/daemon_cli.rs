@@ -46,16 +46,21 @@ fn bad_options_give_one_clear_line() {
     assert!(fails(&["virtio-blk", "--socket", s]).contains("already exists"));
 }
 
-#[test]
-fn prints_attach_commands_and_stops_on_sigterm() {
-    let dir = TempDir::new().unwrap();
-    let sock = dir.as_path().join("blk.sock");
-    let mut child = bin()
+/// A virtio-blk daemon on `sock`, its stdout a pipe to the test.
+fn spawn_piped(sock: &std::path::Path) -> std::process::Child {
+    bin()
         .args(["virtio-blk", "--socket", sock.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn prints_attach_commands_and_stops_on_sigterm() {
+    let dir = TempDir::new().unwrap();
+    let sock = dir.as_path().join("blk.sock");
+    let mut child = spawn_piped(&sock);
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut text = String::new();
     while !text.contains("SIGTERM") {
@@ -94,12 +99,7 @@ fn prints_attach_commands_and_stops_on_sigterm() {
 fn a_closed_stdout_does_not_stop_the_daemon() {
     let dir = TempDir::new().unwrap();
     let sock = dir.as_path().join("blk.sock");
-    let mut child = bin()
-        .args(["virtio-blk", "--socket", sock.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_piped(&sock);
     drop(child.stdout.take());
     common::wait_for_socket(&sock);
     std::thread::sleep(Duration::from_millis(300));

@@ -319,8 +319,9 @@ fn restore_refuses_bad_snapshots() {
     assert_eq!(status[0], STATUS_LIVE);
 }
 
-#[test]
-fn api_pause_survives_device_reset() {
+/// A daemon on an in-memory disk with a control socket, and a driver of
+/// its device, set up.
+fn daemon_with_api() -> (Daemon, PathBuf, VirtioDriver) {
     let dir = TempDir::new().unwrap();
     let api_sock = dir.as_path().join("api.sock");
     let api_s = api_sock.to_str().unwrap().to_string();
@@ -328,6 +329,12 @@ fn api_pause_survives_device_reset() {
     wait_for_socket(&api_sock);
     let mut drv = VirtioDriver::connect(&daemon.socket);
     drv.init(BLK_WANT, 64);
+    (daemon, api_sock, drv)
+}
+
+#[test]
+fn api_pause_survives_device_reset() {
+    let (_daemon, api_sock, mut drv) = daemon_with_api();
     api_ok(&api_sock, &["pause"]);
     // A DEVICE_RESET and a new set-up while paused: still no DMA.
     drv.transport.reset().unwrap();
@@ -349,13 +356,7 @@ fn a_silent_api_peer_holds_up_nothing() {
     use std::os::unix::net::UnixStream;
     use std::time::Duration;
 
-    let dir = TempDir::new().unwrap();
-    let api_sock = dir.as_path().join("api.sock");
-    let api_s = api_sock.to_str().unwrap().to_string();
-    let daemon = Daemon::start_in(dir, &["--api-socket", &api_s]);
-    wait_for_socket(&api_sock);
-    let mut drv = VirtioDriver::connect(&daemon.socket);
-    drv.init(BLK_WANT, 64);
+    let (_daemon, api_sock, mut drv) = daemon_with_api();
     // Silent peers, more than the daemon keeps, and one sending a byte
     // at a time.
     let silent: Vec<UnixStream> = (0..12)

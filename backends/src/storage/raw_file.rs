@@ -859,7 +859,7 @@ impl BlockBackend for RawFile {
         if self.read_only {
             return Ok(());
         }
-        if self.writeback_lost.load(Ordering::Acquire) {
+        if self.writeback_lost() {
             return Err(writeback_lost_error());
         }
         let r = self.file.sync_data();
@@ -950,7 +950,7 @@ impl BlockBackend for RawFile {
             FdAccess::Read { bufs, offset } => (bufs, offset, false),
             FdAccess::Write { bufs, offset } => (bufs, offset, true),
             FdAccess::Flush => {
-                let ok = !self.read_only && !self.writeback_lost.load(Ordering::Acquire);
+                let ok = !self.read_only && !self.writeback_lost();
                 return ok.then(|| self.file.as_raw_fd());
             }
             FdAccess::Fallocate { offset, len } => {

@@ -328,9 +328,10 @@ impl PciFunction {
                 return self.irqs.trigger(PCI_INTX_IRQ_INDEX, 0).map(Some);
             }
             InterruptMode::None => {
-                // Disabled by the guest: the line is up, and goes out once
-                // it enables INTx again.
-                if self.has_intx && !self.config.msix_enabled() && !self.config.msi_enabled() {
+                // Neither MSI-X nor MSI is on, and INTx is disabled by the
+                // guest (or there is no pin): the line is up, and goes out
+                // once the guest enables INTx again.
+                if self.has_intx {
                     self.intx_asserted.set(true);
                 }
                 return Ok(None);
